@@ -1,0 +1,12 @@
+#!/bin/sh
+# Everything the build and tests need on a fresh machine of this kind. Idempotent.
+set -eu
+cd "$(dirname "$0")/.."
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+# Debian packages for the interop tests (QEMU etc.) are added by scripts/install-debian.sh
+# when it exists; it must be idempotent and fast when everything is present.
+if [ -f scripts/install-debian.sh ] && [ "${VMSHIFT_SKIP_APT:-0}" != 1 ]; then
+  sh scripts/install-debian.sh
+fi

@@ -1,0 +1,23 @@
+#!/bin/sh
+# The whole test suite, from a fresh checkout: installs what it needs, builds, runs.
+#   npm test                 everything (installs npm packages and, for interop tests, Debian packages)
+#   npm test -- FILTER       only test files whose path contains FILTER
+#   npm run test:only        skip the install steps
+set -eu
+cd "$(dirname "$0")/.."
+install=1
+filter=""
+for a in "$@"; do
+  case "$a" in
+    --no-install) install=0 ;;
+    *) filter="$a" ;;
+  esac
+done
+if [ "$install" = 1 ]; then
+  sh scripts/install.sh
+fi
+npm run --silent build
+files=$(find dist/test -name '*.test.js' | sort | grep -F -- "$filter" || true)
+if [ -z "$files" ]; then echo "no test files match '$filter'" >&2; exit 1; fi
+# One file at a time: the machine has 2 cores and several tests start workers or QEMU.
+exec node --test --test-concurrency=1 $files

@@ -1,0 +1,70 @@
+import { sys } from "./errors.js";
+import { Fd } from "./fd.js";
+import { native } from "./native.js";
+
+export const MFD_ALLOW_SEALING = 0x0002;
+export const MFD_HUGETLB = 0x0004;
+export const MFD_HUGE_SHIFT = 26;
+
+export const F_ADD_SEALS = 1033;
+export const F_GET_SEALS = 1034;
+export const F_SEAL_SEAL = 0x0001;
+export const F_SEAL_SHRINK = 0x0002;
+export const F_SEAL_GROW = 0x0004;
+export const F_SEAL_WRITE = 0x0008;
+
+export const O_RDONLY = 0;
+export const O_RDWR = 2;
+export const O_CREAT = 0o100;
+export const O_EXCL = 0o200;
+export const O_TRUNC = 0o1000;
+export const O_DIRECT = 0o40000;
+
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+
+export interface MemfdOptions {
+  /** Allow seals to be added later (F_ADD_SEALS). */
+  sealable?: boolean;
+  /** Back with huge pages; `hugePageShift` 21 = 2 MiB, 30 = 1 GiB. */
+  hugetlb?: boolean;
+  hugePageShift?: number;
+}
+
+/** memfd_create + ftruncate: an anonymous, shareable file of `size` bytes. */
+export function createMemfd(name: string, size: number | bigint, options: MemfdOptions = {}): Fd {
+  let flags = options.sealable ? MFD_ALLOW_SEALING : 0;
+  if (options.hugetlb) flags |= MFD_HUGETLB | ((options.hugePageShift ?? 0) << MFD_HUGE_SHIFT);
+  const fd = new Fd(sys(() => native.memfdCreate(name, flags), name));
+  try {
+    sys(() => native.ftruncate(fd.fd, size), `${name}: ${size} bytes`);
+  } catch (e) {
+    fd.close();
+    throw e;
+  }
+  return fd;
+}
+
+export function addSeals(fd: Fd, seals: number): void {
+  sys(() => native.fcntl(fd.fd, F_ADD_SEALS, seals));
+}
+
+export function getSeals(fd: Fd): number {
+  return sys(() => native.fcntl(fd.fd, F_GET_SEALS, 0));
+}
+
+export function openFile(path: string, flags: number, mode = 0o644): Fd {
+  return new Fd(sys(() => native.open(path, flags, mode), path));
+}
+
+export function fileSize(fd: Fd): number {
+  return sys(() => native.fstat(fd.fd))[0];
+}
+
+export function truncate(fd: Fd, size: number | bigint): void {
+  sys(() => native.ftruncate(fd.fd, size));
+}
+
+export function punchHole(fd: Fd, offset: number, length: number): void {
+  sys(() => native.fallocate(fd.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length));
+}

@@ -1,0 +1,276 @@
+import { unlinkSync } from "node:fs";
+import { EAGAIN, SysError, check, sys } from "./errors.js";
+import { Fd } from "./fd.js";
+import { native } from "./native.js";
+import { READABLE, WRITABLE, Watch } from "./poller.js";
+
+export const MAX_FDS_PER_MESSAGE = 8;
+const RECV_BUFFER = 64 * 1024;
+
+/** What one recvmsg() got: bytes, the fds that rode on them, and whether fds were dropped. */
+export interface Chunk {
+  data: Uint8Array;
+  fds: Fd[];
+  /** The kernel dropped fds (more than we had room for): a protocol error for the caller. */
+  fdsTruncated: boolean;
+}
+
+export type ChunkHandler = (chunk: Chunk) => void;
+export type EndHandler = (error?: Error) => void;
+
+interface PendingSend {
+  data: Uint8Array;
+  fds: number[] | null;
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+/**
+ * A connected AF_UNIX stream socket carrying bytes and fds (SCM_RIGHTS, at most 8 per send).
+ * Non-blocking; sends are queued in order and survive partial writes; receiving is driven by
+ * the thread's event loop. Received fds are owned by the receiver (close-on-exec).
+ */
+export class UnixSocket implements Disposable {
+  readonly fd: Fd;
+  #queue: PendingSend[] = [];
+  #writeWatch: Watch | null = null;
+  #readWatch: Watch | null = null;
+  #recvBuf = new Uint8Array(RECV_BUFFER);
+  #onEnd: EndHandler | null = null;
+  #ended = false;
+
+  constructor(fd: Fd) {
+    this.fd = fd;
+  }
+
+  static connect(path: string): UnixSocket {
+    return new UnixSocket(new Fd(sys(() => native.unixConnect(path), path)));
+  }
+
+  static pair(): [UnixSocket, UnixSocket] {
+    const [a, b] = sys(() => native.socketpair());
+    return [new UnixSocket(new Fd(a)), new UnixSocket(new Fd(b))];
+  }
+
+  get closed(): boolean {
+    return this.fd.closed;
+  }
+
+  /**
+   * One sendmsg attempt: bytes sent (the fds go with the first byte), or null when the
+   * socket buffer is full. Throws SysError on any other failure (EPIPE when the peer is gone).
+   */
+  trySend(data: Uint8Array, fds: readonly (Fd | number)[] = []): number | null {
+    if (fds.length > MAX_FDS_PER_MESSAGE) throw new RangeError(`at most ${MAX_FDS_PER_MESSAGE} fds per message`);
+    const n = native.sendmsg(this.fd.fd, data, fds.length ? fds.map(toNum) : null);
+    if (n === -EAGAIN) return null;
+    return check(n, "sendmsg");
+  }
+
+  /** Sends all of `data` with `fds`, after everything queued before it. */
+  send(data: Uint8Array, fds: readonly (Fd | number)[] = []): Promise<void> {
+    if (this.fd.closed) return Promise.reject(new SysError("sendmsg", 9 /* EBADF */, "socket closed"));
+    if (fds.length > MAX_FDS_PER_MESSAGE) return Promise.reject(new RangeError(`at most ${MAX_FDS_PER_MESSAGE} fds per message`));
+    return new Promise((resolve, reject) => {
+      this.#queue.push({ data, fds: fds.length ? fds.map(toNum) : null, resolve, reject });
+      if (this.#queue.length === 1) this.#flush();
+    });
+  }
+
+  #flush(): void {
+    while (this.#queue.length > 0) {
+      const head = this.#queue[0] as PendingSend;
+      let n: number;
+      try {
+        n = native.sendmsg(this.fd.fd, head.data, head.fds);
+      } catch (e) {
+        n = -9;
+        void e;
+      }
+      if (n === -EAGAIN) {
+        if (!this.#writeWatch) this.#writeWatch = new Watch(this.fd.fd, WRITABLE, () => this.#flush());
+        return;
+      }
+      if (n < 0) {
+        const err = new SysError("sendmsg", -n);
+        for (const p of this.#queue.splice(0)) p.reject(err);
+        break;
+      }
+      if (n < head.data.length) {
+        head.data = head.data.subarray(n);
+        head.fds = null; // already delivered with the first byte
+        continue;
+      }
+      this.#queue.shift();
+      head.resolve();
+    }
+    this.#writeWatch?.close();
+    this.#writeWatch = null;
+  }
+
+  /**
+   * One recvmsg attempt into an internal buffer. null = nothing to read now; a chunk with
+   * zero bytes and no fds = the peer closed its end.
+   */
+  tryReceive(): Chunk | null {
+    const r = native.recvmsg(this.fd.fd, this.#recvBuf);
+    if (typeof r === "number") {
+      if (r === -EAGAIN) return null;
+      check(r, "recvmsg");
+      throw new Error("unreachable");
+    }
+    const [n, truncated, ...fds] = r as [number, number, ...number[]];
+    return { data: this.#recvBuf.slice(0, n), fds: fds.map((f) => new Fd(f)), fdsTruncated: truncated === 1 };
+  }
+
+  /**
+   * Delivers every chunk to `onChunk` from the event loop until the peer closes or an error;
+   * then `onEnd` runs once (with the error, if any). Zero-length end-of-stream is not a chunk.
+   */
+  startReceiving(onChunk: ChunkHandler, onEnd: EndHandler): void {
+    if (this.#readWatch) throw new Error("already receiving");
+    this.#onEnd = onEnd;
+    this.#readWatch = new Watch(this.fd.fd, READABLE, (_ev, error) => {
+      if (error) return this.#end(new SysError("poll", error));
+      for (;;) {
+        let chunk: Chunk | null;
+        try {
+          chunk = this.tryReceive();
+        } catch (e) {
+          return this.#end(e as Error);
+        }
+        if (chunk === null) return;
+        if (chunk.data.length === 0 && chunk.fds.length === 0) return this.#end();
+        onChunk(chunk);
+        if (this.#readWatch === null) return; // handler closed or paused us
+      }
+    });
+  }
+
+  stopReceiving(): void {
+    this.#readWatch?.close();
+    this.#readWatch = null;
+  }
+
+  #end(error?: Error): void {
+    this.stopReceiving();
+    if (this.#ended) return;
+    this.#ended = true;
+    const cb = this.#onEnd;
+    this.#onEnd = null;
+    cb?.(error);
+  }
+
+  /** Half-close: the peer sees end of stream, we can still receive. */
+  shutdownWrite(): void {
+    if (!this.fd.closed) sys(() => native.shutdown(this.fd.fd, 1));
+  }
+
+  close(): void {
+    if (this.fd.closed) return;
+    this.stopReceiving();
+    this.#writeWatch?.close();
+    this.#writeWatch = null;
+    const err = new SysError("sendmsg", 9, "socket closed");
+    for (const p of this.#queue.splice(0)) p.reject(err);
+    this.fd.close();
+    this.#ended = true;
+    this.#onEnd = null;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+function toNum(f: Fd | number): number {
+  return typeof f === "number" ? f : f.fd;
+}
+
+/** A listening AF_UNIX stream socket bound to a path (the path is removed on close). */
+export class UnixListener implements Disposable {
+  readonly fd: Fd;
+  readonly path: string;
+  #watch: Watch | null = null;
+
+  private constructor(fd: Fd, path: string) {
+    this.fd = fd;
+    this.path = path;
+  }
+
+  /** Binds `path`; a stale socket file left by a dead process is replaced. */
+  static listen(path: string, backlog = 16): UnixListener {
+    try {
+      unlinkSync(path);
+    } catch {
+      // nothing there
+    }
+    return new UnixListener(new Fd(sys(() => native.unixListen(path, backlog), path)), path);
+  }
+
+  /** Wraps an inherited listening fd (systemd-style socket activation, `--fd N`). */
+  static fromFd(fd: Fd, path = ""): UnixListener {
+    return new UnixListener(fd, path);
+  }
+
+  tryAccept(): UnixSocket | null {
+    const r = native.accept(this.fd.fd);
+    if (r === -EAGAIN) return null;
+    return new UnixSocket(new Fd(check(r, "accept")));
+  }
+
+  /** Calls `cb` for each new connection until close(). */
+  onConnection(cb: (socket: UnixSocket) => void, onError?: (e: Error) => void): void {
+    if (this.#watch) throw new Error("already accepting");
+    this.#watch = new Watch(this.fd.fd, READABLE, () => {
+      for (;;) {
+        let s: UnixSocket | null;
+        try {
+          s = this.tryAccept();
+        } catch (e) {
+          onError?.(e as Error);
+          return;
+        }
+        if (!s) return;
+        cb(s);
+      }
+    });
+  }
+
+  /** The next connection. */
+  accept(): Promise<UnixSocket> {
+    const now = this.tryAccept();
+    if (now) return Promise.resolve(now);
+    return new Promise((resolve, reject) => {
+      const w = new Watch(this.fd.fd, READABLE, () => {
+        try {
+          const s = this.tryAccept();
+          if (!s) return;
+          w.close();
+          resolve(s);
+        } catch (e) {
+          w.close();
+          reject(e);
+        }
+      });
+    });
+  }
+
+  close(): void {
+    if (this.fd.closed) return;
+    this.#watch?.close();
+    this.#watch = null;
+    this.fd.close();
+    if (this.path) {
+      try {
+        unlinkSync(this.path);
+      } catch {
+        // already gone
+      }
+    }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
