@@ -23,14 +23,13 @@ export class AtomicBitmap {
   /** Bytes of the tracked range. */
   readonly bytes: number;
   readonly pages: number;
-  readonly #shift: number;
 
   constructor(bytes: number, pageSize = 4096, buffer?: SharedArrayBuffer) {
     if (!Number.isSafeInteger(bytes) || bytes < 0) throw new RangeError(`bad bitmap size ${bytes}`);
-    if (pageSize <= 0 || (pageSize & (pageSize - 1)) !== 0) throw new RangeError(`page size ${pageSize} is not a power of two`);
+    if (pageSize <= 0 || (pageSize & (pageSize - 1)) !== 0)
+      throw new RangeError(`page size ${pageSize} is not a power of two`);
     this.pageSize = pageSize;
     this.bytes = bytes;
-    this.#shift = Math.log2(pageSize);
     this.pages = Math.ceil(bytes / pageSize);
     const words = Math.max(1, Math.ceil(this.pages / 32));
     if (buffer && buffer.byteLength < words * 4) throw new RangeError("bitmap buffer too small");

@@ -173,7 +173,12 @@ export class GuestMemory implements Disposable {
     while (pos < a + len) {
       const r = this.findRegion(pos) as GuestMemoryRegion;
       if (r.readonly) {
-        throw new GuestMemoryError("OUT_OF_RANGE", `[${hex(a)}, +${len}) touches read-only region at ${hex(r.guestBase)}`, BigInt(a), BigInt(len));
+        throw new GuestMemoryError(
+          "OUT_OF_RANGE",
+          `[${hex(a)}, +${len}) touches read-only region at ${hex(r.guestBase)}`,
+          BigInt(a),
+          BigInt(len),
+        );
       }
       pos = r.end;
     }

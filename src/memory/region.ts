@@ -1,6 +1,6 @@
 import type { Fd } from "../sys/fd.js";
-import { WINDOW_SHIFT, WINDOW_SIZE, Mapping } from "../sys/mapping.js";
-import { O_CREAT, O_RDONLY, O_RDWR, createMemfd, fileSize, openFile, truncate } from "../sys/memfd.js";
+import { Mapping, WINDOW_SHIFT, WINDOW_SIZE } from "../sys/mapping.js";
+import { createMemfd, fileSize, O_CREAT, O_RDONLY, O_RDWR, openFile, truncate } from "../sys/memfd.js";
 import { AtomicBitmap, type SharedBitmap } from "./atomic-bitmap.js";
 import { GuestMemoryError } from "./errors.js";
 import { hex, toGpa } from "./guest-address.js";
@@ -77,10 +77,17 @@ export class GuestMemoryRegion implements Disposable {
 
   static #checkLayout(guestBase: number, size: number, pageSize: number): void {
     if (!Number.isSafeInteger(size) || size <= 0 || size % pageSize !== 0) {
-      throw new GuestMemoryError("BAD_REGION", `region size ${size} is not a positive multiple of the page size ${pageSize}`);
+      throw new GuestMemoryError(
+        "BAD_REGION",
+        `region size ${size} is not a positive multiple of the page size ${pageSize}`,
+      );
     }
     if (guestBase % pageSize !== 0 || !Number.isSafeInteger(guestBase + size)) {
-      throw new GuestMemoryError("BAD_REGION", `region base ${hex(guestBase)} is not page aligned or the region ends past 2^53`, BigInt(guestBase));
+      throw new GuestMemoryError(
+        "BAD_REGION",
+        `region base ${hex(guestBase)} is not page aligned or the region ends past 2^53`,
+        BigInt(guestBase),
+      );
     }
   }
 
@@ -106,7 +113,11 @@ export class GuestMemoryRegion implements Disposable {
   }
 
   /** Memory backed by a new memfd (shareable with other processes by fd). */
-  static memfd(guestBase: number | bigint, size: number, options: RegionOptions & { name?: string } = {}): GuestMemoryRegion {
+  static memfd(
+    guestBase: number | bigint,
+    size: number,
+    options: RegionOptions & { name?: string } = {},
+  ): GuestMemoryRegion {
     const fd = createMemfd(options.name ?? "vmshift-guest", size, { sealable: true });
     return GuestMemoryRegion.fromFd(fd, guestBase, size, 0, "memfd", options);
   }
@@ -115,7 +126,12 @@ export class GuestMemoryRegion implements Disposable {
    * Memory backed by a file (created and sized if missing). Read-only regions are mapped
    * private, so nothing written in this process can ever reach the file.
    */
-  static file(path: string, guestBase: number | bigint, size: number, options: RegionOptions & { offset?: number } = {}): GuestMemoryRegion {
+  static file(
+    path: string,
+    guestBase: number | bigint,
+    size: number,
+    options: RegionOptions & { offset?: number } = {},
+  ): GuestMemoryRegion {
     const fd = openFile(path, options.readonly ? O_RDONLY : O_RDWR | O_CREAT);
     const offset = options.offset ?? 0;
     try {
@@ -124,11 +140,20 @@ export class GuestMemoryRegion implements Disposable {
       fd.close();
       throw e;
     }
-    return GuestMemoryRegion.fromFd(fd, guestBase, size, offset, "file", { ...options, path, private: options.readonly ?? false });
+    return GuestMemoryRegion.fromFd(fd, guestBase, size, offset, "file", {
+      ...options,
+      path,
+      private: options.readonly ?? false,
+    });
   }
 
   /** Memory backed by a file on a hugetlbfs mount; `pageSize` is the mount's huge page size. */
-  static hugetlbfs(path: string, guestBase: number | bigint, size: number, pageSize = 2 * 1024 * 1024): GuestMemoryRegion {
+  static hugetlbfs(
+    path: string,
+    guestBase: number | bigint,
+    size: number,
+    pageSize = 2 * 1024 * 1024,
+  ): GuestMemoryRegion {
     const fd = openFile(path, O_RDWR | O_CREAT, 0o600);
     try {
       truncate(fd, size);
@@ -144,7 +169,14 @@ export class GuestMemoryRegion implements Disposable {
     const base = toGpa(guestBase);
     GuestMemoryRegion.#checkLayout(base, size, options.pageSize ?? 4096);
     const mapping = Mapping.anonymous(size, { noreserve: true });
-    return new GuestMemoryRegion(base, size, { kind: "anonymous", fd: null, offset: 0 }, mapping.windows, mapping, options);
+    return new GuestMemoryRegion(
+      base,
+      size,
+      { kind: "anonymous", fd: null, offset: 0 },
+      mapping.windows,
+      mapping,
+      options,
+    );
   }
 
   /** Opens a region posted from another thread: same pages, not owned here. */

@@ -1,4 +1,4 @@
-import { EAGAIN, check, sys } from "./errors.js";
+import { check, EAGAIN, sys } from "./errors.js";
 import { Fd } from "./fd.js";
 import { native } from "./native.js";
 import { READABLE, Watch } from "./poller.js";
@@ -16,7 +16,8 @@ export class EventFd implements Disposable {
 
   constructor(fd?: Fd, options: { semaphore?: boolean; initial?: number } = {}) {
     this.fd =
-      fd ?? new Fd(sys(() => native.eventfd(options.initial ?? 0, EFD_NONBLOCK | (options.semaphore ? EFD_SEMAPHORE : 0))));
+      fd ??
+      new Fd(sys(() => native.eventfd(options.initial ?? 0, EFD_NONBLOCK | (options.semaphore ? EFD_SEMAPHORE : 0))));
   }
 
   /** Adds `value` to the counter (wakes a waiter). */

@@ -169,7 +169,13 @@ export class Mapping implements Disposable {
 
   #assertRange(offset: number, length: number): void {
     this.#assertOpen();
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.length) {
+    if (
+      !Number.isSafeInteger(offset) ||
+      !Number.isSafeInteger(length) ||
+      offset < 0 ||
+      length < 0 ||
+      offset + length > this.length
+    ) {
       throw new RangeError(`range [${offset}, +${length}) outside mapping of ${this.length} bytes`);
     }
   }

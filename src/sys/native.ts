@@ -3,8 +3,9 @@
  * goes through the owners in this folder. The addon is context-aware, so every worker thread
  * loads its own instance of it.
  */
-import { createRequire } from "node:module";
+
 import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 

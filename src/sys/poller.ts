@@ -1,5 +1,5 @@
 import { sys } from "./errors.js";
-import { native, type NativeWatch } from "./native.js";
+import { type NativeWatch, native } from "./native.js";
 
 export const READABLE = 1;
 export const WRITABLE = 2;

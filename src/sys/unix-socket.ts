@@ -1,8 +1,8 @@
 import { unlinkSync } from "node:fs";
-import { EAGAIN, SysError, check, sys } from "./errors.js";
+import { check, EAGAIN, SysError, sys } from "./errors.js";
 import { Fd } from "./fd.js";
 import { native } from "./native.js";
-import { READABLE, WRITABLE, Watch } from "./poller.js";
+import { READABLE, Watch, WRITABLE } from "./poller.js";
 
 export const MAX_FDS_PER_MESSAGE = 8;
 const RECV_BUFFER = 64 * 1024;
@@ -70,7 +70,8 @@ export class UnixSocket implements Disposable {
   /** Sends all of `data` with `fds`, after everything queued before it. */
   send(data: Uint8Array, fds: readonly (Fd | number)[] = []): Promise<void> {
     if (this.fd.closed) return Promise.reject(new SysError("sendmsg", 9 /* EBADF */, "socket closed"));
-    if (fds.length > MAX_FDS_PER_MESSAGE) return Promise.reject(new RangeError(`at most ${MAX_FDS_PER_MESSAGE} fds per message`));
+    if (fds.length > MAX_FDS_PER_MESSAGE)
+      return Promise.reject(new RangeError(`at most ${MAX_FDS_PER_MESSAGE} fds per message`));
     return new Promise((resolve, reject) => {
       this.#queue.push({ data, fds: fds.length ? fds.map(toNum) : null, resolve, reject });
       if (this.#queue.length === 1) this.#flush();

@@ -3,7 +3,7 @@
  * Layouts follow include/uapi/linux/userfaultfd.h (kernel 6.18; Debian's headers predate
  * WP_ASYNC and MOVE, so those bits are written out here).
  */
-import { EAGAIN, check, sys } from "./errors.js";
+import { check, EAGAIN, sys } from "./errors.js";
 import { Fd } from "./fd.js";
 import { IOR, IOWR } from "./ioctl.js";
 import { native } from "./native.js";
@@ -131,7 +131,11 @@ export class Userfaultfd implements Disposable {
   }
 
   unregister(start: bigint, len: number): void {
-    check(native.ioctl(this.fd.fd, UFFDIO_UNREGISTER, new BigUint64Array([start, BigInt(len)])), "ioctl", "UFFDIO_UNREGISTER");
+    check(
+      native.ioctl(this.fd.fd, UFFDIO_UNREGISTER, new BigUint64Array([start, BigInt(len)])),
+      "ioctl",
+      "UFFDIO_UNREGISTER",
+    );
   }
 
   /**
