@@ -1,0 +1,56 @@
+# Helpers sourced by every script the rig runs in the guest (busybox sh). Sizes are in MiB, offsets in MiB.
+# Every result is one line starting with RIG- so the host can parse it from the console.
+rig_up() { cut -d' ' -f1 /proc/uptime; }
+
+# rig_write DEV OFF LEN: writes LEN MiB of random data at OFF (O_DIRECT, fsync), prints its sha256.
+rig_write() {
+  dd if=/dev/urandom of=/tmp/rig-w bs=1M count="$3" 2>/dev/null || return 1
+  s=$(sha256sum < /tmp/rig-w | cut -d' ' -f1)
+  dd if=/tmp/rig-w of="$1" bs=1M seek="$2" oflag=direct conv=fsync,notrunc 2>/dev/null || { echo "RIG-ERROR write $1"; return 1; }
+  rm -f /tmp/rig-w
+  echo "RIG-WROTE dev=$1 off=$2 len=$3 sha256=$s"
+}
+
+# rig_sum DEV OFF LEN: sha256 of LEN MiB at OFF, read with O_DIRECT (not from the guest's page cache).
+rig_sum() {
+  s=$(dd if="$1" bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  echo "RIG-SUM dev=$1 off=$2 len=$3 sha256=$s"
+}
+
+# rig_loop DEV FIRST SLOTS [SLEEP]: background I/O loop until rig_loop_stop. Iteration n writes 1 MiB of
+# random data to slot FIRST + n % SLOTS, reads it back with O_DIRECT and compares.
+rig_loop() {
+  rm -f /tmp/rig-loop-stop
+  ( n=0
+    while [ ! -e /tmp/rig-loop-stop ]; do
+      n=$((n + 1)); off=$(( $2 + n % $3 ))
+      dd if=/dev/urandom of=/tmp/rig-l bs=1M count=1 2>/dev/null
+      w=$(sha256sum < /tmp/rig-l | cut -d' ' -f1)
+      dd if=/tmp/rig-l of="$1" bs=1M seek=$off oflag=direct conv=fsync,notrunc 2>/dev/null
+      r=$(dd if="$1" bs=1M skip=$off count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+      [ "$w" = "$r" ] && st=ok || st=MISMATCH
+      echo "RIG-LOOP n=$n off=$off sha256=$w io=$st uptime=$(rig_up)"
+      sleep "${4:-0.2}"
+    done
+    echo "RIG-LOOP-STOPPED n=$n uptime=$(rig_up)"
+    rm -f /tmp/rig-l ) > /dev/console 2>&1 &
+  echo "RIG-LOOP-STARTED pid=$!"
+}
+# rig_loop_stop: stops rig_loop after its current iteration and waits for it (at most ~20 s).
+rig_loop_stop() {
+  touch /tmp/rig-loop-stop
+  i=0; while pidof dd >/dev/null 2>&1 || [ -e /tmp/rig-l ]; do sleep 0.1; i=$((i + 1)); [ $i -gt 200 ] && break; done
+  sleep 0.3
+}
+
+# rig_dirty MIB [SLEEP]: background RAM dirtier (rewrites MIB of tmpfs pages per pass) until rig_dirty_stop.
+rig_dirty() {
+  rm -f /tmp/rig-dirty-stop
+  ( p=0; while [ ! -e /tmp/rig-dirty-stop ]; do
+      dd if=/dev/zero of=/tmp/rig-dirty bs=1M count="$1" conv=notrunc 2>/dev/null; p=$((p + 1))
+      [ $((p % 10)) = 0 ] && echo "RIG-DIRTY pass=$p uptime=$(rig_up)"
+      sleep "${2:-0.1}"
+    done; rm -f /tmp/rig-dirty ) > /dev/console 2>&1 &
+  echo "RIG-DIRTY-STARTED pid=$!"
+}
+rig_dirty_stop() { touch /tmp/rig-dirty-stop; sleep 0.3; }
