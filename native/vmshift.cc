@@ -708,16 +708,10 @@ void WatchFd(const FunctionCallbackInfo<Value>& a) {
     uv_close(reinterpret_cast<uv_handle_t*>(&w->poll), OnWatchClosed);
     return ThrowSys(iso, "uv_poll_start", -r);
   }
-  Local<ObjectTemplate> ot = ObjectTemplate::New(iso);
-  ot->SetInternalFieldCount(1);
-  Local<Object> o = ot->NewInstance(ctx).ToLocalChecked();
+  // The handle class is built once per addon instance (see WatchClass): V8 caches every
+  // template instantiation in the native context for good, so templates made per call leak.
+  Local<Object> o = a.Data().As<Function>()->NewInstance(ctx).ToLocalChecked();
   o->SetAlignedPointerInInternalField(0, w);
-  auto method = [&](const char* name, FunctionCallback f) {
-    o->Set(ctx, Str(iso, name), FunctionTemplate::New(iso, f)->GetFunction(ctx).ToLocalChecked()).Check();
-  };
-  method("stop", WatchStop);
-  method("ref", WatchRef);
-  method("update", WatchUpdate);
   w->self.Reset(iso, o);
   w->self.SetWeak();
   w->hook = node::AddEnvironmentCleanupHook(iso, WatchCleanupHook, w);
@@ -810,6 +804,17 @@ void IsZero(const FunctionCallbackInfo<Value>& a) {
   a.GetReturnValue().Set(true);
 }
 
+// The class of watch handles: one internal field (the Watch*), stop/ref/update on the prototype.
+Local<Function> WatchClass(Isolate* iso, Local<Context> ctx) {
+  Local<FunctionTemplate> t = FunctionTemplate::New(iso);
+  t->InstanceTemplate()->SetInternalFieldCount(1);
+  Local<ObjectTemplate> proto = t->PrototypeTemplate();
+  proto->Set(iso, "stop", FunctionTemplate::New(iso, WatchStop));
+  proto->Set(iso, "ref", FunctionTemplate::New(iso, WatchRef));
+  proto->Set(iso, "update", FunctionTemplate::New(iso, WatchUpdate));
+  return t->GetFunction(ctx).ToLocalChecked();
+}
+
 }  // namespace
 
 NODE_MODULE_INIT(/* exports, module, context */) {
@@ -847,7 +852,10 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   set("shutdown", Shutdown);
   set("sendmsg", Sendmsg);
   set("recvmsg", Recvmsg);
-  set("watch", WatchFd);
+  exports
+      ->Set(context, Str(iso, "watch"),
+            FunctionTemplate::New(iso, WatchFd, WatchClass(iso, context))->GetFunction(context).ToLocalChecked())
+      .Check();
   set("copyPages", CopyPages);
   set("scanClear", ScanClear);
   set("isZero", IsZero);
