@@ -1,0 +1,159 @@
+import type { GuestMemory } from "../memory/guest-memory.js";
+import { VIRTQ_DESC_F_WRITE } from "./ring.js";
+
+/** What a chain needs from its queue: the memory, and where to report the bytes it writes. */
+export interface ChainOwner {
+  readonly memory: GuestMemory;
+  /** Reports a device write into guest memory (for the dirty log). */
+  markBufferWrite(gpa: number, len: number): void;
+}
+
+/** One buffer of a chain, as the driver described it (a copy: the guest cannot change it later). */
+export interface Descriptor {
+  addr: number;
+  len: number;
+  /** VIRTQ_DESC_F_* as the driver wrote them (NEXT, WRITE). */
+  flags: number;
+  writable: boolean;
+}
+
+const FIELDS = 3;
+
+/**
+ * A descriptor chain popped from the avail ring: its buffers, already validated (every buffer
+ * lies inside guest memory, writable ones inside writable memory, readable ones first) and
+ * copied out of the descriptor table, so a driver that rewrites the table after making the
+ * chain available cannot change what the device acts on. Indirect tables are flattened: the
+ * chain lists the buffers of the table, not the descriptor that pointed to it.
+ *
+ * Buffers [0, readableCount) are device-readable, [readableCount, count) device-writable.
+ */
+export class DescriptorChain {
+  /** Head descriptor index: what addUsed() takes back. */
+  readonly head: number;
+  /** Number of buffers. */
+  readonly count: number;
+  readonly readableCount: number;
+  /** Bytes in the readable part and in the writable part. */
+  readonly readableLength: number;
+  readonly writableLength: number;
+  /** True when (some of) the buffers came from an indirect table. */
+  readonly indirect: boolean;
+  /** End of the furthest byte written through writeWritable(): the used length to report. */
+  written = 0;
+  // [addr, len, flags] per buffer; addresses are below 2^53 (checked), so doubles are exact.
+  readonly #d: Float64Array;
+  readonly #owner: ChainOwner;
+
+  /** @internal Built by SplitQueue.popChain(). */
+  constructor(
+    owner: ChainOwner,
+    head: number,
+    descriptors: Float64Array,
+    readableCount: number,
+    readableLength: number,
+    writableLength: number,
+    indirect: boolean,
+  ) {
+    this.#owner = owner;
+    this.head = head;
+    this.#d = descriptors;
+    this.count = descriptors.length / FIELDS;
+    this.readableCount = readableCount;
+    this.readableLength = readableLength;
+    this.writableLength = writableLength;
+    this.indirect = indirect;
+  }
+
+  get writableCount(): number {
+    return this.count - this.readableCount;
+  }
+
+  addr(i: number): number {
+    return this.#d[i * FIELDS] ?? Number.NaN;
+  }
+
+  len(i: number): number {
+    return this.#d[i * FIELDS + 1] ?? 0;
+  }
+
+  flags(i: number): number {
+    return this.#d[i * FIELDS + 2] ?? 0;
+  }
+
+  isWritable(i: number): boolean {
+    return (this.flags(i) & VIRTQ_DESC_F_WRITE) !== 0;
+  }
+
+  descriptor(i: number): Descriptor {
+    if (!(i >= 0 && i < this.count)) throw new RangeError(`descriptor ${i} of a chain of ${this.count}`);
+    const flags = this.flags(i);
+    return { addr: this.addr(i), len: this.len(i), flags, writable: (flags & VIRTQ_DESC_F_WRITE) !== 0 };
+  }
+
+  *[Symbol.iterator](): IterableIterator<Descriptor> {
+    for (let i = 0; i < this.count; i++) yield this.descriptor(i);
+  }
+
+  *readable(): IterableIterator<Descriptor> {
+    for (let i = 0; i < this.readableCount; i++) yield this.descriptor(i);
+  }
+
+  *writable(): IterableIterator<Descriptor> {
+    for (let i = this.readableCount; i < this.count; i++) yield this.descriptor(i);
+  }
+
+  /** The whole readable part, concatenated (a copy). */
+  readReadable(): Uint8Array {
+    const out = new Uint8Array(this.readableLength);
+    this.readReadableInto(out, 0);
+    return out;
+  }
+
+  /**
+   * Copies readable bytes starting `offset` bytes into the readable part into `into`; returns
+   * how many were copied (less than into.length when the readable part ends first).
+   */
+  readReadableInto(into: Uint8Array, offset = 0): number {
+    const mem = this.#owner.memory;
+    let skip = offset;
+    let done = 0;
+    for (let i = 0; i < this.readableCount && done < into.length; i++) {
+      const len = this.len(i);
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      const n = Math.min(len - skip, into.length - done);
+      mem.read(this.addr(i) + skip, into.subarray(done, done + n));
+      done += n;
+      skip = 0;
+    }
+    return done;
+  }
+
+  /**
+   * Writes `data` into the writable part, starting `offset` bytes into it; returns how many
+   * bytes fit. Every byte written is reported to the queue's dirty marker, per buffer.
+   */
+  writeWritable(data: Uint8Array, offset = 0): number {
+    const mem = this.#owner.memory;
+    let skip = offset;
+    let done = 0;
+    for (let i = this.readableCount; i < this.count && done < data.length; i++) {
+      const len = this.len(i);
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      const n = Math.min(len - skip, data.length - done);
+      const gpa = this.addr(i) + skip;
+      mem.write(gpa, data.subarray(done, done + n));
+      this.#owner.markBufferWrite(gpa, n);
+      done += n;
+      skip = 0;
+    }
+    if (done > 0 && offset + done > this.written) this.written = offset + done;
+    return done;
+  }
+}
