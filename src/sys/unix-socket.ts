@@ -33,8 +33,12 @@ interface PendingSend {
 export class UnixSocket implements Disposable {
   readonly fd: Fd;
   #queue: PendingSend[] = [];
-  #writeWatch: Watch | null = null;
-  #readWatch: Watch | null = null;
+  // One watch for both directions: libuv allows a single poll handle per fd (a second
+  // uv_poll_init on the same fd fails with EEXIST), so reading and waiting for writability
+  // share it and its event mask follows what is wanted.
+  #watch: Watch | null = null;
+  #onChunk: ChunkHandler | null = null;
+  #wantWrite = false;
   #recvBuf = new Uint8Array(RECV_BUFFER);
   #onEnd: EndHandler | null = null;
   #ended = false;
@@ -89,7 +93,10 @@ export class UnixSocket implements Disposable {
         void e;
       }
       if (n === -EAGAIN) {
-        if (!this.#writeWatch) this.#writeWatch = new Watch(this.fd.fd, WRITABLE, () => this.#flush());
+        if (!this.#wantWrite) {
+          this.#wantWrite = true;
+          this.#updateWatch();
+        }
         return;
       }
       if (n < 0) {
@@ -105,8 +112,32 @@ export class UnixSocket implements Disposable {
       this.#queue.shift();
       head.resolve();
     }
-    this.#writeWatch?.close();
-    this.#writeWatch = null;
+    if (this.#wantWrite) {
+      this.#wantWrite = false;
+      this.#updateWatch();
+    }
+  }
+
+  #updateWatch(): void {
+    const events = (this.#onChunk ? READABLE : 0) | (this.#wantWrite ? WRITABLE : 0);
+    if (events === 0 || this.fd.closed) {
+      this.#watch?.close();
+      this.#watch = null;
+    } else if (this.#watch) {
+      this.#watch.update(events);
+    } else {
+      this.#watch = new Watch(this.fd.fd, events, (ev, error) => this.#onReady(ev, error));
+    }
+  }
+
+  #onReady(events: number, error: number): void {
+    if (error) {
+      if (this.#onChunk) this.#end(new SysError("poll", error));
+      if (this.#wantWrite) this.#flush(); // sendmsg reports the real error to the senders
+      return;
+    }
+    if (events & WRITABLE && this.#wantWrite) this.#flush();
+    if (events & READABLE && this.#onChunk) this.#readAll();
   }
 
   /**
@@ -129,28 +160,32 @@ export class UnixSocket implements Disposable {
    * then `onEnd` runs once (with the error, if any). Zero-length end-of-stream is not a chunk.
    */
   startReceiving(onChunk: ChunkHandler, onEnd: EndHandler): void {
-    if (this.#readWatch) throw new Error("already receiving");
+    if (this.#onChunk) throw new Error("already receiving");
     this.#onEnd = onEnd;
-    this.#readWatch = new Watch(this.fd.fd, READABLE, (_ev, error) => {
-      if (error) return this.#end(new SysError("poll", error));
-      for (;;) {
-        let chunk: Chunk | null;
-        try {
-          chunk = this.tryReceive();
-        } catch (e) {
-          return this.#end(e as Error);
-        }
-        if (chunk === null) return;
-        if (chunk.data.length === 0 && chunk.fds.length === 0) return this.#end();
-        onChunk(chunk);
-        if (this.#readWatch === null) return; // handler closed or paused us
+    this.#onChunk = onChunk;
+    this.#updateWatch();
+  }
+
+  #readAll(): void {
+    for (;;) {
+      const onChunk = this.#onChunk;
+      if (onChunk === null) return; // handler closed or paused us
+      let chunk: Chunk | null;
+      try {
+        chunk = this.tryReceive();
+      } catch (e) {
+        return this.#end(e as Error);
       }
-    });
+      if (chunk === null) return;
+      if (chunk.data.length === 0 && chunk.fds.length === 0) return this.#end();
+      onChunk(chunk);
+    }
   }
 
   stopReceiving(): void {
-    this.#readWatch?.close();
-    this.#readWatch = null;
+    if (!this.#onChunk) return;
+    this.#onChunk = null;
+    this.#updateWatch();
   }
 
   #end(error?: Error): void {
@@ -169,9 +204,10 @@ export class UnixSocket implements Disposable {
 
   close(): void {
     if (this.fd.closed) return;
-    this.stopReceiving();
-    this.#writeWatch?.close();
-    this.#writeWatch = null;
+    this.#onChunk = null;
+    this.#wantWrite = false;
+    this.#watch?.close();
+    this.#watch = null;
     const err = new SysError("sendmsg", 9, "socket closed");
     for (const p of this.#queue.splice(0)) p.reject(err);
     this.fd.close();
