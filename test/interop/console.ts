@@ -34,17 +34,28 @@ export class SerialConsole {
   private closedError: Error | null = null;
 
   constructor(
-    private readonly output: Readable,
+    output: Readable,
     private readonly input: Writable,
     readonly logPath: string,
-    /** Called when the console closes, to say why (e.g. "QEMU exited with 1; stderr: ..."). */
+    /** Says why the console closed (e.g. "qemu vm exited with 1; stderr: ..."). */
     private readonly whyClosed: () => string,
+    /**
+     * The console closes once the output ends and this settles: QEMU's stdout reaches EOF a moment
+     * before its exit status is known, and the waits that fail should report that status.
+     */
+    closeAfter: Promise<unknown> = Promise.resolve(),
   ) {
     this.log = createWriteStream(logPath, { flags: "a" });
     this.log.on("error", () => {});
     input.on("error", () => {}); // EPIPE after QEMU exited: the waits report the exit instead
     output.on("data", (b: Buffer) => this.onData(b));
-    output.on("close", () => this.close());
+    output.on("close", () => {
+      const t = setTimeout(() => this.close(), 2000); // in case closeAfter never settles
+      void closeAfter.finally(() => {
+        clearTimeout(t);
+        this.close();
+      });
+    });
   }
 
   /** Index of the next line to arrive: pass it as `from` to wait only for later output. */
@@ -138,7 +149,9 @@ export class GuestCommandError extends Error {
     readonly result: GuestResult,
     script: string,
   ) {
-    super(`guest command ${result.id} exited with ${result.rc}\nscript:\n${script}\noutput:\n${result.output.join("\n")}`);
+    super(
+      `guest command ${result.id} exited with ${result.rc}\nscript:\n${script}\noutput:\n${result.output.join("\n")}`,
+    );
     this.name = "GuestCommandError";
   }
 }

@@ -154,7 +154,11 @@ export class ManagedProcess {
   describeExit(): string {
     const e = this.exitInfo;
     if (!e) return `${this.opts.name} is running`;
-    const how = e.timedOut ? "hit its lifetime limit" : e.signal ? `was killed by ${e.signal}` : `exited with ${e.code}`;
+    const how = e.timedOut
+      ? "hit its lifetime limit"
+      : e.signal
+        ? `was killed by ${e.signal}`
+        : `exited with ${e.code}`;
     return `${this.opts.name} ${how}`;
   }
 }

@@ -16,8 +16,8 @@
  */
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
-import { mkdtemp, open, rm, stat, truncate, writeFile } from "node:fs/promises";
+import { existsSync, rmSync } from "node:fs";
+import { mkdtemp, open, readdir, rm, stat, truncate, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -27,7 +27,15 @@ import { GuestAgent, SerialConsole } from "./console.js";
 import { ManagedProcess } from "./process.js";
 import { QmpClient } from "./qmp.js";
 
-export { ConsoleTimeoutError, GuestAgent, GuestCommandError, type GuestResult, parseRigRecords, type RigRecord, SerialConsole } from "./console.js";
+export {
+  ConsoleTimeoutError,
+  GuestAgent,
+  GuestCommandError,
+  type GuestResult,
+  parseRigRecords,
+  type RigRecord,
+  SerialConsole,
+} from "./console.js";
 export { type ExitInfo, liveProcesses, ManagedProcess } from "./process.js";
 export { QmpClient, QmpError, type QmpEvent, QmpTimeoutError } from "./qmp.js";
 
@@ -84,7 +92,9 @@ export async function findTools(accel = defaultAccel()): Promise<Tools> {
   const accelName = accel.split(",")[0]!;
   const { stdout: accels } = await execFileP(qemu, ["-accel", "help"], { timeout: 10_000 });
   if (!accels.split("\n").some((l) => l.trim() === accelName)) {
-    throw new Error(`QEMU ${qemuVersion} at ${qemu} has no '${accelName}' accelerator (has: ${accels.replace(/\s+/g, " ")})`);
+    throw new Error(
+      `QEMU ${qemuVersion} at ${qemu} has no '${accelName}' accelerator (has: ${accels.replace(/\s+/g, " ")})`,
+    );
   }
   if (accelName === "kvm") {
     try {
@@ -264,12 +274,22 @@ export class Rig {
     private readonly keep: boolean,
   ) {}
 
-  /** A fresh work dir under the system temp dir (short paths: unix socket paths are limited to 107 bytes). */
+  /**
+   * A fresh work dir under the system temp dir (short paths: unix socket paths are limited to 107 bytes),
+   * named vmshift-rig-<pid>-<name>-XXXXXX so dirs left by a test process that was SIGKILLed can be swept.
+   */
   static async create(name: string, opts: RigOptions = {}): Promise<Rig> {
     const tools = await findTools();
     const guest = await ensureGuest();
-    const dir = await mkdtemp(join(tmpdir(), `vmshift-${name.replace(/[^a-z0-9-]/gi, "").slice(0, 20)}-`));
-    return new Rig(dir, tools, guest, opts.keep ?? process.env.VMSHIFT_KEEP_RIG === "1");
+    await sweepStaleDirs();
+    const safe = name.replace(/[^a-z0-9-]/gi, "").slice(0, 20);
+    const dir = await mkdtemp(join(tmpdir(), `vmshift-rig-${process.pid}-${safe}-`));
+    const keep = opts.keep ?? process.env.VMSHIFT_KEEP_RIG === "1";
+    if (!keep) {
+      if (openDirs.size === 0) process.on("exit", removeOpenDirsSync);
+      openDirs.add(dir);
+    }
+    return new Rig(dir, tools, guest, keep);
   }
 
   path(name: string): string {
@@ -373,7 +393,13 @@ export class Rig {
       pipeStdio: true,
     });
     const why = () => `${proc.describeExit()}; stderr: ${proc.stderr().trim().slice(-2000) || "(empty)"}`;
-    const con = new SerialConsole(proc.child.stdout!, proc.child.stdin!, this.path(`${o.name}.console.log`), why);
+    const con = new SerialConsole(
+      proc.child.stdout!,
+      proc.child.stdin!,
+      this.path(`${o.name}.console.log`),
+      why,
+      proc.exited,
+    );
     const ac = new AbortController();
     void proc.exited.then(() => ac.abort(new Error(why())));
     let qmp: QmpClient;
@@ -404,6 +430,7 @@ export class Rig {
       process.stderr.write(`rig: kept ${this.dir}\n`);
     } else {
       await rm(this.dir, { recursive: true, force: true });
+      openDirs.delete(this.dir);
     }
   }
 
@@ -414,6 +441,31 @@ export class Rig {
   /** A unique migration URI in the work dir (a unix socket: no port clashes with parallel runs). */
   migrationUri(): string {
     return `unix:${this.path(`mig-${++this.counter}.sock`)}`;
+  }
+}
+
+/** Work dirs to remove if the process exits without rig.close() (an uncaught error). */
+const openDirs = new Set<string>();
+function removeOpenDirsSync(): void {
+  for (const d of openDirs) rmSync(d, { recursive: true, force: true });
+}
+
+/** Removes vmshift-rig-<pid>-* dirs whose process is gone (it was SIGKILLed: no exit hook ran). */
+async function sweepStaleDirs(): Promise<void> {
+  let names: string[];
+  try {
+    names = await readdir(tmpdir());
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    const m = /^vmshift-rig-(\d+)-/.exec(n);
+    if (!m || Number(m[1]) === process.pid) continue;
+    try {
+      process.kill(Number(m[1]), 0);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ESRCH") await rm(join(tmpdir(), n), { recursive: true, force: true });
+    }
   }
 }
 
@@ -538,7 +590,8 @@ export async function migrate(src: Vm, dst: Vm, o: MigrateOptions): Promise<Migr
       if (statuses[statuses.length - 1] !== st) statuses.push(st);
       if (FINAL.has(st)) break;
       if (!src.proc.running) throw new MigrationError(`source died during migration: ${src.proc.describeExit()}`, r);
-      if (!dst.proc.running) throw new MigrationError(`destination died during migration: ${dst.proc.describeExit()}`, r);
+      if (!dst.proc.running)
+        throw new MigrationError(`destination died during migration: ${dst.proc.describeExit()}`, r);
       if (Date.now() - t0 > timeoutMs) {
         await src.qmp.execute("migrate_cancel").catch(() => {});
         throw new MigrationError(`migration timed out after ${timeoutMs} ms (status ${st})`, r);
@@ -552,7 +605,10 @@ export async function migrate(src: Vm, dst: Vm, o: MigrateOptions): Promise<Migr
   const status = String(r.status);
   if (status !== "completed") {
     const why = r["error-desc"] ? `: ${String(r["error-desc"])}` : "";
-    throw new MigrationError(`migration ended in '${status}'${why}${postcopyError ? ` (${String(postcopyError)})` : ""}`, r);
+    throw new MigrationError(
+      `migration ended in '${status}'${why}${postcopyError ? ` (${String(postcopyError)})` : ""}`,
+      r,
+    );
   }
   await dst.waitStatus("running", o.resumeTimeoutMs ?? 15_000);
   const ram = (r.ram ?? {}) as Record<string, number>;
@@ -602,4 +658,3 @@ export const MiB = 1 << 20;
 
 /** Lines that mean the guest kernel is hurt (oops, BUG, panic): after a migration these point at memory corruption. */
 export const GUEST_CRASH = /BUG:|Oops|RIP:|Kernel panic|general protection fault|list_del corruption/;
-
