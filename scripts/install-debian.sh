@@ -45,7 +45,8 @@ if [ "$need" = 1 ]; then
     [ -n "$MIRROR" ] || { echo "install-debian.sh: no bookworm mirror found in /etc/apt/sources.list*" >&2; exit 1; }
     SRC=/etc/apt/sources.list.d/vmshift-backports.sources
     # Only add our own file when no source already provides bookworm-backports.
-    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if ! cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        grep -q '^[^#]*bookworm-backports'; then
       printf '%s\n' 'Types: deb' "URIs: $MIRROR" 'Suites: bookworm-backports' 'Components: main' \
         'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' > "$SRC"
       echo "install-debian.sh: added $SRC ($MIRROR)" >&2
