@@ -486,9 +486,9 @@ async function waitForSocket(path: string, proc: ManagedProcess, timeoutMs: numb
 // ---------------------------------------------------------------- migration
 
 export interface MigrateOptions {
-  /** Default: a fresh unix socket in the rig dir (rig.migrationUri()). */
+  /** Where the stream goes, e.g. rig.migrationUri() (a fresh unix socket in the rig dir) or "tcp:127.0.0.1:PORT". */
   uri: string;
-  /** Bytes per second (QEMU's default is 32 MiB/s-ish on old versions; we default to 10 GB/s = no cap). */
+  /** Bytes per second; default 10 GB/s, i.e. no cap (QEMU 7.2 defaulted to 32 MiB/s). */
   maxBandwidth?: number;
   /** Enable postcopy-ram on both sides and switch to postcopy after `postcopyAfterMs`. */
   postcopy?: boolean;
