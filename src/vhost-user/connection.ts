@@ -100,6 +100,7 @@ export class MessageFramer {
     }
     const done: RawMessage[] = [];
     let lastStarted: RawMessage | null = null;
+    const continued = this.#partial?.msg ?? null;
     let pos = 0;
     try {
       while (pos < data.length) {
@@ -155,7 +156,7 @@ export class MessageFramer {
       throw e;
     }
     if (fds.length > 0 || fdsTruncated) {
-      const owner = lastStarted ?? this.#partial?.msg ?? null;
+      const owner = lastStarted ?? continued;
       if (owner) {
         owner.fds.push(...fds);
         owner.fdsTruncated ||= fdsTruncated;
