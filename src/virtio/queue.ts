@@ -11,6 +11,8 @@ import {
 } from "./features.js";
 import {
   availEventOffset,
+  availRingSize,
+  descTableSize,
   usedEventOffset,
   VIRTQ_AVAIL_F_NO_INTERRUPT,
   VIRTQ_AVAIL_OFF_FLAGS,
@@ -52,6 +54,12 @@ export interface SplitQueueConfig {
 }
 
 const FIELDS = 3;
+
+/** A DataView of [gpa, gpa+len) when it lies in one region window, else null. */
+function viewOf(mem: GuestMemory, gpa: number, len: number): DataView | null {
+  const u8 = mem.slice(gpa, len);
+  return u8 ? new DataView(u8.buffer, u8.byteOffset, u8.byteLength) : null;
+}
 
 function chainError(
   head: number,
@@ -128,6 +136,13 @@ export class SplitQueue implements ChainOwner {
   readonly #seen: Uint32Array;
   #generation = 0;
   readonly #scratch: Float64Array;
+  /**
+   * Read-only views of the descriptor table and avail ring when each lies in one region window
+   * (the usual case): descriptor reads are then plain DataView loads, no lookup, no garbage.
+   * Writes always go through GuestMemory, which also marks the region's own dirty bitmap.
+   */
+  #descView: DataView | null = null;
+  #availView: DataView | null = null;
 
   constructor(memory: GuestMemory, config: SplitQueueConfig) {
     const size = config.size;
@@ -146,6 +161,7 @@ export class SplitQueue implements ChainOwner {
     }
     this.maxChainLength = maxChain;
     this.#memory = memory;
+    this.#cacheViews();
     this.#markDirty = config.markDirty ?? null;
     this.#usedLogAddress =
       config.usedLogAddress === undefined ? this.usedRing : toAddress(config.usedLogAddress, "used ring log");
@@ -153,6 +169,11 @@ export class SplitQueue implements ChainOwner {
     this.#scratch = new Float64Array(maxChain * FIELDS);
     this.nextAvail = config.nextAvail ?? 0;
     this.nextUsed = config.nextUsed ?? 0;
+  }
+
+  #cacheViews(): void {
+    this.#descView = viewOf(this.#memory, this.descTable, descTableSize(this.size));
+    this.#availView = viewOf(this.#memory, this.availRing, availRingSize(this.size));
   }
 
   get memory(): GuestMemory {
@@ -166,6 +187,7 @@ export class SplitQueue implements ChainOwner {
   setMemory(memory: GuestMemory): void {
     checkSplitQueueLayout(memory, this.size, this.descTable, this.availRing, this.usedRing);
     this.#memory = memory;
+    this.#cacheViews();
   }
 
   /** The error that broke the queue, or null while it works. */
@@ -277,7 +299,9 @@ export class SplitQueue implements ChainOwner {
     try {
       if (this.#availIdx === this.#nextAvail && this.#reloadAvailIdx() === 0) return null;
       const slot = this.#nextAvail & (this.size - 1);
-      const head = this.#memory.readU16(this.availRing + VIRTQ_AVAIL_OFF_RING + 2 * slot);
+      const av = this.#availView;
+      const off = VIRTQ_AVAIL_OFF_RING + 2 * slot;
+      const head = av ? av.getUint16(off, true) : this.#memory.readU16(this.availRing + off);
       // Consumed before it is parsed: a bad chain must not stall the queue.
       this.#nextAvail = (this.#nextAvail + 1) & 0xffff;
       if (head >= this.size) {
@@ -319,6 +343,7 @@ export class SplitQueue implements ChainOwner {
     const max = this.maxChainLength;
     let table = this.descTable;
     let tableSize = this.size;
+    let view = this.#descView;
     let inIndirect = false;
     let gen = this.#nextGeneration();
     let index = head;
@@ -344,12 +369,26 @@ export class SplitQueue implements ChainOwner {
       if (seen[index] === gen)
         throw chainError(head, index, inIndirect, "DESCRIPTOR_LOOP", `descriptor ${index} visited twice`);
       seen[index] = gen;
-      const d = table + VIRTQ_DESC_SIZE * index;
-      const lo = mem.readU32(d);
-      const hi = mem.readU32(d + 4);
-      const len = mem.readU32(d + 8);
-      const flags = mem.readU16(d + 12);
-      const next = mem.readU16(d + 14);
+      let lo: number;
+      let hi: number;
+      let len: number;
+      let flags: number;
+      let next: number;
+      if (view) {
+        const o = VIRTQ_DESC_SIZE * index;
+        lo = view.getUint32(o, true);
+        hi = view.getUint32(o + 4, true);
+        len = view.getUint32(o + 8, true);
+        flags = view.getUint16(o + 12, true);
+        next = view.getUint16(o + 14, true);
+      } else {
+        const d = table + VIRTQ_DESC_SIZE * index;
+        lo = mem.readU32(d);
+        hi = mem.readU32(d + 4);
+        len = mem.readU32(d + 8);
+        flags = mem.readU16(d + 12);
+        next = mem.readU16(d + 14);
+      }
 
       // Overflow first: addr + len past 2^64 is wrong whatever memory there is. len < 2^32, so
       // it can only carry into a high word that is already all ones.
@@ -422,6 +461,7 @@ export class SplitQueue implements ChainOwner {
         }
         table = addr;
         tableSize = len / VIRTQ_DESC_SIZE;
+        view = viewOf(mem, addr, len);
         inIndirect = true;
         gen = this.#nextGeneration();
         index = 0;

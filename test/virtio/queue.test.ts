@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
+import { SplitQueueDriver } from "../../src/virtio/driver.js";
 import { VirtqueueError } from "../../src/virtio/errors.js";
 import { features, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC } from "../../src/virtio/features.js";
 import { SplitQueue, type SplitQueueConfig } from "../../src/virtio/queue.js";
@@ -59,6 +60,45 @@ describe("setup validation", () => {
 
   test("test_rings_may_straddle_regions", () => {
     assert.equal(setupError({ ...splitQueueLayout(0x40000 - 0x80, 64) }), "OK");
+    // And work: the descriptor table and the avail ring cross the A/B boundary.
+    const driver = SplitQueueDriver.at(mem, 0x40000 - 0x80, 64);
+    const queue = new SplitQueue(mem, driver.layout);
+    mem.write(DATA, Uint8Array.of(1, 2, 3, 4));
+    let added = 0;
+    for (let round = 0; round < 3; round++) {
+      while (driver.numFree >= 3) {
+        driver.add(
+          [
+            { addr: DATA, len: 2 },
+            { addr: DATA + 2, len: 2 },
+          ],
+          [{ addr: DATA + 0x100, len: 4 }],
+        );
+        added++;
+      }
+      driver.publish();
+      for (let c = queue.popChain(); c; c = queue.popChain()) {
+        assert.deepEqual(c.readReadable(), Uint8Array.of(1, 2, 3, 4));
+        queue.addUsed(c.head, 0);
+      }
+      while (driver.getUsed());
+    }
+    assert.equal(queue.nextUsed, added);
+  });
+
+  test("test_indirect_table_straddling_regions", () => {
+    const { driver, queue } = makePair(mem, 8, features(VIRTIO_RING_F_INDIRECT_DESC));
+    const table = 0x40000 - 16;
+    driver.writeDescriptor(0, DATA, 2, VIRTQ_DESC_F_NEXT, 1, table);
+    driver.writeDescriptor(1, DATA + 0x100, 4, VIRTQ_DESC_F_WRITE, 0, table);
+    driver.writeDescriptor(3, table, 32, 4 /* INDIRECT */, 0);
+    driver.offerHead(3);
+    driver.publish();
+    const c = queue.popChain();
+    assert.deepEqual(c && [...c].map((d) => [d.addr, d.len, d.writable]), [
+      [DATA, 2, false],
+      [DATA + 0x100, 4, true],
+    ]);
   });
 });
 
