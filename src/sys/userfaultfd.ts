@@ -103,7 +103,9 @@ export class Userfaultfd implements Disposable {
     try {
       const api = new BigUint64Array([UFFD_API, options.features ?? 0n, 0n]);
       check(native.ioctl(fd.fd, UFFDIO_API, api), "ioctl", "UFFDIO_API");
-      return new Userfaultfd(fd, api[1] as bigint, api[2] as bigint);
+      // The kernel reports every feature it supports in api.features but enables only the
+      // requested ones (UFFDIO_API fails if one is missing), so what was asked for is what we have.
+      return new Userfaultfd(fd, options.features ? options.features : (api[1] as bigint), api[2] as bigint);
     } catch (e) {
       fd.close();
       throw e;

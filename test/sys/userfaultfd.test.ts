@@ -11,6 +11,7 @@ import {
   UFFD_PAGEFAULT_FLAG_WRITE,
   UFFDIO_REGISTER_MODE_MISSING,
   UFFDIO_REGISTER_MODE_WP,
+  UffdFeature,
   type UffdMessage,
   Userfaultfd,
 } from "../../src/sys/userfaultfd.js";
@@ -108,4 +109,17 @@ test("WP: a write to a write-protected page faults with FLAG_WP; writeProtect(fa
   assert.equal(await worker.exited, 0);
   uffd.close();
   m.close();
+});
+
+test("features: the requested ones when some were asked for, everything supported otherwise", (t) => {
+  const probe = createOrSkip(t);
+  if (!probe) return;
+  const supported = probe.features;
+  probe.close();
+  assert.equal(Userfaultfd.supportedFeatures(), supported);
+  const want = UffdFeature.THREAD_ID;
+  if ((supported & want) === 0n) return t.skip("THREAD_ID not supported");
+  const u = Userfaultfd.create({ features: want });
+  assert.equal(u.features, want, "features is what is enabled, not the kernel's supported list");
+  u.close();
 });
