@@ -64,7 +64,9 @@ test("queued sends keep their order across partial writes", async () => {
   const recv = collect(b, total);
   const sent = parts.map((p) => a.send(p)); // all queued before any completes
   const order: number[] = [];
-  sent.forEach((p, i) => p.then(() => order.push(i)));
+  sent.forEach((p, i) => {
+    void p.then(() => order.push(i));
+  });
   await Promise.all(sent);
   assert.deepEqual(order, [0, 1, 2, 3, 4, 5], "sends resolve in order");
   const { data } = await recv;
