@@ -229,6 +229,7 @@ export class UnixListener implements Disposable {
   readonly fd: Fd;
   readonly path: string;
   #watch: Watch | null = null;
+  readonly #waiters = new Set<{ watch: Watch; reject: (e: Error) => void }>();
 
   private constructor(fd: Fd, path: string) {
     this.fd = fd;
@@ -274,7 +275,7 @@ export class UnixListener implements Disposable {
     });
   }
 
-  /** The next connection. */
+  /** The next connection (rejects if the listener is closed first). */
   accept(): Promise<UnixSocket> {
     const now = this.tryAccept();
     if (now) return Promise.resolve(now);
@@ -283,13 +284,17 @@ export class UnixListener implements Disposable {
         try {
           const s = this.tryAccept();
           if (!s) return;
+          this.#waiters.delete(entry);
           w.close();
           resolve(s);
         } catch (e) {
+          this.#waiters.delete(entry);
           w.close();
           reject(e);
         }
       });
+      const entry = { watch: w, reject };
+      this.#waiters.add(entry);
     });
   }
 
@@ -297,6 +302,11 @@ export class UnixListener implements Disposable {
     if (this.fd.closed) return;
     this.#watch?.close();
     this.#watch = null;
+    for (const w of this.#waiters) {
+      w.watch.close();
+      w.reject(new SysError("accept", 9, "listener closed"));
+    }
+    this.#waiters.clear();
     this.fd.close();
     if (this.path) {
       try {

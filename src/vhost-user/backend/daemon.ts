@@ -1,0 +1,127 @@
+/**
+ * The back-end daemon: listens on a socket path (or uses an inherited fd), serves one
+ * front-end at a time, and takes the next connection after a disconnect. A front-end that
+ * misbehaves loses its connection, never the daemon.
+ */
+import { EventEmitter } from "node:events";
+import { EAGAIN } from "../../sys/errors.js";
+import { Fd } from "../../sys/fd.js";
+import { native } from "../../sys/native.js";
+import { UnixListener, UnixSocket } from "../../sys/unix-socket.js";
+import type { VhostUserDevice } from "./device.js";
+import { BackendSession } from "./session.js";
+
+const EINVAL = 22;
+
+export type DaemonEvents = {
+  log: [level: "info" | "warn" | "error", message: string];
+  session: [BackendSession];
+};
+
+export interface DaemonOptions {
+  /** Serve this many connections, then stop (0 = until close()). */
+  maxSessions?: number;
+}
+
+export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
+  readonly device: VhostUserDevice;
+  #listener: UnixListener | null = null;
+  #connected: UnixSocket | null = null;
+  #session: BackendSession | null = null;
+  #closed = false;
+  #wake: (() => void) | null = null;
+
+  private constructor(device: VhostUserDevice) {
+    super();
+    this.device = device;
+  }
+
+  /** Listens on `path` (a stale socket file is replaced). */
+  static listen(device: VhostUserDevice, path: string): VhostUserDaemon {
+    const d = new VhostUserDaemon(device);
+    d.#listener = UnixListener.listen(path);
+    return d;
+  }
+
+  /**
+   * Uses an inherited fd: a listening socket (accept connections on it) or an already
+   * connected socket (serve that one front-end) — the spec's `--fd` convention.
+   */
+  static fromFd(device: VhostUserDevice, fdNumber: number): VhostUserDaemon {
+    const d = new VhostUserDaemon(device);
+    const fd = new Fd(fdNumber);
+    const r = native.accept(fd.fd);
+    if (r >= 0) {
+      // It was listening and a connection was already waiting: serve it first.
+      d.#listener = UnixListener.fromFd(fd);
+      d.#connected = new UnixSocket(new Fd(r));
+    } else if (r === -EAGAIN) {
+      d.#listener = UnixListener.fromFd(fd);
+    } else if (r === -EINVAL) {
+      d.#connected = new UnixSocket(fd);
+    } else {
+      fd.close();
+      throw new Error(`--fd ${fdNumber} is not a unix socket (accept: errno ${-r})`);
+    }
+    return d;
+  }
+
+  get session(): BackendSession | null {
+    return this.#session;
+  }
+
+  /** Serves front-ends until close() (or maxSessions); resolves when the daemon has stopped. */
+  async serve(options: DaemonOptions = {}): Promise<void> {
+    let served = 0;
+    while (!this.#closed) {
+      let socket = this.#connected;
+      this.#connected = null;
+      if (!socket) {
+        if (!this.#listener) break; // a single inherited connection, now gone
+        socket = await this.#accept();
+        if (!socket) break;
+      }
+      const s = new BackendSession(socket, this.device, { log: (level, msg) => this.emit("log", level, msg) });
+      this.#session = s;
+      this.emit("log", "info", "front-end connected");
+      this.emit("session", s);
+      await s.closed;
+      this.#session = null;
+      this.emit("log", "info", "front-end disconnected; waiting for the next one");
+      served++;
+      if (options.maxSessions && served >= options.maxSessions) break;
+    }
+  }
+
+  #accept(): Promise<UnixSocket | null> {
+    const l = this.#listener as UnixListener;
+    return new Promise((resolve) => {
+      this.#wake = () => resolve(null);
+      l.accept().then(
+        (s) => {
+          this.#wake = null;
+          if (this.#closed) {
+            s.close();
+            resolve(null);
+          } else resolve(s);
+        },
+        (e: Error) => {
+          this.emit("log", "error", `accept failed: ${e.message}`);
+          resolve(null);
+        },
+      );
+    });
+  }
+
+  /** Stops accepting, drops the current front-end, releases everything. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    const s = this.#session;
+    s?.close();
+    await s?.closed;
+    this.#connected?.close();
+    this.#listener?.close();
+    this.#wake?.();
+  }
+}

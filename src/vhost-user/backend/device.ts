@@ -1,0 +1,71 @@
+/**
+ * What a device implements to be served by the vhost-user backend framework.
+ *
+ * The control plane (this interface) runs on the main thread. Each virtqueue is processed in
+ * its own worker thread, which loads `queueWorker` and calls its `createQueueHandler` export:
+ * the handler sees guest memory (shared, not copied) and one descriptor chain at a time.
+ */
+import type { GuestMemory } from "../../memory/guest-memory.js";
+import type { DescriptorChain } from "../../virtio/chain.js";
+
+export interface DeviceInfo {
+  /** Queues the device has (GET_QUEUE_NUM with MQ). */
+  numQueues: number;
+  /** Largest queue size accepted in SET_VRING_NUM (a power of two ≤ 32768). */
+  maxQueueSize: number;
+  /**
+   * Virtio features the device offers (device bits plus VERSION_1, ring features...). The
+   * framework adds VHOST_USER_F_PROTOCOL_FEATURES and VHOST_F_LOG_ALL itself.
+   */
+  features: bigint;
+  /**
+   * Protocol features the device itself supports on top of the framework's (e.g. CONFIG when
+   * it has a config space, INFLIGHT_SHMFD when it can resubmit).
+   */
+  protocolFeatures: bigint;
+}
+
+export interface VhostUserDevice {
+  readonly info: DeviceInfo;
+  /** Module loaded in each queue worker; must export `createQueueHandler: QueueHandlerFactory`. */
+  readonly queueWorker: URL;
+  /** Data handed to the queue worker of `queue` (structured-clone; SharedArrayBuffers are shared). */
+  workerData?(queue: number): unknown;
+  /** Config space bytes [offset, offset+size) (GET_CONFIG). */
+  getConfig?(offset: number, size: number): Uint8Array;
+  /** A front-end write to the config space (SET_CONFIG). Throw to refuse. */
+  setConfig?(offset: number, data: Uint8Array): void;
+  /** The features the front-end acknowledged (device bits only matter to the device). */
+  setFeatures?(features: bigint): void;
+  /** Device state for live migration (SET_DEVICE_STATE_FD, save direction). */
+  saveState?(): Uint8Array | Promise<Uint8Array>;
+  /** Restores state saved by saveState() on the source (load direction). */
+  loadState?(state: Uint8Array): void | Promise<void>;
+  /** The front-end reset the device (RESET_DEVICE, SET_STATUS 0, disconnect). */
+  reset?(): void;
+}
+
+/** What a queue handler gets in its worker. */
+export interface QueueContext {
+  queue: number;
+  /** Guest memory as mapped by the backend; replaced by setMemory() on a new memory table. */
+  memory: GuestMemory;
+  /** Negotiated virtio features. */
+  features: bigint;
+  /** The device's workerData(queue). */
+  data: unknown;
+}
+
+export interface QueueHandler {
+  /**
+   * Serves one request. Returns the number of bytes written into the chain's writable part
+   * (the used length). Guest-controlled bytes: validate what you read; a throw completes
+   * the chain with length 0 and is reported, the queue goes on.
+   */
+  process(chain: DescriptorChain): number;
+  /** A new memory table is in force. */
+  setMemory?(memory: GuestMemory): void;
+  close?(): void;
+}
+
+export type QueueHandlerFactory = (ctx: QueueContext) => QueueHandler | Promise<QueueHandler>;

@@ -1,0 +1,10 @@
+/**
+ * src/vhost-user/backend: a framework for writing vhost-user device back-ends, in the spirit of
+ * rust-vmm's vhost-user-backend: a daemon (VhostUserDaemon) serving one front-end at a time, a
+ * session handling every control message (BackendSession), and queue workers — one thread per
+ * virtqueue sharing guest memory — that call the device's QueueHandler for each request.
+ */
+export * from "./daemon.js";
+export * from "./device.js";
+export { BackendMemoryTable, type MappedRegion } from "./memory-table.js";
+export { BackendSession, FRAMEWORK_PROTOCOL_FEATURES, MAX_MEM_SLOTS } from "./session.js";

@@ -1,0 +1,179 @@
+/**
+ * A queue worker: one thread per virtqueue. It owns the SplitQueue and the device's handler,
+ * waits for kicks in its own event loop, and marks every guest write in the shared dirty log
+ * through its own DirtyLogWriter. The fds it uses (kick, call, err) are owned by the control
+ * plane, which never closes one before this worker has acknowledged it stopped using it.
+ *
+ * Postcopy: a guest page that has not arrived blocks this thread in the kernel until the
+ * front-end places it; the control plane's thread is never the one that faults.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { GuestMemory } from "../../memory/guest-memory.js";
+import { DirtyLogWriter } from "../../memory/shared-dirty-log.js";
+import { EAGAIN } from "../../sys/errors.js";
+import { native } from "../../sys/native.js";
+import { READABLE, Watch } from "../../sys/poller.js";
+import { VirtqueueError } from "../../virtio/errors.js";
+import { SplitQueue } from "../../virtio/queue.js";
+import type { QueueHandler, QueueHandlerFactory } from "./device.js";
+import type { FromWorker, RingConfig, ToWorker, WorkerInit } from "./worker-protocol.js";
+
+const port = parentPort;
+if (!port) throw new Error("queue-worker must run in a worker thread");
+const init = workerData as WorkerInit;
+const factory = ((await import(init.module)) as { createQueueHandler?: QueueHandlerFactory }).createQueueHandler;
+if (typeof factory !== "function") throw new Error(`${init.module} does not export createQueueHandler`);
+const log = DirtyLogWriter.fromHandle(init.log);
+
+let memory: GuestMemory | null = null;
+let handler: QueueHandler | null = null;
+let features = 0n;
+let queue: SplitQueue | null = null;
+let kick: Watch | null = null;
+let kickFd = -1;
+let callFd = -1;
+let errFd = -1;
+let enabled = false;
+let broken = false;
+const one = new BigUint64Array([1n]);
+const drainBuf = new BigUint64Array(1);
+
+const post = (m: FromWorker) => port.postMessage(m);
+const event = (level: "warn" | "error", message: string) => post({ type: "event", level, message });
+
+function signal(fd: number): void {
+  if (fd < 0) return;
+  const r = native.write(fd, one);
+  if (r < 0 && r !== -EAGAIN) event("warn", `queue ${init.queue}: eventfd write failed (errno ${-r})`);
+}
+
+function markDirty(gpa: number, len: number): void {
+  log.mark(gpa, len);
+}
+
+/** The device loop with notification suppression (see SplitQueue). */
+function processQueue(): void {
+  const q = queue;
+  const h = handler;
+  if (!q || !h || !enabled || broken) return;
+  for (;;) {
+    q.disableNotification();
+    for (;;) {
+      let chain: ReturnType<SplitQueue["popChain"]>;
+      try {
+        chain = q.popChain();
+      } catch (e) {
+        if (e instanceof VirtqueueError && !q.broken) {
+          // A malformed chain from the driver: dropped (its avail entry consumed), queue goes on.
+          event("warn", `queue ${init.queue}: ${e.message}`);
+          continue;
+        }
+        broken = true;
+        event("error", `queue ${init.queue} needs reset: ${(e as Error).message}`);
+        signal(errFd);
+        return;
+      }
+      if (!chain) break;
+      let len = 0;
+      try {
+        len = h.process(chain);
+      } catch (e) {
+        event("warn", `queue ${init.queue}: request failed: ${(e as Error).message}`);
+      }
+      q.addUsed(chain.head, len);
+    }
+    if (q.needsNotification()) signal(callFd);
+    if (!q.enableNotification()) break;
+  }
+}
+
+function watchKick(fd: number): void {
+  kick?.close();
+  kick = null;
+  kickFd = fd;
+  if (fd < 0) return;
+  kick = new Watch(fd, READABLE, () => {
+    native.read(fd, drainBuf); // EAGAIN is fine: another wakeup already drained it
+    processQueue();
+  });
+}
+
+async function setMemory(m: GuestMemory): Promise<void> {
+  memory = m;
+  if (!handler) handler = await factory!({ queue: init.queue, memory: m, features, data: init.data });
+  else handler.setMemory?.(m);
+  queue?.setMemory(m);
+}
+
+function start(ring: RingConfig): void {
+  if (!memory) throw new Error("no memory table");
+  features = ring.features;
+  queue = new SplitQueue(memory, {
+    size: ring.size,
+    descTable: ring.descTable,
+    availRing: ring.availRing,
+    usedRing: ring.usedRing,
+    features: ring.features,
+    nextAvail: ring.nextAvail,
+    // A stopped ring resumes where the used ring is (SET_VRING_BASE only carries the avail index).
+    nextUsed: 0,
+    markDirty,
+    usedLogAddress: ring.logAddress ?? ring.usedRing,
+  });
+  queue.nextUsed = queue.readUsedIdx();
+  broken = false;
+}
+
+async function handle(m: ToWorker): Promise<void> {
+  try {
+    switch (m.type) {
+      case "memory":
+        await setMemory(GuestMemory.fromShared(m.memory));
+        break;
+      case "start":
+        start(m.ring);
+        callFd = m.callFd;
+        errFd = m.errFd;
+        enabled = m.enabled;
+        watchKick(m.kickFd);
+        // Buffers made available before the kick fd arrived get no kick of their own.
+        processQueue();
+        break;
+      case "enable":
+        enabled = m.enabled;
+        processQueue();
+        break;
+      case "fds":
+        callFd = m.callFd;
+        errFd = m.errFd;
+        break;
+      case "stop": {
+        watchKick(-1);
+        const q = queue;
+        queue = null;
+        post({ type: "done", id: m.id, nextAvail: q?.nextAvail ?? 0, nextUsed: q?.nextUsed ?? 0 });
+        return;
+      }
+      case "close":
+        watchKick(-1);
+        queue = null;
+        handler?.close?.();
+        handler = null;
+        log.close();
+        port!.close();
+        return;
+    }
+    post({ type: "done", id: m.id });
+  } catch (e) {
+    post({ type: "done", id: m.id, error: (e as Error).message });
+  }
+}
+
+// Messages are handled strictly in order, even when one awaits (the first memory table
+// creates the handler asynchronously).
+let chain = Promise.resolve();
+port.on("message", (m: ToWorker) => {
+  chain = chain.then(() => handle(m));
+});
+void kickFd;
+post({ type: "ready" });

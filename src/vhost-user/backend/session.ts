@@ -1,0 +1,665 @@
+/**
+ * One front-end connection to the back-end: every control message of the vhost-user spec,
+ * handled strictly in order (a handler that waits — for the dirty-log switch, for a worker
+ * to stop a ring — delays the next message, as the protocol requires).
+ *
+ * Ring states (spec, "Ring states"): a ring is started by SET_VRING_KICK and stopped by
+ * GET_VRING_BASE; it is enabled from the start unless VHOST_USER_F_PROTOCOL_FEATURES was
+ * negotiated, in which case SET_VRING_ENABLE switches it. Only started, enabled rings are
+ * processed.
+ *
+ * Dirty logging: the log the front-end sent (SET_LOG_BASE) is in force exactly while
+ * VHOST_F_LOG_ALL is negotiated; every switch goes through SharedDirtyLog.replace(), so when
+ * we answer SET_LOG_BASE (or ack SET_FEATURES), no queue worker can still mark the old log.
+ * Clearing LOG_ALL (migration done or cancelled) stops all marking.
+ */
+import { DirtyLogArea, SharedDirtyLog } from "../../memory/shared-dirty-log.js";
+import type { Fd } from "../../sys/fd.js";
+import { UnixSocket } from "../../sys/unix-socket.js";
+import { UFFDIO_REGISTER_MODE_MISSING, Userfaultfd } from "../../sys/userfaultfd.js";
+import { Connection } from "../connection.js";
+import { featureMask, hasFeature, ProtocolFeature, VHOST_VRING_F_LOG, VirtioFeature } from "../protocol/constants.js";
+import { VhostUserError } from "../protocol/errors.js";
+import type { FrontendRequests } from "../protocol/frontend-requests.js";
+import type { RequestMessage } from "../protocol/message.js";
+import type { VringAddr } from "../protocol/payloads.js";
+import type { VhostUserDevice } from "./device.js";
+import { BackendMemoryTable, type MappedRegion, mapRegion } from "./memory-table.js";
+import { QueueThread } from "./queue-thread.js";
+
+type Msg = RequestMessage<FrontendRequests>;
+
+/** Memory slots offered with CONFIGURE_MEM_SLOTS (QEMU's x86 maximum). */
+export const MAX_MEM_SLOTS = 509;
+
+const LOG_ALL = featureMask(VirtioFeature.VHOST_F_LOG_ALL);
+const PROTOCOL_FEATURES = featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
+
+/** Protocol features the framework implements for every device. */
+export const FRAMEWORK_PROTOCOL_FEATURES = featureMask(
+  ProtocolFeature.LOG_SHMFD,
+  ProtocolFeature.REPLY_ACK,
+  ProtocolFeature.BACKEND_REQ,
+  ProtocolFeature.CONFIGURE_MEM_SLOTS,
+  ProtocolFeature.STATUS,
+  ProtocolFeature.RESET_DEVICE,
+  ProtocolFeature.PAGEFAULT,
+  ProtocolFeature.DEVICE_STATE,
+);
+
+interface Vring {
+  size: number;
+  addr: VringAddr | null;
+  base: number;
+  kick: Fd | null;
+  call: Fd | null;
+  err: Fd | null;
+  started: boolean;
+  enabled: boolean;
+  thread: QueueThread | null;
+}
+
+export interface SessionEvents {
+  log(level: "info" | "warn" | "error", message: string): void;
+}
+
+export class BackendSession {
+  readonly conn: Connection<FrontendRequests>;
+  readonly #device: VhostUserDevice;
+  readonly #events: SessionEvents;
+  readonly #memory = new BackendMemoryTable();
+  readonly #vrings: Vring[];
+  readonly #log = new SharedDirtyLog();
+  #logArea: DirtyLogArea | null = null;
+  #features = 0n;
+  #protocolFeatures = 0n;
+  #owner = false;
+  #status = 0;
+  #backendChannel: Connection<never> | null = null;
+  #uffd: Userfaultfd | null = null;
+  #postcopyListening = false;
+  /** Regions mapped while listening, waiting for the front-end's ack before uffd registration. */
+  #awaitingPostcopyAck: MappedRegion[] | null = null;
+  #queue: Promise<void> = Promise.resolve();
+  #closed: Promise<void>;
+  #closing = false;
+
+  constructor(socket: UnixSocket, device: VhostUserDevice, events: SessionEvents) {
+    this.#device = device;
+    this.#events = events;
+    this.#vrings = Array.from({ length: device.info.numQueues }, () => ({
+      size: 0,
+      addr: null,
+      base: 0,
+      kick: null,
+      call: null,
+      err: null,
+      started: false,
+      enabled: false,
+      thread: null,
+    }));
+    // Memory tables with 8 regions and config spaces fit; nothing legitimate is bigger.
+    this.conn = Connection.frontend(socket, { label: "front-end", maxPayloadSize: 4096 });
+    let done: () => void = () => undefined;
+    this.#closed = new Promise((r) => {
+      done = r;
+    });
+    this.conn.on("request", (m) => {
+      this.#queue = this.#queue.then(() => this.#serve(m));
+    });
+    this.conn.on("protocolError", (e) => events.log("warn", `malformed message dropped: ${e.message}`));
+    this.conn.on("close", (e) => {
+      if (e && e.code !== "CLOSED") events.log("info", `front-end gone: ${e.message}`);
+      this.#queue = this.#queue.then(() => this.#teardown()).then(done);
+    });
+  }
+
+  /** Resolves when the connection is gone and everything it held is released. */
+  get closed(): Promise<void> {
+    return this.#closed;
+  }
+
+  get features(): bigint {
+    return this.#features;
+  }
+
+  get protocolFeatures(): bigint {
+    return this.#protocolFeatures;
+  }
+
+  /** The shared dirty log (tests and devices may create writers on it). */
+  get dirtyLog(): SharedDirtyLog {
+    return this.#log;
+  }
+
+  /** Tells the front-end the config space changed (needs BACKEND_REQ and CONFIG). */
+  async notifyConfigChange(): Promise<void> {
+    const ch = this.#backendChannel as Connection<import("../protocol/backend-requests.js").BackendRequests> | null;
+    if (!ch) throw new VhostUserError("CLOSED", "no back-end request channel (SET_BACKEND_REQ_FD not received)");
+    await ch.request("CONFIG_CHANGE_MSG", undefined as never);
+  }
+
+  close(): void {
+    this.conn.close();
+  }
+
+  offeredFeatures(): bigint {
+    return this.#device.info.features | PROTOCOL_FEATURES | LOG_ALL;
+  }
+
+  offeredProtocolFeatures(): bigint {
+    let f = FRAMEWORK_PROTOCOL_FEATURES | this.#device.info.protocolFeatures;
+    if (this.#device.info.numQueues > 1) f |= featureMask(ProtocolFeature.MQ);
+    if (this.#device.getConfig) f |= featureMask(ProtocolFeature.CONFIG);
+    return f;
+  }
+
+  async #serve(m: Msg): Promise<void> {
+    if (this.#closing) {
+      for (const f of m.fds) f.close();
+      return;
+    }
+    try {
+      await this.#handle(m);
+    } catch (e) {
+      for (const f of m.fds) if (!f.closed) f.close();
+      const err = e as Error;
+      this.#events.log("warn", `${m.name} failed: ${err.message}`);
+      if (m.needReply) {
+        await this.conn.ack(m, 1n).catch(() => undefined);
+      } else if (this.#hasExplicitReply(m.name)) {
+        // The front-end waits for a reply we cannot give: drop the connection rather than
+        // leave it hanging; it can reconnect.
+        this.conn.close();
+      }
+    }
+  }
+
+  #hasExplicitReply(name: string): boolean {
+    const spec = this.conn.index.byName(name as never) as { replies?: string } | undefined;
+    return spec?.replies === "always";
+  }
+
+  #ring(index: number, request: string): Vring {
+    const v = this.#vrings[index];
+    if (!v)
+      throw new VhostUserError("BAD_VALUE", "vring index out of range", {
+        request,
+        value: index,
+        expected: `< ${this.#vrings.length}`,
+      });
+    return v;
+  }
+
+  async #handle(m: Msg): Promise<void> {
+    switch (m.name) {
+      case "GET_FEATURES":
+        return this.conn.reply(m, this.offeredFeatures());
+      case "SET_FEATURES": {
+        const f = m.payload;
+        const extra = f & ~this.offeredFeatures();
+        if (extra !== 0n)
+          throw new VhostUserError("BAD_VALUE", "features not offered", { request: m.name, value: extra });
+        this.#features = f;
+        this.#device.setFeatures?.(f);
+        await this.#applyLog();
+        return void (await this.conn.ack(m));
+      }
+      case "GET_PROTOCOL_FEATURES":
+        return this.conn.reply(m, this.offeredProtocolFeatures());
+      case "SET_PROTOCOL_FEATURES": {
+        const extra = m.payload & ~this.offeredProtocolFeatures();
+        if (extra !== 0n)
+          throw new VhostUserError("BAD_VALUE", "protocol features not offered", { request: m.name, value: extra });
+        this.#protocolFeatures = m.payload;
+        this.conn.setProtocolFeatures(m.payload);
+        return void (await this.conn.ack(m));
+      }
+      case "SET_OWNER":
+        this.#owner = true;
+        return void (await this.conn.ack(m));
+      case "RESET_OWNER":
+        // Deprecated; the spec recommends ignoring it or disabling the rings: disable them.
+        for (const v of this.#vrings) await this.#setEnabled(v, false);
+        return void (await this.conn.ack(m));
+      case "GET_QUEUE_NUM":
+        return this.conn.reply(m, BigInt(this.#device.info.numQueues));
+      case "GET_MAX_MEM_SLOTS":
+        return this.conn.reply(m, BigInt(MAX_MEM_SLOTS));
+      case "SET_MEM_TABLE":
+        return this.#setMemTable(m as Extract<Msg, { name: "SET_MEM_TABLE" }>);
+      case "ADD_MEM_REG":
+        return this.#addMemReg(m as Extract<Msg, { name: "ADD_MEM_REG" }>);
+      case "REM_MEM_REG": {
+        for (const f of m.fds) f.close();
+        const removed = this.#memory.remove(m.payload, m.name);
+        await this.#pushMemory();
+        if (removed.registered) this.#uffd?.unregister(removed.region.hostAddress, removed.size);
+        removed.region.close();
+        return void (await this.conn.ack(m));
+      }
+      case "SET_LOG_BASE": {
+        const fd = m.fds[0];
+        if (!fd)
+          throw new VhostUserError("BAD_FD_COUNT", "SET_LOG_BASE without an fd (LOG_SHMFD)", { request: m.name });
+        const area = DirtyLogArea.map(fd, m.payload.mmapSize, m.payload.mmapOffset);
+        const old = this.#logArea;
+        this.#logArea = area;
+        await this.#applyLog();
+        // Nobody marks the old log any more: it can go, and the front-end may read it now.
+        if (old && old !== area) old.close();
+        if (hasFeature(this.#protocolFeatures, ProtocolFeature.LOG_SHMFD)) return this.conn.reply(m, 0n);
+        return void (await this.conn.ack(m));
+      }
+      case "SET_LOG_FD":
+        for (const f of m.fds) f.close();
+        return void (await this.conn.ack(m));
+      case "SET_VRING_NUM": {
+        const v = this.#ring(m.payload.index, m.name);
+        const n = m.payload.num;
+        if (n === 0 || (n & (n - 1)) !== 0 || n > this.#device.info.maxQueueSize) {
+          throw new VhostUserError("BAD_VALUE", "queue size must be a power of two within the device maximum", {
+            request: m.name,
+            value: n,
+            expected: `≤ ${this.#device.info.maxQueueSize}`,
+          });
+        }
+        v.size = n;
+        return void (await this.conn.ack(m));
+      }
+      case "SET_VRING_ADDR": {
+        const v = this.#ring(m.payload.index, m.name);
+        v.addr = m.payload;
+        // A started ring picks up the new addresses (e.g. the log flag switched during migration).
+        if (v.started) await this.#startRing(m.payload.index, v, m.name);
+        return void (await this.conn.ack(m));
+      }
+      case "SET_VRING_BASE": {
+        const v = this.#ring(m.payload.index, m.name);
+        v.base = m.payload.num & 0xffff;
+        return void (await this.conn.ack(m));
+      }
+      case "GET_VRING_BASE": {
+        const v = this.#ring(m.payload.index, m.name);
+        let next = v.base;
+        if (v.started && v.thread) {
+          const r = await v.thread.request({ type: "stop" });
+          next = r.nextAvail ?? next;
+        }
+        v.started = false;
+        v.base = next;
+        // "stops the ring": the kick fd is no longer used.
+        v.kick?.close();
+        v.kick = null;
+        if (hasFeature(this.#features, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) v.enabled = false;
+        return this.conn.reply(m, { index: m.payload.index, num: next });
+      }
+      case "SET_VRING_KICK":
+      case "SET_VRING_CALL":
+      case "SET_VRING_ERR": {
+        const v = this.#ring(m.payload.index, m.name);
+        const fd = m.payload.noFd ? null : (m.fds[0] ?? null);
+        if (m.name === "SET_VRING_KICK") {
+          if (!fd)
+            throw new VhostUserError("BAD_VALUE", "polling rings (no kick fd) are not supported", { request: m.name });
+          const old = v.kick;
+          v.kick = fd;
+          await this.#startRing(m.payload.index, v, m.name);
+          old?.close();
+        } else {
+          const which = m.name === "SET_VRING_CALL" ? "call" : "err";
+          const old = v[which];
+          v[which] = fd;
+          if (v.started && v.thread) {
+            await v.thread.request({ type: "fds", callFd: v.call?.fd ?? -1, errFd: v.err?.fd ?? -1 });
+          }
+          old?.close();
+        }
+        return void (await this.conn.ack(m));
+      }
+      case "SET_VRING_ENABLE": {
+        if (!hasFeature(this.#features, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) {
+          throw new VhostUserError("UNEXPECTED_REQUEST", "SET_VRING_ENABLE needs VHOST_USER_F_PROTOCOL_FEATURES", {
+            request: m.name,
+          });
+        }
+        const v = this.#ring(m.payload.index, m.name);
+        await this.#setEnabled(v, m.payload.num !== 0);
+        return void (await this.conn.ack(m));
+      }
+      case "GET_CONFIG": {
+        const { offset, flags, data } = m.payload;
+        if (!this.#device.getConfig)
+          throw new VhostUserError("UNEXPECTED_REQUEST", "device has no config space", { request: m.name });
+        const bytes = this.#device.getConfig(offset, data.length);
+        return this.conn.reply(m, { offset, flags, data: bytes });
+      }
+      case "SET_CONFIG": {
+        if (!this.#device.setConfig)
+          throw new VhostUserError("UNEXPECTED_REQUEST", "config space is read-only", { request: m.name });
+        this.#device.setConfig(m.payload.offset, m.payload.data);
+        return void (await this.conn.ack(m));
+      }
+      case "SET_BACKEND_REQ_FD": {
+        const fd = m.fds[0];
+        if (!fd) throw new VhostUserError("BAD_FD_COUNT", "no socket fd", { request: m.name });
+        this.#backendChannel?.close();
+        const ch = Connection.backendChannel(new UnixSocket(fd), { label: "back-end channel" });
+        ch.on("close", () => {
+          if (this.#backendChannel === (ch as unknown)) this.#backendChannel = null;
+        });
+        this.#backendChannel = ch as unknown as Connection<never>;
+        return void (await this.conn.ack(m));
+      }
+      case "SET_STATUS": {
+        const s = Number(m.payload & 0xffn);
+        this.#status = s;
+        if (s === 0) await this.#resetDevice();
+        return void (await this.conn.ack(m));
+      }
+      case "GET_STATUS":
+        return this.conn.reply(m, BigInt(this.#status));
+      case "RESET_DEVICE":
+        await this.#resetDevice();
+        return void (await this.conn.ack(m));
+      case "SET_DEVICE_STATE_FD":
+        return this.#deviceStateFd(m as Extract<Msg, { name: "SET_DEVICE_STATE_FD" }>);
+      case "CHECK_DEVICE_STATE": {
+        const r = this.#stateTransfer;
+        this.#stateTransfer = null;
+        const ok = r
+          ? await r.then(
+              () => true,
+              (e: Error) => (this.#events.log("warn", `device state: ${e.message}`), false),
+            )
+          : true;
+        return this.conn.reply(m, ok ? 0n : 1n);
+      }
+      case "POSTCOPY_ADVISE": {
+        // Kernel-mode faults must be delivered too (a pread into guest memory), so no
+        // UFFD_USER_MODE_ONLY: this needs the privilege QEMU's own postcopy needs.
+        this.#uffd?.close();
+        const uffd = Userfaultfd.create({ userModeOnly: false });
+        this.#uffd = uffd;
+        return this.conn.reply(m, undefined as never, [uffd.fd]);
+      }
+      case "POSTCOPY_LISTEN": {
+        if (!this.#uffd)
+          throw new VhostUserError("UNEXPECTED_REQUEST", "POSTCOPY_LISTEN before POSTCOPY_ADVISE", { request: m.name });
+        this.#postcopyListening = true;
+        for (const r of this.#memory.regions) this.#register(r);
+        return void (await this.conn.ack(m));
+      }
+      case "POSTCOPY_END": {
+        this.#postcopyListening = false;
+        for (const r of this.#memory.regions) r.registered = false;
+        this.#uffd?.close();
+        this.#uffd = null;
+        return this.conn.reply(m, 0n);
+      }
+      case "SET_INFLIGHT_FD":
+      case "GET_INFLIGHT_FD":
+      case "IOTLB_MSG":
+      case "SEND_RARP":
+      case "NET_SET_MTU":
+      case "CREATE_CRYPTO_SESSION":
+      case "CLOSE_CRYPTO_SESSION":
+      case "SET_VRING_ENDIAN":
+      case "VRING_KICK":
+      case "GET_SHARED_OBJECT":
+      case "GET_SHMEM_CONFIG":
+        for (const f of m.fds) f.close();
+        throw new VhostUserError("UNEXPECTED_REQUEST", "not supported by this back-end (feature not offered)", {
+          request: m.name,
+        });
+      default:
+        for (const f of (m as Msg).fds) f.close();
+        throw new VhostUserError("UNEXPECTED_REQUEST", "not handled", { request: (m as Msg).name });
+    }
+  }
+
+  // ---- memory ------------------------------------------------------------------------------
+
+  async #setMemTable(m: Extract<Msg, { name: "SET_MEM_TABLE" }>): Promise<void> {
+    const regions = m.payload.regions;
+    // QEMU acknowledges our postcopy reply with an empty SET_MEM_TABLE (spec: "an empty
+    // VHOST_USER_SET_MEM_TABLE as an acknowledgement"), byte-identical to a u64 0.
+    if (this.#awaitingPostcopyAck && regions.length === 0) return this.#postcopyAck(m.name, 0n);
+    if (m.fds.length !== regions.length) {
+      throw new VhostUserError("BAD_FD_COUNT", "one fd per region", {
+        request: m.name,
+        value: m.fds.length,
+        expected: regions.length,
+      });
+    }
+    const mapped: MappedRegion[] = [];
+    try {
+      regions.forEach((r, i) => mapped.push(mapRegion(r, m.fds[i] as Fd, m.name)));
+    } catch (e) {
+      for (const r of mapped) r.region.close();
+      for (const f of m.fds) if (!f.closed) f.close();
+      throw e;
+    }
+    let old: MappedRegion[];
+    try {
+      old = this.#memory.replace(mapped, m.name);
+    } catch (e) {
+      for (const r of mapped) r.region.close();
+      throw e;
+    }
+    await this.#pushMemory();
+    for (const r of old) r.region.close();
+    if (this.#postcopyListening) {
+      // Postcopy: answer with where we mapped each region; register only after the ack.
+      this.#awaitingPostcopyAck = mapped;
+      return this.conn.reply(m, {
+        kind: "table",
+        table: {
+          regions: mapped.map((r) => ({
+            guestAddress: BigInt(r.guestAddress),
+            size: BigInt(r.size),
+            userAddress: r.region.hostAddress,
+            mmapOffset: r.mmapOffset,
+          })),
+        },
+      } as never);
+    }
+    return void (await this.conn.ack(m));
+  }
+
+  async #addMemReg(m: Extract<Msg, { name: "ADD_MEM_REG" }>): Promise<void> {
+    const p = m.payload;
+    if (p.kind === "ack") return this.#postcopyAck(m.name, p.value);
+    const fd = m.fds[0];
+    if (!fd) throw new VhostUserError("BAD_FD_COUNT", "ADD_MEM_REG without an fd", { request: m.name });
+    if (this.#memory.regions.length >= MAX_MEM_SLOTS) {
+      fd.close();
+      throw new VhostUserError("BAD_VALUE", "all memory slots in use", { request: m.name, value: MAX_MEM_SLOTS });
+    }
+    const r = mapRegion(p.region, fd, m.name);
+    try {
+      this.#memory.add(r, m.name);
+    } catch (e) {
+      r.region.close();
+      throw e;
+    }
+    await this.#pushMemory();
+    if (this.#postcopyListening) {
+      (this.#awaitingPostcopyAck ??= []).push(r);
+      return this.conn.reply(m, {
+        kind: "region",
+        region: {
+          guestAddress: BigInt(r.guestAddress),
+          size: BigInt(r.size),
+          userAddress: r.region.hostAddress,
+          mmapOffset: r.mmapOffset,
+        },
+      } as never);
+    }
+    return void (await this.conn.ack(m));
+  }
+
+  /** QEMU's acknowledgement of our postcopy mapping reply: a bare u64 0 on the same request. */
+  #postcopyAck(request: string, value: bigint): void {
+    const pending = this.#awaitingPostcopyAck;
+    if (!pending)
+      throw new VhostUserError("UNEXPECTED_REQUEST", "postcopy acknowledgement with nothing to acknowledge", {
+        request,
+        value,
+      });
+    if (value !== 0n) throw new VhostUserError("NACK", "front-end refused our postcopy mappings", { request, value });
+    this.#awaitingPostcopyAck = null;
+    // Only now may the guest fault on these mappings: register them.
+    for (const r of pending) this.#register(r);
+  }
+
+  #register(r: MappedRegion): void {
+    if (!this.#uffd || r.registered || r.region.closed) return;
+    this.#uffd.register(r.region.hostAddress, r.size, UFFDIO_REGISTER_MODE_MISSING);
+    r.registered = true;
+  }
+
+  /** Hands the current memory table to every queue worker and waits until all use it. */
+  async #pushMemory(): Promise<void> {
+    const shared = this.#memory.memory.toShared();
+    await Promise.all(this.#vrings.map((v) => v.thread?.request({ type: "memory", memory: shared })));
+  }
+
+  // ---- rings ---------------------------------------------------------------------------------
+
+  #thread(index: number, v: Vring): QueueThread {
+    v.thread ??= new QueueThread(index, this.#device.queueWorker, this.#device.workerData?.(index), this.#log, {
+      onEvent: (q, level, message) => this.#events.log(level, message),
+    });
+    return v.thread;
+  }
+
+  async #startRing(index: number, v: Vring, request: string): Promise<void> {
+    if (!v.addr || v.size === 0)
+      throw new VhostUserError("UNEXPECTED_REQUEST", "ring started before SET_VRING_NUM/ADDR", {
+        request,
+        value: index,
+      });
+    const a = v.addr;
+    const descLen = 16 * v.size;
+    const availLen = 6 + 2 * v.size;
+    const usedLen = 6 + 8 * v.size;
+    const ring = {
+      size: v.size,
+      descTable: this.#memory.uvaToGpa(a.descriptor, descLen, "descriptor table", request),
+      availRing: this.#memory.uvaToGpa(a.available, availLen, "avail ring", request),
+      usedRing: this.#memory.uvaToGpa(a.used, usedLen, "used ring", request),
+      logAddress: (a.flags & VHOST_VRING_F_LOG) !== 0 ? Number(a.log) : null,
+      features: this.#features,
+      nextAvail: v.base,
+    };
+    if (ring.logAddress !== null && !Number.isSafeInteger(ring.logAddress)) {
+      throw new VhostUserError("BAD_VALUE", "used-ring log address not representable", { request, value: a.log });
+    }
+    if (!hasFeature(this.#features, VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES)) v.enabled = true;
+    const t = this.#thread(index, v);
+    if (v.started) {
+      const r = await t.request({ type: "stop" });
+      ring.nextAvail = r.nextAvail ?? ring.nextAvail;
+    }
+    await t.request({ type: "memory", memory: this.#memory.memory.toShared() });
+    await t.request({
+      type: "start",
+      ring,
+      kickFd: v.kick?.fd ?? -1,
+      callFd: v.call?.fd ?? -1,
+      errFd: v.err?.fd ?? -1,
+      enabled: v.enabled,
+    });
+    v.started = true;
+  }
+
+  async #setEnabled(v: Vring, enabled: boolean): Promise<void> {
+    v.enabled = enabled;
+    if (v.started && v.thread) await v.thread.request({ type: "enable", enabled });
+  }
+
+  async #stopAll(): Promise<void> {
+    for (const v of this.#vrings) {
+      if (v.started && v.thread) {
+        const r = await v.thread.request({ type: "stop" }).catch(() => null);
+        if (r?.nextAvail !== undefined) v.base = r.nextAvail;
+      }
+      v.started = false;
+    }
+  }
+
+  async #resetDevice(): Promise<void> {
+    await this.#stopAll();
+    for (const v of this.#vrings) {
+      v.kick?.close();
+      v.call?.close();
+      v.err?.close();
+      Object.assign(v, { size: 0, addr: null, base: 0, kick: null, call: null, err: null, enabled: false });
+    }
+    this.#device.reset?.();
+  }
+
+  // ---- dirty log -----------------------------------------------------------------------------
+
+  /** Installs the log exactly while LOG_ALL is negotiated; resolves once no worker marks the old one. */
+  async #applyLog(): Promise<void> {
+    const want = (this.#features & LOG_ALL) !== 0n ? this.#logArea : null;
+    if (this.#log.area === want) return;
+    await this.#log.replace(want);
+  }
+
+  // ---- device state ----------------------------------------------------------------------------
+
+  #stateTransfer: Promise<void> | null = null;
+
+  async #deviceStateFd(m: Extract<Msg, { name: "SET_DEVICE_STATE_FD" }>): Promise<void> {
+    const fd = m.fds[0];
+    if (!fd) throw new VhostUserError("BAD_FD_COUNT", "no pipe fd", { request: m.name });
+    const { createReadStream, createWriteStream } = await import("node:fs");
+    const raw = fd.release();
+    if (m.payload.direction === 0) {
+      // Save: write our state into the pipe, then close it (EOF ends the transfer).
+      const state = (await this.#device.saveState?.()) ?? new Uint8Array(0);
+      const out = createWriteStream("", { fd: raw });
+      this.#stateTransfer = new Promise((resolve, reject) => {
+        out.on("error", reject);
+        out.end(state, () => resolve());
+      });
+    } else {
+      const input = createReadStream("", { fd: raw });
+      const parts: Buffer[] = [];
+      this.#stateTransfer = new Promise<void>((resolve, reject) => {
+        input.on("data", (b) => parts.push(b as Buffer));
+        input.on("error", reject);
+        input.on("end", () => resolve());
+      }).then(() => this.#device.loadState?.(new Uint8Array(Buffer.concat(parts))));
+    }
+    // Bit 8: we use the fd we were given, none comes back.
+    return this.conn.reply(m, 0x100n);
+  }
+
+  // ---- teardown --------------------------------------------------------------------------------
+
+  async #teardown(): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    await this.#stopAll();
+    await Promise.all(this.#vrings.map((v) => v.thread?.close()));
+    for (const v of this.#vrings) {
+      v.thread = null;
+      v.kick?.close();
+      v.call?.close();
+      v.err?.close();
+    }
+    await this.#log.close();
+    this.#logArea?.close();
+    this.#logArea = null;
+    this.#uffd?.close();
+    this.#uffd = null;
+    this.#backendChannel?.close();
+    this.#memory.closeAll();
+    this.#device.reset?.();
+    void this.#owner;
+  }
+}
