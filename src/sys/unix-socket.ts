@@ -174,10 +174,14 @@ export class UnixSocket implements Disposable {
       try {
         chunk = this.tryReceive();
       } catch (e) {
-        return this.#end(e as Error);
+        this.#end(e as Error);
+        return;
       }
       if (chunk === null) return;
-      if (chunk.data.length === 0 && chunk.fds.length === 0) return this.#end();
+      if (chunk.data.length === 0 && chunk.fds.length === 0) {
+        this.#end();
+        return;
+      }
       onChunk(chunk);
     }
   }

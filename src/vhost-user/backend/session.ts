@@ -370,7 +370,10 @@ export class BackendSession {
         const ok = r
           ? await r.then(
               () => true,
-              (e: Error) => (this.#events.log("warn", `device state: ${e.message}`), false),
+              (e: Error) => {
+                this.#events.log("warn", `device state: ${e.message}`);
+                return false;
+              },
             )
           : true;
         return this.conn.reply(m, ok ? 0n : 1n);
@@ -434,7 +437,7 @@ export class BackendSession {
     }
     const mapped: MappedRegion[] = [];
     try {
-      regions.forEach((r, i) => mapped.push(mapRegion(r, m.fds[i] as Fd, m.name)));
+      for (const [i, r] of regions.entries()) mapped.push(mapRegion(r, m.fds[i] as Fd, m.name));
     } catch (e) {
       for (const r of mapped) r.region.close();
       for (const f of m.fds) if (!f.closed) f.close();
@@ -485,7 +488,8 @@ export class BackendSession {
     }
     await this.#pushMemory();
     if (this.#postcopyListening) {
-      (this.#awaitingPostcopyAck ??= []).push(r);
+      this.#awaitingPostcopyAck ??= [];
+      this.#awaitingPostcopyAck.push(r);
       return this.conn.reply(m, {
         kind: "region",
         region: {
@@ -529,7 +533,7 @@ export class BackendSession {
 
   #thread(index: number, v: Vring): QueueThread {
     v.thread ??= new QueueThread(index, this.#device.queueWorker, this.#device.workerData?.(index), this.#log, {
-      onEvent: (q, level, message) => this.#events.log(level, message),
+      onEvent: (_q, level, message) => this.#events.log(level, message),
     });
     return v.thread;
   }
