@@ -168,7 +168,10 @@ function exitError(reason: number): ExitError {
 function loop(): void {
   Atomics.store(ctl, Ctl.STATE, VcpuRunState.PAUSED);
   post({ type: "ready" });
-  let cmd = park("command");
+  // Not park(): a run() that main sends right after "ready" must not be turned into a pause.
+  while (Atomics.load(ctl, Ctl.CMD) === Cmd.NONE) Atomics.wait(ctl, Ctl.CMD_SEQ, 0);
+  let cmd = Atomics.load(ctl, Ctl.CMD);
+  if (cmd === Cmd.RUN) Atomics.store(ctl, Ctl.STATE, VcpuRunState.RUNNING);
   while (cmd !== Cmd.QUIT) {
     cmd = Atomics.load(ctl, Ctl.CMD);
     if (cmd === Cmd.QUIT) break;

@@ -53,7 +53,11 @@ interface Waiter {
   reject: (e: Error) => void;
 }
 
-const DEFAULT_CLOSE_TIMEOUT_MS = 3000;
+/**
+ * How long close() waits for the thread to leave KVM_RUN on its own (the guest's next exit)
+ * before the Vm forces it out by removing the memslots.
+ */
+const DEFAULT_CLOSE_TIMEOUT_MS = 500;
 
 /**
  * One vCPU: its fd, kvm_run mapping, dirty ring (when the VM has rings), register access and
