@@ -280,6 +280,11 @@ export class Vcpu implements AsyncDisposable {
     return Atomics.load(this.#ctl, Ctl.PROGRESS) >>> 0;
   }
 
+  /** Progress reports this vCPU thread has seen (from this thread's start, not the guest's). */
+  get reports(): number {
+    return Atomics.load(this.#ctl, Ctl.PROGRESS_SEQ);
+  }
+
   /** KVM_RUN returns so far, and those handled in the worker without a pause (I/O, MMIO). */
   get exits(): { total: number; io: number } {
     return { total: Atomics.load(this.#ctl, Ctl.EXITS), io: Atomics.load(this.#ctl, Ctl.IO_EXITS) };
