@@ -1,0 +1,248 @@
+/**
+ * Records over a byte stream (a node:net Socket for TCP, unix sockets and inherited fds, or a
+ * file). RecordReader counts every byte it consumes, so each error names the exact stream
+ * offset; RecordWriter applies backpressure and an optional bandwidth limit.
+ */
+import type { Duplex } from "node:stream";
+import { MigrationError } from "./errors.js";
+import {
+  checkRecordCrc,
+  checkStreamHeader,
+  decodeRecordHead,
+  PayloadReader,
+  RECORD_HEADER_SIZE,
+  RECORD_OVERHEAD,
+  STREAM_HEADER_SIZE,
+} from "./format.js";
+
+export interface Record {
+  type: number;
+  flags: number;
+  /** Stream offset of the record's first byte. */
+  offset: number;
+  payload: PayloadReader;
+}
+
+/** Pauses the socket while more than this is buffered and unread. */
+const READ_HIGH_WATER = 8 * 1024 * 1024;
+
+export class RecordReader {
+  readonly #stream: Duplex;
+  #chunks: Buffer[] = [];
+  #buffered = 0;
+  /** Bytes consumed by the caller so far (= offset of the next unread byte). */
+  #offset = 0;
+  /** Bytes received from the stream so far. */
+  #received = 0;
+  #ended = false;
+  #error: Error | null = null;
+  #wake: (() => void) | null = null;
+  readonly #onData = (c: Buffer) => {
+    this.#chunks.push(c);
+    this.#buffered += c.length;
+    this.#received += c.length;
+    if (this.#buffered > READ_HIGH_WATER) this.#stream.pause();
+    this.#kick();
+  };
+  readonly #onEnd = () => {
+    this.#ended = true;
+    this.#kick();
+  };
+  readonly #onError = (e: Error) => {
+    this.#error ??= e;
+    this.#kick();
+  };
+
+  constructor(stream: Duplex) {
+    this.#stream = stream;
+    stream.on("data", this.#onData);
+    stream.on("end", this.#onEnd);
+    stream.on("close", this.#onEnd);
+    stream.on("error", this.#onError);
+  }
+
+  get offset(): number {
+    return this.#offset;
+  }
+
+  detach(): void {
+    this.#stream.off("data", this.#onData);
+    this.#stream.off("end", this.#onEnd);
+    this.#stream.off("close", this.#onEnd);
+    this.#stream.off("error", this.#onError);
+  }
+
+  #kick(): void {
+    const w = this.#wake;
+    this.#wake = null;
+    w?.();
+  }
+
+  /** Resolves with exactly `n` bytes, or rejects (TRUNCATED at the offset where data ended). */
+  async #take(n: number, what: string, recordOffset: number): Promise<Buffer> {
+    while (this.#buffered < n) {
+      if (this.#error || this.#ended) {
+        const at = this.#received;
+        const cause = this.#error ? `: ${this.#error.message}` : "";
+        throw new MigrationError("TRUNCATED", `stream ended inside ${what}${cause}`, at, {
+          recordOffset,
+          needed: n,
+          had: this.#buffered,
+        });
+      }
+      if (this.#stream.isPaused()) this.#stream.resume();
+      await new Promise<void>((r) => {
+        this.#wake = r;
+      });
+    }
+    let out: Buffer;
+    const first = this.#chunks[0] as Buffer;
+    if (first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.#chunks.shift();
+      else this.#chunks[0] = first.subarray(n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let o = 0;
+      while (o < n) {
+        const c = this.#chunks[0] as Buffer;
+        const k = Math.min(c.length, n - o);
+        c.copy(out, o, 0, k);
+        o += k;
+        if (k === c.length) this.#chunks.shift();
+        else this.#chunks[0] = c.subarray(k);
+      }
+    }
+    this.#buffered -= n;
+    if (this.#buffered < READ_HIGH_WATER / 2 && this.#stream.isPaused()) this.#stream.resume();
+    return out;
+  }
+
+  async readStreamHeader(): Promise<void> {
+    const h = await this.#take(STREAM_HEADER_SIZE, "the stream header", 0);
+    checkStreamHeader(h);
+    this.#offset += STREAM_HEADER_SIZE;
+  }
+
+  /**
+   * The next whole, checksummed record. The reader's offset only moves past a record once it
+   * passed its CRC, so an error's offset is the first byte of the bad record.
+   */
+  async next(): Promise<Record> {
+    const at = this.#offset;
+    // Bytes are taken from the buffer, but `offset` (what errors report) stays at the record's
+    // first byte until its CRC passed.
+    const head = await this.#take(RECORD_HEADER_SIZE, "a record header", at);
+    const h = decodeRecordHead(head, at);
+    const rest = await this.#take(h.length + RECORD_OVERHEAD - RECORD_HEADER_SIZE, "a record", at);
+    const whole = Buffer.allocUnsafe(RECORD_HEADER_SIZE + rest.length);
+    head.copy(whole, 0);
+    rest.copy(whole, RECORD_HEADER_SIZE);
+    checkRecordCrc(whole, at);
+    this.#offset += whole.length;
+    const payload = whole.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + h.length);
+    return { type: h.type, flags: h.flags, offset: at, payload: new PayloadReader(payload, h.type, at) };
+  }
+}
+
+export interface WriterOptions {
+  /** Bytes per second; 0 = unlimited. */
+  bandwidthLimit?: number;
+  /** Wait for the socket to drain above this many buffered bytes. */
+  highWater?: number;
+}
+
+export class RecordWriter {
+  readonly #stream: Duplex;
+  readonly #limit: number;
+  readonly #highWater: number;
+  #bytes = 0;
+  #limitStart = 0;
+  #limitBytes = 0;
+  #closed: Error | null = null;
+
+  constructor(stream: Duplex, options: WriterOptions = {}) {
+    this.#stream = stream;
+    this.#limit = options.bandwidthLimit ?? 0;
+    this.#highWater = options.highWater ?? 1024 * 1024;
+    const onGone = (e?: Error) => {
+      this.#closed ??= e ?? new Error("connection closed");
+    };
+    stream.once("close", () => onGone());
+    stream.on("error", onGone);
+  }
+
+  /** Bytes handed to the stream so far. */
+  get bytesWritten(): number {
+    return this.#bytes;
+  }
+
+  /** Buffered in user space, not yet in the kernel. */
+  get pending(): number {
+    return this.#stream.writableLength;
+  }
+
+  async write(buf: Uint8Array): Promise<void> {
+    if (this.#closed instanceof MigrationError) throw this.#closed;
+    if (this.#closed || this.#stream.destroyed || this.#stream.writableEnded)
+      throw new MigrationError("CONNECTION_LOST", `write after the connection closed: ${this.#closed?.message ?? ""}`);
+    this.#stream.write(buf);
+    this.#bytes += buf.length;
+    if (this.#stream.writableLength > this.#highWater) await this.drain();
+    if (this.#limit > 0) await this.#throttle(buf.length);
+  }
+
+  /** Writes without waiting (return-path replies, small records). */
+  writeNow(buf: Uint8Array): void {
+    if (this.#closed || this.#stream.destroyed || this.#stream.writableEnded) return;
+    this.#stream.write(buf);
+    this.#bytes += buf.length;
+  }
+
+  /** Fails every pending and later write with `e` (the migration failed elsewhere). */
+  abort(e: Error): void {
+    this.#closed ??= e;
+    for (const w of this.#waiters.splice(0)) w(e);
+  }
+
+  readonly #waiters: ((e: Error) => void)[] = [];
+
+  drain(): Promise<void> {
+    if (this.#closed) return Promise.reject(this.#closed);
+    if (this.#stream.writableLength === 0) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const cleanup = () => {
+        this.#stream.off("drain", done);
+        this.#stream.off("close", gone);
+        const i = this.#waiters.indexOf(aborted);
+        if (i >= 0) this.#waiters.splice(i, 1);
+      };
+      const done = () => {
+        cleanup();
+        resolve();
+      };
+      const gone = () => {
+        cleanup();
+        reject(new MigrationError("CONNECTION_LOST", "connection closed while sending"));
+      };
+      const aborted = (e: Error) => {
+        cleanup();
+        reject(e);
+      };
+      this.#stream.on("drain", done);
+      this.#stream.once("close", gone);
+      this.#waiters.push(aborted);
+    });
+  }
+
+  async #throttle(n: number): Promise<void> {
+    const now = performance.now();
+    if (this.#limitStart === 0 || now - this.#limitStart > 1000) {
+      this.#limitStart = now;
+      this.#limitBytes = 0;
+    }
+    this.#limitBytes += n;
+    const due = this.#limitStart + (this.#limitBytes / this.#limit) * 1000;
+    if (due > now + 1) await new Promise((r) => setTimeout(r, due - now));
+  }
+}

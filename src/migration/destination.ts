@@ -1,0 +1,548 @@
+/**
+ * The receiving side. Everything read is validated before it is applied: a record is applied
+ * only after its CRC passed and every page index, flag and length in it was checked, so a
+ * bad stream stops at the exact offset of the first bad record with nothing past it applied.
+ *
+ * Postcopy: after POSTCOPY_RUN the guest runs here while pages still arrive. Guest memory is
+ * registered with userfaultfd (MISSING); the main thread resolves faults and never touches
+ * guest memory itself (the threads that may fault are the guest's workers, never this one).
+ * A fault sends a PAGE_REQUEST on the return path; the page comes back ahead of the
+ * background stream and is placed with UFFDIO_COPY. A page already placed is never
+ * overwritten (EEXIST: just wake). More userfaultfds (a vhost-user backend's, with its own
+ * address table) join through addFaultDomain() and are served by the same request path.
+ */
+import type { Duplex } from "node:stream";
+import { DiscardMap } from "../memory/discard-map.js";
+import type { GuestMemory } from "../memory/guest-memory.js";
+import type { GuestMemoryRegion } from "../memory/region.js";
+import { MADV_DONTNEED, MADV_REMOVE } from "../sys/mapping.js";
+import type { Watch } from "../sys/poller.js";
+import { UFFD_EVENT_PAGEFAULT, UFFDIO_REGISTER_MODE_MISSING, Userfaultfd } from "../sys/userfaultfd.js";
+import { type Record, RecordReader, RecordWriter } from "./channel.js";
+import { hex, regionDigest } from "./digest.js";
+import { asMigrationError, MigrationError } from "./errors.js";
+import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
+import {
+  bitmapHas,
+  Capability,
+  decodeCapabilities,
+  decodeDeviceState,
+  decodeDigest,
+  decodeDiscard,
+  decodePages,
+  decodePostcopyAdvise,
+  decodeRegion,
+  decodeRound,
+  encodeComplete,
+  encodeFail,
+  encodePageRequest,
+  encodeRecord,
+  type PagesRecord,
+  type PayloadReader,
+  RecordType,
+  recordName,
+} from "./format.js";
+import type { DeviceState } from "./source.js";
+
+const PAGE = 4096;
+
+export interface DestinationHooks {
+  /** The guest may run here now (precopy: after verification; postcopy: before pages arrive). */
+  resume?(): void | Promise<void>;
+  loadDeviceState?(state: DeviceState): void | Promise<void>;
+}
+
+export interface DestinationOptions {
+  /** Fresh memory (all zero, nothing populated) with the source's layout. */
+  memory: GuestMemory;
+  /** Discard maps to update with the source's plug state (created internally when absent). */
+  discard?: ReadonlyMap<GuestMemoryRegion, DiscardMap>;
+  hooks?: DestinationHooks;
+  /** Compare per-region digests at the end (default true). */
+  verify?: boolean;
+  signal?: AbortSignal;
+}
+
+/** One guest-physical range mapped at a host address under some userfaultfd. */
+export interface FaultRange {
+  guestBase: number;
+  size: number;
+  hostStart: bigint;
+}
+
+interface FaultDomain {
+  uffd: Userfaultfd;
+  ranges: FaultRange[];
+  /** Owned: registered and closed here. */
+  owned: boolean;
+  watch: Watch | null;
+}
+
+interface RegionState {
+  region: GuestMemoryRegion;
+  pages: number;
+  discard: DiscardMap | undefined;
+  /** Pages present here (written in precopy or placed in postcopy). */
+  present: Uint8Array;
+  digest: Uint8Array | null;
+}
+
+function setBit(b: Uint8Array, p: number): void {
+  b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
+}
+function clearBit(b: Uint8Array, p: number): void {
+  b[p >>> 3] = (b[p >>> 3] as number) & ~(1 << (p & 7));
+}
+
+export class MigrationDestination {
+  readonly events = new MigrationEvents();
+  readonly #o: DestinationOptions;
+  readonly #regions: RegionState[];
+  readonly #domains: FaultDomain[] = [];
+  #writer: RecordWriter | null = null;
+  #postcopy = false;
+  #t0 = 0;
+  #pages = 0;
+  #zero = 0;
+  #rounds = 0;
+  readonly #pending = new Map<number, number>();
+  readonly #latencies: number[] = [];
+  #faults = 0;
+  #remoteFaults = 0;
+  #discardFaults = 0;
+  #faultError: Error | null = null;
+  #lastFaultEvent = 0;
+  readonly #deviceStates: string[] = [];
+  #used = false;
+
+  constructor(options: DestinationOptions) {
+    this.#o = options;
+    this.#regions = options.memory.regions.map((region) => ({
+      region,
+      pages: region.size / PAGE,
+      discard: options.discard?.get(region),
+      present: new Uint8Array(Math.ceil(region.size / PAGE / 8)),
+      digest: null,
+    }));
+  }
+
+  /**
+   * Adds a userfaultfd that a device backend registered (MISSING) over its own mapping of guest
+   * memory: faults on it are served by the same page-request path, and every page that
+   * arrives is placed through it too. Call before the stream reaches POSTCOPY_RUN.
+   */
+  addFaultDomain(uffd: Userfaultfd, ranges: FaultRange[]): void {
+    const d: FaultDomain = { uffd, ranges, owned: false, watch: null };
+    this.#domains.push(d);
+    if (this.#postcopy) this.#watch(d);
+  }
+
+  #phase(phase: Phase): void {
+    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 });
+  }
+
+  async run(stream: Duplex): Promise<MigrationResult> {
+    if (this.#used) throw new Error("a MigrationDestination runs once");
+    this.#used = true;
+    this.#t0 = performance.now();
+    const reader = new RecordReader(stream);
+    const writer = new RecordWriter(stream);
+    this.#writer = writer;
+    let abortReject: ((e: Error) => void) | null = null;
+    const aborted = new Promise<never>((_, rej) => {
+      abortReject = rej;
+    });
+    aborted.catch(() => undefined);
+    const onAbort = () => abortReject?.(new MigrationError("ABORTED", "migration cancelled"));
+    this.#o.signal?.addEventListener("abort", onAbort, { once: true });
+    const next = () => Promise.race([reader.next(), aborted]);
+    try {
+      this.#phase("setup");
+      await Promise.race([reader.readStreamHeader(), aborted]);
+      const caps = await this.#setup(next);
+      let r = await next();
+      this.#phase("precopy");
+      // Discard maps first: the plug state must be known before any page.
+      while (r.type === RecordType.Discard) {
+        this.#applyDiscard(r);
+        r = await next();
+      }
+      const digests = new Map<number, Uint8Array>();
+      for (;;) {
+        if (this.#faultError) throw this.#faultError;
+        switch (r.type) {
+          case RecordType.Pages:
+            this.#applyPages(r);
+            break;
+          case RecordType.Round:
+            this.#rounds = decodeRound(r.payload).round;
+            break;
+          case RecordType.DeviceState: {
+            const s = decodeDeviceState(r.payload);
+            await this.#o.hooks?.loadDeviceState?.(s);
+            this.#deviceStates.push(s.name);
+            break;
+          }
+          case RecordType.PostcopyAdvise:
+            if (!(caps & Capability.POSTCOPY) || this.#postcopy)
+              throw r.payload.error("POSTCOPY_ADVISE without the postcopy capability or after POSTCOPY_RUN");
+            this.#applyAdvise(r.payload);
+            break;
+          case RecordType.PostcopyRun:
+            r.payload.end();
+            if (!(caps & Capability.POSTCOPY) || this.#postcopy) throw r.payload.error("unexpected POSTCOPY_RUN");
+            this.#phase("postcopy");
+            this.#startPostcopy();
+            await this.#o.hooks?.resume?.();
+            writer.writeNow(encodeRecord(RecordType.Resumed));
+            break;
+          case RecordType.Digest: {
+            const d = decodeDigest(r.payload);
+            if (d.region >= this.#regions.length || digests.has(d.region))
+              throw r.payload.error(`digest for region ${d.region}`, { region: d.region });
+            digests.set(d.region, d.sha256);
+            break;
+          }
+          case RecordType.End:
+            r.payload.end();
+            return await this.#finish(digests, writer, stream);
+          default:
+            throw r.payload.error(`unexpected ${recordName(r.type)} record`);
+        }
+        r = await next();
+      }
+    } catch (e) {
+      let err = asMigrationError(e);
+      if (err.code === "TRUNCATED" && !(stream.readable && !stream.destroyed))
+        err = new MigrationError("TRUNCATED", err.message.replace(/ \(at stream offset \d+\)$/, ""), err.offset, {
+          ...err.details,
+          connectionLost: true,
+        });
+      writer.writeNow(encodeFail(err.code, err.message));
+      this.#stopPostcopy();
+      reader.detach();
+      // Let the FAIL record reach the source: closing with unread input would send a reset,
+      // and a reset makes the peer's kernel drop data it has not read yet. So half-close,
+      // discard what still arrives, and wait for the source to hang up (bounded).
+      if (!stream.destroyed) {
+        stream.on("data", () => undefined);
+        stream.on("error", () => undefined);
+        stream.resume();
+        stream.end();
+        await new Promise<void>((r) => {
+          const t = setTimeout(r, 1000);
+          stream.once("close", () => {
+            clearTimeout(t);
+            r();
+          });
+        });
+      }
+      stream.destroy();
+      this.#phase("failed");
+      this.events.emit("failed", err);
+      throw err;
+    } finally {
+      this.#o.signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  async #setup(next: () => Promise<Record>): Promise<number> {
+    const r = await next();
+    if (r.type !== RecordType.Capabilities) throw r.payload.error(`expected CAPABILITIES, got ${recordName(r.type)}`);
+    const c = decodeCapabilities(r.payload);
+    if (c.pageSize !== PAGE)
+      throw new MigrationError("UNSUPPORTED", `page size ${c.pageSize}`, r.offset, { pageSize: c.pageSize });
+    if (c.regionCount !== this.#regions.length)
+      throw new MigrationError(
+        "REGION_MISMATCH",
+        `source has ${c.regionCount} regions, destination ${this.#regions.length}`,
+        r.offset,
+        { source: c.regionCount, destination: this.#regions.length },
+      );
+    for (let i = 0; i < this.#regions.length; i++) {
+      const rr = await next();
+      if (rr.type !== RecordType.Region) throw rr.payload.error(`expected REGION ${i}, got ${recordName(rr.type)}`);
+      const d = decodeRegion(rr.payload);
+      const mine = (this.#regions[i] as RegionState).region;
+      if (d.index !== i || d.guestBase !== mine.guestBase || d.size !== mine.size || d.pageSize !== mine.pageSize)
+        throw new MigrationError(
+          "REGION_MISMATCH",
+          `region ${i}: source [${d.guestBase}, +${d.size}) page ${d.pageSize}, destination [${mine.guestBase}, +${mine.size}) page ${mine.pageSize}`,
+          rr.offset,
+          {
+            region: i,
+            source: d,
+            destination: { guestBase: mine.guestBase, size: mine.size, pageSize: mine.pageSize },
+          },
+        );
+    }
+    return c.capabilities;
+  }
+
+  #applyDiscard(r: Record): void {
+    const d = decodeDiscard(r.payload);
+    const st = this.#regions[d.region];
+    if (!st) throw r.payload.error(`discard map for region ${d.region}`, { region: d.region });
+    if (d.blockSize === 0 || st.region.size % d.blockSize !== 0 || d.states.length !== st.region.size / d.blockSize)
+      throw new MigrationError(
+        "REGION_MISMATCH",
+        `discard map of ${d.states.length} blocks of ${d.blockSize}`,
+        r.offset,
+        {
+          region: d.region,
+        },
+      );
+    for (const v of d.states) if (v > 1) throw r.payload.error(`bad block state ${v}`);
+    if (!st.discard) st.discard = new DiscardMap(st.region.size, d.blockSize, true);
+    if (st.discard.blockSize !== d.blockSize)
+      throw new MigrationError(
+        "REGION_MISMATCH",
+        `discard block size ${d.blockSize}, destination ${st.discard.blockSize}`,
+        r.offset,
+        { region: d.region },
+      );
+    st.discard.applyBytes(d.states);
+  }
+
+  /** Validates a whole PAGES record, then applies it. */
+  #applyPages(r: Record): void {
+    const rec = decodePages(r.payload, PAGE);
+    const st = this.#regions[rec.region];
+    if (!st) throw new MigrationError("BAD_PAGE", `pages for region ${rec.region}`, r.offset, { region: rec.region });
+    for (let k = 0; k < rec.pages.length; k++) {
+      const p = rec.pages[k] as number;
+      if (p >= st.pages)
+        throw new MigrationError("BAD_PAGE", `page ${p} outside region ${rec.region} (${st.pages} pages)`, r.offset, {
+          region: rec.region,
+          page: p,
+        });
+      if (st.discard?.isDiscarded(p * PAGE))
+        throw new MigrationError("BAD_PAGE", `page ${p} of region ${rec.region} is in a discarded block`, r.offset, {
+          region: rec.region,
+          page: p,
+        });
+    }
+    if (this.#postcopy) this.#placePages(st, rec);
+    else this.#writePages(st, rec);
+  }
+
+  #writePages(st: RegionState, rec: PagesRecord): void {
+    for (let k = 0; k < rec.pages.length; k++) {
+      const p = rec.pages[k] as number;
+      const at = rec.dataOffsets[k] as number;
+      const view = st.region.bytes(p * PAGE, PAGE) as Uint8Array;
+      if (at < 0) {
+        this.#zero++;
+        // Fresh memory is zero: a zero page never written here stays unpopulated.
+        if (bitmapHas(st.present, p)) view.fill(0);
+        continue;
+      }
+      view.set(rec.data.subarray(at, at + PAGE));
+      setBit(st.present, p);
+      this.#pages++;
+    }
+  }
+
+  #placePages(st: RegionState, rec: PagesRecord): void {
+    const ri = this.#regions.indexOf(st);
+    for (let k = 0; k < rec.pages.length; k++) {
+      const p = rec.pages[k] as number;
+      const at = rec.dataOffsets[k] as number;
+      if (bitmapHas(st.present, p)) continue;
+      const gpa = st.region.guestBase + p * PAGE;
+      const data = at < 0 ? null : rec.data.subarray(at, at + PAGE);
+      for (const d of this.#domains) {
+        const host = hostOf(d, gpa);
+        if (host === null) continue;
+        const placed = data ? d.uffd.copy(host, data) : d.uffd.zeropage(host, PAGE);
+        if (!placed) d.uffd.wake(host, PAGE);
+      }
+      setBit(st.present, p);
+      if (at < 0) this.#zero++;
+      else this.#pages++;
+      const key = ri * 2 ** 32 + p;
+      const t = this.#pending.get(key);
+      if (t !== undefined) {
+        this.#pending.delete(key);
+        this.#latencies.push((performance.now() - t) * 1000);
+      }
+    }
+    this.#maybeEmitFaults();
+  }
+
+  /** Drops pages sent in precopy and dirtied since: they must fault and be fetched again. */
+  #applyAdvise(p: PayloadReader): void {
+    const a = decodePostcopyAdvise(p);
+    const st = this.#regions[a.region];
+    if (!st || a.pages !== st.pages) throw p.error(`advise for region ${a.region} of ${a.pages} pages`);
+    const mapping = st.region.mapping;
+    if (!mapping) throw new MigrationError("UNSUPPORTED", "postcopy needs regions with an owned mapping");
+    const advice = st.region.backing.kind === "anonymous" ? MADV_DONTNEED : MADV_REMOVE;
+    let run = -1;
+    const flush = (end: number) => {
+      if (run >= 0) mapping.advise(run * PAGE, (end - run) * PAGE, advice);
+      run = -1;
+    };
+    for (let pg = 0; pg < st.pages; pg++) {
+      if (bitmapHas(a.bitmap, pg) && bitmapHas(st.present, pg)) {
+        clearBit(st.present, pg);
+        if (run < 0) run = pg;
+      } else flush(pg);
+    }
+    flush(st.pages);
+  }
+
+  #startPostcopy(): void {
+    const uffd = Userfaultfd.create();
+    const ranges: FaultRange[] = [];
+    try {
+      for (const st of this.#regions) {
+        const hostStart = st.region.hostAddress;
+        uffd.register(hostStart, st.region.size, UFFDIO_REGISTER_MODE_MISSING);
+        ranges.push({ guestBase: st.region.guestBase, size: st.region.size, hostStart });
+      }
+    } catch (e) {
+      uffd.close();
+      throw new MigrationError("UNSUPPORTED", `userfaultfd registration failed: ${(e as Error).message}`);
+    }
+    this.#domains.unshift({ uffd, ranges, owned: true, watch: null });
+    this.#postcopy = true;
+    for (const d of this.#domains) this.#watch(d);
+  }
+
+  #watch(d: FaultDomain): void {
+    d.watch = d.uffd.onMessages((msgs) => {
+      for (const m of msgs) {
+        if (m.event !== UFFD_EVENT_PAGEFAULT) continue;
+        try {
+          this.#onFault(d, m.address & ~4095n);
+        } catch (e) {
+          this.#faultError ??= asMigrationError(e);
+        }
+      }
+    });
+  }
+
+  #onFault(d: FaultDomain, addr: bigint): void {
+    const gpa = gpaOf(d, addr);
+    if (gpa === null) return;
+    const mem = this.#o.memory;
+    const region = mem.findRegion(gpa);
+    if (!region) return;
+    const ri = mem.regions.indexOf(region);
+    const st = this.#regions[ri] as RegionState;
+    const off = gpa - region.guestBase;
+    const p = Math.floor(off / PAGE);
+    this.#faults++;
+    if (bitmapHas(st.present, p)) {
+      d.uffd.wake(addr, PAGE);
+      return;
+    }
+    if (st.discard?.isDiscarded(off)) {
+      // A discarded block has no content anywhere: a zero page, at once, without asking.
+      this.#discardFaults++;
+      if (!d.uffd.zeropage(addr, PAGE)) d.uffd.wake(addr, PAGE);
+      return;
+    }
+    const key = ri * 2 ** 32 + p;
+    if (this.#pending.has(key)) return;
+    this.#pending.set(key, performance.now());
+    this.#remoteFaults++;
+    this.#writer?.writeNow(encodePageRequest(ri, p));
+  }
+
+  #faultStats(): FaultStats {
+    const s = [...this.#latencies].sort((a, b) => a - b);
+    return {
+      faults: this.#faults,
+      remoteFaults: this.#remoteFaults,
+      discardFaults: this.#discardFaults,
+      latencyMedianUs: percentile(s, 50),
+      latencyP99Us: percentile(s, 99),
+    };
+  }
+
+  #maybeEmitFaults(): void {
+    const now = performance.now();
+    if (now - this.#lastFaultEvent < 250 || this.#latencies.length === 0) return;
+    this.#lastFaultEvent = now;
+    this.events.emit("faults", this.#faultStats());
+  }
+
+  #stopPostcopy(): void {
+    for (const d of this.#domains) {
+      d.watch?.close();
+      d.watch = null;
+    }
+    for (const d of this.#domains.splice(0)) {
+      if (!d.owned) continue;
+      for (const r of d.ranges) {
+        try {
+          d.uffd.unregister(r.hostStart, r.size);
+        } catch {
+          // closing the uffd below drops the registration anyway
+        }
+      }
+      d.uffd.close();
+    }
+  }
+
+  async #finish(digests: Map<number, Uint8Array>, writer: RecordWriter, stream: Duplex): Promise<MigrationResult> {
+    const postcopy = this.#postcopy;
+    // Every page the source still had to send has been placed: nothing can fault any more.
+    // Unregister before reading memory here (this thread must never fault on guest memory).
+    this.#stopPostcopy();
+    this.#phase("verify");
+    const verify = this.#o.verify ?? true;
+    const cmp = this.#regions.map((st, i) => {
+      const mine = verify ? regionDigest(st.region, st.discard) : new Uint8Array(32);
+      const theirs = digests.get(i);
+      const source = theirs ? hex(theirs) : "";
+      return { region: i, source, destination: verify ? hex(mine) : "", match: !verify || source === hex(mine), mine };
+    });
+    const ok = cmp.every((c) => c.match);
+    writer.writeNow(
+      encodeComplete(
+        ok,
+        cmp.map((c) => c.mine),
+      ),
+    );
+    const digestsOut = cmp.map(({ mine: _m, ...rest }) => rest);
+    if (!ok)
+      throw new MigrationError("DIGEST_MISMATCH", "memory differs from the source's digest", undefined, {
+        digests: digestsOut,
+      });
+    if (!postcopy) await this.#o.hooks?.resume?.();
+    await new Promise<void>((r) => stream.end(r));
+    this.#phase("complete");
+    const result: MigrationResult = {
+      role: "destination",
+      mode: postcopy ? "postcopy" : "precopy",
+      rounds: this.#rounds,
+      totalMs: performance.now() - this.#t0,
+      downtimeMs: 0,
+      bytesSent: 0,
+      pagesSent: this.#pages,
+      zeroPages: this.#zero,
+      converged: true,
+      digests: digestsOut,
+      roundStats: [],
+      deviceStates: this.#deviceStates,
+      ...(postcopy ? { postcopy: this.#faultStats() } : {}),
+    };
+    this.events.emit("complete", result);
+    return result;
+  }
+}
+
+function hostOf(d: FaultDomain, gpa: number): bigint | null {
+  for (const r of d.ranges)
+    if (gpa >= r.guestBase && gpa < r.guestBase + r.size) return r.hostStart + BigInt(gpa - r.guestBase);
+  return null;
+}
+
+function gpaOf(d: FaultDomain, addr: bigint): number | null {
+  for (const r of d.ranges)
+    if (addr >= r.hostStart && addr < r.hostStart + BigInt(r.size)) return r.guestBase + Number(addr - r.hostStart);
+  return null;
+}

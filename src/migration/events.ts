@@ -1,0 +1,98 @@
+/** The typed event stream of a migration (also what the CLI prints as JSON lines). */
+import { EventEmitter } from "node:events";
+
+export type Phase =
+  | "setup"
+  | "precopy"
+  | "switchover"
+  | "postcopy"
+  | "device-state"
+  | "verify"
+  | "complete"
+  | "failed"
+  | "snapshot"
+  | "restore";
+
+export interface PhaseEvent {
+  phase: Phase;
+  /** ms since the migration started */
+  atMs: number;
+}
+
+export interface RoundStats {
+  round: number;
+  /** Pages found dirty by the sync that started this round. */
+  dirtyPages: number;
+  pagesSent: number;
+  zeroPages: number;
+  bytesSent: number;
+  durationMs: number;
+  /** Bytes/s this round achieved on the wire. */
+  bandwidth: number;
+  /** Bytes/s the writers dirtied during this round (measured by the next sync). */
+  dirtyRate: number;
+  /** Dirty bytes left after this round (the next sync). */
+  remainingBytes: number;
+  /** remainingBytes / bandwidth, ms. */
+  predictedDowntimeMs: number;
+  /** ms per GiB of guest memory of the sync that ended this round, total and per DirtySource. */
+  syncMsPerGiB: number;
+  syncMsPerGiBBySource: Record<string, number>;
+  /** ms the writers were blocked (throttling, write faults) during this round. */
+  writerStallMs: number;
+  /** Auto-converge throttle level in force during the round (0 = none). */
+  throttle: number;
+}
+
+export interface FaultStats {
+  faults: number;
+  /** Remote faults: page requested from the source. */
+  remoteFaults: number;
+  /** Faults on discarded blocks, resolved with a zero page at once. */
+  discardFaults: number;
+  latencyMedianUs: number;
+  latencyP99Us: number;
+}
+
+export interface RegionDigest {
+  region: number;
+  source: string;
+  destination: string;
+  match: boolean;
+}
+
+export interface MigrationResult {
+  role: "source" | "destination";
+  mode: "precopy" | "postcopy";
+  rounds: number;
+  totalMs: number;
+  /** Writers stopped on the source until the destination was running (precopy: verified). */
+  downtimeMs: number;
+  bytesSent: number;
+  pagesSent: number;
+  zeroPages: number;
+  converged: boolean;
+  digests: RegionDigest[];
+  roundStats: RoundStats[];
+  postcopy?: FaultStats;
+  deviceStates: string[];
+}
+
+export interface MigrationEventMap {
+  phase: [PhaseEvent];
+  round: [RoundStats];
+  /** Postcopy fault statistics so far (destination, at most every 250 ms). */
+  faults: [FaultStats];
+  /** A throttle level change from auto-converge. */
+  throttle: [{ level: number; round: number }];
+  complete: [MigrationResult];
+  failed: [Error];
+}
+
+export class MigrationEvents extends EventEmitter<MigrationEventMap> {}
+
+export function percentile(sorted: readonly number[], p: number): number {
+  if (sorted.length === 0) return 0;
+  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[i] as number;
+}

@@ -1,0 +1,531 @@
+/**
+ * The sending side of a migration: precopy rounds until the predicted downtime fits the
+ * limit, then switchover; or postcopy, where the destination runs first and pulls the pages
+ * it faults on through the return path of the same connection.
+ */
+import type { Duplex } from "node:stream";
+import type { DirtySource } from "../memory/dirty-source.js";
+import { DirtyTracker, RegionBitmapSource } from "../memory/dirty-tracker.js";
+import type { DiscardMap } from "../memory/discard-map.js";
+import type { GuestMemory } from "../memory/guest-memory.js";
+import type { GuestMemoryRegion } from "../memory/region.js";
+import { native } from "../sys/native.js";
+import { RecordReader, RecordWriter } from "./channel.js";
+import { hex, regionDigest } from "./digest.js";
+import { asMigrationError, MigrationError } from "./errors.js";
+import { MigrationEvents, type MigrationResult, type Phase, type RegionDigest, type RoundStats } from "./events.js";
+import {
+  bitmapFromPages,
+  Capability,
+  decodeComplete,
+  decodeFail,
+  decodePageRequest,
+  encodeCapabilities,
+  encodeDeviceState,
+  encodeDigest,
+  encodeDiscard,
+  encodePages,
+  encodePostcopyAdvise,
+  encodeRecord,
+  encodeRegion,
+  encodeRound,
+  encodeStreamHeader,
+  PAGES_PER_RECORD,
+  RecordType,
+  recordName,
+} from "./format.js";
+
+const GiB = 1024 ** 3;
+
+export interface DeviceState {
+  name: string;
+  blob: Uint8Array;
+}
+
+/** How the migration reaches the things that write guest memory and hold device state. */
+export interface SourceHooks {
+  /** Switchover: stop every writer (vCPUs, device backends). Resolves once they are stopped. */
+  stopWriters?(): void | Promise<void>;
+  /** The migration failed before the destination ran: the source carries on. */
+  resumeWriters?(): void | Promise<void>;
+  /** Auto-converge: slow the writers down to `level` (0 = full speed; higher = slower). */
+  throttle?(level: number): void | Promise<void>;
+  /** Total ms the writers have spent blocked (throttling, write faults) so far. */
+  writerStallMs?(): number;
+  /** Opaque device state, taken after the writers stopped. */
+  saveDeviceState?(): DeviceState[] | Promise<DeviceState[]>;
+}
+
+export interface AutoConvergeOptions {
+  /** First round that may throttle (default 2). */
+  startRound?: number;
+  /** Throttle when a round's dirty bytes exceed this fraction of the bytes it sent (default 0.5). */
+  threshold?: number;
+  maxLevel?: number;
+}
+
+export interface SourceOptions {
+  memory: GuestMemory;
+  /** Every writer's dirty tracking; default: the regions' own bitmaps (RegionBitmapSource). */
+  sources?: DirtySource[];
+  discard?: ReadonlyMap<GuestMemoryRegion, DiscardMap>;
+  mode?: "precopy" | "postcopy";
+  /** Postcopy: precopy rounds before the destination starts (0 = at once). Default 1. */
+  postcopyAfterRounds?: number;
+  downtimeLimitMs?: number;
+  maxRounds?: number;
+  /** What to do when maxRounds is reached over the limit: fail (default) or stop anyway. */
+  whenNotConverged?: "fail" | "switchover";
+  /** Bytes per second, 0 = unlimited. */
+  bandwidthLimit?: number;
+  autoConverge?: AutoConvergeOptions | false;
+  hooks?: SourceHooks;
+  signal?: AbortSignal;
+}
+
+interface RegionInfo {
+  region: GuestMemoryRegion;
+  pages: number;
+  discard: DiscardMap | undefined;
+}
+
+export class MigrationSource {
+  readonly events = new MigrationEvents();
+  readonly #o: SourceOptions;
+  readonly #regions: RegionInfo[];
+  readonly #ps = 4096;
+  #t0 = 0;
+  #stats: RoundStats[] = [];
+  #bytes = 0;
+  #pages = 0;
+  #zero = 0;
+  #writersStopped = false;
+  #destinationRunning = false;
+  #throttle = 0;
+  #used = false;
+
+  constructor(options: SourceOptions) {
+    this.#o = options;
+    for (const r of options.memory.regions)
+      if (r.pageSize !== 4096) throw new MigrationError("UNSUPPORTED", `region page size ${r.pageSize} (only 4096)`);
+    this.#regions = options.memory.regions.map((region) => ({
+      region,
+      pages: region.size / 4096,
+      discard: options.discard?.get(region),
+    }));
+  }
+
+  #phase(phase: Phase): void {
+    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 });
+  }
+
+  /** Runs the migration over `stream` (owned from here on: ended on success, destroyed on failure). */
+  async run(stream: Duplex): Promise<MigrationResult> {
+    if (this.#used) throw new Error("a MigrationSource runs once");
+    this.#used = true;
+    this.#t0 = performance.now();
+    const o = this.#o;
+    const sources = o.sources ?? [new RegionBitmapSource(o.memory)];
+    const tracker = new DirtyTracker(o.memory, sources, o.discard ?? new Map());
+    const postcopy = o.mode === "postcopy";
+    const writer = new RecordWriter(stream, {
+      bandwidthLimit: o.bandwidthLimit ?? 0,
+      highWater: postcopy ? 256 * 1024 : 1024 * 1024,
+    });
+    const reader = new RecordReader(stream);
+    const rp = new ReturnPath(reader, this.#regions);
+    const aborted = () => rp.fail(new MigrationError("ABORTED", "migration cancelled"));
+    o.signal?.addEventListener("abort", aborted, { once: true });
+    let trackerStarted = false;
+    try {
+      this.#phase("setup");
+      await writer.write(encodeStreamHeader());
+      const caps =
+        Capability.ZERO_PAGES |
+        Capability.DIGEST |
+        (o.discard?.size ? Capability.DISCARD : 0) |
+        (postcopy ? Capability.POSTCOPY : 0);
+      await writer.write(
+        encodeCapabilities({
+          capabilities: caps,
+          pageSize: this.#ps,
+          regionCount: this.#regions.length,
+          totalBytes: o.memory.size,
+        }),
+      );
+      this.#regions.forEach((ri, index) => {
+        writer.writeNow(
+          encodeRegion({ index, guestBase: ri.region.guestBase, size: ri.region.size, pageSize: ri.region.pageSize }),
+        );
+      });
+      // Plug state travels first: the destination must know what never to populate.
+      for (const [index, ri] of this.#regions.entries())
+        if (ri.discard)
+          await writer.write(
+            encodeDiscard({ region: index, blockSize: ri.discard.blockSize, states: ri.discard.toBytes() }),
+          );
+      await tracker.start();
+      trackerStarted = true;
+      rp.start(writer);
+
+      const { rounds, converged } = await this.#precopy(tracker, writer, rp);
+      let downtimeStart: number;
+      let downtimeMs: number;
+      if (!postcopy) {
+        this.#phase("switchover");
+        downtimeStart = performance.now();
+        await this.#stopWriters();
+        const rep = await tracker.sync({ final: true });
+        await this.#sendDirty(tracker, writer, rp);
+        void rep;
+        await this.#sendDeviceStates(writer);
+      } else {
+        this.#phase("postcopy");
+        downtimeStart = performance.now();
+        await this.#stopWriters();
+        await tracker.sync({ final: true });
+        const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
+        for (const [i, ri] of this.#regions.entries())
+          await writer.write(encodePostcopyAdvise(i, ri.pages, bitmapFromPages(todo[i] as Uint32Array, ri.pages)));
+        await this.#sendDeviceStates(writer);
+        await writer.write(encodeRecord(RecordType.PostcopyRun));
+        rp.servePages(writer, (i, p) => this.#pageView(i, p));
+        await rp.resumed;
+        this.#destinationRunning = true;
+        downtimeMs = performance.now() - downtimeStart;
+        await this.#sendBackground(todo, writer, rp);
+      }
+      this.#phase("verify");
+      const digests = this.#regions.map((ri) => regionDigest(ri.region, ri.discard));
+      for (const [i, d] of digests.entries()) writer.writeNow(encodeDigest(i, d));
+      await writer.write(encodeRecord(RecordType.End));
+      const complete = await rp.complete;
+      if (!postcopy) downtimeMs = performance.now() - downtimeStart;
+      const cmp: RegionDigest[] = digests.map((d, i) => {
+        const other = complete.digests[i];
+        const destination = other ? hex(other) : "";
+        return { region: i, source: hex(d), destination, match: destination === hex(d) };
+      });
+      if (!complete.ok || cmp.some((c) => !c.match))
+        throw new MigrationError("DIGEST_MISMATCH", "destination memory differs from the source", undefined, {
+          digests: cmp,
+        });
+      this.#phase("complete");
+      const result: MigrationResult = {
+        role: "source",
+        mode: postcopy ? "postcopy" : "precopy",
+        rounds,
+        totalMs: performance.now() - this.#t0,
+        downtimeMs: downtimeMs!,
+        bytesSent: writer.bytesWritten,
+        pagesSent: this.#pages,
+        zeroPages: this.#zero,
+        converged,
+        digests: cmp,
+        roundStats: this.#stats,
+        deviceStates: [],
+      };
+      await tracker.stop();
+      rp.close();
+      stream.end();
+      this.events.emit("complete", result);
+      return result;
+    } catch (e) {
+      // A lost connection on the send side may have a reason still in flight on the return
+      // path (the destination's FAIL record): give it a moment to arrive.
+      if (!rp.failure && e instanceof MigrationError && e.code === "CONNECTION_LOST") await rp.settled(200);
+      const err = rp.failure ?? asMigrationError(e);
+      // The destination never ran: the source is the VM, unchanged, and carries on.
+      if (this.#writersStopped && !this.#destinationRunning) await this.#o.hooks?.resumeWriters?.();
+      if (trackerStarted) await tracker.stop().catch(() => undefined);
+      rp.close();
+      stream.destroy();
+      this.#phase("failed");
+      this.events.emit("failed", err);
+      throw err;
+    } finally {
+      o.signal?.removeEventListener("abort", aborted);
+      void this.#bytes;
+    }
+  }
+
+  async #stopWriters(): Promise<void> {
+    this.#writersStopped = true;
+    await this.#o.hooks?.stopWriters?.();
+  }
+
+  async #sendDeviceStates(writer: RecordWriter): Promise<void> {
+    const states = (await this.#o.hooks?.saveDeviceState?.()) ?? [];
+    for (const s of states) await writer.write(encodeDeviceState(s.name, s.blob));
+  }
+
+  #pageView(i: number, p: number): Uint8Array {
+    const r = (this.#regions[i] as RegionInfo).region;
+    return r.bytes(p * this.#ps, this.#ps) as Uint8Array;
+  }
+
+  /** Precopy rounds; returns when it is time to stop the writers. */
+  async #precopy(
+    tracker: DirtyTracker,
+    writer: RecordWriter,
+    rp: ReturnPath,
+  ): Promise<{ rounds: number; converged: boolean }> {
+    const o = this.#o;
+    const limit = o.downtimeLimitMs ?? 300;
+    const maxRounds = o.maxRounds ?? 30;
+    const postcopy = o.mode === "postcopy";
+    const pcRounds = o.postcopyAfterRounds ?? 1;
+    const ac = o.autoConverge === false ? null : { startRound: 2, threshold: 0.5, maxLevel: 8, ...o.autoConverge };
+    const gib = o.memory.size / GiB;
+    let prev: RoundStats | null = null;
+    let prevEnd = performance.now();
+    let round = 0;
+    this.#phase("precopy");
+    for (;;) {
+      rp.check();
+      const rep = await tracker.sync();
+      const remaining = rep.dirtyPages * this.#ps;
+      if (prev) {
+        const elapsed = (performance.now() - prevEnd + prev.durationMs) / 1000;
+        prev.remainingBytes = remaining;
+        prev.dirtyRate = elapsed > 0 ? remaining / elapsed : 0;
+        prev.predictedDowntimeMs = prev.bandwidth > 0 ? (remaining / prev.bandwidth) * 1000 : Number.POSITIVE_INFINITY;
+        prev.syncMsPerGiB = rep.totalMs / gib;
+        prev.syncMsPerGiBBySource = Object.fromEntries(Object.entries(rep.perSource).map(([k, v]) => [k, v / gib]));
+        this.#stats.push(prev);
+        this.events.emit("round", prev);
+        if (postcopy && round >= pcRounds) return { rounds: round, converged: true };
+        if (!postcopy && prev.predictedDowntimeMs <= limit) return { rounds: round, converged: true };
+        if (round >= maxRounds) {
+          if (postcopy) return { rounds: round, converged: true };
+          if ((o.whenNotConverged ?? "fail") === "switchover") return { rounds: round, converged: false };
+          throw new MigrationError(
+            "NOT_CONVERGED",
+            `precopy did not converge in ${round} rounds: predicted downtime ${prev.predictedDowntimeMs.toFixed(1)} ms > limit ${limit} ms`,
+            undefined,
+            {
+              rounds: round,
+              predictedDowntimeMs: prev.predictedDowntimeMs,
+              limitMs: limit,
+              remainingBytes: remaining,
+              dirtyRate: prev.dirtyRate,
+              bandwidth: prev.bandwidth,
+              throttle: this.#throttle,
+            },
+          );
+        }
+        if (ac && round >= ac.startRound && remaining > ac.threshold * prev.bytesSent && this.#throttle < ac.maxLevel) {
+          this.#throttle++;
+          await o.hooks?.throttle?.(this.#throttle);
+          this.events.emit("throttle", { level: this.#throttle, round });
+        }
+      } else if (postcopy && pcRounds === 0) {
+        return { rounds: 0, converged: true };
+      }
+      round++;
+      await writer.write(encodeRound(round, remaining));
+      const stall0 = o.hooks?.writerStallMs?.() ?? 0;
+      const t = performance.now();
+      const b0 = writer.bytesWritten;
+      const { pages, zero } = await this.#sendDirty(tracker, writer, rp);
+      await writer.drain();
+      const durationMs = performance.now() - t;
+      prevEnd = performance.now();
+      const bytesSent = writer.bytesWritten - b0;
+      prev = {
+        round,
+        dirtyPages: rep.dirtyPages,
+        pagesSent: pages,
+        zeroPages: zero,
+        bytesSent,
+        durationMs,
+        bandwidth: durationMs > 0 ? (bytesSent / durationMs) * 1000 : 0,
+        dirtyRate: 0,
+        remainingBytes: 0,
+        predictedDowntimeMs: 0,
+        syncMsPerGiB: 0,
+        syncMsPerGiBBySource: {},
+        writerStallMs: (o.hooks?.writerStallMs?.() ?? 0) - stall0,
+        throttle: this.#throttle,
+      };
+    }
+  }
+
+  /** Sends every page dirty in the tracker's bitmap now (taking it). */
+  async #sendDirty(
+    tracker: DirtyTracker,
+    writer: RecordWriter,
+    rp: ReturnPath,
+  ): Promise<{ pages: number; zero: number }> {
+    let pages = 0;
+    let zero = 0;
+    for (let i = 0; i < this.#regions.length; i++) {
+      const dirty = tracker.bitmap.take(i);
+      for (let s = 0; s < dirty.length; s += PAGES_PER_RECORD) {
+        rp.check();
+        const batch = dirty.subarray(s, s + PAGES_PER_RECORD);
+        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero);
+        await writer.write(rec.record);
+        pages += batch.length;
+        zero += rec.zero;
+      }
+    }
+    this.#pages += pages;
+    this.#zero += zero;
+    return { pages, zero };
+  }
+
+  /** Postcopy background: every page still to send, skipping the ones requested meanwhile. */
+  async #sendBackground(todo: Uint32Array[], writer: RecordWriter, rp: ReturnPath): Promise<void> {
+    const BATCH = 64;
+    for (let i = 0; i < todo.length; i++) {
+      const pages = todo[i] as Uint32Array;
+      const batch: number[] = [];
+      const flush = async () => {
+        if (batch.length === 0) return;
+        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero);
+        for (const p of batch) rp.markSent(i, p);
+        this.#pages += batch.length;
+        this.#zero += rec.zero;
+        batch.length = 0;
+        await writer.write(rec.record);
+      };
+      for (let k = 0; k < pages.length; k++) {
+        rp.check();
+        const p = pages[k] as number;
+        if (rp.wasSent(i, p)) continue;
+        batch.push(p);
+        if (batch.length === BATCH) await flush();
+      }
+      await flush();
+    }
+  }
+}
+
+/**
+ * The source's end of the return path: page requests (postcopy), the final COMPLETE, or the
+ * destination's FAIL. Any failure here fails the migration at the next check().
+ */
+class ReturnPath {
+  failure: MigrationError | null = null;
+  readonly complete: Promise<{ ok: boolean; digests: Uint8Array[] }>;
+  readonly resumed: Promise<void>;
+  #resolveComplete!: (v: { ok: boolean; digests: Uint8Array[] }) => void;
+  #rejectComplete!: (e: MigrationError) => void;
+  #resolveResumed!: () => void;
+  #rejectResumed!: (e: MigrationError) => void;
+  #serve: ((region: number, page: number) => void) | null = null;
+  readonly #sent: Uint8Array[];
+  #closed = false;
+
+  constructor(
+    readonly reader: RecordReader,
+    readonly regions: RegionInfo[],
+  ) {
+    this.complete = new Promise((res, rej) => {
+      this.#resolveComplete = res;
+      this.#rejectComplete = rej;
+    });
+    this.resumed = new Promise((res, rej) => {
+      this.#resolveResumed = res;
+      this.#rejectResumed = rej;
+    });
+    // Either may never be awaited (a failure before switchover).
+    this.complete.catch(() => undefined);
+    this.resumed.catch(() => undefined);
+    this.#sent = regions.map((r) => new Uint8Array(Math.ceil(r.pages / 8)));
+  }
+
+  #writer: RecordWriter | null = null;
+
+  #done: Promise<void> = Promise.resolve();
+
+  start(writer: RecordWriter): void {
+    this.#writer = writer;
+    this.#done = this.#loop();
+  }
+
+  /** Resolves when the return path has ended (or after `ms`). */
+  settled(ms: number): Promise<void> {
+    return Promise.race([this.#done, new Promise<void>((r) => setTimeout(r, ms))]);
+  }
+
+  servePages(writer: RecordWriter, view: (region: number, page: number) => Uint8Array): void {
+    this.#serve = (region, page) => {
+      const rec = encodePages(region, [page], 4096, (p) => view(region, p), native.isZero);
+      this.markSent(region, page);
+      writer.writeNow(rec.record);
+    };
+  }
+
+  markSent(i: number, p: number): void {
+    const b = this.#sent[i] as Uint8Array;
+    b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
+  }
+
+  wasSent(i: number, p: number): boolean {
+    return ((((this.#sent[i] as Uint8Array)[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
+  }
+
+  fail(e: MigrationError): void {
+    if (this.failure) return;
+    this.failure = e;
+    this.#writer?.abort(e);
+    this.#rejectComplete(e);
+    this.#rejectResumed(e);
+  }
+
+  check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.reader.detach();
+  }
+
+  async #loop(): Promise<void> {
+    try {
+      for (;;) {
+        const r = await this.reader.next();
+        switch (r.type) {
+          case RecordType.PageRequest: {
+            const q = decodePageRequest(r.payload);
+            const ri = this.regions[q.region];
+            if (!ri || q.count === 0 || q.page + q.count > ri.pages)
+              throw r.payload.error(`request for pages [${q.page}, +${q.count}) of region ${q.region}`, q);
+            for (let p = q.page; p < q.page + q.count; p++) {
+              if (ri.discard?.isDiscarded(p * 4096)) continue;
+              this.#serve?.(q.region, p);
+            }
+            break;
+          }
+          case RecordType.Resumed:
+            r.payload.end();
+            this.#resolveResumed();
+            break;
+          case RecordType.Complete:
+            this.#resolveComplete(decodeComplete(r.payload));
+            return;
+          case RecordType.Fail: {
+            const f = decodeFail(r.payload);
+            throw new MigrationError("PEER_FAILED", `destination failed: ${f.code}: ${f.message}`, undefined, {
+              peerCode: f.code,
+              peerMessage: f.message,
+            });
+          }
+          default:
+            throw r.payload.error(`unexpected ${recordName(r.type)} on the return path`);
+        }
+      }
+    } catch (e) {
+      if (this.#closed) return;
+      const err = asMigrationError(e);
+      this.fail(
+        err.code === "TRUNCATED"
+          ? new MigrationError("CONNECTION_LOST", `destination connection lost: ${err.message}`, undefined, err.details)
+          : err,
+      );
+    }
+  }
+}
