@@ -322,6 +322,28 @@ export class SplitQueue implements ChainOwner {
     }
   }
 
+  /**
+   * The chain starting at descriptor `head`, walked and validated like popChain() but without
+   * touching the avail ring: for resubmitting requests that were in flight when a back-end
+   * restarted (vhost-user inflight tracking).
+   */
+  chainAt(head: number): DescriptorChain {
+    this.#throwIfBroken();
+    if (!(Number.isInteger(head) && head >= 0 && head < this.size)) {
+      throw new VirtqueueError("HEAD_OUT_OF_RANGE", `head ${head} >= size ${this.size}`, {
+        head,
+        value: head,
+        limit: this.size,
+      });
+    }
+    try {
+      return this.#walk(head);
+    } catch (e) {
+      if (e instanceof VirtqueueError) throw e;
+      return this.#ringAccess(e);
+    }
+  }
+
   /** Puts the last popped chain back (nextAvail - 1), e.g. when the device ran out of resources. */
   undoPop(): void {
     this.#nextAvail = (this.#nextAvail - 1) & 0xffff;

@@ -54,14 +54,28 @@ export class QueueThread {
   }
 
   /** Sends a command and resolves when the worker has carried it out. */
-  async request(m: Request): Promise<FromWorker & { type: "done" }> {
+  async request(m: Request, timeoutMs = 0): Promise<FromWorker & { type: "done" }> {
     await this.#ready;
     if (this.#dead) throw this.#dead;
     const id = this.#nextId++;
     return new Promise((resolve, reject) => {
+      const timer =
+        timeoutMs > 0
+          ? setTimeout(() => {
+              this.#pending.delete(id);
+              reject(new Error(`queue ${this.queue} worker did not answer "${m.type}" within ${timeoutMs} ms`));
+            }, timeoutMs)
+          : null;
       this.#pending.set(id, {
-        resolve: (r) => (r.error ? reject(new Error(`queue ${this.queue}: ${r.error}`)) : resolve(r)),
-        reject,
+        resolve: (r) => {
+          if (timer) clearTimeout(timer);
+          if (r.error) reject(new Error(`queue ${this.queue}: ${r.error}`));
+          else resolve(r);
+        },
+        reject: (e) => {
+          if (timer) clearTimeout(timer);
+          reject(e);
+        },
       });
       this.#worker.postMessage({ ...m, id } as ToWorker);
     });

@@ -13,9 +13,11 @@ import { DirtyLogWriter } from "../../memory/shared-dirty-log.js";
 import { EAGAIN } from "../../sys/errors.js";
 import { native } from "../../sys/native.js";
 import { READABLE, Watch } from "../../sys/poller.js";
+import type { DescriptorChain } from "../../virtio/chain.js";
 import { VirtqueueError } from "../../virtio/errors.js";
 import { SplitQueue } from "../../virtio/queue.js";
 import type { QueueHandler, QueueHandlerFactory } from "./device.js";
+import { InflightQueue } from "./inflight.js";
 import type { FromWorker, RingConfig, ToWorker, WorkerInit } from "./worker-protocol.js";
 
 const port = parentPort;
@@ -35,6 +37,9 @@ let callFd = -1;
 let errFd = -1;
 let enabled = false;
 let broken = false;
+let inflight: InflightQueue | null = null;
+/** Heads that were in flight when the previous back-end died, to run before anything new. */
+let resubmit: number[] = [];
 const one = new BigUint64Array([1n]);
 const drainBuf = new BigUint64Array(1);
 
@@ -51,39 +56,56 @@ function markDirty(gpa: number, len: number): void {
   log.mark(gpa, len);
 }
 
+function complete(q: SplitQueue, head: number, len: number): void {
+  inflight?.beforeUsed(head);
+  q.addUsed(head, len);
+  inflight?.afterUsed(head, q.nextUsed);
+}
+
+function run(q: SplitQueue, h: QueueHandler, chain: DescriptorChain): void {
+  let len = 0;
+  try {
+    len = h.process(chain);
+  } catch (e) {
+    event("warn", `queue ${init.queue}: request failed: ${(e as Error).message}`);
+  }
+  complete(q, chain.head, len);
+}
+
 /** The device loop with notification suppression (see SplitQueue). */
 function processQueue(): void {
   const q = queue;
   const h = handler;
   if (!q || !h || !enabled || broken) return;
-  for (;;) {
-    q.disableNotification();
+  try {
+    while (resubmit.length > 0) run(q, h, q.chainAt(resubmit.shift() as number));
     for (;;) {
-      let chain: ReturnType<SplitQueue["popChain"]>;
-      try {
-        chain = q.popChain();
-      } catch (e) {
-        if (e instanceof VirtqueueError && !q.broken) {
-          // A malformed chain from the driver: dropped (its avail entry consumed), queue goes on.
+      q.disableNotification();
+      for (;;) {
+        let chain: DescriptorChain | null;
+        try {
+          chain = q.popChain();
+        } catch (e) {
+          if (!(e instanceof VirtqueueError) || q.broken) throw e;
+          // A malformed chain from the driver: never acted on. Its head goes back with
+          // length 0 so the driver is not left waiting; the queue goes on.
           event("warn", `queue ${init.queue}: ${e.message}`);
+          const head = e.details.head;
+          if (head !== undefined && head < q.size) complete(q, head, 0);
           continue;
         }
-        broken = true;
-        event("error", `queue ${init.queue} needs reset: ${(e as Error).message}`);
-        signal(errFd);
-        return;
+        if (!chain) break;
+        inflight?.begin(chain.head);
+        run(q, h, chain);
       }
-      if (!chain) break;
-      let len = 0;
-      try {
-        len = h.process(chain);
-      } catch (e) {
-        event("warn", `queue ${init.queue}: request failed: ${(e as Error).message}`);
-      }
-      q.addUsed(chain.head, len);
+      if (q.needsNotification()) signal(callFd);
+      if (!q.enableNotification()) break;
     }
+  } catch (e) {
+    broken = true;
+    event("error", `queue ${init.queue} needs reset: ${(e as Error).message}`);
+    signal(errFd);
     if (q.needsNotification()) signal(callFd);
-    if (!q.enableNotification()) break;
   }
 }
 
@@ -120,8 +142,21 @@ function start(ring: RingConfig): void {
     markDirty,
     usedLogAddress: ring.logAddress ?? ring.usedRing,
   });
-  queue.nextUsed = queue.readUsedIdx();
+  const usedIdx = queue.readUsedIdx();
+  queue.nextUsed = usedIdx;
   broken = false;
+  resubmit = [];
+  inflight = ring.inflight ? new InflightQueue(ring.inflight) : null;
+  if (inflight) {
+    if (inflight.version === 0) inflight.init();
+    else {
+      // Restarted back-end: what was in flight runs again, in its original order, and the
+      // avail ring resumes after it (libvhost-user does the same).
+      resubmit = inflight.recover(usedIdx);
+      queue.nextAvail = (usedIdx + resubmit.length) & 0xffff;
+      if (resubmit.length) event("warn", `queue ${init.queue}: resubmitting ${resubmit.length} in-flight request(s)`);
+    }
+  }
 }
 
 async function handle(m: ToWorker): Promise<void> {

@@ -13,8 +13,11 @@
  * we answer SET_LOG_BASE (or ack SET_FEATURES), no queue worker can still mark the old log.
  * Clearing LOG_ALL (migration done or cancelled) stops all marking.
  */
+import { toLength } from "../../memory/guest-address.js";
 import { DirtyLogArea, SharedDirtyLog } from "../../memory/shared-dirty-log.js";
 import type { Fd } from "../../sys/fd.js";
+import { Mapping } from "../../sys/mapping.js";
+import { createMemfd } from "../../sys/memfd.js";
 import { UnixSocket } from "../../sys/unix-socket.js";
 import { UFFDIO_REGISTER_MODE_MISSING, Userfaultfd } from "../../sys/userfaultfd.js";
 import { Connection } from "../connection.js";
@@ -24,6 +27,7 @@ import type { FrontendRequests } from "../protocol/frontend-requests.js";
 import type { RequestMessage } from "../protocol/message.js";
 import type { VringAddr } from "../protocol/payloads.js";
 import type { VhostUserDevice } from "./device.js";
+import { inflightQueueSize, type SharedInflightQueue } from "./inflight.js";
 import { BackendMemoryTable, type MappedRegion, mapRegion } from "./memory-table.js";
 import { QueueThread } from "./queue-thread.js";
 
@@ -400,8 +404,48 @@ export class BackendSession {
         this.#uffd = null;
         return this.conn.reply(m, 0n);
       }
-      case "SET_INFLIGHT_FD":
-      case "GET_INFLIGHT_FD":
+      case "GET_INFLIGHT_FD": {
+        this.#requireInflight(m.name);
+        const { numQueues, queueSize } = m.payload;
+        if (numQueues < 1 || numQueues > this.#device.info.numQueues || queueSize < 1 || queueSize > 32768) {
+          throw new VhostUserError("BAD_VALUE", "inflight queue count or size out of range", {
+            request: m.name,
+            value: `${numQueues}x${queueSize}`,
+          });
+        }
+        const size = numQueues * inflightQueueSize(queueSize);
+        const fd = createMemfd("vmshift-inflight", size);
+        const map = Mapping.map(fd, size);
+        this.#setInflight({ fd, map, numQueues, queueSize });
+        return this.conn.reply(m, { mmapSize: BigInt(size), mmapOffset: 0n, numQueues, queueSize }, [fd]);
+      }
+      case "SET_INFLIGHT_FD": {
+        this.#requireInflight(m.name);
+        const fd = m.fds[0];
+        if (!fd) throw new VhostUserError("BAD_FD_COUNT", "SET_INFLIGHT_FD without an fd", { request: m.name });
+        const { numQueues, queueSize, mmapSize, mmapOffset } = m.payload;
+        try {
+          const size = toLength(mmapSize);
+          if (
+            numQueues < 1 ||
+            queueSize < 1 ||
+            queueSize > 32768 ||
+            size < numQueues * inflightQueueSize(queueSize) ||
+            size > 1 << 30
+          ) {
+            throw new VhostUserError("BAD_VALUE", "inflight region too small for its queues", {
+              request: m.name,
+              value: mmapSize,
+            });
+          }
+          const map = Mapping.map(fd, size, { offset: toLength(mmapOffset) });
+          this.#setInflight({ fd, map, numQueues, queueSize });
+        } catch (e) {
+          fd.close();
+          throw e;
+        }
+        return void (await this.conn.ack(m));
+      }
       case "IOTLB_MSG":
       case "SEND_RARP":
       case "NET_SET_MTU":
@@ -556,6 +600,7 @@ export class BackendSession {
       logAddress: (a.flags & VHOST_VRING_F_LOG) !== 0 ? Number(a.log) : null,
       features: this.#features,
       nextAvail: v.base,
+      inflight: this.#inflightFor(index),
     };
     if (ring.logAddress !== null && !Number.isSafeInteger(ring.logAddress)) {
       throw new VhostUserError("BAD_VALUE", "used-ring log address not representable", { request, value: a.log });
@@ -583,10 +628,14 @@ export class BackendSession {
     if (v.started && v.thread) await v.thread.request({ type: "enable", enabled });
   }
 
-  async #stopAll(): Promise<void> {
+  /**
+   * Stops every ring. A worker stuck in a request (a device that hangs, a postcopy fault the
+   * front-end will never resolve) gets `timeoutMs` and is then terminated by teardown.
+   */
+  async #stopAll(timeoutMs = 0): Promise<void> {
     for (const v of this.#vrings) {
       if (v.started && v.thread) {
-        const r = await v.thread.request({ type: "stop" }).catch(() => null);
+        const r = await v.thread.request({ type: "stop" }, timeoutMs).catch(() => null);
         if (r?.nextAvail !== undefined) v.base = r.nextAvail;
       }
       v.started = false;
@@ -602,6 +651,36 @@ export class BackendSession {
       Object.assign(v, { size: 0, addr: null, base: 0, kick: null, call: null, err: null, enabled: false });
     }
     this.#device.reset?.();
+  }
+
+  // ---- inflight ------------------------------------------------------------------------------
+
+  #inflight: { fd: Fd; map: Mapping; numQueues: number; queueSize: number } | null = null;
+
+  #requireInflight(request: string): void {
+    if (!hasFeature(this.#device.info.protocolFeatures, ProtocolFeature.INFLIGHT_SHMFD)) {
+      throw new VhostUserError("UNEXPECTED_REQUEST", "this device does not track inflight I/O", { request });
+    }
+  }
+
+  #setInflight(next: { fd: Fd; map: Mapping; numQueues: number; queueSize: number }): void {
+    const old = this.#inflight;
+    this.#inflight = next;
+    // Workers pick the region up when a ring starts, which is after SET_INFLIGHT_FD.
+    if (old && old.map !== next.map) {
+      old.map.close();
+      if (old.fd !== next.fd) old.fd.close();
+    }
+  }
+
+  #inflightFor(queue: number): SharedInflightQueue | null {
+    const f = this.#inflight;
+    if (!f || queue >= f.numQueues) return null;
+    return {
+      buffer: f.map.windows[0] as SharedArrayBuffer,
+      offset: queue * inflightQueueSize(f.queueSize),
+      queueSize: f.queueSize,
+    };
   }
 
   // ---- dirty log -----------------------------------------------------------------------------
@@ -648,7 +727,10 @@ export class BackendSession {
   async #teardown(): Promise<void> {
     if (this.#closing) return;
     this.#closing = true;
-    await this.#stopAll();
+    // Closing the userfaultfd first releases any worker blocked on a postcopy fault.
+    this.#uffd?.close();
+    this.#uffd = null;
+    await this.#stopAll(1000);
     await Promise.all(this.#vrings.map((v) => v.thread?.close()));
     for (const v of this.#vrings) {
       v.thread = null;
@@ -659,10 +741,12 @@ export class BackendSession {
     await this.#log.close();
     this.#logArea?.close();
     this.#logArea = null;
-    this.#uffd?.close();
-    this.#uffd = null;
     this.#backendChannel?.close();
     this.#memory.closeAll();
+    // The inflight region stays the front-end's: it hands it to the next back-end.
+    this.#inflight?.map.close();
+    this.#inflight?.fd.close();
+    this.#inflight = null;
     this.#device.reset?.();
     void this.#owner;
   }

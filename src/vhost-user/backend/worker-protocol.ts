@@ -1,6 +1,7 @@
 /** Messages between the backend's control plane (main thread) and its queue workers. */
 import type { SharedGuestMemory } from "../../memory/guest-memory.js";
 import type { DirtyLogWriterHandle } from "../../memory/shared-dirty-log.js";
+import type { SharedInflightQueue } from "./inflight.js";
 
 export interface WorkerInit {
   module: string;
@@ -19,6 +20,8 @@ export interface RingConfig {
   logAddress: number | null;
   features: bigint;
   nextAvail: number;
+  /** This queue's inflight region (INFLIGHT_SHMFD), or null. */
+  inflight: SharedInflightQueue | null;
 }
 
 export type ToWorker =

@@ -1,0 +1,128 @@
+/**
+ * A hand-rolled vhost-user front-end for framework tests: raw requests through Connection, real
+ * memfd guest memory, a SplitQueueDriver for queue 0, real kick/call eventfds.
+ */
+import assert from "node:assert/strict";
+import { GuestMemory } from "../../src/memory/guest-memory.js";
+import { GuestMemoryRegion } from "../../src/memory/region.js";
+import { EventFd } from "../../src/sys/eventfd.js";
+import type { Fd } from "../../src/sys/fd.js";
+import { UnixSocket } from "../../src/sys/unix-socket.js";
+import { Connection } from "../../src/vhost-user/connection.js";
+import { featureMask, ProtocolFeature, VirtioFeature } from "../../src/vhost-user/protocol/constants.js";
+import type { FrontendRequests } from "../../src/vhost-user/protocol/frontend-requests.js";
+import { SplitQueueDriver } from "../../src/virtio/driver.js";
+import { features, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from "../../src/virtio/features.js";
+
+const MiB = 1024 * 1024;
+
+export interface RawFrontend {
+  conn: Connection<FrontendRequests>;
+  mem: GuestMemory;
+  driver: SplitQueueDriver;
+  kick: EventFd;
+  call: EventFd;
+  uva(gpa: number): bigint;
+  close(): void;
+}
+
+/** Connects with fresh guest memory, or reuses `reuse`'s memory and driver (a reconnect). */
+export function connectRaw(path: string, reuse?: RawFrontend): RawFrontend {
+  const conn = Connection.frontend(UnixSocket.connect(path), { timeoutMs: 5000 });
+  const mem = reuse?.mem ?? new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
+  const region = mem.regions[0] as GuestMemoryRegion;
+  const driver =
+    reuse?.driver ?? SplitQueueDriver.at(mem, 0x10000, 64, { features: features(VIRTIO_RING_F_EVENT_IDX) });
+  const kick = reuse?.kick ?? new EventFd();
+  const call = reuse?.call ?? new EventFd();
+  return {
+    conn,
+    mem,
+    driver,
+    kick,
+    call,
+    uva: (gpa) => region.hostAddress + BigInt(gpa),
+    close() {
+      conn.close();
+      kick.close();
+      call.close();
+      mem.close();
+    },
+  };
+}
+
+export interface SetUpOptions {
+  protocolFeatures?: bigint;
+  extraFeatures?: bigint;
+  /** Inflight fd to hand over (SET_INFLIGHT_FD) before the ring starts. */
+  inflight?: { fd: Fd; size: bigint; numQueues: number; queueSize: number };
+  /** SET_VRING_BASE value (a reconnecting front-end sends the used idx). */
+  base?: number;
+}
+
+export async function setUpRaw(f: RawFrontend, o: SetUpOptions = {}): Promise<void> {
+  const { conn } = f;
+  await conn.request("SET_OWNER", undefined as never);
+  await conn.request("GET_FEATURES", undefined as never);
+  const proto = o.protocolFeatures ?? featureMask(ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK);
+  await conn.request("SET_PROTOCOL_FEATURES", proto);
+  conn.setProtocolFeatures(proto);
+  await conn.request(
+    "SET_FEATURES",
+    features(VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX) |
+      featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES) |
+      (o.extraFeatures ?? 0n),
+  );
+  const r = f.mem.regions[0] as GuestMemoryRegion;
+  await conn.request(
+    "SET_MEM_TABLE",
+    { regions: [{ guestAddress: 0n, size: BigInt(r.size), userAddress: r.hostAddress, mmapOffset: 0n }] },
+    { fds: [r.backing.fd!] },
+  );
+  if (o.inflight) {
+    const i = o.inflight;
+    await conn.request(
+      "SET_INFLIGHT_FD",
+      { mmapSize: i.size, mmapOffset: 0n, numQueues: i.numQueues, queueSize: i.queueSize },
+      { fds: [i.fd] },
+    );
+  }
+  const d = f.driver;
+  await conn.request("SET_VRING_NUM", { index: 0, num: d.size });
+  await conn.request("SET_VRING_BASE", { index: 0, num: o.base ?? 0 });
+  await conn.request("SET_VRING_ADDR", {
+    index: 0,
+    flags: 0,
+    descriptor: f.uva(d.descTable),
+    used: f.uva(d.usedRing),
+    available: f.uva(d.availRing),
+    log: 0n,
+  });
+  await conn.request("SET_VRING_CALL", { index: 0, noFd: false }, { fds: [f.call.fd] });
+  await conn.request("SET_VRING_KICK", { index: 0, noFd: false }, { fds: [f.kick.fd] });
+  await conn.request("SET_VRING_ENABLE", { index: 0, num: 1 });
+}
+
+/** Resolves at the next call notification. */
+export function nextCall(f: RawFrontend): Promise<void> {
+  return new Promise((resolve) => {
+    const w = f.call.onSignal(() => {
+      w.close();
+      resolve();
+    });
+  });
+}
+
+/** One echo request: `data` in a readable buffer at `src`, a writable buffer at `dst`. */
+export async function echoRaw(f: RawFrontend, data: Uint8Array, src: number, dst: number): Promise<Uint8Array> {
+  f.mem.write(src, data);
+  f.mem.fill(dst, data.length, 0);
+  f.driver.add([{ addr: src, len: data.length }], [{ addr: dst, len: data.length }]);
+  const called = nextCall(f);
+  if (f.driver.publish()) f.kick.signal();
+  await called;
+  const used = f.driver.getUsed();
+  assert.ok(used, "a used element came back");
+  assert.equal(used.len, data.length);
+  return f.mem.read(dst, data.length);
+}
