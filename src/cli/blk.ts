@@ -1,0 +1,150 @@
+/**
+ * `vmshift blk --socket-path PATH | --fd N  --image FILE [--readonly] [--queues N] [--direct]
+ *  [--serial ID] [--print-capabilities]`: a vhost-user-blk back-end over a raw image file.
+ *
+ * Follows the vhost-user spec's "Backend program conventions": `--socket-path`/`--fd`,
+ * `--print-capabilities` (type "block-device"), and the vhost-user-blk options `--blk-file`
+ * (alias of --image) and `--read-only` (alias of --readonly). Logs go to stderr;
+ * VMSHIFT_BLK_TRACE=1 also logs every vhost-user request received. SIGINT/SIGTERM stop it cleanly.
+ */
+import { parseArgs } from "node:util";
+import { blkDevice } from "../devices/blk/device.js";
+import { VhostUserDaemon } from "../vhost-user/backend/daemon.js";
+import type { BackendSession } from "../vhost-user/backend/session.js";
+
+export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --image FILE [options]
+  --socket-path PATH     listen on this unix socket (the front-end connects)
+  --fd N                 use this inherited socket (listening or connected)
+  --image FILE           raw image file (also --blk-file)
+  --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
+  --queues N             virtqueues, each served by its own thread (default 1)
+  --direct               open the image with O_DIRECT
+  --serial ID            GET_ID answer (default: the image file name)
+  --print-capabilities   print the back-end capabilities JSON and exit
+environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request
+`;
+
+/** The spec's capabilities object (VHostUserBackendCapabilities, type block-device). */
+export const BLK_CAPABILITIES = { type: "block-device", features: ["read-only", "blk-file"] } as const;
+
+export interface BlkCommandIo {
+  out(line: string): void;
+  err(line: string): void;
+}
+
+const defaultIo: BlkCommandIo = {
+  out: (l) => process.stdout.write(`${l}\n`),
+  err: (l) => process.stderr.write(`${l}\n`),
+};
+
+function describe(m: { name: string; payload: unknown; fds: readonly unknown[] }): string {
+  const p = m.payload;
+  let s: string;
+  if (typeof p === "bigint") s = `0x${p.toString(16)}`;
+  else if (p === undefined) s = "";
+  else {
+    try {
+      s = JSON.stringify(p, (_k, v: unknown) =>
+        typeof v === "bigint" ? `0x${v.toString(16)}` : v instanceof Uint8Array ? `[${v.length} bytes]` : v,
+      );
+    } catch {
+      s = "?";
+    }
+    if (s.length > 300) s = `${s.slice(0, 300)}…`;
+  }
+  return `${m.name} ${s}${m.fds.length ? ` fds=${m.fds.length}` : ""}`;
+}
+
+export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): Promise<number> {
+  let values: Record<string, string | boolean | undefined>;
+  try {
+    values = parseArgs({
+      args: argv,
+      options: {
+        "socket-path": { type: "string" },
+        fd: { type: "string" },
+        image: { type: "string" },
+        "blk-file": { type: "string" },
+        readonly: { type: "boolean", default: false },
+        "read-only": { type: "boolean", default: false },
+        queues: { type: "string", default: "1" },
+        direct: { type: "boolean", default: false },
+        serial: { type: "string" },
+        "print-capabilities": { type: "boolean", default: false },
+        help: { type: "boolean", default: false },
+      },
+    }).values;
+  } catch (e) {
+    io.err(`vmshift blk: ${(e as Error).message}\n${BLK_USAGE}`);
+    return 2;
+  }
+  if (values.help) {
+    io.out(BLK_USAGE);
+    return 0;
+  }
+  if (values["print-capabilities"]) {
+    io.out(JSON.stringify(BLK_CAPABILITIES));
+    return 0;
+  }
+  const image = (values.image ?? values["blk-file"]) as string | undefined;
+  const socketPath = values["socket-path"] as string | undefined;
+  const fdArg = values.fd as string | undefined;
+  const queues = Number(values.queues);
+  const usage = (msg: string) => {
+    io.err(`vmshift blk: ${msg}\n${BLK_USAGE}`);
+    return 2;
+  };
+  if (!image) return usage("--image FILE is required");
+  if ((socketPath === undefined) === (fdArg === undefined)) return usage("give exactly one of --socket-path and --fd");
+  if (!Number.isInteger(queues) || queues < 1 || queues > 64) return usage("--queues must be 1..64");
+  const fd = fdArg === undefined ? -1 : Number(fdArg);
+  if (fdArg !== undefined && !(Number.isInteger(fd) && fd >= 0)) return usage("--fd must be a file descriptor number");
+
+  const log = (level: string, msg: string) => io.err(`vmshift blk: ${level}: ${msg}`);
+  let daemon: VhostUserDaemon;
+  try {
+    const device = blkDevice({
+      path: image,
+      readonly: !!(values.readonly || values["read-only"]),
+      queues,
+      direct: !!values.direct,
+      ...(values.serial ? { serial: values.serial as string } : {}),
+    });
+    daemon = socketPath ? VhostUserDaemon.listen(device, socketPath) : VhostUserDaemon.fromFd(device, fd);
+    log(
+      "info",
+      `serving ${image} (${device.capacitySectors} sectors, ${queues} queue(s)` +
+        `${device.options.readonly ? ", read-only" : ""}${device.options.direct ? ", O_DIRECT" : ""}) on ` +
+        `${socketPath ?? `fd ${fd}`}`,
+    );
+  } catch (e) {
+    io.err(`vmshift blk: ${(e as Error).message}`);
+    return 1;
+  }
+  daemon.on("log", (level, msg) => log(level, msg));
+  if (process.env.VMSHIFT_BLK_TRACE === "1") {
+    daemon.on("session", (s: BackendSession) => {
+      s.conn.on("request", (m) => log("trace", describe(m as never)));
+    });
+  }
+  let signalled: string | null = null;
+  const stop = (sig: string) => {
+    if (signalled) return;
+    signalled = sig;
+    log("info", `${sig}: shutting down`);
+    void daemon.close();
+  };
+  const onInt = () => stop("SIGINT");
+  const onTerm = () => stop("SIGTERM");
+  process.on("SIGINT", onInt);
+  process.on("SIGTERM", onTerm);
+  try {
+    await daemon.serve();
+  } finally {
+    process.off("SIGINT", onInt);
+    process.off("SIGTERM", onTerm);
+    await daemon.close();
+  }
+  log("info", "stopped");
+  return 0;
+}

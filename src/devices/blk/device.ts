@@ -1,0 +1,128 @@
+/**
+ * vhost-user-blk over a raw image file: the control-plane half (features, config space, what
+ * each queue worker gets). The request loop is in handler.ts, one worker thread per queue.
+ */
+import { basename } from "node:path";
+import type { VhostUserDevice } from "../../vhost-user/backend/device.js";
+import {
+  features,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC,
+} from "../../virtio/features.js";
+import { configSlice, encodeConfig } from "./config.js";
+import {
+  SECTOR_SIZE,
+  VIRTIO_BLK_F_BLK_SIZE,
+  VIRTIO_BLK_F_DISCARD,
+  VIRTIO_BLK_F_FLUSH,
+  VIRTIO_BLK_F_MQ,
+  VIRTIO_BLK_F_RO,
+  VIRTIO_BLK_F_SEG_MAX,
+  VIRTIO_BLK_F_SIZE_MAX,
+  VIRTIO_BLK_F_WRITE_ZEROES,
+  VIRTIO_BLK_ID_BYTES,
+} from "./constants.js";
+import type { BlkWorkerData } from "./handler.js";
+import { BlockImage } from "./image.js";
+
+export interface BlkOptions {
+  /** Raw image file. */
+  path: string;
+  readonly?: boolean;
+  /** Queues (each served by its own worker thread); default 1. */
+  queues?: number;
+  /** Open the image with O_DIRECT (bypass the host page cache). */
+  direct?: boolean;
+  /** Largest queue size accepted (default 1024). */
+  maxQueueSize?: number;
+  /** GET_ID answer (default: the image's file name, cut to 20 bytes). */
+  serial?: string;
+  /** Extra protocol features (e.g. INFLIGHT_SHMFD once the framework offers it). */
+  protocolFeatures?: bigint;
+}
+
+/** Segments per request the driver may use: a chain of header + segments + status must fit a 128-entry queue. */
+export const SEG_MAX = 126;
+/** Largest segment (config size_max). */
+export const SIZE_MAX = 1 << 20;
+/** Discard / write-zeroes limits: 16 MiB, one segment per request (as QEMU's own virtio-blk). */
+export const MAX_DISCARD_SECTORS = 32768;
+export const MAX_DISCARD_SEG = 1;
+
+export interface BlkDevice extends VhostUserDevice {
+  readonly capacitySectors: number;
+  readonly options: Readonly<BlkOptions>;
+}
+
+export function blkDevice(o: BlkOptions): BlkDevice {
+  const queues = o.queues ?? 1;
+  if (!Number.isInteger(queues) || queues < 1 || queues > 64) throw new RangeError(`queues ${queues}: 1..64`);
+  const readonly = !!o.readonly;
+  // Open once here to fail early (missing file, O_DIRECT unsupported) and learn the size.
+  const probe = BlockImage.open(o.path, { readonly, direct: !!o.direct });
+  let size: number;
+  try {
+    size = probe.size();
+  } finally {
+    probe.close();
+  }
+  const capacitySectors = Math.floor(size / SECTOR_SIZE);
+  if (capacitySectors === 0) throw new RangeError(`${o.path}: image smaller than one sector (${size} bytes)`);
+
+  let f = features(
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_FLUSH,
+  );
+  if (queues > 1) f |= features(VIRTIO_BLK_F_MQ);
+  // A read-only disk offers neither discard nor write zeroes: those requests then get UNSUPP.
+  if (readonly) f |= features(VIRTIO_BLK_F_RO);
+  else f |= features(VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES);
+
+  const config = encodeConfig({
+    capacitySectors,
+    blkSize: SECTOR_SIZE,
+    sizeMax: SIZE_MAX,
+    segMax: SEG_MAX,
+    numQueues: queues,
+    maxDiscardSectors: MAX_DISCARD_SECTORS,
+    maxDiscardSeg: MAX_DISCARD_SEG,
+    discardSectorAlignment: 8,
+    maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
+    maxWriteZeroesSeg: MAX_DISCARD_SEG,
+    writeZeroesMayUnmap: true,
+  });
+  const id = new TextEncoder().encode(o.serial ?? basename(o.path)).subarray(0, VIRTIO_BLK_ID_BYTES);
+  const data: BlkWorkerData = {
+    path: o.path,
+    readonly,
+    direct: !!o.direct,
+    capacitySectors,
+    id,
+    discard: !readonly,
+    writeZeroes: !readonly,
+    writeZeroesMayUnmap: true,
+    maxDiscardSectors: MAX_DISCARD_SECTORS,
+    maxDiscardSeg: MAX_DISCARD_SEG,
+    maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
+    maxWriteZeroesSeg: MAX_DISCARD_SEG,
+  };
+  return {
+    capacitySectors,
+    options: { ...o },
+    info: {
+      numQueues: queues,
+      maxQueueSize: o.maxQueueSize ?? 1024,
+      features: f,
+      protocolFeatures: o.protocolFeatures ?? 0n,
+    },
+    queueWorker: new URL("./handler.js", import.meta.url),
+    workerData: () => data,
+    getConfig: (offset, size) => configSlice(config, offset, size),
+  };
+}

@@ -1,0 +1,311 @@
+/**
+ * The virtio-blk request loop of one queue, run in that queue's worker thread (the framework's
+ * queueWorker module: it exports createQueueHandler). I/O is synchronous, straight between the
+ * image file and guest memory (pread/pwrite on GuestMemory.slice views: no copy), except when
+ * O_DIRECT needs an aligned bounce buffer or a buffer straddles a mapping window.
+ *
+ * Every request header is the guest's: the type, the sector, the lengths and the layout are
+ * checked before any I/O, and a bad one gets IOERR or UNSUPP — never a transfer outside the
+ * image (the chain's buffers are already checked against guest memory by SplitQueue).
+ */
+
+import type { GuestMemory } from "../../memory/guest-memory.js";
+import { VHOST_LOG_PAGE } from "../../memory/shared-dirty-log.js";
+import type { QueueContext, QueueHandler } from "../../vhost-user/backend/device.js";
+import type { DescriptorChain } from "../../virtio/chain.js";
+import {
+  DISCARD_SEGMENT_SIZE,
+  REQUEST_HEADER_SIZE,
+  SECTOR_SIZE,
+  VIRTIO_BLK_ID_BYTES,
+  VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_S_OK,
+  VIRTIO_BLK_S_UNSUPP,
+  VIRTIO_BLK_T_DISCARD,
+  VIRTIO_BLK_T_FLUSH,
+  VIRTIO_BLK_T_GET_ID,
+  VIRTIO_BLK_T_IN,
+  VIRTIO_BLK_T_OUT,
+  VIRTIO_BLK_T_WRITE_ZEROES,
+  VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+} from "./constants.js";
+import { AlignedBuffer, BlockImage, isDirectAligned } from "./image.js";
+
+/** What the control plane hands each queue worker (structured-clone data). */
+export interface BlkWorkerData {
+  path: string;
+  readonly: boolean;
+  direct: boolean;
+  capacitySectors: number;
+  /** GET_ID answer (≤ 20 bytes). */
+  id: Uint8Array;
+  discard: boolean;
+  writeZeroes: boolean;
+  writeZeroesMayUnmap: boolean;
+  maxDiscardSectors: number;
+  maxDiscardSeg: number;
+  maxWriteZeroesSectors: number;
+  maxWriteZeroesSeg: number;
+}
+
+const STATUS = [Uint8Array.of(VIRTIO_BLK_S_OK), Uint8Array.of(VIRTIO_BLK_S_IOERR), Uint8Array.of(VIRTIO_BLK_S_UNSUPP)];
+/** Warnings about a guest's bad requests per worker, so a hostile guest cannot flood the log. */
+const MAX_WARNINGS = 20;
+
+/** A request's outcome: the status byte and how many data bytes went into writable buffers. */
+interface Outcome {
+  status: number;
+  written: number;
+}
+
+const ok = (written = 0): Outcome => ({ status: VIRTIO_BLK_S_OK, written });
+const IOERR: Outcome = { status: VIRTIO_BLK_S_IOERR, written: 0 };
+const UNSUPP: Outcome = { status: VIRTIO_BLK_S_UNSUPP, written: 0 };
+
+/**
+ * Reports a device write that bypassed DescriptorChain.writeWritable (a pread straight into a
+ * guest buffer) to the queue's dirty marker. The chain only exposes its marker through
+ * writeWritable, so this rewrites one byte — with its own value — in every 4 KiB page of the
+ * range: the vhost-user log has one bit per VHOST_LOG_PAGE page, so that marks exactly the
+ * pages the pread wrote, after it wrote them, for a cost of one byte per page instead of a copy.
+ */
+function markWritten(chain: DescriptorChain, view: Uint8Array, gpa: number, offset: number): void {
+  for (let k = 0; k < view.length; ) {
+    chain.writeWritable(view.subarray(k, k + 1), offset + k);
+    k = (Math.floor((gpa + k) / VHOST_LOG_PAGE) + 1) * VHOST_LOG_PAGE - gpa;
+  }
+}
+
+export class BlkQueueHandler implements QueueHandler {
+  readonly #d: BlkWorkerData;
+  readonly #image: BlockImage;
+  readonly #queue: number;
+  #memory: GuestMemory;
+  readonly #bounce = new AlignedBuffer();
+  readonly #header = new Uint8Array(REQUEST_HEADER_SIZE);
+  readonly #headerView = new DataView(this.#header.buffer);
+  #warnings = 0;
+
+  constructor(ctx: QueueContext) {
+    this.#d = ctx.data as BlkWorkerData;
+    this.#queue = ctx.queue;
+    this.#memory = ctx.memory;
+    this.#image = BlockImage.open(this.#d.path, { readonly: this.#d.readonly, direct: this.#d.direct });
+  }
+
+  setMemory(memory: GuestMemory): void {
+    this.#memory = memory;
+  }
+
+  close(): void {
+    this.#image.close();
+  }
+
+  process(chain: DescriptorChain): number {
+    const wlen = chain.writableLength;
+    if (wlen < 1) {
+      // No status byte: nothing can tell the driver anything. Complete it, write nothing.
+      this.#warn("request without a status byte (no writable buffer)");
+      return 0;
+    }
+    let out: Outcome;
+    try {
+      out = this.#serve(chain, wlen - 1);
+    } catch (e) {
+      this.#warn(`I/O error: ${(e as Error).message}`);
+      out = { status: VIRTIO_BLK_S_IOERR, written: 0 };
+    }
+    // The status byte is the last writable byte, whatever the buffer layout (VERSION_1: any layout).
+    chain.writeWritable(STATUS[out.status] as Uint8Array, wlen - 1);
+    return out.written + 1;
+  }
+
+  #warn(message: string): void {
+    if (this.#warnings >= MAX_WARNINGS) return;
+    this.#warnings++;
+    const more = this.#warnings === MAX_WARNINGS ? " (further warnings suppressed)" : "";
+    process.stderr.write(`vmshift blk: queue ${this.#queue}: ${message}${more}\n`);
+  }
+
+  /** `dataLen`: writable bytes before the status byte. */
+  #serve(chain: DescriptorChain, dataLen: number): Outcome {
+    if (chain.readableLength < REQUEST_HEADER_SIZE) {
+      this.#warn(`request header of ${chain.readableLength} bytes (needs ${REQUEST_HEADER_SIZE})`);
+      return IOERR;
+    }
+    chain.readReadableInto(this.#header, 0);
+    const type = this.#headerView.getUint32(0, true);
+    const sector = this.#headerView.getBigUint64(8, true);
+    const payload = chain.readableLength - REQUEST_HEADER_SIZE;
+    switch (type) {
+      case VIRTIO_BLK_T_IN:
+        return this.#read(chain, sector, dataLen);
+      case VIRTIO_BLK_T_OUT:
+        // virtio 1.2 5.2.6.2: with VIRTIO_BLK_F_RO, IOERR for a write, and no data written.
+        if (this.#d.readonly) return IOERR;
+        return this.#write(chain, sector, payload);
+      case VIRTIO_BLK_T_FLUSH:
+        if (!this.#d.readonly) this.#image.flush();
+        return ok();
+      case VIRTIO_BLK_T_GET_ID: {
+        const n = Math.min(VIRTIO_BLK_ID_BYTES, dataLen);
+        const id = new Uint8Array(VIRTIO_BLK_ID_BYTES);
+        id.set(this.#d.id.subarray(0, VIRTIO_BLK_ID_BYTES));
+        return ok(chain.writeWritable(id.subarray(0, n), 0));
+      }
+      case VIRTIO_BLK_T_DISCARD:
+        if (!this.#d.discard) return UNSUPP;
+        return this.#ranges(chain, payload, false);
+      case VIRTIO_BLK_T_WRITE_ZEROES:
+        if (!this.#d.writeZeroes) return UNSUPP;
+        return this.#ranges(chain, payload, true);
+      default:
+        return UNSUPP;
+    }
+  }
+
+  /** Byte offset of [sector, +bytes) in the image, or null when it is not all inside it. */
+  #range(sector: bigint, bytes: number): number | null {
+    const cap = this.#d.capacitySectors;
+    if (bytes % SECTOR_SIZE !== 0 || sector > BigInt(cap)) return null;
+    const s = Number(sector);
+    if (s + bytes / SECTOR_SIZE > cap) return null;
+    return s * SECTOR_SIZE;
+  }
+
+  #read(chain: DescriptorChain, sector: bigint, len: number): Outcome {
+    const pos = this.#range(sector, len);
+    if (pos === null) {
+      this.#warn(`read of ${len} bytes at sector ${sector}: outside the image or not whole sectors`);
+      return IOERR;
+    }
+    if (len === 0) return ok();
+    const mem = this.#memory;
+    if (this.#d.direct && !this.#piecesAligned(chain, chain.readableCount, chain.count, 0, len, pos)) {
+      const buf = this.#bounce.get(len);
+      this.#image.readAt(buf, pos);
+      return ok(chain.writeWritable(buf, 0));
+    }
+    let off = 0;
+    for (let i = chain.readableCount; i < chain.count && off < len; i++) {
+      const gpa = chain.addr(i);
+      const n = Math.min(chain.len(i), len - off);
+      const view = mem.slice(gpa, n);
+      if (view) {
+        this.#image.readAt(view, pos + off);
+        markWritten(chain, view, gpa, off);
+      } else {
+        // Straddles a region or window boundary: read it aside, copy it in.
+        const tmp = new Uint8Array(n);
+        this.#image.readAt(tmp, pos + off);
+        chain.writeWritable(tmp, off);
+      }
+      off += n;
+    }
+    return ok(off);
+  }
+
+  #write(chain: DescriptorChain, sector: bigint, len: number): Outcome {
+    const pos = this.#range(sector, len);
+    if (pos === null) {
+      this.#warn(`write of ${len} bytes at sector ${sector}: outside the image or not whole sectors`);
+      return IOERR;
+    }
+    if (len === 0) return ok();
+    const mem = this.#memory;
+    if (this.#d.direct && !this.#piecesAligned(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len, pos)) {
+      const buf = this.#bounce.get(len);
+      chain.readReadableInto(buf, REQUEST_HEADER_SIZE);
+      this.#image.writeAt(buf, pos);
+      return ok();
+    }
+    let skip = REQUEST_HEADER_SIZE;
+    let off = 0;
+    for (let i = 0; i < chain.readableCount && off < len; i++) {
+      const dlen = chain.len(i);
+      if (skip >= dlen) {
+        skip -= dlen;
+        continue;
+      }
+      const gpa = chain.addr(i) + skip;
+      const n = Math.min(dlen - skip, len - off);
+      skip = 0;
+      const view = mem.slice(gpa, n);
+      if (view) this.#image.writeAt(view, pos + off);
+      else {
+        const tmp = new Uint8Array(n);
+        chain.readReadableInto(tmp, REQUEST_HEADER_SIZE + off);
+        this.#image.writeAt(tmp, pos + off);
+      }
+      off += n;
+    }
+    return ok();
+  }
+
+  /** True when every piece of [skip, skip+len) of buffers [first, last) can go to O_DIRECT as is. */
+  #piecesAligned(chain: DescriptorChain, first: number, last: number, skip: number, len: number, pos: number): boolean {
+    let off = 0;
+    for (let i = first; i < last && off < len; i++) {
+      const dlen = chain.len(i);
+      if (skip >= dlen) {
+        skip -= dlen;
+        continue;
+      }
+      const n = Math.min(dlen - skip, len - off);
+      const view = this.#memory.slice(chain.addr(i) + skip, n);
+      skip = 0;
+      if (!view || !isDirectAligned(view, pos + off)) return false;
+      off += n;
+    }
+    return true;
+  }
+
+  /** DISCARD / WRITE_ZEROES: every segment is checked before any is carried out. */
+  #ranges(chain: DescriptorChain, payload: number, zeroes: boolean): Outcome {
+    const what = zeroes ? "write-zeroes" : "discard";
+    if (payload === 0 || payload % DISCARD_SEGMENT_SIZE !== 0) {
+      this.#warn(`${what} with ${payload} payload bytes (not whole segments)`);
+      return IOERR;
+    }
+    const count = payload / DISCARD_SEGMENT_SIZE;
+    const maxSeg = zeroes ? this.#d.maxWriteZeroesSeg : this.#d.maxDiscardSeg;
+    const maxSectors = zeroes ? this.#d.maxWriteZeroesSectors : this.#d.maxDiscardSectors;
+    if (count > maxSeg) return UNSUPP;
+    const raw = new Uint8Array(payload);
+    chain.readReadableInto(raw, REQUEST_HEADER_SIZE);
+    const v = new DataView(raw.buffer);
+    const todo: [pos: number, len: number, unmap: boolean][] = [];
+    for (let k = 0; k < count; k++) {
+      const sector = v.getBigUint64(k * 16, true);
+      const num = v.getUint32(k * 16 + 8, true);
+      const flags = v.getUint32(k * 16 + 12, true);
+      // 5.2.6.2: UNSUPP for an unknown flag, and for discard with the unmap flag.
+      if ((flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0) return UNSUPP;
+      if (!zeroes && flags !== 0) return UNSUPP;
+      if (num > maxSectors) {
+        this.#warn(`${what} of ${num} sectors (max ${maxSectors})`);
+        return IOERR;
+      }
+      const pos = this.#range(sector, num * SECTOR_SIZE);
+      if (pos === null) {
+        this.#warn(`${what} of ${num} sectors at ${sector}: outside the image`);
+        return IOERR;
+      }
+      todo.push([pos, num * SECTOR_SIZE, (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0]);
+    }
+    for (const [pos, len, unmap] of todo) {
+      if (len === 0) continue;
+      if (zeroes) {
+        this.#image.writeZeroes(pos, len, unmap && this.#d.writeZeroesMayUnmap, () =>
+          this.#bounce.get(Math.min(len, 1 << 20)),
+        );
+      } else this.#image.discard(pos, len);
+    }
+    return ok();
+  }
+}
+
+/** The framework's queue-worker entry point. */
+export function createQueueHandler(ctx: QueueContext): QueueHandler {
+  return new BlkQueueHandler(ctx);
+}

@@ -1,0 +1,141 @@
+/**
+ * A raw image file, opened by each queue worker on its own fd (one owner per fd; fdatasync on
+ * any of them flushes the file). Whole-range pread/pwrite with EINTR and short transfers
+ * handled; with O_DIRECT, callers pass aligned buffers (see DIRECT_ALIGNMENT and
+ * AlignedBuffer) — the device switches a request to a bounce buffer when the guest's are not.
+ */
+import { EINTR, SysError, sys } from "../../sys/errors.js";
+import { Fd } from "../../sys/fd.js";
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, O_DIRECT, O_RDONLY, O_RDWR } from "../../sys/memfd.js";
+import { native } from "../../sys/native.js";
+
+/** Buffer address, length and file offset alignment we require for O_DIRECT. */
+export const DIRECT_ALIGNMENT = 512;
+const FALLOC_FL_ZERO_RANGE = 0x10;
+const EIO = 5;
+const EOPNOTSUPP = 95;
+
+export interface ImageOptions {
+  readonly?: boolean;
+  direct?: boolean;
+}
+
+export class BlockImage implements Disposable {
+  readonly fd: Fd;
+  readonly readonly: boolean;
+  readonly direct: boolean;
+
+  private constructor(fd: Fd, readonly: boolean, direct: boolean) {
+    this.fd = fd;
+    this.readonly = readonly;
+    this.direct = direct;
+  }
+
+  static open(path: string, o: ImageOptions = {}): BlockImage {
+    const flags = (o.readonly ? O_RDONLY : O_RDWR) | (o.direct ? O_DIRECT : 0);
+    const fd = new Fd(sys(() => native.open(path, flags, 0), path));
+    return new BlockImage(fd, !!o.readonly, !!o.direct);
+  }
+
+  /** Size of the image in bytes. */
+  size(): number {
+    return sys(() => native.fstat(this.fd.fd))[0];
+  }
+
+  /** Fills `view` from `pos`; bytes past the end of the file read as zero. */
+  readAt(view: Uint8Array, pos: number): void {
+    let done = 0;
+    while (done < view.length) {
+      const n = native.pread(this.fd.fd, view.subarray(done), pos + done);
+      if (n === -EINTR) continue;
+      if (n < 0) throw new SysError("pread", -n);
+      if (n === 0) {
+        view.fill(0, done);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  writeAt(view: Uint8Array, pos: number): void {
+    let done = 0;
+    while (done < view.length) {
+      const n = native.pwrite(this.fd.fd, view.subarray(done), pos + done);
+      if (n === -EINTR) continue;
+      if (n < 0) throw new SysError("pwrite", -n);
+      if (n === 0) throw new SysError("pwrite", EIO, "wrote nothing");
+      done += n;
+    }
+  }
+
+  flush(): void {
+    for (;;) {
+      const r = native.fdatasync(this.fd.fd);
+      if (r === -EINTR) continue;
+      if (r < 0) throw new SysError("fdatasync", -r);
+      return;
+    }
+  }
+
+  /** Deallocates the range (reads then return zeroes); a file system without holes is fine too. */
+  discard(pos: number, len: number): void {
+    try {
+      sys(() => native.fallocate(this.fd.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, pos, len));
+    } catch (e) {
+      // Discard is advisory (virtio: the device MAY deallocate).
+      if (!(e instanceof SysError && e.errno === EOPNOTSUPP)) throw e;
+    }
+  }
+
+  /** Makes the range read as zeroes: a hole when allowed, else ZERO_RANGE, else written zeroes. */
+  writeZeroes(pos: number, len: number, unmap: boolean, scratch: () => Uint8Array): void {
+    const mode = unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+    try {
+      sys(() => native.fallocate(this.fd.fd, mode, pos, len));
+      return;
+    } catch (e) {
+      if (!(e instanceof SysError && e.errno === EOPNOTSUPP)) throw e;
+    }
+    const zeros = scratch();
+    zeros.fill(0);
+    for (let done = 0; done < len; ) {
+      const n = Math.min(zeros.length, len - done);
+      this.writeAt(zeros.subarray(0, n), pos + done);
+      done += n;
+    }
+  }
+
+  close(): void {
+    this.fd.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** A reusable buffer whose start is page-aligned in host memory (O_DIRECT bounce buffer). */
+export class AlignedBuffer {
+  #buf = new Uint8Array(0);
+
+  /** A view of `len` bytes at a 4 KiB-aligned address (contents undefined). */
+  get(len: number): Uint8Array {
+    if (this.#buf.length < len) {
+      const cap = Math.max(len, 64 * 1024);
+      const raw = new ArrayBuffer(cap + 4096);
+      // V8 never moves an ArrayBuffer's backing store, so the address stays aligned.
+      const addr = Number(native.addressOf(raw) % 4096n);
+      this.#buf = new Uint8Array(raw, (4096 - addr) % 4096, cap);
+    }
+    return this.#buf.subarray(0, len);
+  }
+}
+
+/** True when a buffer can go to O_DIRECT as is. */
+export function isDirectAligned(view: Uint8Array, pos: number): boolean {
+  return (
+    view.length % DIRECT_ALIGNMENT === 0 &&
+    pos % DIRECT_ALIGNMENT === 0 &&
+    Number(native.addressOf(view) % BigInt(DIRECT_ALIGNMENT)) === 0
+  );
+}

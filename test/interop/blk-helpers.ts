@@ -1,0 +1,107 @@
+/**
+ * Our `vmshift blk` as a child process for the interop tests: spawned like QSD is (lifetime
+ * limit, dies with the test process), with VMSHIFT_BLK_TRACE=1 so its stderr log lists every
+ * vhost-user request it received.
+ */
+import { readFile, stat } from "node:fs/promises";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { ManagedProcess, type Rig, repoRoot } from "./rig.js";
+
+export interface BlkBackendOptions {
+  name: string;
+  image: string;
+  socket?: string;
+  queues?: number;
+  readonly?: boolean;
+  direct?: boolean;
+  lifetimeMs?: number;
+  /** Extra environment (e.g. VMSHIFT_BLK_TRACE=0). */
+  env?: Record<string, string>;
+}
+
+export class BlkBackend {
+  constructor(
+    readonly name: string,
+    readonly socket: string,
+    readonly proc: ManagedProcess,
+    readonly logPath: string,
+  ) {}
+
+  /** The backend's stderr so far. */
+  async log(): Promise<string> {
+    return readFile(this.logPath, "utf8").catch(() => "");
+  }
+
+  /** The vhost-user requests it logged (`trace: NAME payload`), in order. */
+  async requests(): Promise<{ name: string; detail: string }[]> {
+    const out: { name: string; detail: string }[] = [];
+    for (const line of (await this.log()).split("\n")) {
+      const m = /vmshift blk: trace: (\S+) ?(.*)$/.exec(line);
+      if (m) out.push({ name: m[1] as string, detail: m[2] ?? "" });
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    await this.proc.stop();
+  }
+}
+
+export function blkMainPath(): string {
+  return join(repoRoot(), "dist", "src", "cli", "blk-main.js");
+}
+
+/** Starts `node dist/src/cli/blk-main.js --socket-path ... --image ...`; resolves once the socket exists. */
+export async function startBlk(rig: Rig, o: BlkBackendOptions): Promise<BlkBackend> {
+  const socket = o.socket ?? rig.path(`${o.name}.sock`);
+  const args = [blkMainPath(), "--socket-path", socket, "--image", o.image];
+  if (o.queues) args.push("--queues", String(o.queues));
+  if (o.readonly) args.push("--readonly");
+  if (o.direct) args.push("--direct");
+  const logPath = rig.path(`${o.name}.log`);
+  const env = { VMSHIFT_BLK_TRACE: "1", ...o.env };
+  // ManagedProcess inherits our environment: set the trace switch around the spawn.
+  const saved: Record<string, string | undefined> = {};
+  for (const [k, v] of Object.entries(env)) {
+    saved[k] = process.env[k];
+    process.env[k] = v;
+  }
+  let proc: ManagedProcess;
+  try {
+    proc = new ManagedProcess(process.execPath, args, {
+      name: `vmshift blk ${o.name}`,
+      lifetimeMs: o.lifetimeMs ?? 180_000,
+      stderrLog: logPath,
+    });
+  } finally {
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+  const b = new BlkBackend(o.name, socket, proc, logPath);
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      if ((await stat(socket)).isSocket()) break;
+    } catch {
+      // not yet
+    }
+    if (!proc.running) throw new Error(`${proc.describeExit()} before creating ${socket}: ${proc.stderr().trim()}`);
+    if (Date.now() > deadline) {
+      await proc.stop();
+      throw new Error(`${o.name}: no socket after 10 s: ${proc.stderr().trim()}`);
+    }
+    await sleep(20);
+  }
+  return b;
+}
+
+/** Prints the loud skip banner; returns the skip reason (or false). */
+export function skipBanner(file: string, reason: string | null): string | false {
+  if (reason === null) return false;
+  const msg = `\n${"!".repeat(78)}\n!! SKIPPING ${file}: ${reason}\n!! (VMSHIFT_REQUIRE_INTEROP=1 turns this skip into a failure)\n${"!".repeat(78)}\n`;
+  process.stderr.write(msg);
+  return `QEMU interop rig unavailable: ${reason}`;
+}
