@@ -108,24 +108,7 @@ export class AtomicBitmap {
    * scan is either returned now or left for the next call. Ascending page order.
    */
   snapshotAndClear(): Uint32Array {
-    const chunks: Uint32Array[] = [];
-    let total = 0;
-    let word = 0;
-    const nw = this.words.length;
-    while (word < nw) {
-      const out = new Uint32Array(SCAN_CHUNK);
-      const [found, next] = native.scanClear(this.words, out, word);
-      if (found > 0) {
-        chunks.push(out.subarray(0, found));
-        total += found;
-      }
-      word = next;
-    }
-    const all = chunks.length === 1 ? (chunks[0] as Uint32Array) : concat(chunks, total);
-    // Bits past the last page can only be set by a foreign writer of the raw words; drop them.
-    let end = all.length;
-    while (end > 0 && (all[end - 1] as number) >= this.pages) end--;
-    return all.subarray(0, end);
+    return takeBits(this.words, this.pages);
   }
 
   /** OR `pages` (page indices) into this bitmap. */
@@ -141,6 +124,40 @@ export class AtomicBitmap {
   setAll(): void {
     this.markRange(0, this.bytes);
   }
+}
+
+// One scratch buffer per thread: scanClear writes bit numbers into it and only what was found
+// is copied out, so a sparse scan allocates almost nothing.
+const scratch = new Uint32Array(SCAN_CHUNK);
+
+/**
+ * Takes (atomic exchange) every set bit of `words` below `limit` and returns the bit numbers in
+ * ascending order. A bit set concurrently is either returned or left for the next call.
+ */
+export function takeBits(words: Uint32Array, limit: number): Uint32Array {
+  let parts: Uint32Array[] | null = null;
+  let single: Uint32Array | null = null;
+  let total = 0;
+  let word = 0;
+  while (word < words.length) {
+    const [found, next] = native.scanClear(words, scratch, word);
+    if (found > 0) {
+      const part = scratch.slice(0, found);
+      if (single === null && parts === null) single = part;
+      else {
+        parts ??= [single as Uint32Array];
+        parts.push(part);
+      }
+      total += found;
+    }
+    word = next;
+  }
+  let all = parts ? concat(parts, total) : (single ?? new Uint32Array(0));
+  // Bits past the limit can only be set by a foreign writer of the raw words; drop them.
+  let end = all.length;
+  while (end > 0 && (all[end - 1] as number) >= limit) end--;
+  if (end < all.length) all = all.subarray(0, end);
+  return all;
 }
 
 function concat(parts: Uint32Array[], total: number): Uint32Array {

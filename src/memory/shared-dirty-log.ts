@@ -18,7 +18,7 @@ import { MessageChannel, type MessagePort, receiveMessageOnPort } from "node:wor
 import type { Fd } from "../sys/fd.js";
 import { Mapping, WINDOW_SIZE } from "../sys/mapping.js";
 import { createMemfd } from "../sys/memfd.js";
-import { native } from "../sys/native.js";
+import { takeBits } from "./atomic-bitmap.js";
 import type { DirtySink, DirtySource } from "./dirty-source.js";
 import { GuestMemoryError } from "./errors.js";
 import { hex, toLength } from "./guest-address.js";
@@ -157,24 +157,7 @@ export class DirtyLogArea implements Disposable {
 
   /** Takes and clears the dirty pages (atomic exchange per word: no concurrent mark is lost). */
   take(): Uint32Array {
-    const parts: Uint32Array[] = [];
-    let total = 0;
-    let word = 0;
-    while (word < this.words.length) {
-      const out = new Uint32Array(64 * 1024);
-      const [found, next] = native.scanClear(this.words, out, word);
-      parts.push(out.subarray(0, found));
-      total += found;
-      word = next;
-    }
-    if (parts.length === 1) return parts[0] as Uint32Array;
-    const all = new Uint32Array(total);
-    let o = 0;
-    for (const p of parts) {
-      all.set(p, o);
-      o += p.length;
-    }
-    return all;
+    return takeBits(this.words, this.pages);
   }
 
   close(): void {
