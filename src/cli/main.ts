@@ -3,7 +3,9 @@
  * The `vmshift` command. Each subcommand lives in its own module; this file only dispatches.
  */
 import { parseArgs } from "node:util";
+import { BLK_USAGE, blkCommand } from "./blk.js";
 import { runMemoryDemo } from "./demo-memory.js";
+import { PROBE_USAGE, probeCommand } from "./probe.js";
 
 const USAGE = `usage: vmshift <command> [options]
 
@@ -11,7 +13,12 @@ commands:
   demo [--size MiB] [--rounds N] [--json]
         migrate a running workload's memory between two guest memories, round by round,
         with every dirty-tracking source the machine offers, and verify it by digest
-  help  this text
+  probe --socket PATH [--json]
+        connect to any vhost-user back-end and print what it offers
+  blk (--socket-path PATH | --fd N) --image FILE [--readonly] [--queues N]
+        serve a raw image as a vhost-user-blk device (QEMU: -device vhost-user-blk-pci)
+  help [COMMAND]
+        this text, or a command's own
 `;
 
 type Command = (argv: string[]) => Promise<number>;
@@ -40,8 +47,11 @@ const commands: Record<string, Command> = {
     });
     return r.verified ? 0 : 1;
   },
-  async help() {
-    process.stdout.write(USAGE);
+  probe: (argv) => probeCommand(argv),
+  blk: (argv) => blkCommand(argv),
+  async help(argv) {
+    const usage: Record<string, string> = { probe: PROBE_USAGE, blk: BLK_USAGE };
+    process.stdout.write(usage[argv[0] ?? ""] ?? USAGE);
     return 0;
   },
 };
