@@ -10,6 +10,7 @@ export interface Benchmark {
 
 const benchmarks: Record<string, () => Promise<Benchmark>> = {
   dirty: () => import("./dirty.js"),
+  kvm: () => import("./kvm.js"),
 };
 
 const args = process.argv.slice(2);
