@@ -5,7 +5,9 @@
 import { parseArgs } from "node:util";
 import { BLK_USAGE, blkCommand } from "./blk.js";
 import { runMemoryDemo } from "./demo-memory.js";
+import { MIGRATE_USAGE, migrateCommand } from "./migrate.js";
 import { PROBE_USAGE, probeCommand } from "./probe.js";
+import { SNAPSHOT_USAGE, snapshotCommand } from "./snapshot.js";
 
 const USAGE = `usage: vmshift <command> [options]
 
@@ -13,6 +15,10 @@ commands:
   demo [--size MiB] [--rounds N] [--json]
         migrate a running workload's memory between two guest memories, round by round,
         with every dirty-tracking source the machine offers, and verify it by digest
+  migrate (--listen ENDPOINT | --to ENDPOINT) [--mode precopy|postcopy] [--json] ...
+        migrate the memory of a running worker-thread workload between two processes or hosts
+  snapshot save|restore --file FILE [--lazy]
+        background snapshot of running memory (userfaultfd write-protect) and its restore
   probe --socket PATH [--json]
         connect to any vhost-user back-end and print what it offers
   blk (--socket-path PATH | --fd N) --image FILE [--readonly] [--queues N]
@@ -49,8 +55,15 @@ const commands: Record<string, Command> = {
   },
   probe: (argv) => probeCommand(argv),
   blk: (argv) => blkCommand(argv),
+  migrate: (argv) => migrateCommand(argv),
+  snapshot: (argv) => snapshotCommand(argv),
   async help(argv) {
-    const usage: Record<string, string> = { probe: PROBE_USAGE, blk: BLK_USAGE };
+    const usage: Record<string, string> = {
+      probe: PROBE_USAGE,
+      blk: BLK_USAGE,
+      migrate: MIGRATE_USAGE,
+      snapshot: SNAPSHOT_USAGE,
+    };
     process.stdout.write(usage[argv[0] ?? ""] ?? USAGE);
     return 0;
   },
