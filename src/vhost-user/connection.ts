@@ -200,8 +200,11 @@ export interface RequestOptions {
 export type ConnectionEvents<T extends RequestTable> = {
   /** A well-formed request; its fds now belong to the listener. */
   request: [RequestMessage<T>];
-  /** A malformed or unexpected message (already dropped, its fds closed). The connection goes on unless a "close" follows. */
-  protocolError: [VhostUserError];
+  /**
+   * A malformed or unexpected message (already dropped, its fds closed). The connection goes on unless a "close" follows.
+   * `header` is there for a request that was framed but could not be decoded, so the server can still answer it.
+   */
+  protocolError: [VhostUserError, Header?];
   /** A "request" listener threw. */
   handlerError: [unknown, RequestMessage<T>];
   /** The connection is gone: peer hang-up (error undefined), fatal framing error, or close(). Once. */
@@ -457,7 +460,7 @@ export class Connection<T extends RequestTable> extends EventEmitter<ConnectionE
     try {
       msg = decodeRequest(this.index, m.header, m.payload, m.fds);
     } catch (e) {
-      this.emit("protocolError", e as VhostUserError);
+      this.emit("protocolError", e as VhostUserError, m.header);
       return;
     }
     if (this.listenerCount("request") === 0) {

@@ -8,6 +8,7 @@ import { toGpa, toLength } from "../../memory/guest-address.js";
 import { GuestMemory } from "../../memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../memory/region.js";
 import type { Fd } from "../../sys/fd.js";
+import { native } from "../../sys/native.js";
 import { VhostUserError } from "../protocol/errors.js";
 import type { MemoryRegion } from "../protocol/payloads.js";
 
@@ -19,6 +20,26 @@ export interface MappedRegion {
   readonly region: GuestMemoryRegion;
   /** Registered with the postcopy userfaultfd. */
   registered: boolean;
+}
+
+const S_IFMT = 0o170000;
+const S_IFREG = 0o100000;
+
+/**
+ * A shared mapping past the end of its file faults with SIGBUS on first access, which would
+ * take the whole daemon down: a file (memfd, tmpfs, hugetlbfs) must hold [offset, offset+size).
+ * Other fd kinds (devices) are left to mmap. A front-end that shrinks the file later can still
+ * do it; sealing (F_SEAL_SHRINK) is the front-end's tool for that.
+ */
+export function checkFdCovers(fd: Fd, offset: bigint, size: bigint, what: string, request: string): void {
+  const [fileSize, mode] = native.fstat(fd.fd);
+  if ((mode & S_IFMT) === S_IFREG && offset + size > BigInt(fileSize)) {
+    throw new VhostUserError("BAD_VALUE", `${what} [offset ${offset}, +${size}) runs past the end of its file`, {
+      request,
+      value: offset + size,
+      expected: `<= ${fileSize}`,
+    });
+  }
 }
 
 /** Maps one region description with its fd (ownership of `fd` is taken, also on error). */
@@ -33,6 +54,7 @@ export function mapRegion(desc: MemoryRegion, fd: Fd, request: string): MappedRe
         value: size === 0 ? desc.size : desc.mmapOffset,
       });
     }
+    checkFdCovers(fd, desc.mmapOffset, desc.size, "memory region", request);
     const region = GuestMemoryRegion.fromFd(fd, gpa, size, off, "external");
     return {
       guestAddress: gpa,

@@ -24,11 +24,11 @@ import { Connection } from "../connection.js";
 import { featureMask, hasFeature, ProtocolFeature, VHOST_VRING_F_LOG, VirtioFeature } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
 import type { FrontendRequests } from "../protocol/frontend-requests.js";
-import type { RequestMessage } from "../protocol/message.js";
+import { type Header, needsReply, type RequestMessage } from "../protocol/message.js";
 import type { VringAddr } from "../protocol/payloads.js";
 import type { VhostUserDevice } from "./device.js";
 import { inflightQueueSize, type SharedInflightQueue } from "./inflight.js";
-import { BackendMemoryTable, type MappedRegion, mapRegion } from "./memory-table.js";
+import { BackendMemoryTable, checkFdCovers, type MappedRegion, mapRegion } from "./memory-table.js";
 import { QueueThread } from "./queue-thread.js";
 
 type Msg = RequestMessage<FrontendRequests>;
@@ -111,7 +111,11 @@ export class BackendSession {
     this.conn.on("request", (m) => {
       this.#queue = this.#queue.then(() => this.#serve(m));
     });
-    this.conn.on("protocolError", (e) => events.log("warn", `malformed message dropped: ${e.message}`));
+    this.conn.on("protocolError", (e, header) => {
+      events.log("warn", `malformed message: ${e.message}`);
+      // In order behind the messages before it, like any request.
+      this.#queue = this.#queue.then(() => this.#refuseMalformed(e, header));
+    });
     this.conn.on("close", (e) => {
       if (e && e.code !== "CLOSED") events.log("info", `front-end gone: ${e.message}`);
       this.#queue = this.#queue.then(() => this.#teardown()).then(done);
@@ -169,14 +173,41 @@ export class BackendSession {
       for (const f of m.fds) if (!f.closed) f.close();
       const err = e as Error;
       this.#events.log("warn", `${m.name} failed: ${err.message}`);
-      if (m.needReply) {
-        await this.conn.ack(m, 1n).catch(() => undefined);
-      } else if (this.#hasExplicitReply(m.name)) {
+      // NEED_REPLY on a request with an explicit reply changes nothing ("no behavioural change"):
+      // there is no NACK for it, only the hang-up below.
+      if (this.#hasExplicitReply(m.name) || this.#replyExpected(m)) {
         // The front-end waits for a reply we cannot give: drop the connection rather than
         // leave it hanging; it can reconnect.
         this.conn.close();
+      } else if (m.needReply) {
+        await this.conn.ack(m, 1n).catch(() => undefined);
       }
     }
+  }
+
+  /**
+   * A message that could not be decoded must not vanish: the front-end would wait for its
+   * REPLY_ACK forever, or believe a change happened that did not. A request that asked for
+   * REPLY_ACK and whose header is sound gets a NACK; anything else (bad version or flags, an
+   * unknown code, a request whose reply we cannot give) costs the connection.
+   */
+  async #refuseMalformed(e: VhostUserError, header: Header | undefined): Promise<void> {
+    if (this.#closing) return;
+    const spec = header ? this.conn.index.byCode(header.request) : undefined;
+    const payloadLevel =
+      e.code === "BAD_SIZE" || e.code === "BAD_FD_COUNT" || e.code === "BAD_VALUE" || e.code === "TOO_MANY_REGIONS";
+    if (header && spec && payloadLevel && needsReply(header.flags) && spec.replies !== "always") {
+      await this.conn.ack({ code: spec.code, needReply: true, name: spec.name }, 1n).catch(() => undefined);
+      return;
+    }
+    this.conn.close();
+  }
+
+  /** The front-end waits for a reply the spec gives only in this state (SET_LOG_BASE with LOG_SHMFD, postcopy mappings). */
+  #replyExpected(m: Msg): boolean {
+    if (m.name === "SET_LOG_BASE") return hasFeature(this.#protocolFeatures, ProtocolFeature.LOG_SHMFD);
+    if (m.name === "SET_MEM_TABLE" || m.name === "ADD_MEM_REG") return this.#postcopyListening;
+    return false;
   }
 
   #hasExplicitReply(name: string): boolean {
@@ -246,6 +277,7 @@ export class BackendSession {
         const fd = m.fds[0];
         if (!fd)
           throw new VhostUserError("BAD_FD_COUNT", "SET_LOG_BASE without an fd (LOG_SHMFD)", { request: m.name });
+        checkFdCovers(fd, m.payload.mmapOffset, m.payload.mmapSize, "dirty log", m.name);
         const area = DirtyLogArea.map(fd, m.payload.mmapSize, m.payload.mmapOffset);
         const old = this.#logArea;
         this.#logArea = area;
@@ -273,9 +305,18 @@ export class BackendSession {
       }
       case "SET_VRING_ADDR": {
         const v = this.#ring(m.payload.index, m.name);
+        const oldAddr = v.addr;
         v.addr = m.payload;
         // A started ring picks up the new addresses (e.g. the log flag switched during migration).
-        if (v.started) await this.#startRing(m.payload.index, v, m.name);
+        // Refused addresses must not stay behind for the next SET_VRING_KICK.
+        if (v.started) {
+          try {
+            await this.#startRing(m.payload.index, v, m.name);
+          } catch (e) {
+            v.addr = oldAddr;
+            throw e;
+          }
+        }
         return void (await this.conn.ack(m));
       }
       case "SET_VRING_BASE": {
@@ -308,7 +349,13 @@ export class BackendSession {
             throw new VhostUserError("BAD_VALUE", "polling rings (no kick fd) are not supported", { request: m.name });
           const old = v.kick;
           v.kick = fd;
-          await this.#startRing(m.payload.index, v, m.name);
+          try {
+            await this.#startRing(m.payload.index, v, m.name);
+          } catch (e) {
+            // The ring (if it runs) still polls the old fd: keep it; the new one is closed by #serve.
+            v.kick = old;
+            throw e;
+          }
           old?.close();
         } else {
           const which = m.name === "SET_VRING_CALL" ? "call" : "err";
@@ -438,6 +485,7 @@ export class BackendSession {
               value: mmapSize,
             });
           }
+          checkFdCovers(fd, mmapOffset, mmapSize, "inflight region", m.name);
           const map = Mapping.map(fd, size, { offset: toLength(mmapOffset) });
           this.#setInflight({ fd, map, numQueues, queueSize });
         } catch (e) {
