@@ -9,13 +9,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { echoDevice } from "../../src/devices/examples/echo.js";
-import { GuestMemory } from "../../src/memory/guest-memory.js";
-import { GuestMemoryRegion } from "../../src/memory/region.js";
+import type { GuestMemoryRegion } from "../../src/memory/region.js";
 import { DirtyLogArea } from "../../src/memory/shared-dirty-log.js";
 import { EventFd } from "../../src/sys/eventfd.js";
 import { UnixSocket } from "../../src/sys/unix-socket.js";
 import { VhostUserDaemon } from "../../src/vhost-user/backend/daemon.js";
-import { Connection } from "../../src/vhost-user/connection.js";
 import {
   featureMask,
   ProtocolFeature,
@@ -23,8 +21,8 @@ import {
   VirtioFeature,
 } from "../../src/vhost-user/protocol/constants.js";
 import { VhostUserError } from "../../src/vhost-user/protocol/errors.js";
-import { SplitQueueDriver } from "../../src/virtio/driver.js";
 import { features, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from "../../src/virtio/features.js";
+import { connectRaw, echoRaw, type RawFrontend, setUpRaw } from "./raw-frontend.js";
 
 const PATH = join(tmpdir(), `vmshift-backend-${process.pid}.sock`);
 const MiB = 1024 * 1024;
@@ -47,47 +45,16 @@ after(async () => {
   await serving;
 });
 
-interface Frontend {
-  conn: Connection<import("../../src/vhost-user/protocol/frontend-requests.js").FrontendRequests>;
-  mem: GuestMemory;
-  driver: SplitQueueDriver;
-  kick: EventFd;
-  call: EventFd;
-  uva(gpa: number): bigint;
-  close(): void;
-}
+type Frontend = RawFrontend;
 
-async function connect(): Promise<Frontend> {
-  const conn = Connection.frontend(UnixSocket.connect(PATH), { timeoutMs: 5000 });
-  const region = GuestMemoryRegion.memfd(0, 4 * MiB);
-  const mem = new GuestMemory([region]);
-  const uva = (gpa: number) => region.hostAddress + BigInt(gpa);
-  const driver = SplitQueueDriver.at(mem, 0x10000, 64, { features: features(VIRTIO_RING_F_EVENT_IDX) });
-  const kick = new EventFd();
-  const call = new EventFd();
-  return {
-    conn,
-    mem,
-    driver,
-    kick,
-    call,
-    uva,
-    close() {
-      conn.close();
-      kick.close();
-      call.close();
-      mem.close();
-    },
-  };
-}
+const connect = async (): Promise<Frontend> => connectRaw(PATH);
 
-async function setUp(f: Frontend, extraFeatures = 0n): Promise<void> {
-  const { conn } = f;
-  await conn.request("SET_OWNER", undefined as never);
-  const offered = (await conn.request("GET_FEATURES", undefined as never))?.payload as bigint;
+/** Negotiation checks for a 2-queue device with a config space, then the common set-up. */
+async function setUp(f: Frontend): Promise<void> {
+  const offered = (await f.conn.request("GET_FEATURES", undefined as never))?.payload as bigint;
   assert.ok(offered & featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES));
   assert.ok(offered & featureMask(VirtioFeature.VHOST_F_LOG_ALL));
-  const proto = (await conn.request("GET_PROTOCOL_FEATURES", undefined as never))?.payload as bigint;
+  const proto = (await f.conn.request("GET_PROTOCOL_FEATURES", undefined as never))?.payload as bigint;
   const want = featureMask(
     ProtocolFeature.LOG_SHMFD,
     ProtocolFeature.REPLY_ACK,
@@ -95,53 +62,10 @@ async function setUp(f: Frontend, extraFeatures = 0n): Promise<void> {
     ProtocolFeature.CONFIG,
   );
   assert.equal(proto & want, want, "MQ and CONFIG are offered for a 2-queue device with a config space");
-  await conn.request("SET_PROTOCOL_FEATURES", want);
-  conn.setProtocolFeatures(want);
-  const feats =
-    features(VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX) |
-    featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES) |
-    extraFeatures;
-  await conn.request("SET_FEATURES", feats);
-  const r = f.mem.regions[0] as GuestMemoryRegion;
-  await conn.request(
-    "SET_MEM_TABLE",
-    { regions: [{ guestAddress: 0n, size: BigInt(r.size), userAddress: r.hostAddress, mmapOffset: 0n }] },
-    { fds: [r.backing.fd!] },
-  );
-  const d = f.driver;
-  await conn.request("SET_VRING_NUM", { index: 0, num: 64 });
-  await conn.request("SET_VRING_BASE", { index: 0, num: 0 });
-  await conn.request("SET_VRING_ADDR", {
-    index: 0,
-    flags: 0,
-    descriptor: f.uva(d.descTable),
-    used: f.uva(d.usedRing),
-    available: f.uva(d.availRing),
-    log: 0n,
-  });
-  await conn.request("SET_VRING_CALL", { index: 0, noFd: false }, { fds: [f.call.fd] });
-  await conn.request("SET_VRING_KICK", { index: 0, noFd: false }, { fds: [f.kick.fd] });
-  await conn.request("SET_VRING_ENABLE", { index: 0, num: 1 });
+  await setUpRaw(f, { protocolFeatures: want });
 }
 
-/** One echo request: `data` in a readable buffer at `src`, a writable buffer at `dst`. */
-async function echo(f: Frontend, data: Uint8Array, src: number, dst: number): Promise<Uint8Array> {
-  f.mem.write(src, data);
-  f.mem.fill(dst, data.length, 0);
-  f.driver.add([{ addr: src, len: data.length }], [{ addr: dst, len: data.length }]);
-  const called = new Promise<void>((resolve) => {
-    const w = f.call.onSignal(() => {
-      w.close();
-      resolve();
-    });
-  });
-  if (f.driver.publish()) f.kick.signal();
-  await called;
-  const used = f.driver.getUsed();
-  assert.ok(used, "a used element came back");
-  assert.equal(used.len, data.length);
-  return f.mem.read(dst, data.length);
-}
+const echo = echoRaw;
 
 test("echo round trips through the queue worker; config space; GET_VRING_BASE stops the ring", async () => {
   const f = await connect();
@@ -154,10 +78,10 @@ test("echo round trips through the queue worker; config space; GET_VRING_BASE st
       assert.deepEqual(await echo(f, data, 0x100000 + i * 4096, 0x300000), data);
     }
     const cfg = await f.conn.request("GET_CONFIG", { offset: 2, flags: 0, data: new Uint8Array(4) });
-    assert.deepEqual([...(cfg?.payload as { data: Uint8Array }).data], [3, 4, 5, 6]);
+    assert.deepEqual([...(cfg?.payload as { data: Uint8Array } | undefined)!.data], [3, 4, 5, 6]);
     await f.conn.request("SET_CONFIG", { offset: 0, flags: 0, data: Uint8Array.of(9) });
     const cfg2 = await f.conn.request("GET_CONFIG", { offset: 0, flags: 0, data: new Uint8Array(2) });
-    assert.deepEqual([...(cfg2?.payload as { data: Uint8Array }).data], [9, 2]);
+    assert.deepEqual([...(cfg2?.payload as { data: Uint8Array } | undefined)!.data], [9, 2]);
     const base = await f.conn.request("GET_VRING_BASE", { index: 0, num: 0 });
     assert.deepEqual(base?.payload, { index: 0, num: 51 });
     assert.equal((await f.conn.request("GET_QUEUE_NUM", undefined as never))?.payload, 2n);
