@@ -121,13 +121,17 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
     io.err(`vmshift blk: ${(e as Error).message}`);
     return 1;
   }
-  daemon.on("log", (level, msg) => log(level, msg));
+  let signalled: string | null = null;
+  daemon.on("log", (level, msg) => {
+    // Closing the listener fails the pending accept: expected when we are the ones stopping.
+    if (signalled && msg.startsWith("accept failed")) return;
+    log(level, msg);
+  });
   if (process.env.VMSHIFT_BLK_TRACE === "1") {
     daemon.on("session", (s: BackendSession) => {
       s.conn.on("request", (m) => log("trace", describe(m as never)));
     });
   }
-  let signalled: string | null = null;
   const stop = (sig: string) => {
     if (signalled) return;
     signalled = sig;
