@@ -5,7 +5,8 @@
  * Follows the vhost-user spec's "Backend program conventions": `--socket-path`/`--fd`,
  * `--print-capabilities` (type "block-device"), and the vhost-user-blk options `--blk-file`
  * (alias of --image) and `--read-only` (alias of --readonly). Logs go to stderr;
- * VMSHIFT_BLK_TRACE=1 also logs every vhost-user request received. SIGINT/SIGTERM stop it cleanly.
+ * VMSHIFT_BLK_TRACE=1 also logs every vhost-user request received; VMSHIFT_BLK_DELAY_MS=N (tests)
+ * holds every request N ms in its worker. SIGINT/SIGTERM stop it cleanly.
  */
 import { parseArgs } from "node:util";
 import { blkDevice } from "../devices/blk/device.js";
@@ -21,7 +22,8 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --direct               open the image with O_DIRECT
   --serial ID            GET_ID answer (default: the image file name)
   --print-capabilities   print the back-end capabilities JSON and exit
-environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request
+environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
+  VMSHIFT_BLK_DELAY_MS=N delays every request by N ms (tests: keeps requests in flight)
 `;
 
 /** The spec's capabilities object (VHostUserBackendCapabilities, type block-device). */
@@ -109,6 +111,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       queues,
       direct: !!values.direct,
       ...(values.serial ? { serial: values.serial as string } : {}),
+      debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
     });
     daemon = socketPath ? VhostUserDaemon.listen(device, socketPath) : VhostUserDaemon.fromFd(device, fd);
     log(

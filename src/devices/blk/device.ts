@@ -4,6 +4,7 @@
  */
 import { basename } from "node:path";
 import type { VhostUserDevice } from "../../vhost-user/backend/device.js";
+import { featureMask, ProtocolFeature } from "../../vhost-user/protocol/constants.js";
 import {
   features,
   VIRTIO_F_VERSION_1,
@@ -38,8 +39,10 @@ export interface BlkOptions {
   maxQueueSize?: number;
   /** GET_ID answer (default: the image's file name, cut to 20 bytes). */
   serial?: string;
-  /** Extra protocol features (e.g. INFLIGHT_SHMFD once the framework offers it). */
+  /** Extra protocol features on top of INFLIGHT_SHMFD (which the blk device always offers). */
   protocolFeatures?: bigint;
+  /** Test knob: each request waits this long in its worker before completing (0 = none). */
+  debugDelayMs?: number;
 }
 
 /** Segments per request the driver may use: a chain of header + segments + status must fit a 128-entry queue. */
@@ -111,6 +114,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxDiscardSeg: MAX_DISCARD_SEG,
     maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
+    debugDelayMs: o.debugDelayMs ?? 0,
   };
   return {
     capacitySectors,
@@ -119,7 +123,9 @@ export function blkDevice(o: BlkOptions): BlkDevice {
       numQueues: queues,
       maxQueueSize: o.maxQueueSize ?? 1024,
       features: f,
-      protocolFeatures: o.protocolFeatures ?? 0n,
+      // Reconnect: the framework tracks heads in the inflight region and resubmits them after a
+      // restart; re-running a read or write of the same data is harmless, so blk can opt in.
+      protocolFeatures: featureMask(ProtocolFeature.INFLIGHT_SHMFD) | (o.protocolFeatures ?? 0n),
     },
     queueWorker: new URL("./handler.js", import.meta.url),
     workerData: () => data,

@@ -46,6 +46,8 @@ export interface BlkWorkerData {
   maxDiscardSeg: number;
   maxWriteZeroesSectors: number;
   maxWriteZeroesSeg: number;
+  /** Test knob: sleep this long before completing each request. */
+  debugDelayMs: number;
 }
 
 const STATUS = [Uint8Array.of(VIRTIO_BLK_S_OK), Uint8Array.of(VIRTIO_BLK_S_IOERR), Uint8Array.of(VIRTIO_BLK_S_UNSUPP)];
@@ -85,6 +87,7 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #header = new Uint8Array(REQUEST_HEADER_SIZE);
   readonly #headerView = new DataView(this.#header.buffer);
   #warnings = 0;
+  readonly #sleeper = new Int32Array(new SharedArrayBuffer(4));
 
   constructor(ctx: QueueContext) {
     this.#d = ctx.data as BlkWorkerData;
@@ -108,6 +111,7 @@ export class BlkQueueHandler implements QueueHandler {
       this.#warn("request without a status byte (no writable buffer)");
       return 0;
     }
+    if (this.#d.debugDelayMs > 0) Atomics.wait(this.#sleeper, 0, 0, this.#d.debugDelayMs);
     let out: Outcome;
     try {
       out = this.#serve(chain, wlen - 1);
