@@ -50,6 +50,11 @@ export interface DestinationHooks {
   /** The guest may run here now (precopy: after verification; postcopy: before pages arrive). */
   resume?(): void | Promise<void>;
   loadDeviceState?(state: DeviceState): void | Promise<void>;
+  /**
+   * Postcopy: every page has arrived (END read) and faults are still served; called before
+   * the memory is hashed, so a guest that runs here can be parked at a known point first.
+   */
+  beforeVerify?(): void | Promise<void>;
 }
 
 export interface DestinationOptions {
@@ -491,6 +496,7 @@ export class MigrationDestination {
     const postcopy = this.#postcopy;
     // Every page the source still had to send has been placed: nothing can fault any more.
     // Unregister before reading memory here (this thread must never fault on guest memory).
+    if (postcopy) await this.#o.hooks?.beforeVerify?.();
     this.#stopPostcopy();
     this.#phase("verify");
     const verify = this.#o.verify ?? true;
