@@ -4,7 +4,9 @@
  */
 import { parseArgs } from "node:util";
 import { BLK_USAGE, blkCommand } from "./blk.js";
+import { demoDestinationCommand } from "./demo-destination.js";
 import { runMemoryDemo } from "./demo-memory.js";
+import { runVmDemo } from "./demo-vm.js";
 import { MIGRATE_USAGE, migrateCommand } from "./migrate.js";
 import { PROBE_USAGE, probeCommand } from "./probe.js";
 import { SNAPSHOT_USAGE, snapshotCommand } from "./snapshot.js";
@@ -12,9 +14,12 @@ import { SNAPSHOT_USAGE, snapshotCommand } from "./snapshot.js";
 const USAGE = `usage: vmshift <command> [options]
 
 commands:
-  demo [--size MiB] [--rounds N] [--json]
-        migrate a running workload's memory between two guest memories, round by round,
-        with every dirty-tracking source the machine offers, and verify it by digest
+  demo [--size MiB] [--dirty-rate MiB/s] [--mode precopy|postcopy] [--dirty-tracking bitmap|ring] [--json]
+        boot a micro-VM (KVM) and live-migrate it while it runs to a second process; checks
+        memory digests and that the guest's counter continues there (no KVM: a worker-thread
+        workload's memory, and it says so)
+  demo --memory-only [--size MiB] [--rounds N] [--json]
+        the memory layer alone: every dirty-tracking source the machine offers, in-process
   migrate (--listen ENDPOINT | --to ENDPOINT) [--mode precopy|postcopy] [--json] ...
         migrate the memory of a running worker-thread workload between two processes or hosts
   snapshot save|restore --file FILE [--lazy]
@@ -35,24 +40,52 @@ const commands: Record<string, Command> = {
       args: argv,
       options: {
         size: { type: "string", default: "256" },
+        "dirty-rate": { type: "string", default: "64" },
+        mode: { type: "string", default: "precopy" },
+        "dirty-tracking": { type: "string", default: "bitmap" },
+        "memory-only": { type: "boolean", default: false },
         rounds: { type: "string", default: "10" },
         json: { type: "boolean", default: false },
       },
     });
     const sizeMiB = Number(values.size);
-    const maxRounds = Number(values.rounds);
     if (!Number.isInteger(sizeMiB) || sizeMiB < 16 || sizeMiB > 4096)
       throw new UsageError("--size must be 16..4096 (MiB)");
-    if (!Number.isInteger(maxRounds) || maxRounds < 1) throw new UsageError("--rounds must be a positive integer");
-    const r = await runMemoryDemo({
-      sizeMiB,
-      maxRounds,
-      json: values.json ?? false,
-      convergePages: 64,
-      out: (l) => process.stdout.write(`${l}\n`),
-    });
-    return r.verified ? 0 : 1;
+    const json = values.json ?? false;
+    const out = (l: string) => process.stdout.write(`${l}\n`);
+    if (values["memory-only"]) {
+      const maxRounds = Number(values.rounds);
+      if (!Number.isInteger(maxRounds) || maxRounds < 1) throw new UsageError("--rounds must be a positive integer");
+      const r = await runMemoryDemo({ sizeMiB, maxRounds, json, convergePages: 64, out });
+      return r.verified ? 0 : 1;
+    }
+    const dirtyRateMiB = Number(values["dirty-rate"]);
+    if (!Number.isFinite(dirtyRateMiB) || dirtyRateMiB < 0) throw new UsageError("--dirty-rate must be >= 0 (MiB/s)");
+    const mode = values.mode;
+    if (mode !== "precopy" && mode !== "postcopy") throw new UsageError("--mode must be precopy or postcopy");
+    const dirtyTracking = values["dirty-tracking"];
+    if (dirtyTracking !== "bitmap" && dirtyTracking !== "ring")
+      throw new UsageError("--dirty-tracking must be bitmap or ring");
+    const tty = !json && process.stdout.isTTY === true;
+    try {
+      const r = await runVmDemo({
+        sizeMiB,
+        dirtyRateMiB,
+        mode,
+        dirtyTracking,
+        json,
+        out,
+        status: tty ? (l) => process.stdout.write(`\r\x1b[2K${l}`) : null,
+      });
+      return r.verified ? 0 : 1;
+    } catch (e) {
+      const message = e instanceof Error ? e.message : String(e);
+      if (json) out(JSON.stringify({ event: "result", verified: false, mode, dirtyTracking, error: message }));
+      else process.stderr.write(`vmshift demo: migration failed: ${message}\n`);
+      return 1;
+    }
   },
+  "demo-destination": (argv) => demoDestinationCommand(argv),
   probe: (argv) => probeCommand(argv),
   blk: (argv) => blkCommand(argv),
   migrate: (argv) => migrateCommand(argv),

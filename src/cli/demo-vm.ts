@@ -1,0 +1,366 @@
+/**
+ * `vmshift demo`: boots a micro-VM (KVM, one vCPU running the long-mode dirtying program) and
+ * live-migrates it, while it runs, to a second process (`vmshift demo-destination`, spawned
+ * here) over a unix socket: precopy rounds with KVM dirty tracking (bitmap or rings), stop,
+ * the vCPU state as a device-state record, the VM rebuilt and resumed over the received
+ * memory there, which checks that the guest's counter continues with no gap. Postcopy: the
+ * destination runs the vCPU at once and its memory arrives on demand.
+ *
+ * Without /dev/kvm the same migration moves a worker-thread workload's memory (the engine's
+ * Workload) and the output says so.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import type { Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { DIRTY_BASE } from "../kvm/guest.js";
+import { kvmUnavailableReason } from "../kvm/kvm.js";
+import { type DirtyTracking, MicroVm } from "../kvm/micro-vm.js";
+import type { GuestMemory } from "../memory/guest-memory.js";
+import type { MigrationResult, RoundStats } from "../migration/events.js";
+import { MigrationSource, type SourceHooks } from "../migration/source.js";
+import { connectEndpoint, parseEndpoint } from "../migration/transport.js";
+import { Workload } from "../migration/workload.js";
+import { VmSource } from "../vm/migrate.js";
+import { demoMemory } from "./demo-destination.js";
+
+const MiB = 1024 * 1024;
+
+export interface VmDemoOptions {
+  sizeMiB: number;
+  /** Guest dirty rate limit, MiB/s (0: as fast as the guest goes). */
+  dirtyRateMiB: number;
+  mode: "precopy" | "postcopy";
+  dirtyTracking: DirtyTracking;
+  json: boolean;
+  /** Run the worker-thread workload even when KVM is there (tests). */
+  forceWorkload?: boolean;
+  downtimeLimitMs?: number;
+  /** Postcopy: precopy rounds first (default 0: the destination runs before any page is there). */
+  postcopyAfterRounds?: number;
+  /** The whole run, ms (default 60 s): past it the child is killed and the demo fails. */
+  timeoutMs?: number;
+  out: (line: string) => void;
+  /** A live progress line (TTY only); null prints plain lines. */
+  status?: ((line: string) => void) | null;
+}
+
+export interface CounterReport {
+  sourceLast: number;
+  destinationFirst: number;
+  continued: boolean;
+  destinationAfter: number | null;
+}
+
+export interface VmDemoResult {
+  event: "result";
+  verified: boolean;
+  guest: "kvm" | "worker-threads";
+  kvmUnavailable: string | null;
+  mode: "precopy" | "postcopy";
+  dirtyTracking: DirtyTracking | "worker bitmap";
+  sizeMiB: number;
+  rounds: number;
+  bytes: number;
+  throughputMBps: number;
+  downtimeMs: number;
+  /**
+   * Precopy: the part of the downtime from the stop to the last page and the vCPU state sent;
+   * the rest is both sides hashing memory (the destination resumes only once verified).
+   */
+  stopAndCopyMs: number | null;
+  totalMs: number;
+  converged: boolean;
+  digestsEqual: boolean;
+  digests: { region: number; source: string; destination: string; match: boolean }[];
+  counter: CounterReport | null;
+  postcopy: Record<string, number> | null;
+  error?: string;
+}
+
+interface ChildLine {
+  event: string;
+  [k: string]: unknown;
+}
+
+/** The destination process and its JSON lines. */
+class DestinationProcess {
+  readonly child: ChildProcess;
+  readonly lines: ChildLine[] = [];
+  readonly #waiters: { pred: (l: ChildLine) => boolean; resolve: (l: ChildLine) => void }[] = [];
+  readonly exited: Promise<number | null>;
+  stderr = "";
+
+  constructor(args: string[], onLine: (l: ChildLine) => void) {
+    const main = fileURLToPath(new URL("./main.js", import.meta.url));
+    this.child = spawn(process.execPath, [main, "demo-destination", ...args], { stdio: ["ignore", "pipe", "pipe"] });
+    this.exited = new Promise((r) => this.child.once("exit", (code) => r(code)));
+    this.child.stderr?.on("data", (d: Buffer) => {
+      this.stderr += d.toString();
+    });
+    const rl = createInterface({ input: this.child.stdout as NodeJS.ReadableStream });
+    rl.on("line", (s) => {
+      let l: ChildLine;
+      try {
+        l = JSON.parse(s) as ChildLine;
+      } catch {
+        return;
+      }
+      this.lines.push(l);
+      onLine(l);
+      for (const w of [...this.#waiters])
+        if (w.pred(l)) {
+          this.#waiters.splice(this.#waiters.indexOf(w), 1);
+          w.resolve(l);
+        }
+    });
+  }
+
+  /** The first line matching `pred` (past or future); rejects if the child exits or after ms. */
+  waitFor(pred: (l: ChildLine) => boolean, ms: number, what: string): Promise<ChildLine> {
+    const seen = this.lines.find(pred);
+    if (seen) return Promise.resolve(seen);
+    let timer: NodeJS.Timeout | undefined;
+    return Promise.race([
+      new Promise<ChildLine>((resolve) => this.#waiters.push({ pred, resolve })),
+      this.exited.then((code) => {
+        const l = this.lines.find(pred);
+        if (l) return l;
+        throw new Error(`destination process exited (${code}) before ${what}: ${this.stderr.trim().slice(-500)}`);
+      }),
+      new Promise<never>((_, rej) => {
+        timer = setTimeout(() => rej(new Error(`destination: no ${what} within ${ms} ms`)), ms);
+      }),
+    ]).finally(() => clearTimeout(timer));
+  }
+
+  async kill(): Promise<void> {
+    if (this.child.exitCode === null && this.child.signalCode === null) {
+      this.child.kill("SIGKILL");
+      await this.exited;
+    }
+  }
+}
+
+function fmtMiB(b: number): string {
+  return `${(b / MiB).toFixed(1)} MiB`;
+}
+
+export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
+  const t0 = performance.now();
+  const kvmReason = o.forceWorkload ? "worker-thread workload requested" : kvmUnavailableReason();
+  const kvm = kvmReason === null;
+  const emit = (ev: Record<string, unknown>) => {
+    if (o.json) o.out(JSON.stringify(ev));
+  };
+  const say = (line: string) => {
+    if (!o.json) o.out(line);
+  };
+  const dir = mkdtempSync(join(tmpdir(), "vmshift-demo-"));
+  const endpoint = `unix:${join(dir, "migration.sock")}`;
+  const memory: GuestMemory = demoMemory(o.sizeMiB, "vmshift-demo-src");
+  let vm: MicroVm | null = null;
+  let workload: Workload | null = null;
+  let child: DestinationProcess | null = null;
+  let ticker: NodeJS.Timeout | undefined;
+  let overall: NodeJS.Timeout | undefined;
+  const timeoutMs = o.timeoutMs ?? 60_000;
+  try {
+    if (kvm) {
+      // A pattern over the whole guest first: no page is zero, so every page really travels.
+      memory.fill(DIRTY_BASE, memory.size - DIRTY_BASE, 0xa5);
+      vm = await MicroVm.create({ memory, dirtyTracking: o.dirtyTracking, boot: { writesPerReport: 64 } });
+      vm.setDirtyRate((o.dirtyRateMiB * MiB) / 4096);
+      vm.run();
+      await vm.vcpu.waitForProgress(10, 10_000);
+      say(
+        `guest: micro-VM (KVM, 1 vCPU, long mode) with ${o.sizeMiB} MiB, dirtying ` +
+          `${o.dirtyRateMiB > 0 ? `up to ${o.dirtyRateMiB} MiB/s` : "as fast as it can"}; ` +
+          `dirty tracking: KVM ${o.dirtyTracking === "ring" ? "dirty ring" : "dirty bitmap"}`,
+      );
+    } else {
+      workload = await Workload.start({
+        memory,
+        pattern: "sequential",
+        pagesPerSecond: (o.dirtyRateMiB * MiB) / 4096,
+        threads: 1,
+      });
+      say(
+        `guest: NO KVM (${kvmReason}): migrating a worker-thread workload's memory instead ` +
+          `(${o.sizeMiB} MiB, ${o.dirtyRateMiB} MiB/s, in-process dirty bitmap)`,
+      );
+    }
+    emit({
+      event: "start",
+      guest: kvm ? "kvm" : "worker-threads",
+      kvmUnavailable: kvmReason,
+      mode: o.mode,
+      dirtyTracking: kvm ? o.dirtyTracking : "worker bitmap",
+      sizeMiB: o.sizeMiB,
+    });
+
+    child = new DestinationProcess(
+      ["--listen", endpoint, "--size", String(o.sizeMiB), "--mode", o.mode, "--guest", kvm ? "kvm" : "workload"],
+      (l) => {
+        if (l.event !== "destination-result" && l.event !== "listening") emit(l);
+      },
+    );
+    const failFast = new Promise<never>((_, rej) => {
+      overall = setTimeout(() => rej(new Error(`demo did not finish within ${timeoutMs} ms`)), timeoutMs);
+    });
+    failFast.catch(() => undefined);
+    await Promise.race([child.waitFor((l) => l.event === "listening", 10_000, "listening"), failFast]);
+    const stream: Socket = await connectEndpoint(parseEndpoint(endpoint));
+    say(`destination: process ${child.child.pid}, ${endpoint}`);
+
+    const vmSource = vm ? new VmSource(vm, o.mode) : null;
+    const hooks: SourceHooks = vmSource ? vmSource.hooks() : (workload as Workload).sourceHooks();
+    const source = new MigrationSource({
+      memory,
+      mode: o.mode,
+      ...(vm ? { sources: [vm.dirtySource()] } : {}),
+      hooks,
+      downtimeLimitMs: o.downtimeLimitMs ?? 50,
+      maxRounds: 30,
+      whenNotConverged: "switchover",
+      // Postcopy: the destination starts at once and pulls every page it touches on demand.
+      postcopyAfterRounds: o.postcopyAfterRounds ?? 0,
+    });
+    let last: RoundStats | null = null;
+    let phase = "setup";
+    const status = o.status ?? null;
+    const line = () => {
+      const round = (last?.round ?? 0) + (phase === "precopy" ? 1 : 0);
+      const expect = last ? last.remainingBytes : memory.size;
+      const sentNow = stream.bytesWritten - (sentBefore ?? 0);
+      const frac = Math.max(0, Math.min(1, expect > 0 ? sentNow / expect : 1));
+      const w = 24;
+      const bar = "#".repeat(Math.round(frac * w)).padEnd(w, ".");
+      const dirty = last ? `${(last.dirtyRate / MiB).toFixed(0)} MiB/s` : "-";
+      const rem = last ? fmtMiB(last.remainingBytes) : fmtMiB(memory.size);
+      const pd = last ? `${last.predictedDowntimeMs.toFixed(1)} ms` : "-";
+      return `${phase.padEnd(10)} round ${String(round).padStart(2)} [${bar}] dirty ${dirty}, remaining ${rem}, predicted downtime ${pd}`;
+    };
+    let sentBefore = 0;
+    const phaseAt = new Map<string, number>();
+    source.events.on("phase", (p) => {
+      phase = p.phase;
+      phaseAt.set(p.phase, p.atMs);
+      emit({ event: "phase", role: "source", ...p });
+      if (!o.json && !status) say(`source: ${p.phase} at ${p.atMs.toFixed(0)} ms`);
+    });
+    source.events.on("round", (r) => {
+      last = r;
+      sentBefore = stream.bytesWritten;
+      emit({ event: "round", role: "source", ...r });
+      if (!o.json && !status)
+        say(
+          `round ${r.round}: sent ${fmtMiB(r.bytesSent)} at ${(r.bandwidth / 1e6).toFixed(0)} MB/s, dirty rate ` +
+            `${(r.dirtyRate / MiB).toFixed(0)} MiB/s, remaining ${fmtMiB(r.remainingBytes)}, predicted downtime ` +
+            `${r.predictedDowntimeMs.toFixed(1)} ms`,
+        );
+    });
+    source.events.on("throttle", (t) => {
+      emit({ event: "throttle", role: "source", ...t });
+      if (!o.json && !status) say(`auto-converge: throttle level ${t.level}`);
+    });
+    if (status) ticker = setInterval(() => status(line()), 100);
+
+    let result: MigrationResult;
+    try {
+      result = await Promise.race([source.run(stream), failFast]);
+    } finally {
+      clearInterval(ticker);
+      if (status) status(`${line()}\n`);
+    }
+    const done = await Promise.race([
+      child.waitFor((l) => l.event === "destination-result" || l.event === "error", 15_000, "result"),
+      failFast,
+    ]);
+    if (done.event === "error") throw new Error(`destination: ${String(done.code)}: ${String(done.message)}`);
+    await child.exited;
+    const dres = done.result as MigrationResult;
+    const c = done.counter as {
+      stoppedAt: number;
+      firstReport: number;
+      continued: boolean;
+    } | null;
+    const counter: CounterReport | null =
+      kvm && c
+        ? {
+            sourceLast: vmSource?.stoppedAt ?? -1,
+            destinationFirst: c.firstReport,
+            continued: c.continued && c.stoppedAt === vmSource?.stoppedAt,
+            destinationAfter: (done.progressAfter as number | null) ?? null,
+          }
+        : null;
+    const digestsEqual = result.digests.length > 0 && result.digests.every((d) => d.match);
+    const verified = digestsEqual && (kvm ? counter?.continued === true : true);
+    const totalMs = performance.now() - t0;
+    const res: VmDemoResult = {
+      event: "result",
+      verified,
+      guest: kvm ? "kvm" : "worker-threads",
+      kvmUnavailable: kvmReason,
+      mode: o.mode,
+      dirtyTracking: kvm ? o.dirtyTracking : "worker bitmap",
+      sizeMiB: o.sizeMiB,
+      rounds: result.rounds,
+      bytes: result.bytesSent,
+      throughputMBps: result.totalMs > 0 ? result.bytesSent / 1e3 / result.totalMs : 0,
+      downtimeMs: result.downtimeMs,
+      stopAndCopyMs:
+        phaseAt.has("switchover") && phaseAt.has("verify")
+          ? (phaseAt.get("verify") as number) - (phaseAt.get("switchover") as number)
+          : null,
+      totalMs,
+      converged: result.converged,
+      digestsEqual,
+      digests: result.digests,
+      counter,
+      postcopy: dres.postcopy ? { ...dres.postcopy } : null,
+    };
+    emit({ ...res });
+    if (!o.json) {
+      say("");
+      say(
+        `${res.mode} migration of a ${kvm ? "running micro-VM" : "worker-thread workload (no KVM)"} ` +
+          `to process ${child.child.pid}: ${res.rounds} rounds, ${fmtMiB(res.bytes)} sent, ` +
+          `${res.throughputMBps.toFixed(0)} MB/s, downtime ${res.downtimeMs.toFixed(1)} ms` +
+          `${res.stopAndCopyMs !== null ? ` (stop-and-copy ${res.stopAndCopyMs.toFixed(1)} ms, the rest both sides hashing memory before the destination resumes)` : ""}` +
+          `, total ${res.totalMs.toFixed(0)} ms`,
+      );
+      say(
+        `dirty tracking: ${kvm ? `KVM ${o.dirtyTracking}` : "in-process bitmap (worker threads)"}${res.converged ? "" : " (did not converge: switched over at the round limit)"}`,
+      );
+      if (res.postcopy)
+        say(
+          `postcopy: ${res.postcopy.remoteFaults} pages faulted in from the source, median ` +
+            `${(res.postcopy.latencyMedianUs ?? 0).toFixed(0)} µs, p99 ${(res.postcopy.latencyP99Us ?? 0).toFixed(0)} µs`,
+        );
+      for (const d of res.digests)
+        say(`region ${d.region}: source ${d.source.slice(0, 16)} destination ${d.destination.slice(0, 16)}`);
+      say(digestsEqual ? "memory digests equal" : "MEMORY DIGESTS DIFFER");
+      if (counter)
+        say(
+          `guest counter: last report on the source ${counter.sourceLast}, first on the destination ` +
+            `${counter.destinationFirst}${counter.continued ? " (continues, no gap)" : " (GAP OR REPEAT)"}` +
+            `${counter.destinationAfter !== null ? `, then ran on to ${counter.destinationAfter}` : ""}`,
+        );
+      else say("guest counter: n/a (no KVM: a worker-thread workload has no vCPU to continue)");
+      say(verified ? "verified" : "NOT VERIFIED");
+    }
+    return res;
+  } finally {
+    clearInterval(ticker);
+    clearTimeout(overall);
+    await child?.kill();
+    await (workload as Workload | null)?.close();
+    await vm?.close();
+    memory.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
