@@ -12,6 +12,7 @@ const benchmarks: Record<string, () => Promise<Benchmark>> = {
   dirty: () => import("./dirty.js"),
   blk: () => import("./blk.js"),
   kvm: () => import("./kvm.js"),
+  vhost: () => import("./vhost.js"),
 };
 
 const args = process.argv.slice(2);
