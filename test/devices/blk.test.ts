@@ -1,0 +1,276 @@
+/**
+ * The blk device served by the framework in this process, driven by VhostUserFrontend over a real
+ * socket: requests of every type, hostile headers (short, no status byte, out of range, not whole
+ * sectors, unknown type, bad discard flags), read-only, O_DIRECT with unaligned guest buffers,
+ * and the dirty log of a read exact to the page (preads straight into guest memory are logged).
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { blkDevice } from "../../src/devices/blk/device.js";
+import type { DirtySink } from "../../src/memory/dirty-source.js";
+import { GuestMemory } from "../../src/memory/guest-memory.js";
+import { GuestMemoryRegion } from "../../src/memory/region.js";
+import { VhostUserDaemon } from "../../src/vhost-user/backend/daemon.js";
+import { VhostUserFrontend } from "../../src/vhost-user/frontend/frontend.js";
+import { featureMask, VirtioFeature } from "../../src/vhost-user/protocol/constants.js";
+import { SplitQueueDriver } from "../../src/virtio/driver.js";
+import {
+  VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_S_OK,
+  VIRTIO_BLK_S_UNSUPP,
+  VIRTIO_BLK_T_FLUSH,
+  VIRTIO_BLK_T_GET_ID,
+  VIRTIO_BLK_T_IN,
+  VirtioBlkDriver,
+} from "../vhost-user/helpers/virtio-blk-driver.js";
+
+const MiB = 1 << 20;
+const PAGE = 4096;
+const RING = { size: 64, descTable: 0x1000, availRing: 0x2000, usedRing: 0x3000 };
+const SCRATCH = { headers: 0x10000, statuses: 0x11000 };
+const DATA = 0x100000;
+const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
+const T_DISCARD = 11;
+const T_WRITE_ZEROES = 13;
+
+const dir = mkdtempSync(join(tmpdir(), "vmshift-blk-test-"));
+const logs: string[] = [];
+
+interface Served {
+  daemon: VhostUserDaemon;
+  serving: Promise<void>;
+  fe: VhostUserFrontend;
+  mem: GuestMemory;
+  blk: VirtioBlkDriver;
+  close(): Promise<void>;
+}
+
+async function serve(name: string, o: { readonly?: boolean; direct?: boolean } = {}): Promise<Served> {
+  const image = join(dir, `${name}.img`);
+  const data = Buffer.alloc(4 * MiB);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + (i >> 9)) & 0xff;
+  writeFileSync(image, data);
+  const sock = join(dir, `${name}.sock`);
+  const daemon = VhostUserDaemon.listen(blkDevice({ path: image, ...o }), sock);
+  daemon.on("log", (l, m) => logs.push(`${l}: ${m}`));
+  const serving = daemon.serve();
+  const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
+  const fe = VhostUserFrontend.connect(sock, { timeoutMs: 5000 });
+  await fe.negotiate();
+  await fe.setOwner();
+  await fe.setFeatures(VERSION_1);
+  await fe.setMemTable(mem);
+  const queue = new SplitQueueDriver(mem, { ...RING, features: VERSION_1 });
+  await fe.startVring(0, RING);
+  const blk = new VirtioBlkDriver(fe, 0, queue, mem, SCRATCH);
+  return {
+    daemon,
+    serving,
+    fe,
+    mem,
+    blk,
+    async close() {
+      fe.close();
+      await daemon.close();
+      await serving;
+      mem.close();
+    },
+  };
+}
+
+const imageBytes = (name: string, off: number, len: number) =>
+  new Uint8Array(readFileSync(join(dir, `${name}.img`)).subarray(off, off + len));
+
+/** A raw chain: readable and writable segments as given (for hostile layouts). */
+async function raw(s: Served, readable: { addr: number; len: number }[], writable: { addr: number; len: number }[]) {
+  const q = s.blk.queue;
+  const head = q.add(readable, writable);
+  if (q.publish()) s.fe.kick(0);
+  for (;;) {
+    const since = s.fe.vring(0).calls;
+    const u = q.getUsed();
+    if (u) {
+      assert.equal(u.head, head);
+      return u;
+    }
+    if (q.enableInterrupts()) continue;
+    await s.fe.waitCall(0, { since, timeoutMs: 5000 });
+  }
+}
+
+function header(mem: GuestMemory, at: number, type: number, sector: bigint): void {
+  mem.writeU32(at, type);
+  mem.writeU32(at + 4, 0);
+  mem.writeU64(at + 8, sector);
+}
+
+class Pages implements DirtySink {
+  readonly set = new Set<number>();
+  markRange(gpa: number, len: number): void {
+    for (let p = Math.floor(gpa / PAGE); p * PAGE < gpa + len; p++) this.set.add(p);
+  }
+  markFrames(frames: ArrayLike<number>, pageSize: number, base: number): void {
+    for (let i = 0; i < frames.length; i++) this.markRange(base + (frames[i] as number) * pageSize, pageSize);
+  }
+}
+
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+describe("blk device (in-process daemon, real socket)", { timeout: 60_000 }, () => {
+  let s: Served;
+  before(async () => {
+    s = await serve("rw");
+  });
+  after(async () => {
+    await s.close();
+  });
+
+  test("read, write, flush, GET_ID", async () => {
+    const { blk, mem } = s;
+    let c = await blk.read(3, DATA, 2 * PAGE);
+    assert.equal(c.status, VIRTIO_BLK_S_OK);
+    assert.equal(c.len, 2 * PAGE + 1);
+    assert.deepEqual(mem.read(DATA, 2 * PAGE), imageBytes("rw", 3 * 512, 2 * PAGE));
+    const data = new Uint8Array(3 * 512).map((_, i) => (i * 13) & 0xff);
+    mem.write(DATA + 0x8000, data);
+    assert.equal((await blk.write(100, DATA + 0x8000, data.length)).status, VIRTIO_BLK_S_OK);
+    assert.deepEqual(imageBytes("rw", 100 * 512, data.length), data);
+    assert.equal((await blk.run({ type: VIRTIO_BLK_T_FLUSH, sector: 0, data: [] })).status, VIRTIO_BLK_S_OK);
+    c = await blk.run({ type: VIRTIO_BLK_T_GET_ID, sector: 0, data: [{ addr: DATA, len: 20 }] });
+    assert.equal(c.status, VIRTIO_BLK_S_OK);
+    assert.equal(new TextDecoder().decode(mem.read(DATA, 6)), "rw.img");
+  });
+
+  test("hostile headers: out of range, partial sectors, unknown type → IOERR/UNSUPP, image untouched", async () => {
+    const { blk, mem } = s;
+    const before = imageBytes("rw", 0, 4 * MiB);
+    const sectors = (4 * MiB) / 512;
+    assert.equal((await blk.read(sectors, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "read at capacity");
+    assert.equal((await blk.write(sectors - 1, DATA, 1024)).status, VIRTIO_BLK_S_IOERR, "write across the end");
+    assert.equal((await blk.write(2 ** 52, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "huge sector");
+    assert.equal((await blk.write(0, DATA, 100)).status, VIRTIO_BLK_S_IOERR, "not whole sectors");
+    assert.equal((await blk.run({ type: 99, sector: 0, data: [] })).status, VIRTIO_BLK_S_UNSUPP);
+    // Sector 2^64-1: must not wrap around to a valid offset.
+    header(mem, 0x20000, 1, 0xffffffffffffffffn);
+    let u = await raw(
+      s,
+      [
+        { addr: 0x20000, len: 16 },
+        { addr: DATA, len: 512 },
+      ],
+      [{ addr: 0x20100, len: 1 }],
+    );
+    assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_IOERR);
+    // A 10-byte header → IOERR; no writable buffer at all → completed with length 0.
+    mem.writeU8(0x20100, 0xff);
+    u = await raw(s, [{ addr: 0x20000, len: 10 }], [{ addr: 0x20100, len: 1 }]);
+    assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_IOERR);
+    u = await raw(s, [{ addr: 0x20000, len: 16 }], []);
+    assert.equal(u.len, 0);
+    // Discard with the unmap flag, and an unknown flag → UNSUPP; two segments (max 1) → UNSUPP.
+    for (const [flags, segs] of [
+      [1, 1],
+      [2, 1],
+      [0, 2],
+    ] as const) {
+      header(mem, 0x20000, flags === 2 ? T_WRITE_ZEROES : T_DISCARD, 0n);
+      for (let k = 0; k < segs; k++) {
+        mem.writeU64(0x20010 + k * 16, 0n);
+        mem.writeU32(0x20018 + k * 16, 8);
+        mem.writeU32(0x2001c + k * 16, flags);
+      }
+      await raw(s, [{ addr: 0x20000, len: 16 + 16 * segs }], [{ addr: 0x20100, len: 1 }]);
+      assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_UNSUPP, `flags ${flags}, ${segs} segments`);
+    }
+    void u;
+    assert.deepEqual(imageBytes("rw", 0, 4 * MiB), before, "no hostile request wrote the image");
+  });
+
+  test("write zeroes and discard read back as zeroes", async () => {
+    const { mem } = s;
+    for (const type of [T_WRITE_ZEROES, T_DISCARD]) {
+      const sector = type === T_DISCARD ? 2048 : 1024;
+      header(mem, 0x20000, type, BigInt(sector));
+      mem.writeU64(0x20010, BigInt(sector));
+      mem.writeU32(0x20018, 16);
+      mem.writeU32(0x2001c, type === T_WRITE_ZEROES ? 1 : 0);
+      await raw(s, [{ addr: 0x20000, len: 32 }], [{ addr: 0x20100, len: 1 }]);
+      assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_OK);
+      assert.deepEqual(imageBytes("rw", sector * 512, 8192), new Uint8Array(8192));
+    }
+  });
+
+  test("dirty log: a read logs exactly its buffer pages, the status byte and the used ring", async () => {
+    const { fe, blk } = s;
+    const log = await fe.startLogging();
+    log.start();
+    // Straddles pages: 3 sectors starting 0x200 before a page boundary.
+    assert.equal((await blk.read(8, DATA + 0x40e00, 1536)).status, VIRTIO_BLK_S_OK);
+    const got = new Pages();
+    log.sync(got);
+    const want = new Set([DATA + 0x40000, DATA + 0x41000, SCRATCH.statuses, RING.usedRing].map((a) => a / PAGE));
+    assert.deepEqual([...got.set].sort(), [...want].sort());
+    await fe.stopLogging();
+  });
+});
+
+describe("blk device: read-only and O_DIRECT", { timeout: 60_000 }, () => {
+  test("read-only: writes, discard and write zeroes fail, reads work", async () => {
+    const s = await serve("ro", { readonly: true });
+    try {
+      const before = imageBytes("ro", 0, 4 * MiB);
+      assert.equal((await s.blk.write(0, DATA, 512)).status, VIRTIO_BLK_S_IOERR);
+      header(s.mem, 0x20000, T_DISCARD, 0n);
+      await raw(s, [{ addr: 0x20000, len: 32 }], [{ addr: 0x20100, len: 1 }]);
+      assert.equal(s.mem.readU8(0x20100), VIRTIO_BLK_S_UNSUPP);
+      assert.equal((await s.blk.read(0, DATA, 512)).status, VIRTIO_BLK_S_OK);
+      assert.deepEqual(imageBytes("ro", 0, 4 * MiB), before);
+    } finally {
+      await s.close();
+    }
+  });
+
+  test("O_DIRECT: aligned and unaligned guest buffers (bounce) both give the right bytes", async (t) => {
+    let s: Served;
+    try {
+      s = await serve("direct", { direct: true });
+    } catch (e) {
+      t.skip(`O_DIRECT not supported here: ${(e as Error).message}`);
+      return;
+    }
+    try {
+      const { blk, mem } = s;
+      for (const addr of [DATA, DATA + 3]) {
+        mem.fill(addr, 8192, 0);
+        assert.equal((await blk.read(16, addr, 8192)).status, VIRTIO_BLK_S_OK);
+        assert.deepEqual(mem.read(addr, 8192), imageBytes("direct", 16 * 512, 8192), `read at +${addr - DATA}`);
+        const data = new Uint8Array(1024).map((_, i) => (i + addr) & 0xff);
+        mem.write(addr + 0x10000, data);
+        assert.equal((await blk.write(40, addr + 0x10000, 1024)).status, VIRTIO_BLK_S_OK);
+        assert.deepEqual(imageBytes("direct", 40 * 512, 1024), data, `write from +${addr - DATA}`);
+      }
+      // A read split in two descriptors of 100 and 412 bytes (not sector-sized).
+      assert.equal(
+        (
+          await blk.run({
+            type: VIRTIO_BLK_T_IN,
+            sector: 5,
+            data: [
+              { addr: DATA, len: 100 },
+              { addr: DATA + 0x900, len: 412 },
+            ],
+          })
+        ).status,
+        VIRTIO_BLK_S_OK,
+      );
+      const img = imageBytes("direct", 5 * 512, 512);
+      assert.deepEqual(mem.read(DATA, 100), img.subarray(0, 100));
+      assert.deepEqual(mem.read(DATA + 0x900, 412), img.subarray(100));
+    } finally {
+      await s.close();
+    }
+  });
+});
