@@ -20,7 +20,7 @@ import { DIRTY_BASE } from "../kvm/guest.js";
 import { kvmUnavailableReason } from "../kvm/kvm.js";
 import { type DirtyTracking, MicroVm } from "../kvm/micro-vm.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
-import type { MigrationResult, RoundStats } from "../migration/events.js";
+import type { FaultStats, MigrationResult, RoundStats } from "../migration/events.js";
 import { MigrationSource, type SourceHooks } from "../migration/source.js";
 import { connectEndpoint, parseEndpoint } from "../migration/transport.js";
 import { Workload } from "../migration/workload.js";
@@ -77,7 +77,7 @@ export interface VmDemoResult {
   digestsEqual: boolean;
   digests: { region: number; source: string; destination: string; match: boolean }[];
   counter: CounterReport | null;
-  postcopy: Record<string, number> | null;
+  postcopy: FaultStats | null;
   error?: string;
 }
 
@@ -339,7 +339,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       if (res.postcopy)
         say(
           `postcopy: ${res.postcopy.remoteFaults} pages faulted in from the source, median ` +
-            `${(res.postcopy.latencyMedianUs ?? 0).toFixed(0)} µs, p99 ${(res.postcopy.latencyP99Us ?? 0).toFixed(0)} µs`,
+            `${res.postcopy.latencyMedianUs.toFixed(0)} µs, p99 ${res.postcopy.latencyP99Us.toFixed(0)} µs`,
         );
       for (const d of res.digests)
         say(`region ${d.region}: source ${d.source.slice(0, 16)} destination ${d.destination.slice(0, 16)}`);
