@@ -4,6 +4,7 @@
 #   - QEMU 10 from bookworm-backports (7.2 from bookworm corrupts destination guests after vhost-user-blk
 #     precopy about 1 run in 10 on this kind of machine: see docs/interop-rig.md).
 #   - qemu-storage-daemon comes with qemu-system-common (a dependency of qemu-system-x86).
+#   - iproute2 (ip netns, veth, tc tbf) for the two-hosts-on-one-machine tests (test/migration/netns.ts).
 #   - busybox-static and cpio for the guest initramfs; the guest kernel is fetched by scripts/build-guest.sh
 #     with `apt-get download` into the cache, never installed on the host.
 # Env: VMSHIFT_SKIP_GUEST=1 skips building the guest here (the rig then builds it lazily).
@@ -15,7 +16,7 @@ command -v apt-get >/dev/null 2>&1 || { echo "install-debian.sh: no apt-get, not
 
 CODENAME=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
 PKGS="qemu-system-x86 qemu-utils"
-EXTRA="busybox-static cpio"
+EXTRA="busybox-static cpio iproute2"
 export DEBIAN_FRONTEND=noninteractive
 
 # Version of an installed package, empty when it is not installed.
