@@ -11,6 +11,7 @@ export * from "./dirty.js";
 export * from "./errors.js";
 export * from "./guest.js";
 export * from "./kvm.js";
+export * from "./micro-vm.js";
 export type { PauseReason } from "./protocol.js";
 export * from "./vcpu.js";
 export * from "./vm.js";
