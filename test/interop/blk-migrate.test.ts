@@ -8,8 +8,8 @@
  * Skips loudly when QEMU or the guest is missing (VMSHIFT_REQUIRE_INTEROP=1 fails instead).
  */
 import assert from "node:assert/strict";
-import { setTimeout as sleep } from "node:timers/promises";
 import { after, before, describe, test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 import { type BlkBackend, skipBanner, startBlk } from "./blk-helpers.js";
 import {
   GUEST_CRASH,
@@ -32,12 +32,13 @@ if (!probe.ok && process.env.VMSHIFT_REQUIRE_INTEROP === "1") {
 }
 
 const LOG_ALL = 1n << 26n;
-const maxLoopN = (lines: string[]) =>
-  Math.max(0, ...parseRigRecords(lines, "RIG-LOOP").map((r) => Number(r.fields.n)));
+const maxLoopN = (lines: string[]) => Math.max(0, ...parseRigRecords(lines, "RIG-LOOP").map((r) => Number(r.fields.n)));
 
 /** SET_FEATURES values the back-end received, in order. */
 async function featureWrites(be: BlkBackend): Promise<bigint[]> {
-  return (await be.requests()).filter((r) => r.name === "SET_FEATURES").map((r) => BigInt(r.detail.split(" ")[0] ?? "0"));
+  return (await be.requests())
+    .filter((r) => r.name === "SET_FEATURES")
+    .map((r) => BigInt(r.detail.split(" ")[0] ?? "0"));
 }
 
 /** Every loop slot's last write (from the consoles) is what the image holds. */
@@ -174,7 +175,10 @@ describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () =
     assert.deepEqual(src.console.grep(/I\/O error|blk_update_request/), [], "no I/O error on the source");
     assert.ok((await checkLoopSlots(img, src.console.lines)) > 0);
     const feats = await featureWrites(a);
-    assert.ok(feats.some((f) => (f & LOG_ALL) !== 0n), "logging was on during the migration");
+    assert.ok(
+      feats.some((f) => (f & LOG_ALL) !== 0n),
+      "logging was on during the migration",
+    );
     assert.equal((feats.at(-1) ?? 0n) & LOG_ALL, 0n, "and is off after the cancel");
     process.stderr.write(`blk cancel: status ${st}, source loop went on to n=${maxLoopN(src.console.lines)}\n`);
     await Promise.all([src.close(), dst.close()]);
