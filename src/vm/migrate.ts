@@ -6,7 +6,8 @@
  *
  * Postcopy. The destination starts the vCPU before its memory has arrived. KVM touches guest
  * memory from the kernel (get_user_pages while handling an EPT/shadow fault), and the engine's
- * own userfaultfd is UFFD_USER_MODE_ONLY, which fails kernel-mode faults with EFAULT. So the
+ * own userfaultfd is UFFD_USER_MODE_ONLY, which refuses kernel-mode faults (tried: the access
+ * fails and the guest triple-faults, KVM_EXIT_SHUTDOWN, at its first missing page). So the
  * memslots point at a second mapping of the same memfd, registered (MISSING) with a
  * userfaultfd without UFFD_USER_MODE_ONLY and handed to the engine with addFaultDomain(): its
  * faults are served by the engine's page requests, and a page placed through the engine's
