@@ -133,6 +133,22 @@ export class DescriptorChain {
   }
 
   /**
+   * Reports `len` bytes at `gpa` that the device wrote into one of this chain's writable
+   * buffers some other way than writeWritable (a pread straight into a guest-memory view), so
+   * the dirty log stays exact. The range must lie inside a single writable buffer.
+   */
+  markWritten(gpa: number, len: number): void {
+    for (let i = this.readableCount; i < this.count; i++) {
+      const a = this.addr(i);
+      if (gpa >= a && gpa + len <= a + this.len(i)) {
+        if (len > 0) this.#owner.markBufferWrite(gpa, len);
+        return;
+      }
+    }
+    throw new RangeError(`[0x${gpa.toString(16)}, +${len}) is not inside a writable buffer of chain ${this.head}`);
+  }
+
+  /**
    * Writes `data` into the writable part, starting `offset` bytes into it; returns how many
    * bytes fit. Every byte written is reported to the queue's dirty marker, per buffer.
    */

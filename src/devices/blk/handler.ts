@@ -64,20 +64,6 @@ const ok = (written = 0): Outcome => ({ status: VIRTIO_BLK_S_OK, written });
 const IOERR: Outcome = { status: VIRTIO_BLK_S_IOERR, written: 0 };
 const UNSUPP: Outcome = { status: VIRTIO_BLK_S_UNSUPP, written: 0 };
 
-/**
- * Reports a device write that bypassed DescriptorChain.writeWritable (a pread straight into a
- * guest buffer) to the queue's dirty marker. The chain only exposes its marker through
- * writeWritable, so this rewrites one byte — with its own value — in every 4 KiB page of the
- * range: the vhost-user log has one bit per VHOST_LOG_PAGE page, so that marks exactly the
- * pages the pread wrote, after it wrote them, for a cost of one byte per page instead of a copy.
- */
-function markWritten(chain: DescriptorChain, view: Uint8Array, gpa: number, offset: number): void {
-  for (let k = 0; k < view.length; ) {
-    chain.writeWritable(view.subarray(k, k + 1), offset + k);
-    k = (Math.floor((gpa + k) / VHOST_LOG_PAGE) + 1) * VHOST_LOG_PAGE - gpa;
-  }
-}
-
 export class BlkQueueHandler implements QueueHandler {
   readonly #d: BlkWorkerData;
   readonly #image: BlockImage;
@@ -197,7 +183,7 @@ export class BlkQueueHandler implements QueueHandler {
       const view = mem.slice(gpa, n);
       if (view) {
         this.#image.readAt(view, pos + off);
-        markWritten(chain, view, gpa, off);
+        chain.markWritten(gpa, view.length);
       } else {
         // Straddles a region or window boundary: read it aside, copy it in.
         const tmp = new Uint8Array(n);
