@@ -165,6 +165,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
   let vm: MicroVm | null = null;
   let workload: Workload | null = null;
   let child: DestinationProcess | null = null;
+  let stream: Socket | null = null;
   let ticker: NodeJS.Timeout | undefined;
   let overall: NodeJS.Timeout | undefined;
   const timeoutMs = o.timeoutMs ?? 60_000;
@@ -213,7 +214,8 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     });
     failFast.catch(() => undefined);
     await Promise.race([child.waitFor((l) => l.event === "listening", 10_000, "listening"), failFast]);
-    const stream: Socket = await connectEndpoint(parseEndpoint(endpoint));
+    const conn: Socket = await connectEndpoint(parseEndpoint(endpoint));
+    stream = conn;
     say(`destination: process ${child.child.pid}, ${endpoint}`);
 
     const vmSource = vm ? new VmSource(vm, o.mode) : null;
@@ -235,7 +237,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     const line = () => {
       const round = (last?.round ?? 0) + (phase === "precopy" ? 1 : 0);
       const expect = last ? last.remainingBytes : memory.size;
-      const sentNow = stream.bytesWritten - (sentBefore ?? 0);
+      const sentNow = conn.bytesWritten - (sentBefore ?? 0);
       const frac = Math.max(0, Math.min(1, expect > 0 ? sentNow / expect : 1));
       const w = 24;
       const bar = "#".repeat(Math.round(frac * w)).padEnd(w, ".");
@@ -254,7 +256,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     });
     source.events.on("round", (r) => {
       last = r;
-      sentBefore = stream.bytesWritten;
+      sentBefore = conn.bytesWritten;
       emit({ event: "round", role: "source", ...r });
       if (!o.json && !status)
         say(
@@ -271,7 +273,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
 
     let result: MigrationResult;
     try {
-      result = await Promise.race([source.run(stream), failFast]);
+      result = await Promise.race([source.run(conn), failFast]);
     } finally {
       clearInterval(ticker);
       if (status) status(`${line()}\n`);
@@ -357,6 +359,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
   } finally {
     clearInterval(ticker);
     clearTimeout(overall);
+    stream?.destroy();
     await child?.kill();
     await (workload as Workload | null)?.close();
     await vm?.close();

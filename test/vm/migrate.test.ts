@@ -129,3 +129,20 @@ test("`vmshift demo` rejects bad options with exit code 2", async () => {
   assert.equal(r.code, 2);
   assert.match(r.stderr, /--mode must be precopy or postcopy/);
 });
+
+test("a demo past its deadline fails cleanly: rejected, destination process killed, no hang", async () => {
+  const t0 = performance.now();
+  await assert.rejects(
+    runVmDemo({
+      sizeMiB: 256,
+      dirtyRateMiB: 64,
+      mode: "precopy",
+      dirtyTracking: "bitmap",
+      json: true,
+      out: () => undefined,
+      timeoutMs: 150,
+    }),
+    /did not finish within 150 ms/,
+  );
+  assert.ok(performance.now() - t0 < 10_000);
+});
