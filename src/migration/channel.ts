@@ -6,7 +6,7 @@
 import type { Duplex } from "node:stream";
 import { MigrationError } from "./errors.js";
 import {
-  checkRecordCrc,
+  checkRecordCrcParts,
   checkStreamHeader,
   decodeRecordHead,
   PayloadReader,
@@ -135,12 +135,10 @@ export class RecordReader {
     const head = await this.#take(RECORD_HEADER_SIZE, "a record header", at);
     const h = decodeRecordHead(head, at);
     const rest = await this.#take(h.length + RECORD_OVERHEAD - RECORD_HEADER_SIZE, "a record", at);
-    const whole = Buffer.allocUnsafe(RECORD_HEADER_SIZE + rest.length);
-    head.copy(whole, 0);
-    rest.copy(whole, RECORD_HEADER_SIZE);
-    checkRecordCrc(whole, at);
-    this.#offset += whole.length;
-    const payload = whole.subarray(RECORD_HEADER_SIZE, RECORD_HEADER_SIZE + h.length);
+    // Header and rest are checked as two parts: joining them would copy every page once more.
+    checkRecordCrcParts(head, rest, at);
+    this.#offset += RECORD_HEADER_SIZE + rest.length;
+    const payload = rest.subarray(0, h.length);
     return { type: h.type, flags: h.flags, offset: at, payload: new PayloadReader(payload, h.type, at) };
   }
 }

@@ -10,6 +10,15 @@
  * background stream and is placed with UFFDIO_COPY. A page already placed is never
  * overwritten (EEXIST: just wake). More userfaultfds (a vhost-user backend's, with its own
  * address table) join through addFaultDomain() and are served by the same request path.
+ *
+ * Such a domain maps the same shared memory (memfd, hugetlbfs) at other addresses, usually in
+ * another process. A page is placed once, through our own userfaultfd into our mapping: that
+ * fills the shared page cache, so the other mappings see it without a fault (a MISSING fault
+ * is raised only for a page absent from the page cache). Threads of another domain that are
+ * already waiting sleep on that domain's userfaultfd, so they are woken there (UFFDIO_WAKE at
+ * its address), as QEMU does for vhost-user back-ends. A UFFDIO_COPY through the other
+ * userfaultfd would only find the page there (EEXIST) after allocating and copying one, and
+ * fails with ENOENT while the back-end has not registered that range yet.
  */
 import type { Duplex } from "node:stream";
 import { DiscardMap } from "../memory/discard-map.js";
@@ -42,6 +51,7 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
+import { copyRegionPages } from "./pages.js";
 import type { DeviceState } from "./source.js";
 
 const PAGE = 4096;
@@ -75,12 +85,29 @@ export interface FaultRange {
   hostStart: bigint;
 }
 
+/** Live counters of one fault domain added with addFaultDomain(). */
+export interface FaultDomainStats {
+  /** Fault messages read from this domain's userfaultfd. */
+  readonly faults: number;
+  /** Of those, pages that had not arrived yet (a PAGE_REQUEST went out or was in flight). */
+  readonly missing: number;
+  /** UFFDIO_WAKEs sent to this domain: to a thread waiting on a page once it arrived, or at once when it was already there. */
+  readonly wakes: number;
+}
+
 interface FaultDomain {
   uffd: Userfaultfd;
   ranges: FaultRange[];
   /** Owned: registered and closed here. */
   owned: boolean;
   watch: Watch | null;
+  stats: { faults: number; missing: number; wakes: number };
+  /**
+   * Pages (guest-physical) this domain reported a fault on that were not there yet: its threads
+   * wait on them. Only these need a wake when the page is placed through another domain; a
+   * fault still unread at that moment finds the page present when it is read, and is woken then.
+   */
+  waiting: Set<number>;
 }
 
 interface RegionState {
@@ -116,6 +143,8 @@ export class MigrationDestination {
   #remoteFaults = 0;
   #discardFaults = 0;
   #faultError: Error | null = null;
+  /** Postcopy is over (every fault domain released): no domain may join any more. */
+  #ended = false;
   #lastFaultEvent = 0;
   readonly #deviceStates: string[] = [];
   #used = false;
@@ -132,14 +161,33 @@ export class MigrationDestination {
   }
 
   /**
-   * Adds a userfaultfd that a device backend registered (MISSING) over its own mapping of guest
-   * memory: faults on it are served by the same page-request path, and every page that
-   * arrives is placed through it too. Call before the stream reaches POSTCOPY_RUN.
+   * Adds a userfaultfd that a device backend registered (MISSING) over its own mapping of the
+   * same shared guest memory (`ranges`: its addresses → guest-physical): faults on it are
+   * served by the same page-request path, and every page that arrives wakes its waiters there.
+   * Call before the backend can fault (before it registers: for vhost-user, before the
+   * acknowledgement of its postcopy memory table), at the latest in the `resume` hook. The
+   * userfaultfd stays the caller's. Returns this domain's live counters.
    */
-  addFaultDomain(uffd: Userfaultfd, ranges: FaultRange[]): void {
-    const d: FaultDomain = { uffd, ranges, owned: false, watch: null };
+  addFaultDomain(uffd: Userfaultfd, ranges: FaultRange[]): FaultDomainStats {
+    if (this.#ended)
+      throw new MigrationError("UNSUPPORTED", "addFaultDomain after postcopy ended: nobody would serve its faults");
+    for (const r of ranges)
+      if (!this.#o.memory.regions.some((g) => r.guestBase >= g.guestBase && r.guestBase + r.size <= g.end))
+        throw new MigrationError(
+          "REGION_MISMATCH",
+          `fault domain range [0x${r.guestBase.toString(16)}, +0x${r.size.toString(16)}) is not inside one region of guest memory`,
+        );
+    const d: FaultDomain = {
+      uffd,
+      ranges,
+      owned: false,
+      watch: null,
+      stats: { faults: 0, missing: 0, wakes: 0 },
+      waiting: new Set(),
+    };
     this.#domains.push(d);
     if (this.#postcopy) this.#watch(d);
+    return d.stats;
   }
 
   #phase(phase: Phase): void {
@@ -332,20 +380,22 @@ export class MigrationDestination {
   }
 
   #writePages(st: RegionState, rec: PagesRecord): void {
+    // Full pages' data lies in record order: gather their indices and copy them in bulk.
+    const full = new Uint32Array(rec.pages.length);
+    let n = 0;
     for (let k = 0; k < rec.pages.length; k++) {
       const p = rec.pages[k] as number;
-      const at = rec.dataOffsets[k] as number;
-      const view = st.region.bytes(p * PAGE, PAGE) as Uint8Array;
-      if (at < 0) {
+      if ((rec.dataOffsets[k] as number) < 0) {
         this.#zero++;
         // Fresh memory is zero: a zero page never written here stays unpopulated.
-        if (bitmapHas(st.present, p)) view.fill(0);
+        if (bitmapHas(st.present, p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
         continue;
       }
-      view.set(rec.data.subarray(at, at + PAGE));
+      full[n++] = p;
       setBit(st.present, p);
-      this.#pages++;
     }
+    copyRegionPages(st.region, full, n, rec.data, true);
+    this.#pages += n;
   }
 
   #placePages(st: RegionState, rec: PagesRecord): void {
@@ -355,13 +405,7 @@ export class MigrationDestination {
       const at = rec.dataOffsets[k] as number;
       if (bitmapHas(st.present, p)) continue;
       const gpa = st.region.guestBase + p * PAGE;
-      const data = at < 0 ? null : rec.data.subarray(at, at + PAGE);
-      for (const d of this.#domains) {
-        const host = hostOf(d, gpa);
-        if (host === null) continue;
-        const placed = data ? d.uffd.copy(host, data) : d.uffd.zeropage(host, PAGE);
-        if (!placed) d.uffd.wake(host, PAGE);
-      }
+      this.#install(gpa, at < 0 ? null : rec.data.subarray(at, at + PAGE));
       setBit(st.present, p);
       if (at < 0) this.#zero++;
       else this.#pages++;
@@ -373,6 +417,30 @@ export class MigrationDestination {
       }
     }
     this.#maybeEmitFaults();
+  }
+
+  /**
+   * Places one page (null: a zero page) through the first domain that maps it (our own, which
+   * covers all guest memory) and wakes the other domains' threads waiting on it: the memory is
+   * shared, so one placement is seen through every mapping.
+   */
+  #install(gpa: number, data: Uint8Array | null): void {
+    let placed = false;
+    for (const d of this.#domains) {
+      const waited = d.waiting.delete(gpa);
+      const host = hostOf(d, gpa);
+      if (host === null) continue;
+      if (!placed) {
+        placed = true;
+        // UFFDIO_COPY / ZEROPAGE wake this domain's waiters themselves; EEXIST does not.
+        if (data ? d.uffd.copy(host, data) : d.uffd.zeropage(host, PAGE)) continue;
+        d.uffd.wake(host, PAGE);
+        continue;
+      }
+      if (!waited) continue;
+      d.uffd.wake(host, PAGE);
+      d.stats.wakes++;
+    }
   }
 
   /** Drops pages sent in precopy and dirtied since: they must fault and be fetched again. */
@@ -410,7 +478,14 @@ export class MigrationDestination {
       uffd.close();
       throw new MigrationError("UNSUPPORTED", `userfaultfd registration failed: ${(e as Error).message}`);
     }
-    this.#domains.unshift({ uffd, ranges, owned: true, watch: null });
+    this.#domains.unshift({
+      uffd,
+      ranges,
+      owned: true,
+      watch: null,
+      stats: { faults: 0, missing: 0, wakes: 0 },
+      waiting: new Set(),
+    });
     this.#postcopy = true;
     for (const d of this.#domains) this.#watch(d);
   }
@@ -430,25 +505,36 @@ export class MigrationDestination {
 
   #onFault(d: FaultDomain, addr: bigint): void {
     const gpa = gpaOf(d, addr);
-    if (gpa === null) return;
     const mem = this.#o.memory;
-    const region = mem.findRegion(gpa);
-    if (!region) return;
+    const region = gpa === null ? undefined : mem.findRegion(gpa);
+    // A thread faulted where no page will ever come from: it would wait for ever. That is a
+    // fault domain whose ranges miss part of what it registered; fail loudly instead.
+    if (gpa === null || !region)
+      throw new MigrationError(
+        "BAD_PAGE",
+        `fault at 0x${addr.toString(16)} outside the guest memory this fault domain was given`,
+        undefined,
+        { address: `0x${addr.toString(16)}` },
+      );
     const ri = mem.regions.indexOf(region);
     const st = this.#regions[ri] as RegionState;
     const off = gpa - region.guestBase;
     const p = Math.floor(off / PAGE);
     this.#faults++;
+    d.stats.faults++;
     if (bitmapHas(st.present, p)) {
       d.uffd.wake(addr, PAGE);
+      d.stats.wakes++;
       return;
     }
+    d.waiting.add(region.guestBase + p * PAGE);
     if (st.discard?.isDiscarded(off)) {
       // A discarded block has no content anywhere: a zero page, at once, without asking.
       this.#discardFaults++;
-      if (!d.uffd.zeropage(addr, PAGE)) d.uffd.wake(addr, PAGE);
+      this.#install(region.guestBase + p * PAGE, null);
       return;
     }
+    d.stats.missing++;
     const key = ri * 2 ** 32 + p;
     if (this.#pending.has(key)) return;
     this.#pending.set(key, performance.now());
@@ -475,6 +561,7 @@ export class MigrationDestination {
   }
 
   #stopPostcopy(): void {
+    this.#ended = true;
     for (const d of this.#domains) {
       d.watch?.close();
       d.watch = null;
@@ -501,7 +588,8 @@ export class MigrationDestination {
     this.#phase("verify");
     const verify = this.#o.verify ?? true;
     const cmp = this.#regions.map((st, i) => {
-      const mine = verify ? regionDigest(st.region, st.discard) : new Uint8Array(32);
+      // Pages never written here are still the fresh memory's zeros: hashed without reading them.
+      const mine = verify ? regionDigest(st.region, st.discard, st.present) : new Uint8Array(32);
       const theirs = digests.get(i);
       const source = theirs ? hex(theirs) : "";
       return { region: i, source, destination: verify ? hex(mine) : "", match: !verify || source === hex(mine), mine };

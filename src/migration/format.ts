@@ -163,6 +163,23 @@ export function decodeRecordHead(h: Uint8Array, offset: number): RecordHead {
   return { type, flags, length };
 }
 
+/**
+ * Checks the CRC of a record received as its 8-byte header and the rest (payload + trailer),
+ * without joining them: the CRC of the header seeds the CRC of the payload.
+ */
+export function checkRecordCrcParts(head: Uint8Array, rest: Uint8Array, offset: number): void {
+  const end = rest.length - RECORD_TRAILER_SIZE;
+  const r = Buffer.from(rest.buffer, rest.byteOffset, rest.byteLength);
+  const want = r.readUInt32LE(end);
+  const got = crc32(r.subarray(0, end), crc32(head));
+  if (want !== got)
+    throw new MigrationError("CORRUPT", `${recordName(head[0] as number)} record checksum mismatch`, offset, {
+      type: recordName(head[0] as number),
+      expected: want,
+      actual: got,
+    });
+}
+
 /** Checks the CRC of a whole record (header, payload, trailer). */
 export function checkRecordCrc(whole: Uint8Array, offset: number): void {
   const end = whole.length - RECORD_TRAILER_SIZE;
@@ -335,13 +352,15 @@ export function encodePages(
   pageSize: number,
   source: (page: number) => Uint8Array,
   isZero: (view: Uint8Array) => boolean,
+  gather?: (full: Uint32Array, count: number, into: Uint8Array) => void,
 ): { record: Buffer; zero: number; full: number } {
   const count = pages.length;
   const zeroFlags = new Uint8Array(count);
+  const fullPages = new Uint32Array(count);
   let full = 0;
   for (let i = 0; i < count; i++) {
     if (isZero(source(pages[i] as number))) zeroFlags[i] = PAGE_FLAG_ZERO;
-    else full++;
+    else fullPages[full++] = pages[i] as number;
   }
   const r = new RecordBuilder(RecordType.Pages, pagesPayloadSize(count, full, pageSize));
   r.view.setUint32(0, region, true);
@@ -351,13 +370,10 @@ export function encodePages(
   r.payload.set(zeroFlags, o);
   r.payload.fill(0, o + count, o + align4(count));
   o += align4(count);
-  for (let i = 0; i < count; i++) {
-    if (zeroFlags[i] !== 0) continue;
-    // A page found non-zero may since have become zero (or vice versa): it is dirty again and
-    // goes in a later round, so what we copy now only needs to be some state the page had.
-    r.payload.set(source(pages[i] as number), o);
-    o += pageSize;
-  }
+  // A page found non-zero may since have become zero (or vice versa): it is dirty again and
+  // goes in a later round, so what we copy now only needs to be some state the page had.
+  if (gather) gather(fullPages, full, r.payload.subarray(o, o + full * pageSize));
+  else for (let i = 0; i < full; i++, o += pageSize) r.payload.set(source(fullPages[i] as number), o);
   return { record: r.seal(), zero: count - full, full };
 }
 

@@ -34,6 +34,7 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
+import { copyRegionPages } from "./pages.js";
 
 const GiB = 1024 ** 3;
 
@@ -130,7 +131,8 @@ export class MigrationSource {
     const postcopy = o.mode === "postcopy";
     const writer = new RecordWriter(stream, {
       bandwidthLimit: o.bandwidthLimit ?? 0,
-      highWater: postcopy ? 256 * 1024 : 1024 * 1024,
+      // Precopy: several 1 MiB records in flight, so the socket never waits for the next one.
+      highWater: postcopy ? 256 * 1024 : 4 * 1024 * 1024,
     });
     const reader = new RecordReader(stream);
     const rp = new ReturnPath(reader, this.#regions);
@@ -259,6 +261,12 @@ export class MigrationSource {
     for (const s of states) await writer.write(encodeDeviceState(s.name, s.blob));
   }
 
+  /** Copies a record's full pages out of region i in one native call per window. */
+  #gather(i: number): (full: Uint32Array, count: number, into: Uint8Array) => void {
+    const region = (this.#regions[i] as RegionInfo).region;
+    return (full, count, into) => copyRegionPages(region, full, count, into, false);
+  }
+
   #pageView(i: number, p: number): Uint8Array {
     const r = (this.#regions[i] as RegionInfo).region;
     return r.bytes(p * this.#ps, this.#ps) as Uint8Array;
@@ -364,7 +372,7 @@ export class MigrationSource {
       for (let s = 0; s < dirty.length; s += PAGES_PER_RECORD) {
         rp.check();
         const batch = dirty.subarray(s, s + PAGES_PER_RECORD);
-        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero);
+        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero, this.#gather(i));
         await writer.write(rec.record);
         pages += batch.length;
         zero += rec.zero;
@@ -383,7 +391,7 @@ export class MigrationSource {
       const batch: number[] = [];
       const flush = async () => {
         if (batch.length === 0) return;
-        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero);
+        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero, this.#gather(i));
         for (const p of batch) rp.markSent(i, p);
         this.#pages += batch.length;
         this.#zero += rec.zero;

@@ -128,7 +128,7 @@ test("postcopy across a tbf-shaped 1 Gbit/s link: the destination runs first, fa
 test("precopy across a tbf-shaped 1 Gbit/s link with a steady writer: converges, memory equal", { skip }, async () => {
   await using link = await NetnsLink.create({ rate: "1gbit" });
   const r = await migrateBetween(link, {
-    sourceArgs: ["--size", "96", "--fill", "0.75", "--rate", "5000", "--pattern", "random", "--downtime", "100"],
+    sourceArgs: ["--size", "96", "--fill", "0.75", "--rate", "5000", "--pattern", "random", "--downtime", "30"],
     destinationArgs: ["--size", "96"],
     timeoutMs: 40_000,
   });
