@@ -55,7 +55,10 @@ describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_00
 
     const kills: number[] = [];
     let current = first;
-    for (let round = 2; round <= 3; round++) {
+    // Kill at least twice; keep going (up to 6 lives) until a kill caught a request in flight:
+    // a kill that lands in the loop's pause between blocks has nothing to resubmit.
+    let caught = false;
+    for (let round = 2; round <= 6 && !(caught && round > 3); round++) {
       // Mid-iteration: the loop is always writing or reading a 1 MiB block, 30 ms per request.
       await sleep(700);
       kills.push(maxLoopN(vm.console.lines));
@@ -66,6 +69,7 @@ describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_00
       backends.push(current);
       const n = maxLoopN(vm.console.lines);
       await vm.console.waitFor(new RegExp(`RIG-LOOP n=${n + 2} `), { timeoutMs: 30_000 });
+      if (/resubmitting \d+ in-flight/.test(await current.log())) caught = true;
     }
     await vm.guest.runOk("rig_loop_stop");
     await vm.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
