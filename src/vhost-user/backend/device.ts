@@ -23,6 +23,11 @@ export interface DeviceInfo {
    * it has a config space, INFLIGHT_SHMFD when it can resubmit).
    */
   protocolFeatures: bigint;
+  /**
+   * Framework protocol features this device must not offer (e.g. PAGEFAULT for a back-end that
+   * cannot take part in postcopy, as many real ones cannot).
+   */
+  withoutProtocolFeatures?: bigint;
 }
 
 export interface VhostUserDevice {

@@ -159,7 +159,7 @@ export class BackendSession {
     let f = FRAMEWORK_PROTOCOL_FEATURES | this.#device.info.protocolFeatures;
     if (this.#device.info.numQueues > 1) f |= featureMask(ProtocolFeature.MQ);
     if (this.#device.getConfig) f |= featureMask(ProtocolFeature.CONFIG);
-    return f;
+    return f & ~(this.#device.info.withoutProtocolFeatures ?? 0n);
   }
 
   async #serve(m: Msg): Promise<void> {
