@@ -20,6 +20,7 @@ import { DirtyLogArea, SharedLogDirtySource } from "../../memory/shared-dirty-lo
 import type { EventFd } from "../../sys/eventfd.js";
 import type { Fd } from "../../sys/fd.js";
 import { UnixSocket } from "../../sys/unix-socket.js";
+import { Userfaultfd } from "../../sys/userfaultfd.js";
 import { Connection, type ConnectionOptions, DEFAULT_REPLY_TIMEOUT_MS } from "../connection.js";
 import {
   featureMask,
@@ -46,6 +47,7 @@ export const FRONTEND_PROTOCOL_FEATURES = featureMask(
   ProtocolFeature.RESET_DEVICE,
   ProtocolFeature.CONFIGURE_MEM_SLOTS,
   ProtocolFeature.STATUS,
+  ProtocolFeature.PAGEFAULT,
 );
 
 const F_PROTOCOL_FEATURES = featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
@@ -75,7 +77,34 @@ export interface Negotiated {
 interface SentRegion {
   desc: MemoryRegion;
   region: GuestMemoryRegion;
+  /** Postcopy: where the back-end mapped this region (from its SET_MEM_TABLE / ADD_MEM_REG reply). */
+  backendAddress?: bigint;
 }
+
+/**
+ * One region of the back-end's address table (postcopy): the back-end registered
+ * [backendAddress, +size) with its userfaultfd, and it holds guest-physical [guestAddress, +size).
+ */
+export interface BackendRegionBase {
+  guestAddress: number;
+  size: number;
+  /** The region's address in the back-end's process (its reply's user address). */
+  backendAddress: bigint;
+  /** The same region in this process. */
+  frontendAddress: bigint;
+}
+
+export interface MemTableOptions {
+  /**
+   * Postcopy (after POSTCOPY_LISTEN): called with the back-end's address table once its replies
+   * are in and before the acknowledgement that lets it register its mappings, so whoever
+   * serves its faults is ready before the first one can happen (QEMU registers the client
+   * bases with its postcopy code at the same point).
+   */
+  beforePostcopyAck?(bases: readonly BackendRegionBase[]): void | Promise<void>;
+}
+
+type PostcopyState = "none" | "advised" | "listening" | "ended";
 
 export class VhostUserFrontend implements Disposable {
   readonly connection: Connection<FrontendRequests>;
@@ -92,6 +121,9 @@ export class VhostUserFrontend implements Disposable {
   #vrings = new Map<number, FrontendVring>();
   #log: SharedLogDirtySource | null = null;
   #closed = false;
+  #postcopy: PostcopyState = "none";
+  /** The back-end's userfaultfd (POSTCOPY_ADVISE), owned here until POSTCOPY_END or close(). */
+  #uffd: Userfaultfd | null = null;
 
   constructor(socket: UnixSocket, options: FrontendOptions = {}) {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS;
@@ -337,10 +369,16 @@ export class VhostUserFrontend implements Disposable {
    * Hands the backend `memory`: ADD_MEM_REG / REM_MEM_REG for what changed when
    * CONFIGURE_MEM_SLOTS is negotiated, else one SET_MEM_TABLE (at most 8 regions). Every region
    * needs an fd. The memory stays owned by the caller and must outlive the frontend's use of it.
+   *
+   * After POSTCOPY_LISTEN this is the postcopy variant QEMU sends: the back-end answers each
+   * region with the address it mapped it at (kept: `backendRegionBases`), and only our
+   * acknowledgement — an empty SET_MEM_TABLE, or one fd-less ADD_MEM_REG carrying u64 0 — lets
+   * it register the mappings with its userfaultfd. Neither message carries NEED_REPLY.
    */
-  async setMemTable(memory: GuestMemory): Promise<void> {
+  async setMemTable(memory: GuestMemory, options: MemTableOptions = {}): Promise<void> {
     const slots = this.hasProtocolFeature(ProtocolFeature.CONFIGURE_MEM_SLOTS);
     const request = slots ? "ADD_MEM_REG" : "SET_MEM_TABLE";
+    const postcopy = this.#postcopy === "listening";
     const next: SentRegion[] = memory.regions.map((region) => ({ region, desc: this.#describe(region, request) }));
     if (!slots) {
       if (next.length > VHOST_MEMORY_BASELINE_NREGIONS)
@@ -349,13 +387,37 @@ export class VhostUserFrontend implements Disposable {
           `${next.length} regions, SET_MEM_TABLE carries at most ${VHOST_MEMORY_BASELINE_NREGIONS} (CONFIGURE_MEM_SLOTS not negotiated)`,
           request,
         );
-      await this.connection.request(
+      const fds = next.map((s) => s.region.backing.fd as Fd);
+      if (!postcopy) {
+        await this.connection.request("SET_MEM_TABLE", { regions: next.map((s) => s.desc) }, { fds });
+        this.#table = next;
+        this.#memory = memory;
+        return;
+      }
+      const r = await this.connection.request(
         "SET_MEM_TABLE",
         { regions: next.map((s) => s.desc) },
-        { fds: next.map((s) => s.region.backing.fd as Fd) },
+        { fds, needReply: false, expectReply: true },
       );
+      const reply = r?.payload;
+      if (reply?.kind !== "table")
+        throw new VhostUserError("BAD_VALUE", "postcopy: the back-end answered without its memory table", {
+          request,
+          value: reply?.kind === "ack" ? reply.value : "nothing",
+        });
+      if (reply.table.regions.length !== next.length)
+        throw new VhostUserError("BAD_VALUE", "postcopy: the reply's table has another region count", {
+          request,
+          value: reply.table.regions.length,
+          expected: next.length,
+        });
+      for (const [i, s] of next.entries())
+        s.backendAddress = checkBase(s, reply.table.regions[i] as MemoryRegion, request);
       this.#table = next;
       this.#memory = memory;
+      await options.beforePostcopyAck?.(this.backendRegionBases);
+      // The acknowledgement: a table of 0 regions (byte-identical to a u64 0), no reply.
+      await this.connection.request("SET_MEM_TABLE", { regions: [] }, { needReply: false });
       return;
     }
     const max = this.#maxMemSlots ?? (await this.getMaxMemSlots());
@@ -366,22 +428,65 @@ export class VhostUserFrontend implements Disposable {
       a.size === b.size &&
       a.userAddress === b.userAddress &&
       a.mmapOffset === b.mmapOffset;
-    const keep = this.#table.filter((o) => next.some((n) => same(n.desc, o.desc) && n.region === o.region));
+    // In postcopy a region sent before LISTEN has no known back-end address: send it again.
+    const keep = this.#table.filter(
+      (o) =>
+        next.some((n) => same(n.desc, o.desc) && n.region === o.region) &&
+        (!postcopy || o.backendAddress !== undefined),
+    );
     for (const old of this.#table) {
       if (keep.includes(old)) continue;
       await this.connection.request("REM_MEM_REG", old.desc);
       this.#table = this.#table.filter((x) => x !== old);
     }
+    let added = 0;
     for (const n of next) {
-      if (keep.some((k) => k.region === n.region)) continue;
-      await this.connection.request(
-        "ADD_MEM_REG",
-        { kind: "region", region: n.desc },
-        { fds: [n.region.backing.fd as Fd] },
-      );
+      const kept = keep.find((k) => k.region === n.region);
+      if (kept) {
+        if (kept.backendAddress !== undefined) n.backendAddress = kept.backendAddress;
+        continue;
+      }
+      const fds = [n.region.backing.fd as Fd];
+      if (!postcopy) {
+        await this.connection.request("ADD_MEM_REG", { kind: "region", region: n.desc }, { fds });
+      } else {
+        const r = await this.connection.request(
+          "ADD_MEM_REG",
+          { kind: "region", region: n.desc },
+          { fds, needReply: false, expectReply: true },
+        );
+        const reply = r?.payload;
+        if (reply?.kind !== "region")
+          throw new VhostUserError("BAD_VALUE", "postcopy: the back-end answered without its mapping address", {
+            request,
+            value: reply?.kind === "ack" ? reply.value : "nothing",
+          });
+        n.backendAddress = checkBase(n, reply.region, request);
+        added++;
+      }
       this.#table.push(n);
     }
+    this.#table = next.filter((n) => this.#table.some((t) => t.region === n.region));
     this.#memory = memory;
+    if (!postcopy) return;
+    await options.beforePostcopyAck?.(this.backendRegionBases);
+    // QEMU acks even when nothing was added; a back-end with nothing to acknowledge may take
+    // that as a protocol error (ours hangs up), so the ack goes only after new regions.
+    if (added > 0) await this.connection.request("ADD_MEM_REG", { kind: "ack", value: 0n }, { needReply: false });
+  }
+
+  /** Postcopy: the back-end's address for each region of the table, as its replies gave them. */
+  get backendRegionBases(): BackendRegionBase[] {
+    const out: BackendRegionBase[] = [];
+    for (const s of this.#table)
+      if (s.backendAddress !== undefined)
+        out.push({
+          guestAddress: s.region.guestBase,
+          size: s.region.size,
+          backendAddress: s.backendAddress,
+          frontendAddress: s.region.hostAddress,
+        });
+    return out;
   }
 
   /** The host (user) address of `[gpa, gpa+len)`, which must lie in one region of the table. */
@@ -619,6 +724,88 @@ export class VhostUserFrontend implements Disposable {
     }
   }
 
+  // ---- postcopy ------------------------------------------------------------------------------------
+
+  /**
+   * Why this back-end cannot take part in a postcopy migration, or null when it can. A back-end
+   * without PAGEFAULT would read guest pages that have not arrived yet (zeros) and never tell
+   * anyone: postcopy must be refused before it starts, precopy still works.
+   */
+  postcopyRefusal(): string | null {
+    const offered = this.#offeredProtocol;
+    if (this.#backendFeatures === null) return "features were not negotiated yet";
+    if (offered === null)
+      return "the back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES, hence no VHOST_USER_PROTOCOL_F_PAGEFAULT";
+    if (!hasFeature(offered, ProtocolFeature.PAGEFAULT))
+      return "the back-end does not offer VHOST_USER_PROTOCOL_F_PAGEFAULT: it cannot have its faults on guest pages that have not arrived served";
+    if (!this.hasProtocolFeature(ProtocolFeature.PAGEFAULT))
+      return "VHOST_USER_PROTOCOL_F_PAGEFAULT is offered but was not enabled by SET_PROTOCOL_FEATURES";
+    return null;
+  }
+
+  /** The back-end's userfaultfd while postcopy is advised (owned by the frontend). */
+  get postcopyUserfaultfd(): Userfaultfd | null {
+    return this.#uffd;
+  }
+
+  /**
+   * POSTCOPY_ADVISE ; <- reply with the back-end's userfaultfd. Throws FrontendError
+   * NOT_NEGOTIATED with the reason (postcopyRefusal) before anything is sent when the back-end
+   * cannot do postcopy. The userfaultfd stays owned by the frontend (closed at POSTCOPY_END or
+   * close()); use it to serve and wake the back-end's faults.
+   */
+  async postcopyAdvise(): Promise<Userfaultfd> {
+    const why = this.postcopyRefusal();
+    if (why) throw new FrontendError("NOT_NEGOTIATED", `postcopy refused: ${why}`, "POSTCOPY_ADVISE");
+    if (this.#postcopy === "advised" || this.#postcopy === "listening")
+      throw new FrontendError("BAD_STATE", `postcopy is already ${this.#postcopy}`, "POSTCOPY_ADVISE");
+    const r = await this.connection.request("POSTCOPY_ADVISE", undefined);
+    const fd = r?.fds[0];
+    for (const extra of r?.fds.slice(1) ?? []) extra.close();
+    if (!fd)
+      throw new VhostUserError("NACK", "the back-end sent no userfaultfd (it could not open one)", {
+        request: "POSTCOPY_ADVISE",
+      });
+    this.#uffd = Userfaultfd.adopt(fd);
+    this.#postcopy = "advised";
+    return this.#uffd;
+  }
+
+  /**
+   * POSTCOPY_LISTEN (with NEED_REPLY under REPLY_ACK, as QEMU sends it). From here on the memory
+   * table goes out in its postcopy form (setMemTable).
+   */
+  async postcopyListen(): Promise<void> {
+    if (this.#postcopy !== "advised")
+      throw new FrontendError("BAD_STATE", `POSTCOPY_LISTEN needs POSTCOPY_ADVISE first (state ${this.#postcopy})`);
+    await this.#send("POSTCOPY_LISTEN", undefined);
+    this.#postcopy = "listening";
+  }
+
+  /**
+   * POSTCOPY_END ; <- u64 status. The back-end disables its userfaultfd; ours is closed too
+   * (the kernel drops the registrations only when the last fd of it is gone). A non-zero status
+   * is a NACK.
+   */
+  async postcopyEnd(): Promise<void> {
+    if (this.#postcopy !== "advised" && this.#postcopy !== "listening")
+      throw new FrontendError("BAD_STATE", `POSTCOPY_END without postcopy (state ${this.#postcopy})`);
+    try {
+      const r = await this.connection.request("POSTCOPY_END", undefined);
+      const status = r?.payload ?? 0n;
+      if (status !== 0n)
+        throw new VhostUserError("NACK", "the back-end reported a failure ending postcopy", {
+          request: "POSTCOPY_END",
+          value: status,
+        });
+    } finally {
+      this.#postcopy = "ended";
+      for (const s of this.#table) delete s.backendAddress;
+      this.#uffd?.close();
+      this.#uffd = null;
+    }
+  }
+
   // ---- lifetime ------------------------------------------------------------------------------------
 
   /** Closes the socket, every eventfd and watch, and the log. Guest memory is not ours to close. */
@@ -631,6 +818,8 @@ export class VhostUserFrontend implements Disposable {
     this.#vrings.clear();
     this.#log?.area.close();
     this.#log = null;
+    this.#uffd?.close();
+    this.#uffd = null;
     this.#table = [];
     this.#memory = null;
   }
@@ -638,4 +827,17 @@ export class VhostUserFrontend implements Disposable {
   [Symbol.dispose](): void {
     this.close();
   }
+}
+
+/** The back-end's reply for one region must describe that region; its address is kept. */
+function checkBase(sent: SentRegion, reply: MemoryRegion, request: string): bigint {
+  if (reply.guestAddress !== sent.desc.guestAddress || reply.size !== sent.desc.size)
+    throw new VhostUserError("BAD_VALUE", "postcopy: the reply describes another region", {
+      request,
+      value: `[0x${reply.guestAddress.toString(16)}, +0x${reply.size.toString(16)})`,
+      expected: `[0x${sent.desc.guestAddress.toString(16)}, +0x${sent.desc.size.toString(16)})`,
+    });
+  if (reply.userAddress === 0n)
+    throw new VhostUserError("BAD_VALUE", "postcopy: the back-end mapped the region at address 0", { request });
+  return reply.userAddress;
 }
