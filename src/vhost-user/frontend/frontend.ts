@@ -12,6 +12,11 @@
  *
  * Addresses: SET_MEM_TABLE / ADD_MEM_REG carry each region's host address in this process as the
  * "user address", and SET_VRING_ADDR translates ring guest addresses into that same space.
+ *
+ * Postcopy (PAGEFAULT): postcopyAdvise → postcopyListen → setMemTable (its postcopy form, which
+ * keeps the back-end's own region addresses) → postcopyEnd, in QEMU's order; serving the
+ * back-end's faults is the caller's (src/vm/vhost-postcopy.ts). Without PAGEFAULT it is refused
+ * before anything is sent (postcopyRefusal says why).
  */
 import type { DirtySink } from "../../memory/dirty-source.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
