@@ -430,6 +430,11 @@ export class BackendSession {
         return this.conn.reply(m, ok ? 0n : 1n);
       }
       case "POSTCOPY_ADVISE": {
+        if (!hasFeature(this.#protocolFeatures, ProtocolFeature.PAGEFAULT)) {
+          // A reply without a userfaultfd is the spec's way to say no.
+          this.#events.log("warn", "POSTCOPY_ADVISE without VHOST_USER_PROTOCOL_F_PAGEFAULT negotiated: refused");
+          return this.conn.reply(m, undefined as never, []);
+        }
         // Kernel-mode faults must be delivered too (a pread into guest memory), so no
         // UFFD_USER_MODE_ONLY: this needs the privilege QEMU's own postcopy needs.
         this.#uffd?.close();
@@ -598,11 +603,12 @@ export class BackendSession {
   /** QEMU's acknowledgement of our postcopy mapping reply: a bare u64 0 on the same request. */
   #postcopyAck(request: string, value: bigint): void {
     const pending = this.#awaitingPostcopyAck;
-    if (!pending)
-      throw new VhostUserError("UNEXPECTED_REQUEST", "postcopy acknowledgement with nothing to acknowledge", {
-        request,
-        value,
-      });
+    if (!pending) {
+      // QEMU acknowledges its memory-table update in postcopy even when no region was added:
+      // a harmless no-op, unless it reports a failure.
+      if (value === 0n) return;
+      throw new VhostUserError("NACK", "front-end reported a failed memory-table update", { request, value });
+    }
     if (value !== 0n) throw new VhostUserError("NACK", "front-end refused our postcopy mappings", { request, value });
     this.#awaitingPostcopyAck = null;
     // Only now may the guest fault on these mappings: register them.
