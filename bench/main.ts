@@ -12,6 +12,7 @@ const benchmarks: Record<string, () => Promise<Benchmark>> = {
   dirty: () => import("./dirty.js"),
   blk: () => import("./blk.js"),
   kvm: () => import("./kvm.js"),
+  migrate: () => import("./migrate.js"),
   vhost: () => import("./vhost.js"),
 };
 

@@ -1,0 +1,367 @@
+/**
+ * `migrate`: a 1 GiB precopy migration with a steady writer, vmshift against QEMU's own precopy
+ * of a guest with the same memory size, in the same run, over two links:
+ *  - loopback: both sides in one private network namespace (127.0.0.1 there);
+ *  - a veth pair between two namespaces shaped to 1 Gbit/s with tbf (the link's capacity is
+ *    measured in the same run with a plain TCP stream between the namespaces).
+ * Both sides of each migration are separate processes (test/migration/netns-child.js for
+ * vmshift, two QEMUs for the reference). Memory content is alike: vmshift's source fills 640 MiB
+ * of its 1 GiB with non-zero pages; the QEMU guest (the interop rig's, TCG) fills 640 MiB of
+ * tmpfs with random data. Writers: vmshift 5000 pages/s (20 MB/s) into a 4 MiB hot set plus 10%
+ * anywhere; the guest rewrites a 4 MiB tmpfs file every 0.2 s (~20 MB/s). QEMU's max-bandwidth
+ * is 1 TB/s (unlimited), downtime limit 300 ms on both.
+ *
+ * Figures (medians of RUNS): throughput = bytes on the wire / total migration time; downtime as
+ * each reports it (vmshift's includes digest verification of all memory on both sides, which
+ * QEMU does not do, so the downtime without verification is given too); on the shaped link,
+ * the first round's rate of each against the link's capacity. Then postcopy remote-fault
+ * latency (destination side: fault read -> page placed) against bench/c/uffd-resolver.c doing
+ * the same round trip over TCP loopback in C, for the same number of pages.
+ */
+import { execFile } from "node:child_process";
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { migrate, probeInterop, Rig, repoRoot, type Vm } from "../test/interop/rig.js";
+import { JsonLines, migrateBetween, NetnsLink, netnsUnavailable, type Side } from "../test/migration/netns.js";
+import { type Figure, figure, median } from "./report.js";
+
+const execFileP = promisify(execFile);
+const RUNS = Number(process.env.VMSHIFT_BENCH_RUNS ?? 3);
+const SIZE_MIB = 1024;
+const FILL = 0.625; // 640 MiB of non-zero pages
+const RATE = 5000; // pages/s
+const log = (s: string) => process.stderr.write(`migrate: ${s}\n`);
+
+interface Run {
+  mbps: number;
+  /** vmshift: wire bytes / (total time - digest verification); QEMU: = mbps */
+  mbpsUnverified: number;
+  downtimeMs: number;
+  /** downtime without digest verification (vmshift only; QEMU: = downtimeMs) */
+  downtimeUnverifiedMs: number;
+  /** first round's wire rate, MB/s */
+  round1Mbps: number;
+}
+
+async function ours(link: NetnsLink, loopback: Side | undefined): Promise<Run> {
+  const r = await migrateBetween(link, {
+    sourceArgs: [
+      "--size",
+      String(SIZE_MIB),
+      "--fill",
+      String(FILL),
+      "--rate",
+      String(RATE),
+      "--pattern",
+      "hotset",
+      "--hot",
+      String(4 / SIZE_MIB),
+      "--downtime",
+      "300",
+    ],
+    destinationArgs: ["--size", String(SIZE_MIB)],
+    ...(loopback ? { loopback } : {}),
+    timeoutMs: 120_000,
+  });
+  const s = r.source;
+  const phase = (p: string) => (r.sourceEvents.find((e) => e.event === "phase" && e.phase === p)?.atMs as number) ?? 0;
+  const rounds = s.roundStats as { bandwidth: number }[];
+  return {
+    mbps: (s.bytesSent as number) / (s.totalMs as number) / 1000,
+    mbpsUnverified: (s.bytesSent as number) / (phase("verify") - phase("setup")) / 1000,
+    downtimeMs: s.downtimeMs as number,
+    downtimeUnverifiedMs: phase("verify") - phase("switchover"),
+    round1Mbps: (rounds[0]?.bandwidth ?? 0) / 1e6,
+  };
+}
+
+/** A plain TCP stream a -> b inside the link: its capacity as Node sees it. */
+async function capacity(link: NetnsLink): Promise<number> {
+  const code = `const net=require("node:net");const [m,h,p]=process.argv.slice(1);
+if(m==="s"){const s=net.createServer(c=>{let n=0;const t=performance.now();c.on("data",d=>n+=d.length);
+c.on("end",()=>{console.log(JSON.stringify({event:"cap",MBps:n/(performance.now()-t)/1000}));c.end();s.close()})}).listen(0,h,()=>console.log(JSON.stringify({event:"listening",port:s.address().port})))}
+else{const c=net.connect(+p,h,()=>{const b=Buffer.alloc(1<<20,7);let left=300;const w=()=>{while(left>0){left--;if(!c.write(b)){c.once("drain",w);return}}c.end()};w()});c.on("data",()=>{})}`;
+  const srv = new JsonLines(link.spawn("b", process.execPath, ["-e", code, "s", link.addr("b")]));
+  const l = await srv.next("listening", 10_000);
+  const cli = new JsonLines(link.spawn("a", process.execPath, ["-e", code, "c", link.addr("b"), String(l.port)]));
+  const r = await srv.next("cap", 60_000);
+  await cli.exit(10_000);
+  return r.MBps as number;
+}
+
+/** The QEMU side: a rig per namespace (QEMU started through `ip netns exec`). */
+class QemuPair {
+  src: Vm | null = null;
+  #srcSide: Side = "a";
+  #port = 7600;
+
+  private constructor(
+    readonly link: NetnsLink,
+    readonly rigs: Record<Side, Rig>,
+    readonly loopback: boolean,
+  ) {}
+
+  static async create(link: NetnsLink, loopback: boolean): Promise<QemuPair> {
+    const dir = join(repoRoot(), ".tmp", "bench-migrate");
+    mkdirSync(dir, { recursive: true });
+    const saved = process.env.VMSHIFT_QEMU;
+    const rigs: Partial<Record<Side, Rig>> = {};
+    try {
+      for (const side of ["a", "b"] as const) {
+        const wrapper = join(dir, `qemu-${link.ns(side)}.sh`);
+        writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${link.ns(side)} qemu-system-x86_64 "$@"\n`, {
+          mode: 0o755,
+        });
+        process.env.VMSHIFT_QEMU = wrapper;
+        rigs[side] = await Rig.create(`bm-${side}`);
+      }
+    } catch (e) {
+      await Promise.allSettled(Object.values(rigs).map((r) => r.close()));
+      throw e;
+    } finally {
+      if (saved === undefined) delete process.env.VMSHIFT_QEMU;
+      else process.env.VMSHIFT_QEMU = saved;
+    }
+    return new QemuPair(link, rigs as Record<Side, Rig>, loopback);
+  }
+
+  /** Boots the source guest and fills its memory; starts its writer. */
+  async boot(): Promise<void> {
+    const vm = await this.rigs.a.startVm({ name: "src0", memMiB: SIZE_MIB, lifetimeMs: 600_000 });
+    this.src = vm;
+    await vm.guest.ready(120_000);
+    const t = performance.now();
+    await vm.guest.runOk(
+      [
+        "mount -o remount,size=960m /tmp",
+        "head -c 1048576 /dev/urandom > /tmp/s1",
+        "for n in 1 2 4 8 16 32; do cat /tmp/s$n /tmp/s$n > /tmp/s$((n * 2)); rm /tmp/s$n; done",
+        "i=0; while [ $i -lt 9 ]; do cat /tmp/s64; i=$((i + 1)); done > /tmp/fill",
+        "head -c 4194304 /tmp/s64 > /tmp/seed4",
+        "( while :; do dd if=/tmp/seed4 of=/tmp/dirty bs=1M count=4 conv=notrunc 2>/dev/null; sleep 0.2; done ) < /dev/null > /dev/null 2>&1 &",
+        "free -m | sed -n 2p",
+      ].join("\n"),
+      { timeoutMs: 240_000 },
+    );
+    log(`qemu guest filled in ${((performance.now() - t) / 1000).toFixed(1)} s`);
+  }
+
+  /** One migration from the current source to a fresh incoming QEMU; the destination becomes the source. */
+  async migrateOnce(): Promise<Run & { dirtyPagesRate: number; syncs: number }> {
+    const src = this.src as Vm;
+    const dside: Side = this.loopback ? "a" : this.#srcSide === "a" ? "b" : "a";
+    const host = this.loopback ? "127.0.0.1" : this.link.addr(dside);
+    const dst = await this.rigs[dside].startVm({
+      name: `dst${this.#port}`,
+      memMiB: SIZE_MIB,
+      incoming: true,
+      lifetimeMs: 600_000,
+    });
+    const r = await migrate(src, dst, {
+      uri: `tcp:${host}:${++this.#port}`,
+      maxBandwidth: 1e12,
+      downtimeLimitMs: 300,
+      timeoutMs: 180_000,
+    });
+    await src.close();
+    this.src = dst;
+    this.#srcSide = dside;
+    const ram = (r.raw.ram ?? {}) as Record<string, number>;
+    const total = r.totalTimeMs ?? r.wallMs;
+    return {
+      mbps: (r.ram.transferred ?? 0) / total / 1000,
+      mbpsUnverified: (r.ram.transferred ?? 0) / total / 1000,
+      downtimeMs: r.downtimeMs ?? Number.NaN,
+      downtimeUnverifiedMs: r.downtimeMs ?? Number.NaN,
+      // QEMU's own average over the migration ("mbps" is megabits per second).
+      round1Mbps: (r.ram.mbps ?? 0) / 8,
+      dirtyPagesRate: ram["dirty-pages-rate"] ?? 0,
+      syncs: r.ram.dirtySyncCount ?? 0,
+    };
+  }
+
+  async close(): Promise<void> {
+    await Promise.allSettled([this.rigs.a.close(), this.rigs.b.close()]);
+  }
+}
+
+function med(runs: Run[], k: keyof Run): number {
+  return median(runs.map((r) => r[k]));
+}
+
+async function precopyFigures(name: string, link: NetnsLink, loopback: boolean, cap: number | null): Promise<Figure[]> {
+  const mine: Run[] = [];
+  const theirs: Run[] = [];
+  const qemu = await QemuPair.create(link, loopback);
+  try {
+    await qemu.boot();
+    for (let i = 0; i < RUNS; i++) {
+      // The TCG guest's vCPU would take a core from vmshift's two processes: paused meanwhile.
+      await qemu.src?.qmp.execute("stop");
+      const o = await ours(link, loopback ? "a" : undefined);
+      await qemu.src?.qmp.execute("cont");
+      mine.push(o);
+      const q = await qemu.migrateOnce();
+      theirs.push(q);
+      log(
+        `${name} run ${i + 1}: vmshift ${o.mbps.toFixed(0)} MB/s, downtime ${o.downtimeMs.toFixed(0)} ms ` +
+          `(${o.downtimeUnverifiedMs.toFixed(0)} ms unverified), round 1 ${o.round1Mbps.toFixed(0)} MB/s; ` +
+          `qemu ${q.mbps.toFixed(0)} MB/s, downtime ${q.downtimeMs} ms, dirty ${q.dirtyPagesRate} pages/s, ${q.syncs} syncs`,
+      );
+    }
+  } finally {
+    await qemu.close();
+  }
+  const ref = `QEMU ${loopback ? "" : "over the same link "}precopy, 1 GiB TCG guest, same run`;
+  const out = [
+    figure(
+      "migrate",
+      `${name}: throughput (wire bytes / total time)`,
+      "MB/s",
+      "higher",
+      med(mine, "mbps"),
+      ref,
+      med(theirs, "mbps"),
+    ),
+    figure(
+      "migrate",
+      `${name}: throughput without digest verification`,
+      "MB/s",
+      "higher",
+      med(mine, "mbpsUnverified"),
+      ref,
+      med(theirs, "mbps"),
+    ),
+    figure(
+      "migrate",
+      `${name}: downtime (vmshift: incl. digest verification)`,
+      "ms",
+      "lower",
+      med(mine, "downtimeMs"),
+      ref,
+      med(theirs, "downtimeMs"),
+    ),
+    figure(
+      "migrate",
+      `${name}: downtime without verification`,
+      "ms",
+      "lower",
+      med(mine, "downtimeUnverifiedMs"),
+      ref,
+      med(theirs, "downtimeMs"),
+    ),
+  ];
+  if (cap !== null) {
+    const capRef = `link capacity (tbf 1 Gbit/s, TCP stream measured in this run)`;
+    out.push(
+      figure(
+        "migrate",
+        `${name}: vmshift round-1 rate vs capacity`,
+        "MB/s",
+        "higher",
+        med(mine, "round1Mbps"),
+        capRef,
+        cap,
+      ),
+    );
+    out.push(
+      figure(
+        "migrate",
+        `${name}: QEMU average rate vs capacity (value = QEMU)`,
+        "MB/s",
+        "higher",
+        med(theirs, "round1Mbps"),
+        capRef,
+        cap,
+      ),
+    );
+  }
+  return out;
+}
+
+async function faultFigures(link: NetnsLink): Promise<Figure[]> {
+  const dir = join(repoRoot(), ".tmp", "bench-migrate");
+  mkdirSync(dir, { recursive: true });
+  const bin = join(dir, "uffd-resolver");
+  await execFileP("gcc", ["-O2", "-pthread", "-o", bin, join(repoRoot(), "bench", "c", "uffd-resolver.c")], {
+    timeout: 60_000,
+  });
+  const meds: number[] = [];
+  const p99s: number[] = [];
+  const counts: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    const r = await migrateBetween(link, {
+      sourceArgs: [
+        "--size",
+        "256",
+        "--fill",
+        "0.7",
+        "--rate",
+        String(RATE),
+        "--mode",
+        "postcopy",
+        "--postcopy-after",
+        "0",
+      ],
+      destinationArgs: ["--size", "256", "--guest-threads", "1"],
+      loopback: "a",
+      timeoutMs: 60_000,
+    });
+    const pc = r.destination.postcopy as { remoteFaults: number; latencyMedianUs: number; latencyP99Us: number };
+    meds.push(pc.latencyMedianUs);
+    p99s.push(pc.latencyP99Us);
+    counts.push(pc.remoteFaults);
+  }
+  const pages = Math.max(1, Math.round(median(counts)));
+  const cm: number[] = [];
+  const cp: number[] = [];
+  for (let i = 0; i < RUNS; i++) {
+    const c = new JsonLines(link.spawn("a", bin, [String(pages), "tcp"]));
+    await c.exit(60_000);
+    const line = c.events.find((e) => typeof e.resolverMedianUs === "number");
+    if (!line) throw new Error(`uffd-resolver printed nothing: ${c.tail()}`);
+    cm.push(line.resolverMedianUs as number);
+    cp.push(line.resolverP99Us as number);
+  }
+  log(`postcopy: ${pages} remote faults per run (vmshift), the C resolver served as many`);
+  const ref = `C uffd resolver, TCP loopback page fetch + UFFDIO_COPY, ${pages} pages`;
+  return [
+    figure("migrate", "postcopy remote fault latency, median (loopback)", "us", "lower", median(meds), ref, median(cm)),
+    figure("migrate", "postcopy remote fault latency, p99 (loopback)", "us", "lower", median(p99s), ref, median(cp)),
+  ];
+}
+
+export async function run(): Promise<Figure[]> {
+  const why = netnsUnavailable();
+  if (why) {
+    log(`*** SKIPPED: needs network namespaces: ${why} ***`);
+    return [];
+  }
+  const probe = await probeInterop({ needQsd: false });
+  const figures: Figure[] = [];
+  const loop = await NetnsLink.create();
+  try {
+    if (!process.env.VMSHIFT_BENCH_ONLY || process.env.VMSHIFT_BENCH_ONLY === "faults")
+      figures.push(...(await faultFigures(loop)));
+    if (!probe.ok) {
+      log(`*** QEMU comparison SKIPPED: ${probe.reason} ***`);
+      return figures;
+    }
+    if (!process.env.VMSHIFT_BENCH_ONLY || process.env.VMSHIFT_BENCH_ONLY === "loopback")
+      figures.push(...(await precopyFigures("loopback", loop, true, null)));
+  } finally {
+    await loop.close();
+  }
+  if (!process.env.VMSHIFT_BENCH_ONLY || process.env.VMSHIFT_BENCH_ONLY === "veth") {
+    const shaped = await NetnsLink.create({ rate: "1gbit" });
+    try {
+      const cap = await capacity(shaped);
+      log(`shaped link capacity: ${cap.toFixed(1)} MB/s`);
+      figures.push(...(await precopyFigures("veth 1 Gbit/s (tbf)", shaped, false, cap)));
+    } finally {
+      await shaped.close();
+    }
+  }
+  return figures;
+}
