@@ -154,6 +154,9 @@ export class GuestMemoryRegion implements Disposable {
     size: number,
     pageSize = 2 * 1024 * 1024,
   ): GuestMemoryRegion {
+    // Checked before the file is sized: hugetlbfs refuses a size that is not whole huge pages
+    // with a bare EINVAL.
+    GuestMemoryRegion.#checkLayout(toGpa(guestBase), size, pageSize);
     const fd = openFile(path, O_RDWR | O_CREAT, 0o600);
     try {
       truncate(fd, size);
