@@ -25,7 +25,7 @@ import { featureMask, hasFeature, ProtocolFeature, VHOST_VRING_F_LOG, VirtioFeat
 import { VhostUserError } from "../protocol/errors.js";
 import type { FrontendRequests } from "../protocol/frontend-requests.js";
 import { type Header, needsReply, type RequestMessage } from "../protocol/message.js";
-import type { VringAddr } from "../protocol/payloads.js";
+import type { MemoryRegion, VringAddr } from "../protocol/payloads.js";
 import type { VhostUserDevice } from "./device.js";
 import { inflightQueueSize, type SharedInflightQueue } from "./inflight.js";
 import { BackendMemoryTable, checkFdCovers, type MappedRegion, mapRegion } from "./memory-table.js";
@@ -50,6 +50,16 @@ export const FRAMEWORK_PROTOCOL_FEATURES = featureMask(
   ProtocolFeature.PAGEFAULT,
   ProtocolFeature.DEVICE_STATE,
 );
+
+/** A region as described in our postcopy replies: its user address is where WE mapped it. */
+function ourMapping(r: MappedRegion): MemoryRegion {
+  return {
+    guestAddress: BigInt(r.guestAddress),
+    size: BigInt(r.size),
+    userAddress: r.region.hostAddress,
+    mmapOffset: r.mmapOffset,
+  };
+}
 
 interface Vring {
   size: number;
@@ -555,12 +565,7 @@ export class BackendSession {
       return this.conn.reply(m, {
         kind: "table",
         table: {
-          regions: mapped.map((r) => ({
-            guestAddress: BigInt(r.guestAddress),
-            size: BigInt(r.size),
-            userAddress: r.region.hostAddress,
-            mmapOffset: r.mmapOffset,
-          })),
+          regions: mapped.map(ourMapping),
         },
       } as never);
     }
@@ -589,12 +594,7 @@ export class BackendSession {
       this.#awaitingPostcopyAck.push(r);
       return this.conn.reply(m, {
         kind: "region",
-        region: {
-          guestAddress: BigInt(r.guestAddress),
-          size: BigInt(r.size),
-          userAddress: r.region.hostAddress,
-          mmapOffset: r.mmapOffset,
-        },
+        region: ourMapping(r),
       } as never);
     }
     return void (await this.conn.ack(m));
