@@ -69,7 +69,7 @@ export interface VmDemoResult {
   downtimeMs: number;
   /**
    * Precopy: the part of the downtime from the stop to the last page and the vCPU state sent;
-   * the rest is both sides hashing memory (the destination resumes only once verified).
+   * the destination resumes then, and both sides' digests are compared after it runs.
    */
   stopAndCopyMs: number | null;
   totalMs: number;
@@ -332,7 +332,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
         `${res.mode} migration of a ${kvm ? "running micro-VM" : "worker-thread workload (no KVM)"} ` +
           `to process ${child.child.pid}: ${res.rounds} rounds, ${fmtMiB(res.bytes)} sent, ` +
           `${res.throughputMBps.toFixed(0)} MB/s, downtime ${res.downtimeMs.toFixed(1)} ms` +
-          `${res.stopAndCopyMs !== null ? ` (stop-and-copy ${res.stopAndCopyMs.toFixed(1)} ms, the rest both sides hashing memory before the destination resumes)` : ""}` +
+          `${res.stopAndCopyMs !== null ? ` (stop-and-copy ${res.stopAndCopyMs.toFixed(1)} ms, until the destination runs; memory verified after it resumed)` : ""}` +
           `, total ${res.totalMs.toFixed(0)} ms`,
       );
       say(

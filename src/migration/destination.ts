@@ -28,7 +28,7 @@ import { MADV_DONTNEED, MADV_REMOVE } from "../sys/mapping.js";
 import type { Watch } from "../sys/poller.js";
 import { UFFD_EVENT_PAGEFAULT, UFFDIO_REGISTER_MODE_MISSING, Userfaultfd } from "../sys/userfaultfd.js";
 import { type Record, RecordReader, RecordWriter } from "./channel.js";
-import { hex, regionDigest } from "./digest.js";
+import { hex, PageHashes, regionDigest } from "./digest.js";
 import { asMigrationError, MigrationError } from "./errors.js";
 import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
 import {
@@ -57,7 +57,10 @@ import type { DeviceState } from "./source.js";
 const PAGE = 4096;
 
 export interface DestinationHooks {
-  /** The guest may run here now (precopy: after verification; postcopy: before pages arrive). */
+  /**
+   * The guest may run here now (precopy: at SWITCHOVER, every page and device state received,
+   * before the digests are compared; postcopy: at POSTCOPY_RUN, before pages arrive).
+   */
   resume?(): void | Promise<void>;
   loadDeviceState?(state: DeviceState): void | Promise<void>;
   /**
@@ -116,7 +119,8 @@ interface RegionState {
   discard: DiscardMap | undefined;
   /** Pages present here (written in precopy or placed in postcopy). */
   present: Uint8Array;
-  digest: Uint8Array | null;
+  /** Precopy with verification: the hash of every page as written here (zero where never written). */
+  hashes: PageHashes | null;
 }
 
 function setBit(b: Uint8Array, p: number): void {
@@ -148,6 +152,9 @@ export class MigrationDestination {
   #lastFaultEvent = 0;
   readonly #deviceStates: string[] = [];
   #used = false;
+  /** Precopy: SWITCHOVER received, the guest runs here; this side's digests at that moment. */
+  #resumedWith: Uint8Array[] | null = null;
+  #resumedAt = 0;
 
   constructor(options: DestinationOptions) {
     this.#o = options;
@@ -156,7 +163,7 @@ export class MigrationDestination {
       pages: region.size / PAGE,
       discard: options.discard?.get(region),
       present: new Uint8Array(Math.ceil(region.size / PAGE / 8)),
-      digest: null,
+      hashes: null,
     }));
   }
 
@@ -213,6 +220,10 @@ export class MigrationDestination {
       this.#phase("setup");
       await Promise.race([reader.readStreamHeader(), aborted]);
       const caps = await this.#setup(next);
+      // Precopy keeps a hash of each page as it is written, so the digest of the memory the
+      // guest resumes with is ready at SWITCHOVER. Postcopy hashes its memory after END.
+      if ((this.#o.verify ?? true) && !(caps & Capability.POSTCOPY))
+        for (const st of this.#regions) st.hashes = new PageHashes(st.pages);
       let r = await next();
       this.#phase("precopy");
       // Discard maps first: the plug state must be known before any page.
@@ -223,6 +234,8 @@ export class MigrationDestination {
       const digests = new Map<number, Uint8Array>();
       for (;;) {
         if (this.#faultError) throw this.#faultError;
+        if (this.#resumedWith && r.type !== RecordType.Digest && r.type !== RecordType.End)
+          throw r.payload.error(`${recordName(r.type)} after SWITCHOVER`);
         switch (r.type) {
           case RecordType.Pages:
             this.#applyPages(r);
@@ -230,6 +243,16 @@ export class MigrationDestination {
           case RecordType.Round:
             this.#rounds = decodeRound(r.payload).round;
             break;
+          case RecordType.Switchover: {
+            r.payload.end();
+            if (caps & Capability.POSTCOPY) throw r.payload.error("SWITCHOVER in a postcopy stream");
+            this.#resumedWith = this.#regions.map((st) => st.hashes?.digest(st.discard) ?? new Uint8Array(32));
+            await this.#o.hooks?.resume?.();
+            this.#resumedAt = performance.now();
+            writer.writeNow(encodeRecord(RecordType.Resumed));
+            this.#phase("verify");
+            break;
+          }
           case RecordType.DeviceState: {
             const s = decodeDeviceState(r.payload);
             await this.#o.hooks?.loadDeviceState?.(s);
@@ -387,6 +410,7 @@ export class MigrationDestination {
       const p = rec.pages[k] as number;
       if ((rec.dataOffsets[k] as number) < 0) {
         this.#zero++;
+        st.hashes?.setZero(p);
         // Fresh memory is zero: a zero page never written here stays unpopulated.
         if (bitmapHas(st.present, p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
         continue;
@@ -395,6 +419,7 @@ export class MigrationDestination {
       setBit(st.present, p);
     }
     copyRegionPages(st.region, full, n, rec.data, true);
+    st.hashes?.setFromData(full, n, rec.data);
     this.#pages += n;
   }
 
@@ -585,11 +610,17 @@ export class MigrationDestination {
     // Unregister before reading memory here (this thread must never fault on guest memory).
     if (postcopy) await this.#o.hooks?.beforeVerify?.();
     this.#stopPostcopy();
-    this.#phase("verify");
+    const resumedWith = this.#resumedWith;
+    if (!postcopy && !resumedWith)
+      throw new MigrationError("BAD_RECORD", "END of a precopy stream without SWITCHOVER", undefined);
+    if (postcopy) this.#phase("verify");
+    const verifyStart = postcopy ? performance.now() : this.#resumedAt;
     const verify = this.#o.verify ?? true;
     const cmp = this.#regions.map((st, i) => {
-      // Pages never written here are still the fresh memory's zeros: hashed without reading them.
-      const mine = verify ? regionDigest(st.region, st.discard, st.present) : new Uint8Array(32);
+      // Precopy: the digest as of SWITCHOVER, from the hashes of the pages as they were written.
+      // Postcopy: pages never written here are still the fresh memory's zeros: hashed without
+      // reading them.
+      const mine = !verify ? new Uint8Array(32) : (resumedWith?.[i] ?? regionDigest(st.region, st.discard, st.present));
       const theirs = digests.get(i);
       const source = theirs ? hex(theirs) : "";
       return { region: i, source, destination: verify ? hex(mine) : "", match: !verify || source === hex(mine), mine };
@@ -606,7 +637,7 @@ export class MigrationDestination {
       throw new MigrationError("DIGEST_MISMATCH", "memory differs from the source's digest", undefined, {
         digests: digestsOut,
       });
-    if (!postcopy) await this.#o.hooks?.resume?.();
+    const verifyMs = performance.now() - verifyStart;
     await new Promise<void>((r) => stream.end(r));
     this.#phase("complete");
     const result: MigrationResult = {
@@ -615,6 +646,7 @@ export class MigrationDestination {
       rounds: this.#rounds,
       totalMs: performance.now() - this.#t0,
       downtimeMs: 0,
+      verifyMs,
       bytesSent: 0,
       pagesSent: this.#pages,
       zeroPages: this.#zero,

@@ -1,63 +1,135 @@
+/**
+ * Region digests (stream version 2): SHA-256 over the XXH64 (seed 0) of every 4 KiB page of
+ * the region's plugged blocks, in address order, each hash as 8 bytes little-endian.
+ *
+ * Per-page hashes let the destination know its digest without reading its memory again: it
+ * hashes each page as it arrives (`PageHashes`), so at switchover the digest of exactly the
+ * memory it resumes with is one SHA-256 over 2 MiB per GiB. The source instead hashes its
+ * frozen memory itself (`regionDigest`), never a value cached at send time, so a write that
+ * dirty tracking missed still shows up as a mismatch.
+ */
 import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
 import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
+import { WINDOW_SIZE } from "../sys/mapping.js";
+import { native } from "../sys/native.js";
 
-const CHUNK = 1024 * 1024;
+const PAGE = 4096;
+const PAGES_PER_WINDOW = WINDOW_SIZE / PAGE;
 
-/**
- * SHA-256 over the plugged blocks of a region, in address order (discarded blocks are never
- * read: on the source they may hold stale data, on the destination reading would populate
- * them). Both sides hash the same byte ranges because the destination applies the source's
- * discard map first.
- */
-export function regionDigest(region: GuestMemoryRegion, discard?: DiscardMap, written?: Uint8Array): Uint8Array {
-  const h = createHash("sha256");
-  const ranges: Iterable<[number, number]> = discard ? discard.ranges(true) : [[0, region.size]];
-  for (const [off, len] of ranges) {
-    let pos = off;
-    while (pos < off + len) {
-      // Chunks never cross a 1 GiB window: CHUNK divides the window size and `pos` stays aligned.
-      const n = Math.min(CHUNK - (pos % CHUNK), off + len - pos);
-      if (written) {
-        hashPages(h, region, pos, n, written);
-      } else {
-        const view = region.bytes(pos, n);
-        if (!view) throw new Error(`region view [${pos}, +${n}) crosses a window`);
-        h.update(view);
-      }
-      pos += n;
+/** XXH64 of an all-zero page, as the two u32 words hashPages writes. */
+export const ZERO_PAGE_HASH: readonly [number, number] = (() => {
+  const out = new Uint32Array(2);
+  native.hashPages(new Uint8Array(PAGE), null, 1, PAGE, out);
+  return [out[0] as number, out[1] as number];
+})();
+
+/** One 64-bit hash per page of a region (two u32 words), all starting as the zero page's. */
+export class PageHashes {
+  readonly table: Uint32Array;
+  #scratch = new Uint32Array(512);
+
+  constructor(readonly pages: number) {
+    this.table = new Uint32Array(pages * 2);
+    const [lo, hi] = ZERO_PAGE_HASH;
+    for (let p = 0; p < pages; p++) {
+      this.table[2 * p] = lo;
+      this.table[2 * p + 1] = hi;
     }
   }
+
+  setZero(p: number): void {
+    this.table[2 * p] = ZERO_PAGE_HASH[0];
+    this.table[2 * p + 1] = ZERO_PAGE_HASH[1];
+  }
+
+  /** Hashes `count` consecutive 4 KiB pages of `data`, the contents of pages `pages[0..count)`. */
+  setFromData(pages: ArrayLike<number>, count: number, data: Uint8Array): void {
+    if (this.#scratch.length < count * 2) this.#scratch = new Uint32Array(count * 2);
+    const h = this.#scratch;
+    native.hashPages(data, null, count, PAGE, h);
+    for (let k = 0; k < count; k++) {
+      const p = pages[k] as number;
+      this.table[2 * p] = h[2 * k] as number;
+      this.table[2 * p + 1] = h[2 * k + 1] as number;
+    }
+  }
+
+  digest(discard?: DiscardMap): Uint8Array {
+    return digestOfTable(this.table, this.pages, discard);
+  }
+}
+
+function digestOfTable(table: Uint32Array, pages: number, discard?: DiscardMap): Uint8Array {
+  const h = createHash("sha256");
+  const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+  const ranges: Iterable<[number, number]> = discard ? discard.ranges(true) : [[0, pages * PAGE]];
+  // Little-endian hosts only (x86-64, aarch64): the table's memory is already the wire order.
+  for (const [off, len] of ranges) h.update(bytes.subarray((off / PAGE) * 8, ((off + len) / PAGE) * 8));
   return new Uint8Array(h.digest());
 }
 
-const ZEROS = new Uint8Array(CHUNK);
+/**
+ * Whether a page that mincore reports not resident is zero by construction: in a memfd or
+ * anonymous mapping a page is either in memory, in swap, or was never populated (or punched
+ * out) and reads as zeros. With no swap configured the middle case cannot exist, so
+ * "not resident" means "zero". Files (page cache over a disk) and hugetlbfs are always read.
+ * Checked again at every use: swap can be enabled at any time.
+ */
+export function residencyImpliesZero(region: GuestMemoryRegion): boolean {
+  const k = region.backing.kind;
+  if ((k !== "memfd" && k !== "anonymous") || !region.mapping) return false;
+  try {
+    // The header line only: no swap area.
+    return readFileSync("/proc/swaps", "latin1").trim().split("\n").length <= 1;
+  } catch {
+    return false;
+  }
+}
 
 /**
- * Hashes [pos, pos+n) where pages whose bit is clear in `written` are known to be zero (fresh
- * memory never written): they hash from a constant buffer instead of being read, since reading a
- * never-populated memfd page faults a new page in (about as slow as hashing it several times).
+ * The digest of a region's memory as it is now (writers stopped). Every page is hashed from
+ * the mapping except the ones known to be zero: with `written`, pages whose bit is clear
+ * (destination: fresh memory never written here); otherwise pages that are not resident where
+ * `residencyImpliesZero` holds (source: reading them would fault new zero pages in).
  */
-function hashPages(
-  h: ReturnType<typeof createHash>,
-  region: GuestMemoryRegion,
-  pos: number,
-  n: number,
-  written: Uint8Array,
-): void {
-  const first = pos / 4096;
-  const count = Math.ceil(n / 4096);
-  let k = 0;
-  while (k < count) {
-    const set = bit(written, first + k);
-    let m = 1;
-    while (k + m < count && bit(written, first + k + m) === set) m++;
-    const at = pos + k * 4096;
-    const len = Math.min(m * 4096, pos + n - at);
-    if (set) h.update(region.bytes(at, len) as Uint8Array);
-    else h.update(ZEROS.subarray(0, len));
-    k += m;
+export function regionDigest(region: GuestMemoryRegion, discard?: DiscardMap, written?: Uint8Array): Uint8Array {
+  const pages = region.size / PAGE;
+  const table = new Uint32Array(pages * 2);
+  const resident = !written && residencyImpliesZero(region) ? region.mapping?.residency(0, region.size) : undefined;
+  const must = (p: number): boolean =>
+    written ? bit(written, p) : resident ? ((resident[p] as number) & 1) === 1 : true;
+  const ranges: Iterable<[number, number]> = discard ? discard.ranges(true) : [[0, region.size]];
+  const idx = new Uint32Array(Math.min(PAGES_PER_WINDOW, 65536));
+  const [zlo, zhi] = ZERO_PAGE_HASH;
+  for (const [off, len] of ranges) {
+    let p = off / PAGE;
+    const end = (off + len) / PAGE;
+    while (p < end) {
+      // One batch never crosses a window: hashPages gets that window's view and indices in it.
+      const w = Math.floor(p / PAGES_PER_WINDOW);
+      const base = w * PAGES_PER_WINDOW;
+      const stop = Math.min(end, base + PAGES_PER_WINDOW, p + idx.length);
+      let n = 0;
+      for (; p < stop; p++) {
+        if (must(p)) idx[n++] = p - base;
+        else {
+          table[2 * p] = zlo;
+          table[2 * p + 1] = zhi;
+        }
+      }
+      if (n === 0) continue;
+      const out = new Uint32Array(n * 2);
+      native.hashPages(new Uint8Array(region.windows[w] as SharedArrayBuffer), idx, n, PAGE, out);
+      for (let k = 0; k < n; k++) {
+        const pg = (idx[k] as number) + base;
+        table[2 * pg] = out[2 * k] as number;
+        table[2 * pg + 1] = out[2 * k + 1] as number;
+      }
+    }
   }
+  return digestOfTable(table, pages, discard);
 }
 
 function bit(b: Uint8Array, p: number): boolean {

@@ -66,8 +66,14 @@ export interface MigrationResult {
   mode: "precopy" | "postcopy";
   rounds: number;
   totalMs: number;
-  /** Writers stopped on the source until the destination was running (precopy: verified). */
+  /** Writers stopped on the source until the destination was running (RESUMED received). */
   downtimeMs: number;
+  /**
+   * Digest verification after the destination resumed, ms (not part of the downtime): the
+   * source hashing its frozen memory and the destination's COMPLETE coming back (source), or
+   * the wait for the source's digests (destination).
+   */
+  verifyMs?: number;
   bytesSent: number;
   pagesSent: number;
   zeroPages: number;

@@ -1,5 +1,5 @@
 /**
- * The vmshift migration stream, version 1 (docs/migration-stream.md is the reference).
+ * The vmshift migration stream, version 2 (docs/migration-stream.md is the reference).
  * All integers little-endian. A stream is a 16-byte header followed by records:
  *
  *   record = type u8 | flags u8 | reserved u16 (0) | length u32 | payload[length] | crc32 u32
@@ -12,7 +12,8 @@ import { crc32 } from "node:zlib";
 import { MigrationError } from "./errors.js";
 
 export const STREAM_MAGIC = Buffer.from("VMSHIFT\0", "latin1");
-export const STREAM_VERSION = 1;
+/** 2: precopy SWITCHOVER/RESUMED before the digests; digests over per-page XXH64 hashes. */
+export const STREAM_VERSION = 2;
 export const STREAM_HEADER_SIZE = 16;
 export const RECORD_HEADER_SIZE = 8;
 export const RECORD_TRAILER_SIZE = 4;
@@ -29,6 +30,7 @@ export enum RecordType {
   Discard = 0x03,
   Pages = 0x10,
   Round = 0x11,
+  Switchover = 0x12,
   DeviceState = 0x20,
   Digest = 0x30,
   PostcopyAdvise = 0x40,
@@ -49,6 +51,7 @@ export const RECORD_NAMES: Record<number, string> = {
   3: "DISCARD",
   16: "PAGES",
   17: "ROUND",
+  18: "SWITCHOVER",
   32: "DEVICE_STATE",
   48: "DIGEST",
   64: "POSTCOPY_ADVISE",
@@ -343,15 +346,15 @@ function align4(n: number): number {
 
 /**
  * Builds a PAGES record for `pages` of a region. `source(page)` returns the page's bytes (a
- * view into guest memory); zero pages are sent as a flag only. The data is copied once, from
- * guest memory into the record.
+ * view into guest memory); pages for which `isZero(page)` holds are sent as a flag only. The
+ * data is copied once, from guest memory into the record.
  */
 export function encodePages(
   region: number,
   pages: ArrayLike<number>,
   pageSize: number,
   source: (page: number) => Uint8Array,
-  isZero: (view: Uint8Array) => boolean,
+  isZero: (page: number) => boolean,
   gather?: (full: Uint32Array, count: number, into: Uint8Array) => void,
 ): { record: Buffer; zero: number; full: number } {
   const count = pages.length;
@@ -359,7 +362,7 @@ export function encodePages(
   const fullPages = new Uint32Array(count);
   let full = 0;
   for (let i = 0; i < count; i++) {
-    if (isZero(source(pages[i] as number))) zeroFlags[i] = PAGE_FLAG_ZERO;
+    if (isZero(pages[i] as number)) zeroFlags[i] = PAGE_FLAG_ZERO;
     else fullPages[full++] = pages[i] as number;
   }
   const r = new RecordBuilder(RecordType.Pages, pagesPayloadSize(count, full, pageSize));

@@ -11,7 +11,7 @@ import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { native } from "../sys/native.js";
 import { RecordReader, RecordWriter } from "./channel.js";
-import { hex, regionDigest } from "./digest.js";
+import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError } from "./errors.js";
 import { MigrationEvents, type MigrationResult, type Phase, type RegionDigest, type RoundStats } from "./events.js";
 import {
@@ -177,10 +177,15 @@ export class MigrationSource {
         this.#phase("switchover");
         downtimeStart = performance.now();
         await this.#stopWriters();
-        const rep = await tracker.sync({ final: true });
+        await tracker.sync({ final: true });
         await this.#sendDirty(tracker, writer, rp);
-        void rep;
         await this.#sendDeviceStates(writer);
+        // The destination resumes on SWITCHOVER with the digest of what it received, known
+        // from per-page hashes taken as pages arrived; the comparison comes after it runs.
+        await writer.write(encodeRecord(RecordType.Switchover));
+        await rp.resumed;
+        this.#destinationRunning = true;
+        downtimeMs = performance.now() - downtimeStart;
       } else {
         this.#phase("postcopy");
         downtimeStart = performance.now();
@@ -198,11 +203,14 @@ export class MigrationSource {
         await this.#sendBackground(todo, writer, rp);
       }
       this.#phase("verify");
+      const verifyStart = performance.now();
+      // Writers are stopped for good: this hashes the memory itself, as it was sent, whatever
+      // dirty tracking said (a missed write is exactly what must show up here).
       const digests = this.#regions.map((ri) => regionDigest(ri.region, ri.discard));
       for (const [i, d] of digests.entries()) writer.writeNow(encodeDigest(i, d));
       await writer.write(encodeRecord(RecordType.End));
       const complete = await rp.complete;
-      if (!postcopy) downtimeMs = performance.now() - downtimeStart;
+      const verifyMs = performance.now() - verifyStart;
       const cmp: RegionDigest[] = digests.map((d, i) => {
         const other = complete.digests[i];
         const destination = other ? hex(other) : "";
@@ -218,7 +226,8 @@ export class MigrationSource {
         mode: postcopy ? "postcopy" : "precopy",
         rounds,
         totalMs: performance.now() - this.#t0,
-        downtimeMs: downtimeMs!,
+        downtimeMs,
+        verifyMs,
         bytesSent: writer.bytesWritten,
         pagesSent: this.#pages,
         zeroPages: this.#zero,
@@ -265,6 +274,22 @@ export class MigrationSource {
   #gather(i: number): (full: Uint32Array, count: number, into: Uint8Array) => void {
     const region = (this.#regions[i] as RegionInfo).region;
     return (full, count, into) => copyRegionPages(region, full, count, into, false);
+  }
+
+  /**
+   * The zero test for a batch of pages (ascending). Where residencyImpliesZero holds, a page
+   * that is not resident is zero without reading it: reading would fault a fresh zero page in
+   * (the never-written part of a new memfd costs more to scan than all the data sent).
+   */
+  #isZero(i: number, batch: Uint32Array, byResidency: boolean): (p: number) => boolean {
+    const view = (p: number) => native.isZero(this.#pageView(i, p));
+    const mapping = (this.#regions[i] as RegionInfo).region.mapping;
+    if (!byResidency || !mapping || batch.length === 0) return view;
+    const first = batch[0] as number;
+    const span = (batch[batch.length - 1] as number) - first + 1;
+    if (span > 65536) return view;
+    const resident = mapping.residency(first * this.#ps, span * this.#ps);
+    return (p) => ((resident[p - first] as number) & 1) === 0 || view(p);
   }
 
   #pageView(i: number, p: number): Uint8Array {
@@ -369,10 +394,19 @@ export class MigrationSource {
     let zero = 0;
     for (let i = 0; i < this.#regions.length; i++) {
       const dirty = tracker.bitmap.take(i);
+      // Taken after the sync: a page that is not resident now and written later is dirty again.
+      const byResidency = residencyImpliesZero((this.#regions[i] as RegionInfo).region);
       for (let s = 0; s < dirty.length; s += PAGES_PER_RECORD) {
         rp.check();
         const batch = dirty.subarray(s, s + PAGES_PER_RECORD);
-        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero, this.#gather(i));
+        const rec = encodePages(
+          i,
+          batch,
+          this.#ps,
+          (p) => this.#pageView(i, p),
+          this.#isZero(i, batch, byResidency),
+          this.#gather(i),
+        );
         await writer.write(rec.record);
         pages += batch.length;
         zero += rec.zero;
@@ -391,7 +425,14 @@ export class MigrationSource {
       const batch: number[] = [];
       const flush = async () => {
         if (batch.length === 0) return;
-        const rec = encodePages(i, batch, this.#ps, (p) => this.#pageView(i, p), native.isZero, this.#gather(i));
+        const rec = encodePages(
+          i,
+          batch,
+          this.#ps,
+          (p) => this.#pageView(i, p),
+          (p) => native.isZero(this.#pageView(i, p)),
+          this.#gather(i),
+        );
         for (const p of batch) rp.markSent(i, p);
         this.#pages += batch.length;
         this.#zero += rec.zero;
@@ -460,7 +501,13 @@ class ReturnPath {
 
   servePages(writer: RecordWriter, view: (region: number, page: number) => Uint8Array): void {
     this.#serve = (region, page) => {
-      const rec = encodePages(region, [page], 4096, (p) => view(region, p), native.isZero);
+      const rec = encodePages(
+        region,
+        [page],
+        4096,
+        (p) => view(region, p),
+        (p) => native.isZero(view(region, p)),
+      );
       this.markSent(region, page);
       writer.writeNow(rec.record);
     };

@@ -60,6 +60,8 @@ export interface Native {
   ): void;
   scanClear(bitmap: Uint32Array, out: Uint32Array, startWord: number): [found: number, nextWord: number];
   isZero(view: View): boolean;
+  /** XXH64 (seed 0) of `count` pages (index list or consecutive), two u32 words (low, high) per page in `out`. */
+  hashPages(src: View, srcIndex: Uint32Array | null, count: number, pageSize: number, out: Uint32Array): void;
 }
 
 /** Finds native/build/Release from both src/ (a loader) and dist/src/ (compiled). */

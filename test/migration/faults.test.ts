@@ -126,6 +126,9 @@ test("a source that stops converging reports NOT_CONVERGED at its round limit, n
   const src = makeMemory();
   const dst = makeMemory();
   const wl = await Workload.start({ memory: src, pattern: "random", pagesPerSecond: 0 });
+  // The writer must be writing already: a round over fresh memory now takes well under a
+  // millisecond, and a sync that finds nothing dirty would (rightly) converge.
+  while (wl.pagesWritten === 0) await settle();
   const [a, b] = await socketPair();
   const [se, de] = await expectBoth(
     new MigrationSource({
