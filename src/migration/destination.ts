@@ -51,7 +51,7 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
-import { copyRegionPages } from "./pages.js";
+import { writeRegionPages } from "./pages.js";
 import type { DeviceState } from "./source.js";
 
 const PAGE = 4096;
@@ -205,7 +205,8 @@ export class MigrationDestination {
     if (this.#used) throw new Error("a MigrationDestination runs once");
     this.#used = true;
     this.#t0 = performance.now();
-    const reader = new RecordReader(stream);
+    // Every record is applied (or its payload copied) before the next one is read.
+    const reader = new RecordReader(stream, { reuseBuffer: true });
     const writer = new RecordWriter(stream);
     this.#writer = writer;
     let abortReject: ((e: Error) => void) | null = null;
@@ -418,7 +419,7 @@ export class MigrationDestination {
       full[n++] = p;
       setBit(st.present, p);
     }
-    copyRegionPages(st.region, full, n, rec.data, true);
+    writeRegionPages(st.region, full, n, rec.data);
     st.hashes?.setFromData(full, n, rec.data);
     this.#pages += n;
   }
