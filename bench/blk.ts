@@ -1,11 +1,20 @@
 /**
- * `npm run bench -- blk`: back-end efficiency of `vmshift blk` against qemu-storage-daemon on the
- * same raw image in the same run. A front-end in Node (VhostUserFrontend + SplitQueueDriver, no
- * guest) drives each back-end — both run as child processes — with 4 KiB random reads and
- * writes at queue depth 1 and 32 (32 per queue), on one and two queues, for a fixed time per run;
- * the figure is the median IOPS of several runs, and ratio = our IOPS / QSD's.
- * The image is on the host page cache (no O_DIRECT on either side): this measures the back-ends'
- * per-request cost, not the disk. Needs qemu-storage-daemon (skips the comparison without it).
+ * `npm run bench -- blk`: `vmshift blk` against qemu-storage-daemon on the same raw image contents
+ * in the same run, in two views (ratio = ours / QSD's, medians of several runs):
+ *
+ * 1. Back-end efficiency: a front-end in Node (VhostUserFrontend + SplitQueueDriver, no guest)
+ *    drives each back-end — both run as child processes — with 4 KiB random reads and writes at
+ *    queue depth 1 and 32 (32 per queue), on one and two queues, for a fixed time per run.
+ * 2. In a QEMU guest (the interop rig: QEMU 10, TCG, busybox guest): /bin/vmshift-io
+ *    (scripts/guest/vmshift-io.c, O_DIRECT on /dev/vda) measures 4 KiB random reads at QD1 (IOPS)
+ *    and sequential 1 MiB reads and writes (MB/s). One guest per back-end, each on its own copy
+ *    of the image, measured in turn. Under TCG the guest's CPU is the limit; this view shows that
+ *    nothing in our path is pathological, not the back-end's ceiling.
+ *
+ * The images are on the host page cache (no O_DIRECT in either back-end): this measures the
+ * back-ends' per-request cost, not the disk. Needs qemu-storage-daemon (skips without it); the
+ * guest view also needs QEMU and the rig's guest (skips loudly without them).
+ * Only one view: BLK_BENCH_VIEW=backend|guest, or `npm run bench -- blk --view=guest`.
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -19,6 +28,8 @@ import { FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend } from "../src/vhost-user
 import { featureMask, ProtocolFeature, VirtioFeature } from "../src/vhost-user/protocol/constants.js";
 import { SplitQueueDriver } from "../src/virtio/driver.js";
 import { splitQueueLayout } from "../src/virtio/ring.js";
+import { type BlkBackend, startBlk } from "../test/interop/blk-helpers.js";
+import { parseRigRecords, probeInterop, Rig, type Vm } from "../test/interop/rig.js";
 import { type Figure, figure, median } from "./report.js";
 
 const MiB = 1 << 20;
@@ -220,19 +231,18 @@ async function measure(socket: string, queues: number, depth: number, write: boo
   }
 }
 
-export async function run(): Promise<Figure[]> {
-  const which = spawnSync("sh", ["-c", "command -v qemu-storage-daemon"], { encoding: "utf8" });
-  const qsd = process.env.VMSHIFT_QSD ?? which.stdout.trim();
-  if (!qsd) {
-    process.stderr.write("bench blk: qemu-storage-daemon not found; nothing to compare against\n");
-    return [];
-  }
+/** Writes `bytes` of 0xa5 to `path`: allocated, in the page cache, reads hit real data. */
+function fillImage(path: string, bytes: number): void {
+  const chunk = Buffer.alloc(MiB, 0xa5);
+  writeFileSync(path, Buffer.alloc(0));
+  for (let i = 0; i < bytes / MiB; i++) writeFileSync(path, chunk, { flag: "a" });
+}
+
+/** View 1: the Node front-end against each back-end. */
+async function backendView(qsd: string): Promise<Figure[]> {
   const dir = mkdtempSync(join(tmpdir(), "vmshift-bench-blk-"));
   const image = join(dir, "disk.img");
-  // Allocated and in the page cache: reads hit real data, writes overwrite.
-  const chunk = Buffer.alloc(MiB, 0xa5);
-  writeFileSync(image, Buffer.alloc(0));
-  for (let i = 0; i < IMAGE / MiB; i++) writeFileSync(image, chunk, { flag: "a" });
+  fillImage(image, IMAGE);
   const figures: Figure[] = [];
   try {
     for (const queues of [1, 2]) {
@@ -261,6 +271,166 @@ export async function run(): Promise<Figure[]> {
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+  return figures;
+}
+
+// ---------------------------------------------------------------- view 2: in a QEMU guest
+
+const GUEST_IMAGE = 256 * MiB;
+/** Seconds of 4 KiB random reads per run. */
+const GUEST_RAND_SECS = Number(process.env.BLK_BENCH_GUEST_SECS ?? 3);
+/** MiB read / written sequentially per run, in 1 MiB requests. */
+const GUEST_SEQ_MIB = Number(process.env.BLK_BENCH_GUEST_MIB ?? 128);
+const GUEST_SEQ_BS = MiB;
+/** Every QEMU / back-end process of the view dies after this, whatever happens. */
+const GUEST_LIFETIME_MS = 300_000;
+
+interface GuestOp {
+  metric: string;
+  unit: string;
+  /** The vmshift-io command line in the guest. */
+  cmd: string;
+  /** The RIG-IO field holding the figure. */
+  field: string;
+  timeoutMs: number;
+}
+
+const GUEST_OPS: GuestOp[] = [
+  {
+    metric: "in-guest 4k randread QD1",
+    unit: "IOPS",
+    cmd: `vmshift-io randread /dev/vda ${GUEST_RAND_SECS}`,
+    field: "iops",
+    timeoutMs: GUEST_RAND_SECS * 1000 + 60_000,
+  },
+  {
+    metric: "in-guest seqwrite 1M",
+    unit: "MB/s",
+    cmd: `vmshift-io seqwrite /dev/vda ${GUEST_SEQ_MIB} ${GUEST_SEQ_BS}`,
+    field: "mbps",
+    timeoutMs: 90_000,
+  },
+  {
+    metric: "in-guest seqread 1M",
+    unit: "MB/s",
+    cmd: `vmshift-io seqread /dev/vda ${GUEST_SEQ_MIB} ${GUEST_SEQ_BS}`,
+    field: "mbps",
+    timeoutMs: 90_000,
+  },
+];
+
+/** Runs one vmshift-io command in `vm` and returns its figure; throws with the output on any failure. */
+async function guestFigure(vm: Vm, op: GuestOp): Promise<number> {
+  const r = await vm.guest.run(`${op.cmd} 2>&1`, { timeoutMs: op.timeoutMs });
+  const rec = parseRigRecords(r.output, "RIG-IO")[0];
+  const v = Number(rec?.fields[op.field]);
+  if (r.rc !== 0 || !rec || !Number.isFinite(v) || v <= 0) {
+    throw new Error(`${vm.name}: '${op.cmd}' failed (rc=${r.rc}):\n${r.output.join("\n")}`);
+  }
+  return v;
+}
+
+function skipGuest(reason: string): Figure[] {
+  const bar = "!".repeat(78);
+  process.stderr.write(`${bar}\n!! bench blk: SKIPPING the in-guest view: ${reason}\n${bar}\n`);
+  return [];
+}
+
+/**
+ * View 2: one guest per back-end (booted together, then measured in turn so only one guest is busy
+ * at a time); per round every operation runs on both, the first guest alternating between rounds.
+ */
+async function guestView(): Promise<Figure[]> {
+  const probe = await probeInterop();
+  if (!probe.ok) return skipGuest(probe.reason);
+  const t0 = Date.now();
+  const rig = await Rig.create("bench-blk");
+  const backends: BlkBackend[] = [];
+  try {
+    const ourImage = rig.path("vmshift.img");
+    const qsdImage = rig.path("qsd.img");
+    fillImage(ourImage, GUEST_IMAGE);
+    fillImage(qsdImage, GUEST_IMAGE);
+    const ours = await startBlk(rig, {
+      name: "vmshift",
+      image: ourImage,
+      env: { VMSHIFT_BLK_TRACE: "0" },
+      lifetimeMs: GUEST_LIFETIME_MS,
+    });
+    backends.push(ours);
+    const ref = await rig.startQsd({ name: "qsd", image: qsdImage, lifetimeMs: GUEST_LIFETIME_MS });
+    const vms = await Promise.all([
+      rig.startVm({ name: "vm-vmshift", vhostUserBlk: [{ socket: ours.socket }], lifetimeMs: GUEST_LIFETIME_MS }),
+      rig.startVm({ name: "vm-qsd", vhostUserBlk: [{ socket: ref.socket }], lifetimeMs: GUEST_LIFETIME_MS }),
+    ]);
+    await Promise.all(vms.map((vm) => vm.guest.ready()));
+    const tool = await vms[0]!.guest.run("command -v vmshift-io");
+    if (tool.rc !== 0) {
+      return skipGuest(
+        "the guest has no /bin/vmshift-io (scripts/build-guest.sh builds it with gcc -static: install gcc + libc6-dev)",
+      );
+    }
+    process.stderr.write(`bench blk: in-guest: two guests up in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+    // Warm-up (not counted): the first requests of a back-end pay for JIT / first touch.
+    for (const vm of vms) {
+      await vm.guest.runOk(`vmshift-io randread /dev/vda 1 && vmshift-io seqwrite /dev/vda 16 ${GUEST_SEQ_BS}`, {
+        timeoutMs: 60_000,
+      });
+    }
+    const results = GUEST_OPS.map(() => vms.map((): number[] => []));
+    for (let r = 0; r < RUNS; r++) {
+      const order = r % 2 === 0 ? [0, 1] : [1, 0];
+      for (const [o, op] of GUEST_OPS.entries()) {
+        for (const v of order) results[o]![v]!.push(await guestFigure(vms[v]!, op));
+      }
+    }
+    const figures: Figure[] = [];
+    for (const [o, op] of GUEST_OPS.entries()) {
+      const [a, b] = results[o] as [number[], number[]];
+      figures.push(figure("blk", op.metric, op.unit, "higher", median(a), "qemu-storage-daemon", median(b)));
+      const fmt = (xs: number[]) => xs.map((x) => (op.unit === "IOPS" ? Math.round(x) : x.toFixed(1))).join("/");
+      process.stderr.write(`bench blk: ${op.metric}: vmshift ${fmt(a)} qsd ${fmt(b)} ${op.unit}\n`);
+    }
+    for (const vm of vms) {
+      const bad = vm.console.grep(/I\/O error|blk_update_request|BUG:|Oops/);
+      if (bad.length) throw new Error(`${vm.name}: guest kernel complained:\n${bad.join("\n")}`);
+    }
+    process.stderr.write(`bench blk: in-guest view took ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+    return figures;
+  } finally {
+    await rig.close();
+    await Promise.all(backends.map((b) => b.close()));
+  }
+}
+
+/** BLK_BENCH_VIEW or --view=: "backend", "guest", or both (default). */
+function views(): Set<string> {
+  const arg = process.argv.find((a) => a.startsWith("--view="))?.slice("--view=".length);
+  const v = arg ?? process.env.BLK_BENCH_VIEW ?? "all";
+  if (v === "all") return new Set(["backend", "guest"]);
+  if (v !== "backend" && v !== "guest") throw new Error(`bench blk: unknown view '${v}' (backend, guest, all)`);
+  return new Set([v]);
+}
+
+export async function run(): Promise<Figure[]> {
+  const which = spawnSync("sh", ["-c", "command -v qemu-storage-daemon"], { encoding: "utf8" });
+  const qsd = process.env.VMSHIFT_QSD ?? which.stdout.trim();
+  if (!qsd) {
+    process.stderr.write("bench blk: qemu-storage-daemon not found; nothing to compare against\n");
+    return [];
+  }
+  const want = views();
+  const figures: Figure[] = [];
+  if (want.has("backend")) figures.push(...(await backendView(qsd)));
+  if (want.has("guest")) {
+    try {
+      figures.push(...(await guestView()));
+    } catch (e) {
+      // Keep the other view's figures, but fail the run.
+      process.stderr.write(`bench blk: the in-guest view FAILED: ${(e as Error).stack ?? String(e)}\n`);
+      process.exitCode = 1;
+    }
   }
   return figures;
 }

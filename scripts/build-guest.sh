@@ -5,6 +5,8 @@
 # Cached: a second run with unchanged inputs returns at once (no apt query).
 # Env: VMSHIFT_GUEST_KERNEL_PKG (default: what linux-image-cloud-amd64 depends on), VMSHIFT_GUEST_REBUILD=1.
 # Needs: busybox-static, cpio, gzip, apt-get + dpkg-deb (scripts/install-debian.sh installs them).
+# Optional: gcc + libc6-dev, for /bin/vmshift-io (scripts/guest/vmshift-io.c, compiled -static; the bench's in-guest
+# I/O tool). Without them the guest is built without the tool (a warning, IOTOOL= empty) and the bench says so.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -19,8 +21,10 @@ case "$(file -b "$BUSYBOX" 2>/dev/null || echo unknown)" in
 esac
 command -v cpio >/dev/null 2>&1 || { echo "build-guest.sh: cpio missing (apt-get install cpio)" >&2; exit 1; }
 
-KEY=$(cat "$0" "$HERE/guest/init.sh" "$HERE/guest/rig.sh" "$BUSYBOX" | sha256sum | cut -c1-16)-${VMSHIFT_GUEST_KERNEL_PKG:-default}
-emit() { . "$OUT/guest.env"; echo "KERNEL=$KERNEL"; echo "INITRD=$INITRD"; echo "KVER=$KVER"; }
+GUEST_CC=${VMSHIFT_GUEST_CC:-$(command -v gcc || true)}
+# The tool's source and which compiler is there are part of the key: editing vmshift-io.c or installing gcc rebuilds.
+KEY=$( (cat "$0" "$HERE/guest/init.sh" "$HERE/guest/rig.sh" "$HERE/guest/vmshift-io.c" "$BUSYBOX"; echo "cc=${GUEST_CC:-none}") | sha256sum | cut -c1-16)-${VMSHIFT_GUEST_KERNEL_PKG:-default}
+emit() { IOTOOL=; . "$OUT/guest.env"; echo "KERNEL=$KERNEL"; echo "INITRD=$INITRD"; echo "KVER=$KVER"; echo "IOTOOL=$IOTOOL"; }
 if [ "${VMSHIFT_GUEST_REBUILD:-0}" != 1 ] && [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$KEY" ] && [ -f "$OUT/guest.env" ]; then
   emit; exit 0
 fi
@@ -84,10 +88,17 @@ for m in virtio_pci virtio_blk virtio_console; do add "$m"; done
 echo $ORDER > "$W/etc/rig-modules"
 cp "$HERE/guest/init.sh" "$W/init"; chmod 755 "$W/init"
 cp "$HERE/guest/rig.sh" "$W/etc/rig.sh"
+IOTOOL=
+if [ -n "$GUEST_CC" ] && "$GUEST_CC" -static -O2 -s -o "$W/bin/vmshift-io" "$HERE/guest/vmshift-io.c" >&2; then
+  IOTOOL=/bin/vmshift-io
+else
+  rm -f "$W/bin/vmshift-io"
+  echo "build-guest.sh: warning: no /bin/vmshift-io in the guest (${GUEST_CC:-gcc not found}; needs gcc + libc6-dev for -static)" >&2
+fi
 (cd "$W" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -6) > "$OUT/initramfs.cpio.gz.new"
 mv "$OUT/initramfs.cpio.gz.new" "$OUT/initramfs.cpio.gz"
 rm -rf "$W"; trap - EXIT
-printf 'KERNEL=%s\nINITRD=%s\nKVER=%s\nMODULES="%s"\n' "$KERNEL" "$OUT/initramfs.cpio.gz" "$KVER" "$ORDER" > "$OUT/guest.env"
+printf 'KERNEL=%s\nINITRD=%s\nKVER=%s\nMODULES="%s"\nIOTOOL=%s\n' "$KERNEL" "$OUT/initramfs.cpio.gz" "$KVER" "$ORDER" "$IOTOOL" > "$OUT/guest.env"
 echo "$KEY" > "$OUT/stamp"
-echo "build-guest.sh: kernel $KVER ($KPKG), modules:$ORDER, built in $(( $(date +%s) - t0 )) s" >&2
+echo "build-guest.sh: kernel $KVER ($KPKG), modules:$ORDER, io tool: ${IOTOOL:-none}, built in $(( $(date +%s) - t0 )) s" >&2
 emit
