@@ -37,6 +37,9 @@ export interface Native {
   write(fd: number, view: View): number;
   pread(fd: number, view: View, position: U64): number;
   pwrite(fd: number, view: View, position: U64): number;
+  /** One system call over up to 1024 views; bytes or -errno. */
+  preadv(fd: number, views: readonly ArrayBufferView[], position: U64): number;
+  pwritev(fd: number, views: readonly ArrayBufferView[], position: U64): number;
   fdatasync(fd: number): number;
   ioctl(fd: number, request: number, arg?: View | U64): number;
   eventfd(initval: number, flags: number): number;

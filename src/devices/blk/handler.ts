@@ -10,7 +10,6 @@
  */
 
 import type { GuestMemory } from "../../memory/guest-memory.js";
-import { VHOST_LOG_PAGE } from "../../memory/shared-dirty-log.js";
 import type { QueueContext, QueueHandler } from "../../vhost-user/backend/device.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
 import {
@@ -176,22 +175,36 @@ export class BlkQueueHandler implements QueueHandler {
       this.#image.readAt(buf, pos);
       return ok(chain.writeWritable(buf, 0));
     }
+    // One preadv for every consecutive buffer that is a plain view of guest memory; a buffer
+    // straddling a region or window boundary is read aside and copied in.
     let off = 0;
+    let runStart = 0;
+    const run: Uint8Array[] = [];
+    const gpas: number[] = [];
+    const flush = () => {
+      if (run.length === 0) return;
+      this.#image.readvAt(run, pos + runStart);
+      for (let k = 0; k < run.length; k++) chain.markWritten(gpas[k] as number, (run[k] as Uint8Array).length);
+      run.length = 0;
+      gpas.length = 0;
+    };
     for (let i = chain.readableCount; i < chain.count && off < len; i++) {
       const gpa = chain.addr(i);
       const n = Math.min(chain.len(i), len - off);
       const view = mem.slice(gpa, n);
       if (view) {
-        this.#image.readAt(view, pos + off);
-        chain.markWritten(gpa, view.length);
+        if (run.length === 0) runStart = off;
+        run.push(view);
+        gpas.push(gpa);
       } else {
-        // Straddles a region or window boundary: read it aside, copy it in.
+        flush();
         const tmp = new Uint8Array(n);
         this.#image.readAt(tmp, pos + off);
         chain.writeWritable(tmp, off);
       }
       off += n;
     }
+    flush();
     return ok(off);
   }
 
@@ -209,8 +222,16 @@ export class BlkQueueHandler implements QueueHandler {
       this.#image.writeAt(buf, pos);
       return ok();
     }
+    // One pwritev for every consecutive buffer that is a plain view of guest memory.
     let skip = REQUEST_HEADER_SIZE;
     let off = 0;
+    let runStart = 0;
+    const run: Uint8Array[] = [];
+    const flush = () => {
+      if (run.length === 0) return;
+      this.#image.writevAt(run, pos + runStart);
+      run.length = 0;
+    };
     for (let i = 0; i < chain.readableCount && off < len; i++) {
       const dlen = chain.len(i);
       if (skip >= dlen) {
@@ -221,14 +242,18 @@ export class BlkQueueHandler implements QueueHandler {
       const n = Math.min(dlen - skip, len - off);
       skip = 0;
       const view = mem.slice(gpa, n);
-      if (view) this.#image.writeAt(view, pos + off);
-      else {
+      if (view) {
+        if (run.length === 0) runStart = off;
+        run.push(view);
+      } else {
+        flush();
         const tmp = new Uint8Array(n);
         chain.readReadableInto(tmp, REQUEST_HEADER_SIZE + off);
         this.#image.writeAt(tmp, pos + off);
       }
       off += n;
     }
+    flush();
     return ok();
   }
 
