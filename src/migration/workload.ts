@@ -31,6 +31,11 @@ export interface WorkloadOptions {
   /** Pages in discarded blocks are never touched (a guest does not use unplugged memory). */
   discard?: ReadonlyMap<GuestMemoryRegion, DiscardMap>;
   seed?: number;
+  /**
+   * Start with every thread parked (a destination's guest, ready before the migration so that
+   * resume() only wakes it: thread start-up is not counted as downtime).
+   */
+  paused?: boolean;
 }
 
 interface Thread {
@@ -55,6 +60,7 @@ export class Workload {
   static async start(o: WorkloadOptions): Promise<Workload> {
     const n = o.threads ?? 1;
     const control = new SharedArrayBuffer(16);
+    if (o.paused) new Int32Array(control)[CTL_COMMAND] = CMD_PAUSE;
     const stats = new SharedArrayBuffer(8 * STATS_PER_THREAD * n);
     // Writers mark the regions' own bitmaps: they must exist before the memory is shared.
     if ((o.mode ?? "write") === "write") for (const r of o.memory.regions) r.enableDirtyTracking();
@@ -97,6 +103,8 @@ export class Workload {
     }
     const w = new Workload(threads, new Int32Array(control), new Float64Array(stats));
     await Promise.all(threads.map((t) => w.#next(t)));
+    // Started paused: take each thread's "paused" so that resume() waits for "resumed".
+    if (o.paused) await Promise.all(threads.map((t) => w.#next(t)));
     return w;
   }
 

@@ -75,17 +75,20 @@ async function main(): Promise<number> {
       out({ event: "listening", port: l.endpoint.kind === "tcp" ? l.endpoint.port : 0 });
       const s = await l.accept();
       await l.close();
+      // The destination's guest exists before the migration and is only woken at resume, as
+      // a VMM's vCPUs are: thread start-up is not downtime.
+      const guest = await Workload.start({
+        memory,
+        mode: "touch",
+        pattern: "random",
+        threads: Number(values["guest-threads"]),
+        paused: true,
+      });
+      workload = guest;
       const dest = new MigrationDestination({
         memory,
         hooks: {
-          resume: async () => {
-            workload = await Workload.start({
-              memory,
-              mode: "touch",
-              pattern: "random",
-              threads: Number(values["guest-threads"]),
-            });
-          },
+          resume: () => guest.resume(),
         },
       });
       forward(dest.events);
