@@ -568,6 +568,15 @@ void Shutdown(const FunctionCallbackInfo<Value>& a) {
   if (shutdown(fd, (int)how) < 0 && errno != ENOTCONN) return ThrowSys(a.GetIsolate(), "shutdown", errno);
 }
 
+// setsockopt(fd, level, name, intValue) for integer options (SO_SNDBUF, TCP_NODELAY...).
+void Setsockopt(const FunctionCallbackInfo<Value>& a) {
+  int fd;
+  int64_t level, name, value;
+  if (!ArgFd(a, 0, &fd) || !ArgInt(a, 1, &level) || !ArgInt(a, 2, &name) || !ArgInt(a, 3, &value)) return;
+  int v = (int)value;
+  if (setsockopt(fd, (int)level, (int)name, &v, sizeof v) < 0) return ThrowSys(a.GetIsolate(), "setsockopt", errno);
+}
+
 // sendmsg(fd, view, fds[]) -> bytes sent or -errno. The fds ride on the first byte.
 void Sendmsg(const FunctionCallbackInfo<Value>& a) {
   Isolate* iso = a.GetIsolate();
@@ -960,6 +969,7 @@ NODE_MODULE_INIT(/* exports, module, context */) {
   set("accept", Accept);
   set("socketpair", Socketpair);
   set("shutdown", Shutdown);
+  set("setsockopt", Setsockopt);
   set("sendmsg", Sendmsg);
   set("recvmsg", Recvmsg);
   exports

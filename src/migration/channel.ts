@@ -3,7 +3,9 @@
  * file). RecordReader counts every byte it consumes, so each error names the exact stream
  * offset; RecordWriter applies backpressure and an optional bandwidth limit.
  */
+
 import type { Duplex } from "node:stream";
+import { native } from "../sys/native.js";
 import { MigrationError } from "./errors.js";
 import {
   checkRecordCrcParts,
@@ -23,8 +25,33 @@ export interface Record {
   payload: PayloadReader;
 }
 
-/** Pauses the socket while more than this is buffered and unread. */
+/** Pauses the socket while more than this is buffered and unread (see setReadAhead). */
 const READ_HIGH_WATER = 8 * 1024 * 1024;
+
+/** Postcopy: kernel socket buffers and the destination's read-ahead, once the guest runs there. */
+export const POSTCOPY_SOCKET_BUFFER = 128 * 1024;
+export const POSTCOPY_READ_AHEAD = 256 * 1024;
+
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
+const SO_RCVBUF = 8;
+
+/**
+ * Bounds the kernel's send and receive buffers of a socket stream (postcopy: an urgent page
+ * must not queue behind megabytes of background stream). Returns false when the stream has no
+ * socket fd to tune (it then keeps its defaults).
+ */
+export function boundSocketBuffers(stream: Duplex, bytes: number): boolean {
+  const fd = (stream as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  if (typeof fd !== "number" || fd < 0) return false;
+  try {
+    native.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, bytes);
+    native.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, bytes);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export interface ReaderOptions {
   /**
@@ -48,11 +75,12 @@ export class RecordReader {
   #ended = false;
   #error: Error | null = null;
   #wake: (() => void) | null = null;
+  #readAhead = READ_HIGH_WATER;
   readonly #onData = (c: Buffer) => {
     this.#chunks.push(c);
     this.#buffered += c.length;
     this.#received += c.length;
-    if (this.#buffered > READ_HIGH_WATER) this.#stream.pause();
+    if (this.#buffered > this.#readAhead) this.#stream.pause();
     this.#kick();
   };
   readonly #onEnd = () => {
@@ -129,8 +157,13 @@ export class RecordReader {
       }
     }
     this.#buffered -= n;
-    if (this.#buffered < READ_HIGH_WATER / 2 && this.#stream.isPaused()) this.#stream.resume();
+    if (this.#buffered < this.#readAhead / 2 && this.#stream.isPaused()) this.#stream.resume();
     return out;
+  }
+
+  /** How much unread data to take from the socket before pausing it. */
+  setReadAhead(bytes: number): void {
+    this.#readAhead = bytes;
   }
 
   async readStreamHeader(): Promise<void> {

@@ -27,7 +27,14 @@ import type { GuestMemoryRegion } from "../memory/region.js";
 import { MADV_DONTNEED, MADV_REMOVE } from "../sys/mapping.js";
 import type { Watch } from "../sys/poller.js";
 import { UFFD_EVENT_PAGEFAULT, UFFDIO_REGISTER_MODE_MISSING, Userfaultfd } from "../sys/userfaultfd.js";
-import { type Record, RecordReader, RecordWriter } from "./channel.js";
+import {
+  boundSocketBuffers,
+  POSTCOPY_READ_AHEAD,
+  POSTCOPY_SOCKET_BUFFER,
+  type Record,
+  RecordReader,
+  RecordWriter,
+} from "./channel.js";
 import { hex, PageHashes, regionDigest } from "./digest.js";
 import { asMigrationError, MigrationError } from "./errors.js";
 import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
@@ -269,6 +276,10 @@ export class MigrationDestination {
             r.payload.end();
             if (!(caps & Capability.POSTCOPY) || this.#postcopy) throw r.payload.error("unexpected POSTCOPY_RUN");
             this.#phase("postcopy");
+            // A faulting page's answer queues behind whatever background stream is already in
+            // the kernel's buffers and our read-ahead: keep both small from now on.
+            boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
+            reader.setReadAhead(POSTCOPY_READ_AHEAD);
             this.#startPostcopy();
             await this.#o.hooks?.resume?.();
             writer.writeNow(encodeRecord(RecordType.Resumed));

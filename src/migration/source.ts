@@ -10,7 +10,7 @@ import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { native } from "../sys/native.js";
-import { RecordReader, RecordWriter } from "./channel.js";
+import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
 import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError } from "./errors.js";
 import { MigrationEvents, type MigrationResult, type Phase, type RegionDigest, type RoundStats } from "./events.js";
@@ -188,6 +188,8 @@ export class MigrationSource {
         downtimeMs = performance.now() - downtimeStart;
       } else {
         this.#phase("postcopy");
+        // Page requests are answered on this same stream: keep the kernel's queue short.
+        boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
         downtimeStart = performance.now();
         await this.#stopWriters();
         await tracker.sync({ final: true });

@@ -49,6 +49,7 @@ export interface Native {
   accept(fd: number): number;
   socketpair(): [number, number];
   shutdown(fd: number, how: number): void;
+  setsockopt(fd: number, level: number, name: number, value: number): void;
   sendmsg(fd: number, view: View, fds: readonly number[] | null): number;
   /** -errno, or [bytes, truncated, ...fds] */
   recvmsg(fd: number, view: View): number | number[];
