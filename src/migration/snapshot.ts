@@ -70,7 +70,6 @@ import {
 import type { DeviceState } from "./source.js";
 
 const PAGE = 4096;
-const ZERO_PAGE = new Uint8Array(PAGE);
 
 export interface SnapshotHooks {
   /** Around the snapshot point: writers stop, protection is armed, writers resume. */
@@ -645,4 +644,3 @@ class LazyRestore {
   }
 }
 
-void ZERO_PAGE;

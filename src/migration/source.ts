@@ -97,7 +97,6 @@ export class MigrationSource {
   readonly #ps = 4096;
   #t0 = 0;
   #stats: RoundStats[] = [];
-  #bytes = 0;
   #pages = 0;
   #zero = 0;
   #writersStopped = false;
@@ -258,7 +257,6 @@ export class MigrationSource {
       throw err;
     } finally {
       o.signal?.removeEventListener("abort", aborted);
-      void this.#bytes;
     }
   }
 

@@ -32,7 +32,6 @@ let handler: QueueHandler | null = null;
 let features = 0n;
 let queue: SplitQueue | null = null;
 let kick: Watch | null = null;
-let kickFd = -1;
 let callFd = -1;
 let errFd = -1;
 let enabled = false;
@@ -138,7 +137,6 @@ function processQueue(): void {
 function watchKick(fd: number): void {
   kick?.close();
   kick = null;
-  kickFd = fd;
   if (fd < 0) return;
   kick = new Watch(fd, READABLE, () => {
     native.read(fd, drainBuf); // EAGAIN is fine: another wakeup already drained it
@@ -236,5 +234,4 @@ let chain = Promise.resolve();
 port.on("message", (m: ToWorker) => {
   chain = chain.then(() => handle(m));
 });
-void kickFd;
 post({ type: "ready" });

@@ -87,7 +87,6 @@ export class BackendSession {
   #logArea: DirtyLogArea | null = null;
   #features = 0n;
   #protocolFeatures = 0n;
-  #owner = false;
   #status = 0;
   #backendChannel: Connection<never> | null = null;
   #uffd: Userfaultfd | null = null;
@@ -261,7 +260,6 @@ export class BackendSession {
         return void (await this.conn.ack(m));
       }
       case "SET_OWNER":
-        this.#owner = true;
         return void (await this.conn.ack(m));
       case "RESET_OWNER":
         // Deprecated; the spec recommends ignoring it or disabling the rings: disable them.
@@ -802,6 +800,5 @@ export class BackendSession {
     this.#inflight?.fd.close();
     this.#inflight = null;
     this.#device.reset?.();
-    void this.#owner;
   }
 }
