@@ -643,4 +643,3 @@ class LazyRestore {
     this.#uffd.close();
   }
 }
-
