@@ -17,6 +17,8 @@ if [ "$install" = 1 ]; then
   sh scripts/install.sh
 fi
 npm run --silent build
+# Lint and format check (biome): fast, and part of what "green" means.
+npx biome check src test bench
 files=$(find dist/test -name '*.test.js' | sort | grep -F -- "$filter" || true)
 if [ -z "$files" ]; then echo "no test files match '$filter'" >&2; exit 1; fi
 # One file at a time: the machine has 2 cores and several tests start workers or QEMU.
