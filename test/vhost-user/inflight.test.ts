@@ -121,13 +121,21 @@ test("out-of-order completion before the crash: the in-flight head is resubmitte
     dv.setUint16(14, 1, true); // used_idx recorded: 1 (consistent with the ring)
     dv.setUint8(16, 1); // desc[0] (X) in flight
     dv.setUint32(16 + 8, 1, true); // its counter
+    // The driver's used_event is stale (0: it never saw Y's completion signalled, as when a
+    // back-end dies between publishing and signalling). Event-idx suppression alone would never
+    // notify it again: the new back-end must interrupt once when it takes the ring over.
+    const called = nextCall(f);
     await setUpRaw(f, {
       protocolFeatures: proto,
       inflight: { fd: inflightFd, size: desc.mmapSize, numQueues: 1, queueSize: 64 },
       base: 1,
     });
-    // (No call is due: the driver's used_event was never advanced, so poll the used idx.)
-    for (let i = 0; i < 200 && f.mem.readU16(used + 2) < 2; i++) await new Promise((r) => setTimeout(r, 10));
+    await Promise.race([
+      called,
+      new Promise((_, reject) =>
+        setTimeout(() => reject(new Error("the guest was never interrupted after the takeover")), 3000),
+      ),
+    ]);
     await new Promise((r) => setTimeout(r, 100));
     assert.equal(f.mem.readU16(used + 2), 2, "exactly one more completion");
     assert.equal(f.mem.readU32(used + 4 + 8), 0, "the second used element is X");

@@ -197,6 +197,11 @@ async function handle(m: ToWorker): Promise<void> {
         watchKick(m.kickFd);
         // Buffers made available before the kick fd arrived get no kick of their own.
         processQueue();
+        // A ring that already has used entries may be taken over from a back-end that died
+        // between publishing them and signalling the guest: the guest then waits with an old
+        // used_event, and event-idx suppression would keep it waiting for ever. One spurious
+        // interrupt is harmless; a lost one hangs the guest's I/O.
+        if (queue && queue.readUsedIdx() !== 0) signal(callFd);
         break;
       case "enable":
         enabled = m.enabled;
