@@ -6,9 +6,9 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { after, before, describe, test } from "node:test";
-import { type BlkBackend, skipBanner, startBlk } from "./blk-helpers.js";
-import { GUEST_CRASH, liveProcesses, MiB, probeInterop, Rig, sha256OfFileRange } from "./rig.js";
+import { describe, test } from "node:test";
+import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
+import { GUEST_CRASH, MiB, probeInterop, sha256OfFileRange } from "./rig.js";
 
 const probe = await probeInterop();
 const skip = skipBanner("test/interop/blk-boot.test", probe.ok ? null : probe.reason);
@@ -19,19 +19,11 @@ if (!probe.ok && process.env.VMSHIFT_REQUIRE_INTEROP === "1") {
 const zeroSha = (n: number) => createHash("sha256").update(Buffer.alloc(n)).digest("hex");
 
 describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
-  let rig: Rig | undefined;
-  const backends: BlkBackend[] = [];
-  before(async () => {
-    if (probe.ok) rig = await Rig.create("blk-boot");
-  });
-  after(async () => {
-    await rig?.close();
-    await Promise.all(backends.map((b) => b.close()));
-    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
-  });
+  const fx = blkFixture("blk-boot", probe.ok);
+  const backends = fx.backends;
 
   test("guest I/O: checksummed writes read back, host image matches, discard, serial", { skip }, async () => {
-    assert.ok(rig);
+    const rig = fx.rig();
     const img = await rig.createRawImage("disk.img", 64 * MiB);
     const be = await startBlk(rig, { name: "blk", image: img });
     backends.push(be);
@@ -75,7 +67,7 @@ describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
   });
 
   test("read-only: the guest sees ro=1, a write fails, reads work, the image is unchanged", { skip }, async () => {
-    assert.ok(rig);
+    const rig = fx.rig();
     const img = await rig.createRawImage("ro.img", 16 * MiB);
     const be = await startBlk(rig, { name: "blk-ro", image: img, readonly: true });
     backends.push(be);
@@ -99,7 +91,7 @@ describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
   });
 
   test("two queues, each in its own worker: both used by a 2-vCPU guest, data intact", { skip }, async () => {
-    assert.ok(rig);
+    const rig = fx.rig();
     const img = await rig.createRawImage("mq.img", 32 * MiB);
     const be = await startBlk(rig, { name: "blk-mq", image: img, queues: 2 });
     backends.push(be);

@@ -3,10 +3,13 @@
  * limit, dies with the test process), with VMSHIFT_BLK_TRACE=1 so its stderr log lists every
  * vhost-user request it received.
  */
+
+import assert from "node:assert/strict";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
+import { after, before } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { ManagedProcess, type Rig, repoRoot } from "./rig.js";
+import { liveProcesses, ManagedProcess, Rig, repoRoot } from "./rig.js";
 
 export interface BlkBackendOptions {
   name: string;
@@ -104,4 +107,28 @@ export function skipBanner(file: string, reason: string | null): string | false 
   const msg = `\n${"!".repeat(78)}\n!! SKIPPING ${file}: ${reason}\n!! (VMSHIFT_REQUIRE_INTEROP=1 turns this skip into a failure)\n${"!".repeat(78)}\n`;
   process.stderr.write(msg);
   return `QEMU interop rig unavailable: ${reason}`;
+}
+
+/**
+ * The rig and back-ends of one describe(): the rig is created before its tests (when the
+ * interop probe passed), and everything is closed after them and checked gone.
+ */
+export function blkFixture(name: string, available: boolean): { rig(): Rig; backends: BlkBackend[] } {
+  let rig: Rig | undefined;
+  const backends: BlkBackend[] = [];
+  before(async () => {
+    if (available) rig = await Rig.create(name);
+  });
+  after(async () => {
+    await rig?.close();
+    await Promise.all(backends.map((b) => b.close()));
+    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
+  });
+  return {
+    rig: () => {
+      assert.ok(rig, "the rig was not created");
+      return rig;
+    },
+    backends,
+  };
 }

@@ -8,18 +8,16 @@
  * Skips loudly when QEMU or the guest is missing (VMSHIFT_REQUIRE_INTEROP=1 fails instead).
  */
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { type BlkBackend, skipBanner, startBlk } from "./blk-helpers.js";
+import { type BlkBackend, blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
 import {
   GUEST_CRASH,
-  liveProcesses,
   MiB,
   migrate,
   parseRigRecords,
   probeInterop,
   queryMigrate,
-  Rig,
   setCapabilities,
   sha256OfFileRange,
   type Vm,
@@ -57,19 +55,11 @@ async function startLoad(vm: Vm): Promise<void> {
 }
 
 describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () => {
-  let rig: Rig | undefined;
-  const backends: BlkBackend[] = [];
-  before(async () => {
-    if (probe.ok) rig = await Rig.create("blk-mig");
-  });
-  after(async () => {
-    await rig?.close();
-    await Promise.all(backends.map((b) => b.close()));
-    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
-  });
+  const fx = blkFixture("blk-mig", probe.ok);
+  const backends = fx.backends;
 
   test("precopy with I/O and RAM dirtying: logging switched on, data intact on the destination", { skip }, async () => {
-    assert.ok(rig);
+    const rig = fx.rig();
     const img = await rig.createRawImage("mig.img", 64 * MiB);
     const a = await startBlk(rig, { name: "blk-a", image: img });
     const b = await startBlk(rig, { name: "blk-b", image: img });
@@ -127,7 +117,7 @@ describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () =
   test("a cancelled migration (destination back-end killed) leaves the source running, disk intact", {
     skip,
   }, async () => {
-    assert.ok(rig);
+    const rig = fx.rig();
     const img = await rig.createRawImage("cancel.img", 64 * MiB);
     const a = await startBlk(rig, { name: "blk-c", image: img });
     const b = await startBlk(rig, { name: "blk-d", image: img });

@@ -9,18 +9,9 @@
  */
 import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
-import { after, before, describe, test } from "node:test";
-import { type BlkBackend, skipBanner, startBlk } from "./blk-helpers.js";
-import {
-  GUEST_CRASH,
-  liveProcesses,
-  MiB,
-  migrate,
-  parseRigRecords,
-  probeInterop,
-  Rig,
-  sha256OfFileRange,
-} from "./rig.js";
+import { describe, test } from "node:test";
+import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
+import { GUEST_CRASH, MiB, migrate, parseRigRecords, probeInterop, sha256OfFileRange } from "./rig.js";
 
 const probe = await probeInterop();
 const skip = skipBanner("test/interop/blk-postcopy.test", probe.ok ? null : probe.reason);
@@ -31,19 +22,11 @@ if (!probe.ok && process.env.VMSHIFT_REQUIRE_INTEROP === "1") {
 const maxLoopN = (lines: string[]) => Math.max(0, ...parseRigRecords(lines, "RIG-LOOP").map((r) => Number(r.fields.n)));
 
 describe("vmshift blk: postcopy migration under QEMU", { timeout: 150_000 }, () => {
-  let rig: Rig | undefined;
-  const backends: BlkBackend[] = [];
-  before(async () => {
-    if (probe.ok) rig = await Rig.create("blk-pc");
-  });
-  after(async () => {
-    await rig?.close();
-    await Promise.all(backends.map((b) => b.close()));
-    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
-  });
+  const fx = blkFixture("blk-pc", probe.ok);
+  const backends = fx.backends;
 
   test("migrate-start-postcopy with guest I/O: a real postcopy phase, data intact", { skip }, async () => {
-    assert.ok(rig);
+    const rig = fx.rig();
     const img = await rig.createRawImage("pc.img", 64 * MiB);
     const a = await startBlk(rig, { name: "blk-a", image: img });
     const b = await startBlk(rig, { name: "blk-b", image: img });

@@ -7,10 +7,10 @@
  * Skips loudly when QEMU or the guest is missing (VMSHIFT_REQUIRE_INTEROP=1 fails instead).
  */
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { type BlkBackend, skipBanner, startBlk } from "./blk-helpers.js";
-import { GUEST_CRASH, liveProcesses, MiB, parseRigRecords, probeInterop, Rig, sha256OfFileRange } from "./rig.js";
+import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
+import { GUEST_CRASH, MiB, parseRigRecords, probeInterop, sha256OfFileRange } from "./rig.js";
 
 const probe = await probeInterop();
 const skip = skipBanner("test/interop/blk-reconnect.test", probe.ok ? null : probe.reason);
@@ -21,19 +21,11 @@ if (!probe.ok && process.env.VMSHIFT_REQUIRE_INTEROP === "1") {
 const maxLoopN = (lines: string[]) => Math.max(0, ...parseRigRecords(lines, "RIG-LOOP").map((r) => Number(r.fields.n)));
 
 describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_000 }, () => {
-  let rig: Rig | undefined;
-  const backends: BlkBackend[] = [];
-  before(async () => {
-    if (probe.ok) rig = await Rig.create("blk-rc");
-  });
-  after(async () => {
-    await rig?.close();
-    await Promise.all(backends.map((b) => b.close()));
-    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
-  });
+  const fx = blkFixture("blk-rc", probe.ok);
+  const backends = fx.backends;
 
   test("SIGKILL mid-I/O, restart: in-flight requests resubmitted, none lost, data intact", { skip }, async () => {
-    assert.ok(rig);
+    const rig = fx.rig();
     const img = await rig.createRawImage("rc.img", 64 * MiB);
     const socket = rig.path("rc.sock");
     const env = { VMSHIFT_BLK_DELAY_MS: "30" };
