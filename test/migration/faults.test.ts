@@ -177,3 +177,29 @@ for (const phase of ["setup", "precopy", "switchover"] as const) {
     dst.close();
   });
 }
+
+test("connection dropped during postcopy: both sides fail typed, no hang, the source keeps its memory but not its writers", async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const before = rawDigest(src);
+  const [a, b] = await socketPair();
+  const h = hooks();
+  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const destination = new MigrationDestination({
+    memory: dst,
+    // The guest runs here now; the link goes away while pages are still coming.
+    hooks: { resume: () => void setTimeout(() => b.destroy(), 5) },
+  });
+  const [se, de] = await expectBoth(source.run(a), destination.run(b));
+  assert.ok(["CONNECTION_LOST", "TRUNCATED", "PEER_FAILED"].includes(se.code), se.code);
+  assert.ok(["CONNECTION_LOST", "TRUNCATED"].includes(de.code), de.code);
+  // The destination ran: resuming the source would run the guest twice. Its memory is intact.
+  assert.equal(h.resumed, 0, "the source resumed its writers after the destination had run");
+  assert.deepEqual(rawDigest(src), before);
+  src.close();
+  dst.close();
+  await settle();
+  assert.equal(countFds(), fds, "fds leaked (userfaultfd, sockets)");
+});
