@@ -14,6 +14,7 @@ import { AtomicBitmap } from "../src/memory/atomic-bitmap.js";
 import { Mapping } from "../src/sys/mapping.js";
 import { createMemfd } from "../src/sys/memfd.js";
 import { native, nativeBuildDir } from "../src/sys/native.js";
+import { xorshift32 } from "../test/helpers/random.js";
 import { type Figure, figure, median } from "./report.js";
 
 interface BenchRef {
@@ -31,17 +32,6 @@ const GiB = 2 ** 30;
 const MiB = 2 ** 20;
 const gc = (globalThis as { gc?: () => void }).gc ?? (() => {});
 const now = () => performance.now() * 1e6; // ns
-
-function xorshift32(seed: number): () => number {
-  let x = seed >>> 0;
-  return () => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
 
 /** Alternates `a` and `b` RUNS times (after one warm-up each); medians of what they return. */
 function paired(a: () => number, b: () => number): [number, number] {
