@@ -23,7 +23,8 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --serial ID            GET_ID answer (default: the image file name)
   --print-capabilities   print the back-end capabilities JSON and exit
 environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
-  VMSHIFT_BLK_DELAY_MS=N delays every request by N ms (tests: keeps requests in flight)
+  VMSHIFT_BLK_DELAY_MS=N holds every request N ms and logs "holding head H" / "released head H"
+                         (tests: keeps requests in flight, so a kill can catch one)
 `;
 
 /** The spec's capabilities object (VHostUserBackendCapabilities, type block-device). */

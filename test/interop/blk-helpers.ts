@@ -5,6 +5,7 @@
  */
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before } from "node:test";
@@ -44,6 +45,51 @@ export class BlkBackend {
       if (m) out.push({ name: m[1] as string, detail: m[2] ?? "" });
     }
     return out;
+  }
+
+  /**
+   * SIGKILLs the back-end at a moment it holds a request (started with VMSHIFT_BLK_DELAY_MS, one
+   * queue): the process is stopped (SIGSTOP), its stderr drained, and killed only if its last
+   * marker is "holding head H", else continued and tried again a little later. A kill at a
+   * random moment can land between requests and leave nothing in flight: this one can't.
+   * Returns the held head, or null when no attempt found one (then it was killed anyway).
+   */
+  async killWhileHolding(attempts = 150): Promise<number | null> {
+    const pid = innermostPid(this.proc.pid ?? 0);
+    const last = () => [...this.proc.stderr().matchAll(/(holding|released) head (\d+)/g)].at(-1);
+    for (let i = 0; i < attempts && this.proc.running; i++) {
+      try {
+        process.kill(pid, "SIGSTOP");
+      } catch {
+        break;
+      }
+      // Stopped: whatever it wrote is in the pipe; wait until the tail stops changing.
+      let seen = this.proc.stderr();
+      for (let k = 0; k < 20; k++) {
+        await sleep(15);
+        const now = this.proc.stderr();
+        if (now === seen) break;
+        seen = now;
+      }
+      const m = last();
+      if (m?.[1] === "holding") {
+        process.kill(pid, "SIGKILL");
+        await this.proc.exited;
+        return Number(m[2]);
+      }
+      process.kill(pid, "SIGCONT");
+      await sleep(10 + Math.floor(Math.random() * 50));
+    }
+    this.proc.killNow("SIGKILL");
+    if (pid) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // gone
+      }
+    }
+    await this.proc.exited;
+    return null;
   }
 
   async close(): Promise<void> {
@@ -99,6 +145,24 @@ export async function startBlk(rig: Rig, o: BlkBackendOptions): Promise<BlkBacke
     await sleep(20);
   }
   return b;
+}
+
+/**
+ * The innermost descendant of `pid`: ManagedProcess runs the command under setpriv/timeout
+ * wrappers, and `timeout` forks the real process as its child.
+ */
+function innermostPid(pid: number): number {
+  for (let depth = 0; depth < 4 && pid > 0; depth++) {
+    let kids: string;
+    try {
+      kids = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8").trim();
+    } catch {
+      return pid;
+    }
+    if (!kids) return pid;
+    pid = Number(kids.split(/\s+/)[0]);
+  }
+  return pid;
 }
 
 /** Prints the loud skip banner; returns the skip reason (or false). */

@@ -1,7 +1,7 @@
 /**
  * Reconnect under QEMU 10 (`-chardev socket,...,reconnect-ms=500`): the `vmshift blk` process is
- * SIGKILLed while the guest has requests in flight (each request is held 30 ms in its worker, so
- * some always are), a new one starts on the same socket, QEMU reconnects and hands back the
+ * SIGKILLed while it holds one of the guest's requests (each request is held 30 ms in its worker,
+ * and the kill waits for such a moment: BlkBackend.killWhileHolding), a new one starts on the same socket, QEMU reconnects and hands back the
  * inflight region (GET/SET_INFLIGHT_FD), the new back-end resubmits the heads that were in flight,
  * and the guest's I/O loop goes on with no I/O error and every block as written.
  * Skips loudly when QEMU or the guest is missing (VMSHIFT_REQUIRE_INTEROP=1 fails instead).
@@ -46,22 +46,19 @@ describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_00
     await vm.console.waitFor(/RIG-LOOP n=2 /, { timeoutMs: 30_000 });
 
     const kills: number[] = [];
+    const held: (number | null)[] = [];
     let current = first;
-    // Kill at least twice; keep going (up to 6 lives) until a kill caught a request in flight:
-    // a kill that lands in the loop's pause between blocks has nothing to resubmit.
-    let caught = false;
-    for (let round = 2; round <= 6 && !(caught && round > 3); round++) {
-      // Mid-iteration: the loop is always writing or reading a 1 MiB block, 30 ms per request.
-      await sleep(700);
+    // Three lives after the first. Each kill lands while the back-end holds a request (see
+    // killWhileHolding), so every restart has a head to resubmit.
+    for (let round = 2; round <= 4; round++) {
+      await sleep(300);
       kills.push(maxLoopN(vm.console.lines));
-      current.proc.killNow("SIGKILL");
-      await current.proc.exited;
+      held.push(await current.killWhileHolding());
       await sleep(200);
       current = await startBlk(rig, { name: `blk-${round}`, image: img, socket, env });
       backends.push(current);
       const n = maxLoopN(vm.console.lines);
       await vm.console.waitFor(new RegExp(`RIG-LOOP n=${n + 2} `), { timeoutMs: 30_000 });
-      if (/resubmitting \d+ in-flight/.test(await current.log())) caught = true;
     }
     await vm.guest.runOk("rig_loop_stop");
     await vm.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
@@ -85,9 +82,12 @@ describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_00
       assert.ok(names.includes("SET_INFLIGHT_FD"), `${b.name}: SET_INFLIGHT_FD (${names.join(",")})`);
       for (const m of (await b.log()).matchAll(/resubmitting (\d+) in-flight/g)) resubmitted += Number(m[1]);
     }
-    assert.ok(resubmitted > 0, "at least one request was in flight at a kill and was resubmitted");
+    const caught = held.filter((h) => h !== null).length;
+    assert.equal(caught, held.length, `every kill caught a held request (held heads: ${held.join(",")})`);
+    assert.ok(resubmitted >= caught, `every caught request was resubmitted (${resubmitted} for ${caught} kills)`);
     process.stderr.write(
-      `blk reconnect: killed at loop n=${kills.join(",")}; ${resubmitted} request(s) resubmitted; ` +
+      `blk reconnect: killed at loop n=${kills.join(",")} holding heads ${held.join(",")}; ` +
+        `${resubmitted} request(s) resubmitted; ` +
         `loop reached n=${maxLoopN(lines)}\n`,
     );
     await vm.close();

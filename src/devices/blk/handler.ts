@@ -9,6 +9,7 @@
  * image (the chain's buffers are already checked against guest memory by SplitQueue).
  */
 
+import { writeSync } from "node:fs";
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { QueueContext, QueueHandler } from "../../vhost-user/backend/device.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
@@ -96,7 +97,14 @@ export class BlkQueueHandler implements QueueHandler {
       this.#warn("request without a status byte (no writable buffer)");
       return 0;
     }
-    if (this.#d.debugDelayMs > 0) Atomics.wait(this.#sleeper, 0, 0, this.#d.debugDelayMs);
+    if (this.#d.debugDelayMs > 0) {
+      // Test hook: hold the request (it is in flight: popped, recorded in the inflight region, not
+      // yet used). The markers go straight to fd 2 (a worker's process.stderr is relayed through
+      // the main thread, later): a test that stops this process sees exactly what is held.
+      writeSync(2, `vmshift blk: queue ${this.#queue}: holding head ${chain.head} for ${this.#d.debugDelayMs} ms\n`);
+      Atomics.wait(this.#sleeper, 0, 0, this.#d.debugDelayMs);
+      writeSync(2, `vmshift blk: queue ${this.#queue}: released head ${chain.head}\n`);
+    }
     let out: Outcome;
     try {
       out = this.#serve(chain, wlen - 1);
