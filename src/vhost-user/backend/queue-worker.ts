@@ -120,8 +120,10 @@ function processQueue(): void {
         if (!chain) break;
         inflight?.begin(chain.head);
         run(q, h, chain);
+        // Tell the driver as soon as it asks (one load of its flag or used_event): it starts
+        // collecting while the rest of the batch runs, as each completion signals in QEMU.
+        if (q.needsNotification()) signal(callFd);
       }
-      if (q.needsNotification()) signal(callFd);
       // Poll with notifications still off (the driver does not kick meanwhile), then re-arm.
       if (pollForMore(q)) continue;
       if (!q.enableNotification()) break;
