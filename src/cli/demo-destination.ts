@@ -56,10 +56,11 @@ export async function demoDestinationCommand(argv: string[]): Promise<number> {
         timer = setTimeout(() => rej(new Error("no source connected")), Number(values["accept-timeout"]));
       }),
     ]).finally(() => clearTimeout(timer));
-    await listener.close();
-    listener = null;
+    const l = listener;
     const dest = new MigrationDestination({
       memory,
+      // A postcopy source opens a second connection: the preempt channel.
+      acceptPreempt: () => l.accept(),
       hooks: vmDest
         ? vmDest.hooks()
         : {
@@ -73,6 +74,8 @@ export async function demoDestinationCommand(argv: string[]): Promise<number> {
     dest.events.on("phase", (p) => out({ event: "phase", role: "destination", ...p }));
     dest.events.on("faults", (f) => out({ event: "faults", role: "destination", ...f }));
     const result = await dest.run(stream);
+    await listener.close();
+    listener = null;
     let after: number | null = null;
     if (vmDest) after = await vmDest.keepRunning(5);
     const { roundStats: _r, ...rest } = result;

@@ -166,6 +166,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
   let workload: Workload | null = null;
   let child: DestinationProcess | null = null;
   let stream: Socket | null = null;
+  let preemptConn: Socket | undefined;
   let ticker: NodeJS.Timeout | undefined;
   let overall: NodeJS.Timeout | undefined;
   const timeoutMs = o.timeoutMs ?? 60_000;
@@ -214,8 +215,11 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     });
     failFast.catch(() => undefined);
     await Promise.race([child.waitFor((l) => l.event === "listening", 10_000, "listening"), failFast]);
-    const conn: Socket = await connectEndpoint(parseEndpoint(endpoint));
+    const ep = parseEndpoint(endpoint);
+    const conn: Socket = await connectEndpoint(ep);
     stream = conn;
+    // Postcopy: the pages the destination faults on come back on a connection of their own.
+    if (o.mode === "postcopy" && ep.kind !== "fd") preemptConn = await connectEndpoint(ep);
     say(`destination: process ${child.child.pid}, ${endpoint}`);
 
     const vmSource = vm ? new VmSource(vm, o.mode) : null;
@@ -273,7 +277,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
 
     let result: MigrationResult;
     try {
-      result = await Promise.race([source.run(conn), failFast]);
+      result = await Promise.race([source.run(conn, { preempt: preemptConn }), failFast]);
     } finally {
       clearInterval(ticker);
       if (status) status(`${line()}\n`);
@@ -340,7 +344,8 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       );
       if (res.postcopy)
         say(
-          `postcopy: ${res.postcopy.remoteFaults} pages faulted in from the source, median ` +
+          `postcopy: ${res.postcopy.remoteFaults} pages faulted in from the source` +
+            `${res.postcopy.preemptPages ? ` (${res.postcopy.preemptPages} of them on the preempt channel)` : ""}, median ` +
             `${res.postcopy.latencyMedianUs.toFixed(0)} µs, p99 ${res.postcopy.latencyP99Us.toFixed(0)} µs`,
         );
       for (const d of res.digests)
@@ -360,6 +365,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     clearInterval(ticker);
     clearTimeout(overall);
     stream?.destroy();
+    preemptConn?.destroy();
     await child?.kill();
     await (workload as Workload | null)?.close();
     await vm?.close();

@@ -16,8 +16,11 @@ export const MIGRATE_USAGE = `usage:
         destination: receive guest memory, verify it, then run the guest (postcopy: at once)
   vmshift migrate --to tcp:HOST:PORT|unix:PATH|fd:N [--size MiB] [--mode precopy|postcopy]
         [--rate PAGES/s] [--pattern sequential|random|hotset] [--threads N]
-        [--downtime MS] [--max-rounds N] [--bandwidth MB/s] [--postcopy-after N] [--json]
+        [--downtime MS] [--max-rounds N] [--bandwidth MB/s] [--postcopy-after N]
+        [--no-preempt] [--json]
         source: run a workload writing guest memory, migrate it while it runs
+        (postcopy over tcp: or unix: opens a second connection for the pages the destination
+        faults on, the preempt channel, unless --no-preempt)
   Both sides must use the same --size. --json prints one JSON object per event on stdout.`;
 
 function memoryOf(sizeMiB: number): GuestMemory {
@@ -70,6 +73,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       "max-rounds": { type: "string", default: "30" },
       bandwidth: { type: "string", default: "0" },
       "postcopy-after": { type: "string", default: "1" },
+      "no-preempt": { type: "boolean", default: false },
       json: { type: "boolean", default: false },
     },
   });
@@ -89,15 +93,18 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     if (values.listen !== undefined) {
       const ep = parseEndpoint(values.listen);
       let stream: import("node:net").Socket;
+      let listener: MigrationListener | null = null;
       if (ep.kind === "fd") stream = await connectEndpoint(ep);
       else {
-        const l = await MigrationListener.listen(ep);
+        listener = await MigrationListener.listen(ep);
         process.stderr.write(`listening on ${values.listen}\n`);
-        stream = await l.accept();
-        await l.close();
+        stream = await listener.accept();
       }
+      const l = listener;
       const dest = new MigrationDestination({
         memory,
+        // A postcopy source may open a second connection: the preempt channel.
+        ...(l ? { acceptPreempt: () => l.accept() } : {}),
         hooks: {
           // The guest runs here now: a reader that touches its memory (postcopy: faults it in).
           resume: async () => {
@@ -106,7 +113,11 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         },
       });
       report(dest.events, values.json, "destination");
-      await dest.run(stream);
+      try {
+        await dest.run(stream);
+      } finally {
+        await l?.close();
+      }
       return 0;
     }
     workload = await Workload.start({
@@ -115,7 +126,10 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       pagesPerSecond: Number(values.rate),
       threads: Number(values.threads),
     });
-    const stream = await connectEndpoint(parseEndpoint(values.to as string));
+    const to = parseEndpoint(values.to as string);
+    const stream = await connectEndpoint(to);
+    const preempt =
+      mode === "postcopy" && to.kind !== "fd" && !values["no-preempt"] ? await connectEndpoint(to) : undefined;
     const source = new MigrationSource({
       memory,
       mode,
@@ -126,7 +140,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       postcopyAfterRounds: Number(values["postcopy-after"]),
     });
     report(source.events, values.json, "source");
-    await source.run(stream);
+    await source.run(stream, { preempt });
     return 0;
   } catch (e) {
     const err = e as { code?: string; message?: string };

@@ -7,7 +7,8 @@
  * registered with userfaultfd (MISSING); the main thread resolves faults and never touches
  * guest memory itself (the threads that may fault are the guest's workers, never this one).
  * A fault sends a PAGE_REQUEST on the return path; the page comes back ahead of the
- * background stream and is placed with UFFDIO_COPY. A page already placed is never
+ * background stream (on a second connection when the source opened one: the preempt channel,
+ * accepted through `acceptPreempt`) and is placed with UFFDIO_COPY. A page already placed is never
  * overwritten (EEXIST: just wake). More userfaultfds (a vhost-user backend's, with its own
  * address table) join through addFaultDomain() and are served by the same request path.
  *
@@ -47,6 +48,7 @@ import {
   decodeDiscard,
   decodePages,
   decodePostcopyAdvise,
+  decodePreempt,
   decodeRegion,
   decodeRound,
   encodeComplete,
@@ -86,7 +88,15 @@ export interface DestinationOptions {
   /** Compare per-region digests at the end (default true). */
   verify?: boolean;
   signal?: AbortSignal;
+  /**
+   * Accepts the source's second connection when it opens a postcopy preempt channel (for a
+   * listener: its next connection). Without it, such a source is refused with UNSUPPORTED.
+   */
+  acceptPreempt?: () => Promise<Duplex>;
 }
+
+/** How long the source's preempt connection may take to arrive once announced. */
+const PREEMPT_ACCEPT_MS = 10_000;
 
 /** One guest-physical range mapped at a host address under some userfaultfd. */
 export interface FaultRange {
@@ -152,6 +162,8 @@ export class MigrationDestination {
   readonly #latencies: number[] = [];
   #faults = 0;
   #remoteFaults = 0;
+  #preemptPages = 0;
+  #preemptUsed = false;
   #discardFaults = 0;
   #faultError: Error | null = null;
   /** Postcopy is over (every fault domain released): no domain may join any more. */
@@ -224,10 +236,22 @@ export class MigrationDestination {
     const onAbort = () => abortReject?.(new MigrationError("ABORTED", "migration cancelled"));
     this.#o.signal?.addEventListener("abort", onAbort, { once: true });
     const next = () => Promise.race([reader.next(), aborted]);
+    let preempt: { stream: Duplex; reader: RecordReader; done: Promise<void> } | null = null;
     try {
       this.#phase("setup");
       await Promise.race([reader.readStreamHeader(), aborted]);
       const caps = await this.#setup(next);
+      if (caps & Capability.PREEMPT) {
+        const r = await next();
+        if (!(caps & Capability.POSTCOPY) || r.type !== RecordType.Preempt)
+          throw r.payload.error(`expected PREEMPT (with the postcopy capability), got ${recordName(r.type)}`);
+        const ch = await this.#acceptPreempt(decodePreempt(r.payload), aborted);
+        // A failure on the preempt channel fails the migration: it wakes the main loop.
+        const done = this.#preemptLoop(ch.reader);
+        done.catch((e) => abortReject?.(asMigrationError(e)));
+        preempt = { ...ch, done };
+        this.#preemptUsed = true;
+      }
       // Precopy keeps a hash of each page as it is written, so the digest of the memory the
       // guest resumes with is ready at SWITCHOVER. Postcopy hashes its memory after END.
       if ((this.#o.verify ?? true) && !(caps & Capability.POSTCOPY))
@@ -247,6 +271,9 @@ export class MigrationDestination {
         switch (r.type) {
           case RecordType.Pages:
             this.#applyPages(r);
+            // With a deep read-ahead, records are read without returning to the event loop:
+            // let the preempt channel and the fault watches in between.
+            if (preempt && this.#postcopy) await new Promise((res) => setImmediate(res));
             break;
           case RecordType.Round:
             this.#rounds = decodeRound(r.payload).round;
@@ -276,10 +303,13 @@ export class MigrationDestination {
             r.payload.end();
             if (!(caps & Capability.POSTCOPY) || this.#postcopy) throw r.payload.error("unexpected POSTCOPY_RUN");
             this.#phase("postcopy");
-            // A faulting page's answer queues behind whatever background stream is already in
-            // the kernel's buffers and our read-ahead: keep both small from now on.
-            boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
-            reader.setReadAhead(POSTCOPY_READ_AHEAD);
+            // Without a preempt channel, a faulting page's answer queues behind whatever
+            // background stream is already in the kernel's buffers and our read-ahead: keep
+            // both small from now on.
+            if (!preempt) {
+              boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
+              reader.setReadAhead(POSTCOPY_READ_AHEAD);
+            }
             this.#startPostcopy();
             await this.#o.hooks?.resume?.();
             writer.writeNow(encodeRecord(RecordType.Resumed));
@@ -293,6 +323,13 @@ export class MigrationDestination {
           }
           case RecordType.End:
             r.payload.end();
+            // Pages the preempt channel carried may still be on their way: its end marker
+            // comes after the last of them.
+            if (preempt) {
+              await Promise.race([preempt.done, aborted]);
+              preempt.reader.detach();
+              preempt.stream.end();
+            }
             return await this.#finish(digests, writer, stream);
           default:
             throw r.payload.error(`unexpected ${recordName(r.type)} record`);
@@ -309,6 +346,8 @@ export class MigrationDestination {
       writer.writeNow(encodeFail(err.code, err.message));
       this.#stopPostcopy();
       reader.detach();
+      preempt?.reader.detach();
+      preempt?.stream.destroy();
       // Let the FAIL record reach the source: closing with unread input would send a reset,
       // and a reset makes the peer's kernel drop data it has not read yet. So half-close,
       // discard what still arrives, and wait for the source to hang up (bounded).
@@ -331,6 +370,63 @@ export class MigrationDestination {
       throw err;
     } finally {
       this.#o.signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  async #acceptPreempt(nonce: bigint, aborted: Promise<never>): Promise<{ stream: Duplex; reader: RecordReader }> {
+    const accept = this.#o.acceptPreempt;
+    if (!accept)
+      throw new MigrationError(
+        "UNSUPPORTED",
+        "the source opened a postcopy preempt channel and this destination cannot accept one (no acceptPreempt)",
+      );
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, rej) => {
+      timer = setTimeout(
+        () =>
+          rej(
+            new MigrationError("CONNECTION_LOST", `the preempt channel did not connect within ${PREEMPT_ACCEPT_MS} ms`),
+          ),
+        PREEMPT_ACCEPT_MS,
+      );
+    });
+    const stream = await Promise.race([accept(), aborted, late]).finally(() => clearTimeout(timer));
+    const reader = new RecordReader(stream, { reuseBuffer: true });
+    try {
+      const first = await Promise.race([reader.readStreamHeader().then(() => reader.next()), aborted]);
+      if (first.type !== RecordType.Preempt)
+        throw first.payload.error(`preempt channel: expected PREEMPT, got ${recordName(first.type)}`);
+      const theirs = decodePreempt(first.payload);
+      if (theirs !== nonce)
+        throw new MigrationError(
+          "BAD_RECORD",
+          "the preempt channel belongs to another migration (nonce)",
+          first.offset,
+          {
+            channel: "preempt",
+          },
+        );
+    } catch (e) {
+      reader.detach();
+      stream.destroy();
+      throw e;
+    }
+    return { stream, reader };
+  }
+
+  /** Applies the pages the preempt channel carries, until its end marker. */
+  async #preemptLoop(reader: RecordReader): Promise<void> {
+    for (;;) {
+      const r = await reader.next();
+      if (r.type === RecordType.PreemptEnd) {
+        r.payload.end();
+        return;
+      }
+      if (r.type !== RecordType.Pages || !this.#postcopy)
+        throw r.payload.error(
+          `preempt channel: unexpected ${recordName(r.type)}${this.#postcopy ? "" : " before POSTCOPY_RUN"}`,
+        );
+      this.#preemptPages += this.#applyPages(r);
     }
   }
 
@@ -392,8 +488,8 @@ export class MigrationDestination {
     st.discard.applyBytes(d.states);
   }
 
-  /** Validates a whole PAGES record, then applies it. */
-  #applyPages(r: Record): void {
+  /** Validates a whole PAGES record, then applies it. Returns its page count. */
+  #applyPages(r: Record): number {
     const rec = decodePages(r.payload, PAGE);
     const st = this.#regions[rec.region];
     if (!st) throw new MigrationError("BAD_PAGE", `pages for region ${rec.region}`, r.offset, { region: rec.region });
@@ -412,6 +508,7 @@ export class MigrationDestination {
     }
     if (this.#postcopy) this.#placePages(st, rec);
     else this.#writePages(st, rec);
+    return rec.pages.length;
   }
 
   #writePages(st: RegionState, rec: PagesRecord): void {
@@ -587,6 +684,7 @@ export class MigrationDestination {
       discardFaults: this.#discardFaults,
       latencyMedianUs: percentile(s, 50),
       latencyP99Us: percentile(s, 99),
+      preemptPages: this.#preemptPages,
     };
   }
 
@@ -666,7 +764,7 @@ export class MigrationDestination {
       digests: digestsOut,
       roundStats: [],
       deviceStates: this.#deviceStates,
-      ...(postcopy ? { postcopy: this.#faultStats() } : {}),
+      ...(postcopy ? { postcopy: this.#faultStats(), preempt: this.#preemptUsed } : {}),
     };
     this.events.emit("complete", result);
     return result;

@@ -52,6 +52,8 @@ export interface FaultStats {
   discardFaults: number;
   latencyMedianUs: number;
   latencyP99Us: number;
+  /** Pages that arrived on the postcopy preempt channel (0 without one). */
+  preemptPages?: number;
 }
 
 export interface RegionDigest {
@@ -81,6 +83,8 @@ export interface MigrationResult {
   digests: RegionDigest[];
   roundStats: RoundStats[];
   postcopy?: FaultStats;
+  /** Postcopy: requested pages travelled on a separate preempt connection. */
+  preempt?: boolean;
   deviceStates: string[];
 }
 

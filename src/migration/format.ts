@@ -35,6 +35,10 @@ export enum RecordType {
   Digest = 0x30,
   PostcopyAdvise = 0x40,
   PostcopyRun = 0x41,
+  /** Postcopy preempt channel: its nonce, on the main stream and first on the channel itself. */
+  Preempt = 0x42,
+  /** The last record on the preempt channel: every page it carried was sent before it. */
+  PreemptEnd = 0x43,
   Layout = 0x50,
   PageCrcs = 0x51,
   End = 0x7f,
@@ -56,6 +60,8 @@ export const RECORD_NAMES: Record<number, string> = {
   48: "DIGEST",
   64: "POSTCOPY_ADVISE",
   65: "POSTCOPY_RUN",
+  66: "PREEMPT",
+  67: "PREEMPT_END",
   80: "LAYOUT",
   81: "PAGE_CRCS",
   127: "END",
@@ -77,8 +83,10 @@ export const Capability = {
   DIGEST: 1 << 3,
   /** A snapshot file: fixed page layout, PAGE_CRCS trailer instead of PAGES records. */
   SNAPSHOT: 1 << 4,
+  /** Postcopy: requested pages travel on a second connection (QEMU's postcopy-preempt). */
+  PREEMPT: 1 << 5,
 } as const;
-export const KNOWN_CAPABILITIES = 0x1f;
+export const KNOWN_CAPABILITIES = 0x3f;
 
 /** Per-page flag in a PAGES record. */
 export const PAGE_FLAG_ZERO = 1;
@@ -228,6 +236,10 @@ export class PayloadReader {
   }
   u32(): number {
     return this.#dv.getUint32(this.#need(4), true);
+  }
+  /** A u64 as a bigint (identifiers, not quantities). */
+  u64big(): bigint {
+    return this.#dv.getBigUint64(this.#need(8), true);
   }
   /** A u64 that must fit a JS number exactly (2^53). */
   u64(): number {
@@ -495,6 +507,20 @@ export function bitmapFromPages(pages: ArrayLike<number>, total: number): Uint8A
 
 export function bitmapHas(b: Uint8Array, p: number): boolean {
   return (((b[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
+}
+
+// ---- PREEMPT: u64 nonce (pairs the second connection with this stream)
+
+export function encodePreempt(nonce: bigint): Buffer {
+  const r = new RecordBuilder(RecordType.Preempt, 8);
+  r.view.setBigUint64(0, nonce, true);
+  return r.seal();
+}
+
+export function decodePreempt(p: PayloadReader): bigint {
+  const v = p.u64big();
+  p.end();
+  return v;
 }
 
 // ---- PAGE_REQUEST: u32 region | u32 page | u32 count

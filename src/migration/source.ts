@@ -1,8 +1,11 @@
 /**
  * The sending side of a migration: precopy rounds until the predicted downtime fits the
  * limit, then switchover; or postcopy, where the destination runs first and pulls the pages
- * it faults on through the return path of the same connection.
+ * it faults on through the return path of the same connection. The pages it asks for go back
+ * on that connection too, queued behind the background stream, or, given a second connection
+ * (`preempt`, QEMU's postcopy-preempt), on that one, ahead of everything.
  */
+import { randomBytes } from "node:crypto";
 import type { Duplex } from "node:stream";
 import type { DirtySource } from "../memory/dirty-source.js";
 import { DirtyTracker, RegionBitmapSource } from "../memory/dirty-tracker.js";
@@ -26,6 +29,7 @@ import {
   encodeDiscard,
   encodePages,
   encodePostcopyAdvise,
+  encodePreempt,
   encodeRecord,
   encodeRegion,
   encodeRound,
@@ -84,6 +88,15 @@ export interface SourceOptions {
   signal?: AbortSignal;
 }
 
+export interface RunOptions {
+  /**
+   * Postcopy: a second connection to the same destination for the pages it faults on, so an
+   * urgent page never queues behind the background stream (QEMU's postcopy-preempt). Owned
+   * from here on like the main stream; in precopy it is closed unused.
+   */
+  preempt?: Duplex;
+}
+
 interface RegionInfo {
   region: GuestMemoryRegion;
   pages: number;
@@ -103,6 +116,8 @@ export class MigrationSource {
   #destinationRunning = false;
   #throttle = 0;
   #used = false;
+  /** Postcopy with a preempt channel: the background loop yields after every record. */
+  #yieldEachRecord = false;
 
   constructor(options: SourceOptions) {
     this.#o = options;
@@ -120,7 +135,7 @@ export class MigrationSource {
   }
 
   /** Runs the migration over `stream` (owned from here on: ended on success, destroyed on failure). */
-  async run(stream: Duplex): Promise<MigrationResult> {
+  async run(stream: Duplex, runOptions: RunOptions = {}): Promise<MigrationResult> {
     if (this.#used) throw new Error("a MigrationSource runs once");
     this.#used = true;
     this.#t0 = performance.now();
@@ -128,14 +143,28 @@ export class MigrationSource {
     const sources = o.sources ?? [new RegionBitmapSource(o.memory)];
     const tracker = new DirtyTracker(o.memory, sources, o.discard ?? new Map());
     const postcopy = o.mode === "postcopy";
+    let preempt = runOptions.preempt ?? null;
+    if (preempt && !postcopy) {
+      preempt.end();
+      preempt = null;
+    }
     const writer = new RecordWriter(stream, {
       bandwidthLimit: o.bandwidthLimit ?? 0,
       // Precopy: several 1 MiB records in flight, so the socket never waits for the next one.
-      highWater: postcopy ? 256 * 1024 : 4 * 1024 * 1024,
+      // Postcopy without a preempt channel: requested pages queue behind this, keep it short.
+      highWater: postcopy && !preempt ? 256 * 1024 : 4 * 1024 * 1024,
     });
+    // The preempt channel carries only requested pages; its far end never writes.
+    const preemptWriter = preempt ? new RecordWriter(preempt) : null;
+    this.#yieldEachRecord = preemptWriter !== null;
+    preempt?.on("data", () => undefined);
     const reader = new RecordReader(stream);
     const rp = new ReturnPath(reader, this.#regions);
     const aborted = () => rp.fail(new MigrationError("ABORTED", "migration cancelled"));
+    let preemptClosing = false;
+    preempt?.once("close", () => {
+      if (!preemptClosing) rp.fail(new MigrationError("CONNECTION_LOST", "the postcopy preempt channel closed"));
+    });
     o.signal?.addEventListener("abort", aborted, { once: true });
     let trackerStarted = false;
     try {
@@ -145,7 +174,8 @@ export class MigrationSource {
         Capability.ZERO_PAGES |
         Capability.DIGEST |
         (o.discard?.size ? Capability.DISCARD : 0) |
-        (postcopy ? Capability.POSTCOPY : 0);
+        (postcopy ? Capability.POSTCOPY : 0) |
+        (preempt ? Capability.PREEMPT : 0);
       await writer.write(
         encodeCapabilities({
           capabilities: caps,
@@ -159,6 +189,13 @@ export class MigrationSource {
           encodeRegion({ index, guestBase: ri.region.guestBase, size: ri.region.size, pageSize: ri.region.pageSize }),
         );
       });
+      if (preemptWriter) {
+        // The destination pairs the second connection with this stream by the nonce.
+        const nonce = randomBytes(8).readBigUInt64LE(0);
+        writer.writeNow(encodePreempt(nonce));
+        await preemptWriter.write(encodeStreamHeader());
+        await preemptWriter.write(encodePreempt(nonce));
+      }
       // Plug state travels first: the destination must know what never to populate.
       for (const [index, ri] of this.#regions.entries())
         if (ri.discard)
@@ -187,8 +224,8 @@ export class MigrationSource {
         downtimeMs = performance.now() - downtimeStart;
       } else {
         this.#phase("postcopy");
-        // Page requests are answered on this same stream: keep the kernel's queue short.
-        boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
+        // Page requests answered on this same stream: keep the kernel's queue short.
+        if (!preemptWriter) boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
         downtimeStart = performance.now();
         await this.#stopWriters();
         await tracker.sync({ final: true });
@@ -197,11 +234,22 @@ export class MigrationSource {
           await writer.write(encodePostcopyAdvise(i, ri.pages, bitmapFromPages(todo[i] as Uint32Array, ri.pages)));
         await this.#sendDeviceStates(writer);
         await writer.write(encodeRecord(RecordType.PostcopyRun));
-        rp.servePages(writer, (i, p) => this.#pageView(i, p));
+        rp.servePages(preemptWriter ?? writer, (i, p) => this.#pageView(i, p));
         await rp.resumed;
         this.#destinationRunning = true;
         downtimeMs = performance.now() - downtimeStart;
         await this.#sendBackground(todo, writer, rp);
+        if (preemptWriter && preempt) {
+          // Every page is on its way on one channel or the other. Close the preempt channel
+          // with a marker the destination waits for before END: pages it carried may still be
+          // in flight. A request that comes after this is for a page already sent: served on
+          // the main stream, ahead of END.
+          rp.servePages(writer, (i, p) => this.#pageView(i, p));
+          await preemptWriter.write(encodeRecord(RecordType.PreemptEnd));
+          const ch = preempt;
+          preemptClosing = true;
+          await new Promise<void>((r) => ch.end(r));
+        }
       }
       this.#phase("verify");
       const verifyStart = performance.now();
@@ -235,6 +283,7 @@ export class MigrationSource {
         converged,
         digests: cmp,
         roundStats: this.#stats,
+        ...(postcopy ? { preempt: preempt !== null } : {}),
         deviceStates: [],
       };
       await tracker.stop();
@@ -252,6 +301,8 @@ export class MigrationSource {
       if (trackerStarted) await tracker.stop().catch(() => undefined);
       rp.close();
       stream.destroy();
+      preemptClosing = true;
+      preempt?.destroy();
       this.#phase("failed");
       this.events.emit("failed", err);
       throw err;
@@ -419,7 +470,7 @@ export class MigrationSource {
 
   /** Postcopy background: every page still to send, skipping the ones requested meanwhile. */
   async #sendBackground(todo: Uint32Array[], writer: RecordWriter, rp: ReturnPath): Promise<void> {
-    const BATCH = 64;
+    const BATCH = this.#yieldEachRecord ? 16 : 64;
     for (let i = 0; i < todo.length; i++) {
       const pages = todo[i] as Uint32Array;
       const batch: number[] = [];
@@ -438,6 +489,9 @@ export class MigrationSource {
         this.#zero += rec.zero;
         batch.length = 0;
         await writer.write(rec.record);
+        // A write under the high-water mark resolves at once: without this the loop would not
+        // return to the event loop (and read page requests) until the socket backs up.
+        if (this.#yieldEachRecord) await new Promise((r) => setImmediate(r));
       };
       for (let k = 0; k < pages.length; k++) {
         rp.check();

@@ -9,6 +9,7 @@
  *   destination --listen HOST:PORT --size MiB [--guest-threads N]
  *   source --to HOST:PORT --size MiB [--fill FRACTION] [--rate PAGES/s] [--pattern P]
  *          [--hot FRACTION] [--mode precopy|postcopy] [--downtime MS] [--postcopy-after N]
+ *          [--preempt]   (postcopy: requested pages on a second connection)
  * The source fills the first FRACTION of its memory with non-zero pages before the workload
  * starts, so the stream carries real data (a fresh memfd is all zero pages).
  */
@@ -64,6 +65,7 @@ async function main(): Promise<number> {
       downtime: { type: "string", default: "300" },
       "postcopy-after": { type: "string", default: "1" },
       "guest-threads": { type: "string", default: "1" },
+      preempt: { type: "boolean", default: false },
     },
   });
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, Number(values.size) * MiB, { name: "netns-child" })]);
@@ -74,7 +76,6 @@ async function main(): Promise<number> {
       const l = await MigrationListener.listen({ kind: "tcp", ...hostPort(values.listen as string) });
       out({ event: "listening", port: l.endpoint.kind === "tcp" ? l.endpoint.port : 0 });
       const s = await l.accept();
-      await l.close();
       // The destination's guest exists before the migration and is only woken at resume, as
       // a VMM's vCPUs are: thread start-up is not downtime.
       const guest = await Workload.start({
@@ -87,12 +88,18 @@ async function main(): Promise<number> {
       workload = guest;
       const dest = new MigrationDestination({
         memory,
+        // A postcopy source may open a second connection (the preempt channel).
+        acceptPreempt: () => l.accept(),
         hooks: {
           resume: () => guest.resume(),
         },
       });
       forward(dest.events);
-      await dest.run(s);
+      try {
+        await dest.run(s);
+      } finally {
+        await l.close();
+      }
       return 0;
     }
     if (role !== "source") throw new RangeError(`role ${role}: source|destination`);
@@ -105,6 +112,10 @@ async function main(): Promise<number> {
       threads: 1,
     });
     const s = await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) });
+    const preempt =
+      values.preempt && values.mode === "postcopy"
+        ? await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) })
+        : undefined;
     const source = new MigrationSource({
       memory,
       mode: values.mode === "postcopy" ? "postcopy" : "precopy",
@@ -115,7 +126,7 @@ async function main(): Promise<number> {
       whenNotConverged: "switchover",
     });
     forward(source.events);
-    await source.run(s);
+    await source.run(s, { preempt });
     out({ event: "workload", pagesWritten: workload.pagesWritten });
     return 0;
   } catch (e) {

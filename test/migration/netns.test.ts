@@ -95,6 +95,45 @@ test("precopy with `vmshift migrate` across a veth link: destination's memory eq
   console.log(JSON.stringify({ link: "veth", rounds: rs.rounds, downtimeMs: rs.downtimeMs, bytes: rs.bytesSent }));
 });
 
+test("postcopy with `vmshift migrate` across a veth link: requested pages take the preempt channel, memory equal", {
+  skip,
+}, async () => {
+  await using link = await NetnsLink.create();
+  const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
+  const ep = `tcp:${link.addr("b")}:7412`;
+  const dst = new JsonLines(
+    link.spawn("b", process.execPath, [cli, "migrate", "--listen", ep, "--size", "64", "--json"]),
+  );
+  const deadline = Date.now() + 10_000;
+  while (!dst.stderr.includes("listening") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(dst.stderr.includes("listening"), `destination listening: ${dst.tail()}`);
+  const src = new JsonLines(
+    link.spawn("a", process.execPath, [
+      cli,
+      "migrate",
+      "--to",
+      ep,
+      "--size",
+      "64",
+      "--mode",
+      "postcopy",
+      "--postcopy-after",
+      "0",
+      "--json",
+    ]),
+  );
+  assert.equal(await src.exit(30_000), 0, src.tail());
+  assert.equal(await dst.exit(10_000), 0, dst.tail());
+  const rs = await src.next("complete", 1000);
+  const rd = await dst.next("complete", 1000);
+  assertSameMemory(rs, rd);
+  assert.equal(rs.mode, "postcopy");
+  assert.equal(rs.preempt, true, "the source opened the preempt channel");
+  assert.equal(rd.preempt, true, "the destination accepted it");
+  const pc = rd.postcopy as { remoteFaults: number; preemptPages: number };
+  assert.ok(pc.remoteFaults > 0 && pc.preemptPages > 0, `faults ${pc.remoteFaults}, on preempt ${pc.preemptPages}`);
+});
+
 test("postcopy across a tbf-shaped 1 Gbit/s link: the destination runs first, faults are served, memory equal", {
   skip,
 }, async () => {
