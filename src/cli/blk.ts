@@ -20,6 +20,9 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
   --queues N             virtqueues, each served by its own thread (default 1)
   --direct               open the image with O_DIRECT
+  --sync-io              serve each queue's requests one at a time in its thread (default:
+                         reads and writes on libuv's thread pool, UV_THREADPOOL_SIZE threads,
+                         several requests of a queue in flight)
   --serial ID            GET_ID answer (default: the image file name)
   --print-capabilities   print the back-end capabilities JSON and exit
 environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
@@ -72,6 +75,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
         "read-only": { type: "boolean", default: false },
         queues: { type: "string", default: "1" },
         direct: { type: "boolean", default: false },
+        "sync-io": { type: "boolean", default: false },
         serial: { type: "string" },
         "print-capabilities": { type: "boolean", default: false },
         help: { type: "boolean", default: false },
@@ -111,6 +115,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       readonly: !!(values.readonly || values["read-only"]),
       queues,
       direct: !!values.direct,
+      asyncIo: !values["sync-io"],
       ...(values.serial ? { serial: values.serial as string } : {}),
       debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
     });

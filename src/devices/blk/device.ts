@@ -43,6 +43,12 @@ export interface BlkOptions {
   protocolFeatures?: bigint;
   /** Test knob: each request waits this long in its worker before completing (0 = none). */
   debugDelayMs?: number;
+  /**
+   * Reads and writes go to libuv's thread pool, so a queue has several requests in flight at
+   * once (default true; the pool has UV_THREADPOOL_SIZE threads, 4 unless set). false: each
+   * request is done synchronously in its queue's worker thread, one after the other.
+   */
+  asyncIo?: boolean;
 }
 
 /** Segments per request the driver may use: a chain of header + segments + status must fit a 128-entry queue. */
@@ -115,6 +121,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
     debugDelayMs: o.debugDelayMs ?? 0,
+    asyncIo: o.asyncIo ?? true,
   };
   return {
     capacitySectors,

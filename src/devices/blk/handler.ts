@@ -48,6 +48,11 @@ export interface BlkWorkerData {
   maxWriteZeroesSeg: number;
   /** Test knob: sleep this long before completing each request. */
   debugDelayMs: number;
+  /**
+   * Reads and writes on libuv's thread pool, several requests of a queue in flight at once
+   * (default); false: each request done synchronously in the worker, one after the other.
+   */
+  asyncIo: boolean;
 }
 
 const STATUS = [Uint8Array.of(VIRTIO_BLK_S_OK), Uint8Array.of(VIRTIO_BLK_S_IOERR), Uint8Array.of(VIRTIO_BLK_S_UNSUPP)];
@@ -90,7 +95,7 @@ export class BlkQueueHandler implements QueueHandler {
     this.#image.close();
   }
 
-  process(chain: DescriptorChain): number {
+  process(chain: DescriptorChain): number | Promise<number> {
     const wlen = chain.writableLength;
     if (wlen < 1) {
       // No status byte: nothing can tell the driver anything. Complete it, write nothing.
@@ -105,16 +110,60 @@ export class BlkQueueHandler implements QueueHandler {
       Atomics.wait(this.#sleeper, 0, 0, this.#d.debugDelayMs);
       writeSync(2, `vmshift blk: queue ${this.#queue}: released head ${chain.head}\n`);
     }
-    let out: Outcome;
+    let out: Outcome | Promise<Outcome>;
     try {
       out = this.#serve(chain, wlen - 1);
     } catch (e) {
       this.#warn(`I/O error: ${(e as Error).message}`);
-      out = { status: VIRTIO_BLK_S_IOERR, written: 0 };
+      out = IOERR;
     }
+    if (out instanceof Promise)
+      return out.then(
+        (o) => this.#finish(chain, wlen, o),
+        (e) => {
+          this.#warn(`I/O error: ${(e as Error).message}`);
+          return this.#finish(chain, wlen, IOERR);
+        },
+      );
+    return this.#finish(chain, wlen, out);
+  }
+
+  #finish(chain: DescriptorChain, wlen: number, out: Outcome): number {
     // The status byte is the last writable byte, whatever the buffer layout (VERSION_1: any layout).
     chain.writeWritable(STATUS[out.status] as Uint8Array, wlen - 1);
     return out.written + 1;
+  }
+
+  /**
+   * Views of guest memory for bytes [skip, skip+len) of buffers [first, last), with their
+   * guest addresses; null when a piece is not one plain view (it straddles a region or window).
+   */
+  #views(
+    chain: DescriptorChain,
+    first: number,
+    last: number,
+    skip: number,
+    len: number,
+  ): [Uint8Array[], number[]] | null {
+    const views: Uint8Array[] = [];
+    const gpas: number[] = [];
+    let off = 0;
+    for (let i = first; i < last && off < len; i++) {
+      const dlen = chain.len(i);
+      if (skip >= dlen) {
+        skip -= dlen;
+        continue;
+      }
+      const gpa = chain.addr(i) + skip;
+      const n = Math.min(dlen - skip, len - off);
+      skip = 0;
+      const view = this.#memory.slice(gpa, n);
+      if (!view) return null;
+      views.push(view);
+      gpas.push(gpa);
+      off += n;
+    }
+    return off === len ? [views, gpas] : null;
   }
 
   #warn(message: string): void {
@@ -125,7 +174,7 @@ export class BlkQueueHandler implements QueueHandler {
   }
 
   /** `dataLen`: writable bytes before the status byte. */
-  #serve(chain: DescriptorChain, dataLen: number): Outcome {
+  #serve(chain: DescriptorChain, dataLen: number): Outcome | Promise<Outcome> {
     if (chain.readableLength < REQUEST_HEADER_SIZE) {
       this.#warn(`request header of ${chain.readableLength} bytes (needs ${REQUEST_HEADER_SIZE})`);
       return IOERR;
@@ -170,7 +219,7 @@ export class BlkQueueHandler implements QueueHandler {
     return s * SECTOR_SIZE;
   }
 
-  #read(chain: DescriptorChain, sector: bigint, len: number): Outcome {
+  #read(chain: DescriptorChain, sector: bigint, len: number): Outcome | Promise<Outcome> {
     const pos = this.#range(sector, len);
     if (pos === null) {
       this.#warn(`read of ${len} bytes at sector ${sector}: outside the image or not whole sectors`);
@@ -182,6 +231,15 @@ export class BlkQueueHandler implements QueueHandler {
       const buf = this.#bounce.get(len);
       this.#image.readAt(buf, pos);
       return ok(chain.writeWritable(buf, 0));
+    }
+    const direct = this.#d.asyncIo ? this.#views(chain, chain.readableCount, chain.count, 0, len) : null;
+    if (direct) {
+      const [views, gpas] = direct;
+      return this.#image.readvAtAsync(views, pos).then(() => {
+        // Written by a pool thread: into the dirty log before the request completes.
+        for (let k = 0; k < views.length; k++) chain.markWritten(gpas[k] as number, (views[k] as Uint8Array).length);
+        return ok(len);
+      });
     }
     // One preadv for every consecutive buffer that is a plain view of guest memory; a buffer
     // straddling a region or window boundary is read aside and copied in.
@@ -216,7 +274,7 @@ export class BlkQueueHandler implements QueueHandler {
     return ok(off);
   }
 
-  #write(chain: DescriptorChain, sector: bigint, len: number): Outcome {
+  #write(chain: DescriptorChain, sector: bigint, len: number): Outcome | Promise<Outcome> {
     const pos = this.#range(sector, len);
     if (pos === null) {
       this.#warn(`write of ${len} bytes at sector ${sector}: outside the image or not whole sectors`);
@@ -230,6 +288,8 @@ export class BlkQueueHandler implements QueueHandler {
       this.#image.writeAt(buf, pos);
       return ok();
     }
+    const direct = this.#d.asyncIo ? this.#views(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len) : null;
+    if (direct) return this.#image.writevAtAsync(direct[0], pos).then(() => ok());
     // One pwritev for every consecutive buffer that is a plain view of guest memory.
     let skip = REQUEST_HEADER_SIZE;
     let off = 0;

@@ -4,6 +4,7 @@
  * handled; with O_DIRECT, callers pass aligned buffers (see DIRECT_ALIGNMENT and
  * AlignedBuffer) — the device switches a request to a bounce buffer when the guest's are not.
  */
+import { readv, writev } from "node:fs";
 import { EINTR, SysError, sys } from "../../sys/errors.js";
 import { Fd } from "../../sys/fd.js";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, O_DIRECT, O_RDONLY, O_RDWR } from "../../sys/memfd.js";
@@ -79,6 +80,57 @@ export class BlockImage implements Disposable {
   /** Writes `views` in order to the image at `pos` (pwritev). */
   writevAt(views: Uint8Array[], pos: number): void {
     this.#vectored(views, pos, false);
+  }
+
+  /** readvAt on libuv's thread pool: the calling thread goes on meanwhile. */
+  readvAtAsync(views: Uint8Array[], pos: number): Promise<void> {
+    return this.#vectoredAsync(views, pos, true);
+  }
+
+  /** writevAt on libuv's thread pool. */
+  writevAtAsync(views: Uint8Array[], pos: number): Promise<void> {
+    return this.#vectoredAsync(views, pos, false);
+  }
+
+  async #vectoredAsync(views: Uint8Array[], pos: number, read: boolean): Promise<void> {
+    const fd = this.fd.fd;
+    let i = 0;
+    let skip = 0;
+    let at = pos;
+    while (i < views.length) {
+      const batch: Uint8Array[] = [];
+      for (let k = i; k < views.length && batch.length < 1024; k++) {
+        const v = views[k] as Uint8Array;
+        batch.push(k === i && skip > 0 ? v.subarray(skip) : v);
+      }
+      const n = await new Promise<number>((resolve) => {
+        const done = (err: NodeJS.ErrnoException | null, bytes: number) =>
+          resolve(err ? -Math.abs(err.errno ?? EIO) : bytes);
+        if (read) readv(fd, batch, at, done);
+        else writev(fd, batch, at, done);
+      });
+      if (n === -EINTR) continue;
+      if (n < 0) throw new SysError(read ? "preadv" : "pwritev", -n);
+      if (n === 0) {
+        if (!read) throw new SysError("pwritev", EIO, "wrote nothing");
+        for (const v of batch) v.fill(0);
+        for (let k = i + batch.length; k < views.length; k++) (views[k] as Uint8Array).fill(0);
+        return;
+      }
+      at += n;
+      let left = n;
+      while (left > 0 && i < views.length) {
+        const rest = (views[i] as Uint8Array).length - skip;
+        if (left >= rest) {
+          left -= rest;
+          i++;
+          skip = 0;
+        } else {
+          skip += left;
+          left = 0;
+        }
+      }
+    }
   }
 
   #vectored(views: Uint8Array[], pos: number, read: boolean): void {

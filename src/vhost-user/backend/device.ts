@@ -64,10 +64,13 @@ export interface QueueContext {
 export interface QueueHandler {
   /**
    * Serves one request. Returns the number of bytes written into the chain's writable part
-   * (the used length). Guest-controlled bytes: validate what you read; a throw completes
-   * the chain with length 0 and is reported, the queue goes on.
+   * (the used length), or a promise of it to complete the request later (the worker keeps
+   * taking requests meanwhile, up to a limit, and completes each when its promise settles, in
+   * any order). Guest-controlled bytes: validate what you read; a throw or a rejection
+   * completes the chain with length 0 and is reported, the queue goes on. Guest memory
+   * written asynchronously must still be reported with chain.markWritten() before settling.
    */
-  process(chain: DescriptorChain): number;
+  process(chain: DescriptorChain): number | Promise<number>;
   /** A new memory table is in force. */
   setMemory?(memory: GuestMemory): void;
   close?(): void;

@@ -6,6 +6,12 @@
  *
  * Postcopy: a guest page that has not arrived blocks this thread in the kernel until the
  * front-end places it; the control plane's thread is never the one that faults.
+ *
+ * A handler may complete a request later: process() then returns a promise of the used length
+ * (vhost-user-blk does its reads and writes on libuv's thread pool). Up to MAX_IN_FLIGHT
+ * requests of this queue are then in flight at once and complete in any order; the inflight
+ * region records each one. Before the ring stops (GET_VRING_BASE), before a new memory table
+ * and before the handler closes, this worker waits until none is in flight.
  */
 import { parentPort, workerData } from "node:worker_threads";
 import { GuestMemory } from "../../memory/guest-memory.js";
@@ -39,6 +45,15 @@ let broken = false;
 let inflight: InflightQueue | null = null;
 /** Heads that were in flight when the previous back-end died, to run before anything new. */
 let resubmit: number[] = [];
+/** Requests whose handler returned a promise that has not settled yet. */
+let inFlight = 0;
+const MAX_IN_FLIGHT = Math.max(1, Number(process.env.VMSHIFT_QUEUE_MAX_IN_FLIGHT ?? 64));
+/** processQueue() stopped popping at MAX_IN_FLIGHT: the next completion resumes it. */
+let starved = false;
+/** No new request is taken (the ring is stopping, or the memory table is being replaced). */
+let quiescing = false;
+let drainWaiters: (() => void)[] = [];
+let signalPending = false;
 const one = new BigUint64Array([1n]);
 const drainBuf = new BigUint64Array(1);
 
@@ -62,13 +77,68 @@ function complete(q: SplitQueue, head: number, len: number): void {
 }
 
 function run(q: SplitQueue, h: QueueHandler, chain: DescriptorChain): void {
-  let len = 0;
+  let r: number | Promise<number>;
   try {
-    len = h.process(chain);
+    r = h.process(chain);
   } catch (e) {
     event("warn", `queue ${init.queue}: request failed: ${(e as Error).message}`);
+    r = 0;
   }
-  complete(q, chain.head, len);
+  if (typeof r === "number") {
+    complete(q, chain.head, r);
+    return;
+  }
+  inFlight++;
+  const head = chain.head;
+  r.then(
+    (len) => completeLater(q, head, len),
+    (e) => {
+      event("warn", `queue ${init.queue}: request failed: ${(e as Error).message}`);
+      completeLater(q, head, 0);
+    },
+  );
+}
+
+/** A request whose handler finished asynchronously: publish it, and notify once per tick. */
+function completeLater(q: SplitQueue, head: number, len: number): void {
+  inFlight--;
+  try {
+    if (!q.broken) complete(q, head, len);
+  } catch (e) {
+    event("error", `queue ${init.queue}: completing head ${head}: ${(e as Error).message}`);
+  }
+  if (!signalPending) {
+    signalPending = true;
+    queueMicrotask(() => {
+      signalPending = false;
+      try {
+        if (!q.broken && q.needsNotification()) signal(callFd);
+      } catch {
+        // a broken queue was already reported
+      }
+    });
+  }
+  if (inFlight === 0) for (const w of drainWaiters.splice(0)) w();
+  if (starved && !quiescing && queue === q) {
+    starved = false;
+    processQueue();
+  }
+}
+
+/** Resolves once no request is in flight (at most `ms`; false when some still were). */
+function drained(ms = 10_000): Promise<boolean> {
+  if (inFlight === 0) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const t = setTimeout(() => {
+      drainWaiters = drainWaiters.filter((w) => w !== done);
+      resolve(false);
+    }, ms);
+    const done = () => {
+      clearTimeout(t);
+      resolve(true);
+    };
+    drainWaiters.push(done);
+  });
 }
 
 /**
@@ -99,12 +169,18 @@ function pollForMore(q: SplitQueue): boolean {
 function processQueue(): void {
   const q = queue;
   const h = handler;
-  if (!q || !h || !enabled || broken) return;
+  if (!q || !h || !enabled || broken || quiescing) return;
   try {
     while (resubmit.length > 0) run(q, h, q.chainAt(resubmit.shift() as number));
     for (;;) {
       q.disableNotification();
       for (;;) {
+        if (inFlight >= MAX_IN_FLIGHT) {
+          // Notifications stay off: the next completion takes up the rest.
+          starved = true;
+          if (q.needsNotification()) signal(callFd);
+          return;
+        }
         let chain: DescriptorChain | null;
         try {
           chain = q.popChain();
@@ -171,6 +247,7 @@ function start(ring: RingConfig): void {
   const usedIdx = queue.readUsedIdx();
   queue.nextUsed = usedIdx;
   broken = false;
+  starved = false;
   resubmit = [];
   inflight = ring.inflight ? new InflightQueue(ring.inflight) : null;
   if (inflight) {
@@ -189,7 +266,12 @@ async function handle(m: ToWorker): Promise<void> {
   try {
     switch (m.type) {
       case "memory":
+        // Requests in flight finish against the table they were popped under.
+        quiescing = true;
+        await drained();
+        quiescing = false;
         await setMemory(GuestMemory.fromShared(m.memory));
+        processQueue();
         break;
       case "start":
         start(m.ring);
@@ -215,19 +297,29 @@ async function handle(m: ToWorker): Promise<void> {
         break;
       case "stop": {
         watchKick(-1);
+        // GET_VRING_BASE: every request taken from the ring is completed before it answers.
+        quiescing = true;
+        if (!(await drained())) event("warn", `queue ${init.queue}: ${inFlight} request(s) still in flight at stop`);
+        quiescing = false;
+        starved = false;
         const q = queue;
         queue = null;
         post({ type: "done", id: m.id, nextAvail: q?.nextAvail ?? 0, nextUsed: q?.nextUsed ?? 0 });
         return;
       }
-      case "close":
+      case "close": {
         watchKick(-1);
+        quiescing = true;
+        const idle = await drained();
         queue = null;
-        handler?.close?.();
+        // A request still running uses the handler's files: leak them rather than close them under it.
+        if (idle) handler?.close?.();
+        else event("warn", `queue ${init.queue}: closing with ${inFlight} request(s) still in flight`);
         handler = null;
         log.close();
         port!.close();
         return;
+      }
     }
     post({ type: "done", id: m.id });
   } catch (e) {
