@@ -20,9 +20,9 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
   --queues N             virtqueues, each served by its own thread (default 1)
   --direct               open the image with O_DIRECT
-  --sync-io              serve each queue's requests one at a time in its thread (default:
-                         reads and writes on libuv's thread pool, UV_THREADPOOL_SIZE threads,
-                         several requests of a queue in flight)
+  --io auto|sync|async   async: reads and writes on libuv's thread pool (UV_THREADPOOL_SIZE
+                         threads), several requests of a queue in flight; sync: one at a time
+                         in the queue's thread; auto (default): async with --direct, else sync
   --serial ID            GET_ID answer (default: the image file name)
   --print-capabilities   print the back-end capabilities JSON and exit
 environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
@@ -75,7 +75,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
         "read-only": { type: "boolean", default: false },
         queues: { type: "string", default: "1" },
         direct: { type: "boolean", default: false },
-        "sync-io": { type: "boolean", default: false },
+        io: { type: "string", default: "auto" },
         serial: { type: "string" },
         "print-capabilities": { type: "boolean", default: false },
         help: { type: "boolean", default: false },
@@ -104,6 +104,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
   if (!image) return usage("--image FILE is required");
   if ((socketPath === undefined) === (fdArg === undefined)) return usage("give exactly one of --socket-path and --fd");
   if (!Number.isInteger(queues) || queues < 1 || queues > 64) return usage("--queues must be 1..64");
+  if (!["auto", "sync", "async"].includes(values.io as string)) return usage("--io must be auto, sync or async");
   const fd = fdArg === undefined ? -1 : Number(fdArg);
   if (fdArg !== undefined && !(Number.isInteger(fd) && fd >= 0)) return usage("--fd must be a file descriptor number");
 
@@ -115,7 +116,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       readonly: !!(values.readonly || values["read-only"]),
       queues,
       direct: !!values.direct,
-      asyncIo: !values["sync-io"],
+      io: values.io as "auto" | "sync" | "async",
       ...(values.serial ? { serial: values.serial as string } : {}),
       debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
     });

@@ -48,7 +48,10 @@ interface Served {
   close(): Promise<void>;
 }
 
-async function serve(name: string, o: { readonly?: boolean; direct?: boolean } = {}): Promise<Served> {
+async function serve(
+  name: string,
+  o: { readonly?: boolean; direct?: boolean; io?: "sync" | "async" } = {},
+): Promise<Served> {
   const image = join(dir, `${name}.img`);
   const data = Buffer.alloc(4 * MiB);
   for (let i = 0; i < data.length; i++) data[i] = (i * 7 + (i >> 9)) & 0xff;
@@ -119,103 +122,153 @@ class Pages implements DirtySink {
 
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-describe("blk device (in-process daemon, real socket)", { timeout: 60_000 }, () => {
-  let s: Served;
-  before(async () => {
-    s = await serve("rw");
-  });
-  after(async () => {
-    await s.close();
-  });
+for (const io of ["sync", "async"] as const)
+  describe(`blk device, ${io} I/O (in-process daemon, real socket)`, { timeout: 60_000 }, () => {
+    const rw = `rw-${io}`;
+    let s: Served;
+    before(async () => {
+      s = await serve(rw, { io });
+    });
+    after(async () => {
+      await s.close();
+    });
 
-  test("read, write, flush, GET_ID", async () => {
-    const { blk, mem } = s;
-    let c = await blk.read(3, DATA, 2 * PAGE);
-    assert.equal(c.status, VIRTIO_BLK_S_OK);
-    assert.equal(c.len, 2 * PAGE + 1);
-    assert.deepEqual(mem.read(DATA, 2 * PAGE), imageBytes("rw", 3 * 512, 2 * PAGE));
-    const data = new Uint8Array(3 * 512).map((_, i) => (i * 13) & 0xff);
-    mem.write(DATA + 0x8000, data);
-    assert.equal((await blk.write(100, DATA + 0x8000, data.length)).status, VIRTIO_BLK_S_OK);
-    assert.deepEqual(imageBytes("rw", 100 * 512, data.length), data);
-    assert.equal((await blk.run({ type: VIRTIO_BLK_T_FLUSH, sector: 0, data: [] })).status, VIRTIO_BLK_S_OK);
-    c = await blk.run({ type: VIRTIO_BLK_T_GET_ID, sector: 0, data: [{ addr: DATA, len: 20 }] });
-    assert.equal(c.status, VIRTIO_BLK_S_OK);
-    assert.equal(new TextDecoder().decode(mem.read(DATA, 6)), "rw.img");
-  });
+    test("read, write, flush, GET_ID", async () => {
+      const { blk, mem } = s;
+      let c = await blk.read(3, DATA, 2 * PAGE);
+      assert.equal(c.status, VIRTIO_BLK_S_OK);
+      assert.equal(c.len, 2 * PAGE + 1);
+      assert.deepEqual(mem.read(DATA, 2 * PAGE), imageBytes(rw, 3 * 512, 2 * PAGE));
+      const data = new Uint8Array(3 * 512).map((_, i) => (i * 13) & 0xff);
+      mem.write(DATA + 0x8000, data);
+      assert.equal((await blk.write(100, DATA + 0x8000, data.length)).status, VIRTIO_BLK_S_OK);
+      assert.deepEqual(imageBytes(rw, 100 * 512, data.length), data);
+      assert.equal((await blk.run({ type: VIRTIO_BLK_T_FLUSH, sector: 0, data: [] })).status, VIRTIO_BLK_S_OK);
+      c = await blk.run({ type: VIRTIO_BLK_T_GET_ID, sector: 0, data: [{ addr: DATA, len: 20 }] });
+      assert.equal(c.status, VIRTIO_BLK_S_OK);
+      const id = `${rw}.img`;
+      assert.equal(new TextDecoder().decode(mem.read(DATA, id.length)), id);
+    });
 
-  test("hostile headers: out of range, partial sectors, unknown type → IOERR/UNSUPP, image untouched", async () => {
-    const { blk, mem } = s;
-    const before = imageBytes("rw", 0, 4 * MiB);
-    const sectors = (4 * MiB) / 512;
-    assert.equal((await blk.read(sectors, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "read at capacity");
-    assert.equal((await blk.write(sectors - 1, DATA, 1024)).status, VIRTIO_BLK_S_IOERR, "write across the end");
-    assert.equal((await blk.write(2 ** 52, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "huge sector");
-    assert.equal((await blk.write(0, DATA, 100)).status, VIRTIO_BLK_S_IOERR, "not whole sectors");
-    assert.equal((await blk.run({ type: 99, sector: 0, data: [] })).status, VIRTIO_BLK_S_UNSUPP);
-    // Sector 2^64-1: must not wrap around to a valid offset.
-    header(mem, 0x20000, 1, 0xffffffffffffffffn);
-    let u = await raw(
-      s,
-      [
-        { addr: 0x20000, len: 16 },
-        { addr: DATA, len: 512 },
-      ],
-      [{ addr: 0x20100, len: 1 }],
-    );
-    assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_IOERR);
-    // A 10-byte header → IOERR; no writable buffer at all → completed with length 0.
-    mem.writeU8(0x20100, 0xff);
-    u = await raw(s, [{ addr: 0x20000, len: 10 }], [{ addr: 0x20100, len: 1 }]);
-    assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_IOERR);
-    u = await raw(s, [{ addr: 0x20000, len: 16 }], []);
-    assert.equal(u.len, 0);
-    // Discard with the unmap flag, and an unknown flag → UNSUPP; two segments (max 1) → UNSUPP.
-    for (const [flags, segs] of [
-      [1, 1],
-      [2, 1],
-      [0, 2],
-    ] as const) {
-      header(mem, 0x20000, flags === 2 ? T_WRITE_ZEROES : T_DISCARD, 0n);
-      for (let k = 0; k < segs; k++) {
-        mem.writeU64(0x20010 + k * 16, 0n);
-        mem.writeU32(0x20018 + k * 16, 8);
-        mem.writeU32(0x2001c + k * 16, flags);
+    test("hostile headers: out of range, partial sectors, unknown type → IOERR/UNSUPP, image untouched", async () => {
+      const { blk, mem } = s;
+      const before = imageBytes(rw, 0, 4 * MiB);
+      const sectors = (4 * MiB) / 512;
+      assert.equal((await blk.read(sectors, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "read at capacity");
+      assert.equal((await blk.write(sectors - 1, DATA, 1024)).status, VIRTIO_BLK_S_IOERR, "write across the end");
+      assert.equal((await blk.write(2 ** 52, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "huge sector");
+      assert.equal((await blk.write(0, DATA, 100)).status, VIRTIO_BLK_S_IOERR, "not whole sectors");
+      assert.equal((await blk.run({ type: 99, sector: 0, data: [] })).status, VIRTIO_BLK_S_UNSUPP);
+      // Sector 2^64-1: must not wrap around to a valid offset.
+      header(mem, 0x20000, 1, 0xffffffffffffffffn);
+      let u = await raw(
+        s,
+        [
+          { addr: 0x20000, len: 16 },
+          { addr: DATA, len: 512 },
+        ],
+        [{ addr: 0x20100, len: 1 }],
+      );
+      assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_IOERR);
+      // A 10-byte header → IOERR; no writable buffer at all → completed with length 0.
+      mem.writeU8(0x20100, 0xff);
+      u = await raw(s, [{ addr: 0x20000, len: 10 }], [{ addr: 0x20100, len: 1 }]);
+      assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_IOERR);
+      u = await raw(s, [{ addr: 0x20000, len: 16 }], []);
+      assert.equal(u.len, 0);
+      // Discard with the unmap flag, and an unknown flag → UNSUPP; two segments (max 1) → UNSUPP.
+      for (const [flags, segs] of [
+        [1, 1],
+        [2, 1],
+        [0, 2],
+      ] as const) {
+        header(mem, 0x20000, flags === 2 ? T_WRITE_ZEROES : T_DISCARD, 0n);
+        for (let k = 0; k < segs; k++) {
+          mem.writeU64(0x20010 + k * 16, 0n);
+          mem.writeU32(0x20018 + k * 16, 8);
+          mem.writeU32(0x2001c + k * 16, flags);
+        }
+        await raw(s, [{ addr: 0x20000, len: 16 + 16 * segs }], [{ addr: 0x20100, len: 1 }]);
+        assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_UNSUPP, `flags ${flags}, ${segs} segments`);
       }
-      await raw(s, [{ addr: 0x20000, len: 16 + 16 * segs }], [{ addr: 0x20100, len: 1 }]);
-      assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_UNSUPP, `flags ${flags}, ${segs} segments`);
-    }
-    void u;
-    assert.deepEqual(imageBytes("rw", 0, 4 * MiB), before, "no hostile request wrote the image");
-  });
+      void u;
+      assert.deepEqual(imageBytes(rw, 0, 4 * MiB), before, "no hostile request wrote the image");
+    });
 
-  test("write zeroes and discard read back as zeroes", async () => {
-    const { mem } = s;
-    for (const type of [T_WRITE_ZEROES, T_DISCARD]) {
-      const sector = type === T_DISCARD ? 2048 : 1024;
-      header(mem, 0x20000, type, BigInt(sector));
-      mem.writeU64(0x20010, BigInt(sector));
-      mem.writeU32(0x20018, 16);
-      mem.writeU32(0x2001c, type === T_WRITE_ZEROES ? 1 : 0);
-      await raw(s, [{ addr: 0x20000, len: 32 }], [{ addr: 0x20100, len: 1 }]);
-      assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_OK);
-      assert.deepEqual(imageBytes("rw", sector * 512, 8192), new Uint8Array(8192));
-    }
-  });
+    test("write zeroes and discard read back as zeroes", async () => {
+      const { mem } = s;
+      for (const type of [T_WRITE_ZEROES, T_DISCARD]) {
+        const sector = type === T_DISCARD ? 2048 : 1024;
+        header(mem, 0x20000, type, BigInt(sector));
+        mem.writeU64(0x20010, BigInt(sector));
+        mem.writeU32(0x20018, 16);
+        mem.writeU32(0x2001c, type === T_WRITE_ZEROES ? 1 : 0);
+        await raw(s, [{ addr: 0x20000, len: 32 }], [{ addr: 0x20100, len: 1 }]);
+        assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_OK);
+        assert.deepEqual(imageBytes(rw, sector * 512, 8192), new Uint8Array(8192));
+      }
+    });
 
-  test("dirty log: a read logs exactly its buffer pages, the status byte and the used ring", async () => {
-    const { fe, blk } = s;
-    const log = await fe.startLogging();
-    log.start();
-    // Straddles pages: 3 sectors starting 0x200 before a page boundary.
-    assert.equal((await blk.read(8, DATA + 0x40e00, 1536)).status, VIRTIO_BLK_S_OK);
-    const got = new Pages();
-    log.sync(got);
-    const want = new Set([DATA + 0x40000, DATA + 0x41000, SCRATCH.statuses, RING.usedRing].map((a) => a / PAGE));
-    assert.deepEqual([...got.set].sort(), [...want].sort());
-    await fe.stopLogging();
+    test("dirty log: a read logs exactly its buffer pages, the status byte and the used ring", async () => {
+      const { fe, blk } = s;
+      const log = await fe.startLogging();
+      log.start();
+      // Straddles pages: 3 sectors starting 0x200 before a page boundary.
+      assert.equal((await blk.read(8, DATA + 0x40e00, 1536)).status, VIRTIO_BLK_S_OK);
+      const got = new Pages();
+      log.sync(got);
+      const want = new Set([DATA + 0x40000, DATA + 0x41000, SCRATCH.statuses, RING.usedRing].map((a) => a / PAGE));
+      assert.deepEqual([...got.set].sort(), [...want].sort());
+      await fe.stopLogging();
+    });
+
+    test("16 reads and writes in flight at once: each completes once, with the right bytes", async () => {
+      const { blk, mem, fe } = s;
+      const q = blk.queue;
+      const heads = new Map<number, number>();
+      for (let k = 0; k < 16; k++) {
+        const hdr = 0x30000 + k * 16;
+        const buf = 0x300000 + k * PAGE;
+        const write = k % 2 === 1;
+        header(mem, hdr, write ? 1 : 0, BigInt(64 + k * 8));
+        if (write) mem.fill(buf, PAGE, k);
+        const h = write
+          ? q.add(
+              [
+                { addr: hdr, len: 16 },
+                { addr: buf, len: PAGE },
+              ],
+              [{ addr: 0x31000 + k, len: 1 }],
+            )
+          : q.add(
+              [{ addr: hdr, len: 16 }],
+              [
+                { addr: buf, len: PAGE },
+                { addr: 0x31000 + k, len: 1 },
+              ],
+            );
+        heads.set(h, k);
+      }
+      if (q.publish()) fe.kick(0);
+      const done = new Set<number>();
+      while (done.size < 16) {
+        const since = fe.vring(0).calls;
+        for (let u = q.getUsed(); u; u = q.getUsed()) {
+          const k = heads.get(u.head) as number;
+          assert.ok(!done.has(k), `request ${k} completed twice`);
+          done.add(k);
+          assert.equal(u.len, k % 2 === 1 ? 1 : PAGE + 1);
+        }
+        if (done.size < 16 && !q.enableInterrupts()) await fe.waitCall(0, { since, timeoutMs: 5000 });
+      }
+      for (let k = 0; k < 16; k++) {
+        assert.equal(mem.readU8(0x31000 + k), VIRTIO_BLK_S_OK, `status of ${k}`);
+        const img = imageBytes(rw, (64 + k * 8) * 512, PAGE);
+        if (k % 2 === 1) assert.deepEqual(img, new Uint8Array(PAGE).fill(k), `write ${k}`);
+        else assert.deepEqual(mem.read(0x300000 + k * PAGE, PAGE), img, `read ${k}`);
+      }
+    });
   });
-});
 
 describe("blk device: read-only and O_DIRECT", { timeout: 60_000 }, () => {
   test("read-only: writes, discard and write zeroes fail, reads work", async () => {

@@ -44,11 +44,14 @@ export interface BlkOptions {
   /** Test knob: each request waits this long in its worker before completing (0 = none). */
   debugDelayMs?: number;
   /**
-   * Reads and writes go to libuv's thread pool, so a queue has several requests in flight at
-   * once (default true; the pool has UV_THREADPOOL_SIZE threads, 4 unless set). false: each
-   * request is done synchronously in its queue's worker thread, one after the other.
+   * "async": reads and writes go to libuv's thread pool, so a queue has several requests in
+   * flight at once (the pool has UV_THREADPOOL_SIZE threads, 4 unless set). "sync": each
+   * request is done in its queue's worker thread, one after the other. "auto" (default):
+   * async with O_DIRECT, where every request waits for the device, sync otherwise, where most
+   * hit the page cache in microseconds and a hop to the pool costs more than the I/O (see
+   * docs/blk.md for the figures).
    */
-  asyncIo?: boolean;
+  io?: "auto" | "sync" | "async";
 }
 
 /** Segments per request the driver may use: a chain of header + segments + status must fit a 128-entry queue. */
@@ -121,7 +124,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
     debugDelayMs: o.debugDelayMs ?? 0,
-    asyncIo: o.asyncIo ?? true,
+    asyncIo: (o.io ?? "auto") === "auto" ? !!o.direct : o.io === "async",
   };
   return {
     capacitySectors,
