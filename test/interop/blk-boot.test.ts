@@ -90,10 +90,13 @@ describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
     await vm.close();
   });
 
-  test("two queues, each in its own worker: both used by a 2-vCPU guest, data intact", { skip }, async () => {
+  test("two queues, O_DIRECT with async I/O (requests of both queues on one thread pool): a 2-vCPU guest, data intact", {
+    skip,
+  }, async () => {
     const rig = fx.rig();
     const img = await rig.createRawImage("mq.img", 32 * MiB);
-    const be = await startBlk(rig, { name: "blk-mq", image: img, queues: 2 });
+    // --direct selects --io async (auto): several requests of each queue in flight at once.
+    const be = await startBlk(rig, { name: "blk-mq", image: img, queues: 2, direct: true });
     backends.push(be);
     const vm = await rig.startVm({ name: "vm-mq", smp: 2, vhostUserBlk: [{ socket: be.socket, numQueues: 2 }] });
     await vm.guest.ready();

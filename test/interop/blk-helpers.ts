@@ -19,6 +19,8 @@ export interface BlkBackendOptions {
   queues?: number;
   readonly?: boolean;
   direct?: boolean;
+  /** --io (default: the program's own, auto). */
+  io?: "auto" | "sync" | "async";
   lifetimeMs?: number;
   /** Extra environment (e.g. VMSHIFT_BLK_TRACE=0). */
   env?: Record<string, string>;
@@ -108,6 +110,7 @@ export async function startBlk(rig: Rig, o: BlkBackendOptions): Promise<BlkBacke
   if (o.queues) args.push("--queues", String(o.queues));
   if (o.readonly) args.push("--readonly");
   if (o.direct) args.push("--direct");
+  if (o.io) args.push("--io", o.io);
   const logPath = rig.path(`${o.name}.log`);
   const env = { VMSHIFT_BLK_TRACE: "1", ...o.env };
   // ManagedProcess inherits our environment: set the trace switch around the spawn.

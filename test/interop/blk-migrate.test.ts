@@ -61,7 +61,8 @@ describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () =
   test("precopy with I/O and RAM dirtying: logging switched on, data intact on the destination", { skip }, async () => {
     const rig = fx.rig();
     const img = await rig.createRawImage("mig.img", 64 * MiB);
-    const a = await startBlk(rig, { name: "blk-a", image: img });
+    // The source logs its writes to guest memory from pool threads' reads (--io async).
+    const a = await startBlk(rig, { name: "blk-a", image: img, io: "async" });
     const b = await startBlk(rig, { name: "blk-b", image: img });
     backends.push(a, b);
     const [src, dst] = await Promise.all([

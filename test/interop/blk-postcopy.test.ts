@@ -29,7 +29,9 @@ describe("vmshift blk: postcopy migration under QEMU", { timeout: 150_000 }, () 
     const rig = fx.rig();
     const img = await rig.createRawImage("pc.img", 64 * MiB);
     const a = await startBlk(rig, { name: "blk-a", image: img });
-    const b = await startBlk(rig, { name: "blk-b", image: img });
+    // The destination's reads and writes run on libuv's pool: pool threads fault on pages that
+    // have not arrived, and QEMU's placement wakes them.
+    const b = await startBlk(rig, { name: "blk-b", image: img, io: "async" });
     backends.push(a, b);
     const [src, dst] = await Promise.all([
       // init_on_alloc=0 (Debian's kernel zeroes every page it allocates): see the reader below.
