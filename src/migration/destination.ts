@@ -46,6 +46,7 @@ import {
   decodeDeviceState,
   decodeDigest,
   decodeDiscard,
+  decodeNonce,
   decodePages,
   decodePostcopyAdvise,
   decodePreempt,
@@ -54,6 +55,7 @@ import {
   encodeComplete,
   encodeFail,
   encodePageRequest,
+  encodeReceived,
   encodeRecord,
   type PagesRecord,
   type PayloadReader,
@@ -93,6 +95,13 @@ export interface DestinationOptions {
    * listener: its next connection). Without it, such a source is refused with UNSUPPORTED.
    */
   acceptPreempt?: () => Promise<Duplex>;
+  /**
+   * Postcopy recovery (when the source offers it): a connection lost once the guest runs here
+   * pauses the migration (faulting threads wait) until `accept` yields the source's new
+   * connection, or `timeoutMs` (default 60 s) passes. This side then tells the source which
+   * pages it holds and asks again for the ones its threads wait on.
+   */
+  postcopyRecovery?: { accept(): Promise<Duplex>; timeoutMs?: number };
 }
 
 /** How long the source's preempt connection may take to arrive once announced. */
@@ -225,8 +234,8 @@ export class MigrationDestination {
     this.#used = true;
     this.#t0 = performance.now();
     // Every record is applied (or its payload copied) before the next one is read.
-    const reader = new RecordReader(stream, { reuseBuffer: true });
-    const writer = new RecordWriter(stream);
+    let reader = new RecordReader(stream, { reuseBuffer: true });
+    let writer = new RecordWriter(stream);
     this.#writer = writer;
     let abortReject: ((e: Error) => void) | null = null;
     const aborted = new Promise<never>((_, rej) => {
@@ -235,20 +244,66 @@ export class MigrationDestination {
     aborted.catch(() => undefined);
     const onAbort = () => abortReject?.(new MigrationError("ABORTED", "migration cancelled"));
     this.#o.signal?.addEventListener("abort", onAbort, { once: true });
-    const next = () => Promise.race([reader.next(), aborted]);
     let preempt: { stream: Duplex; reader: RecordReader; done: Promise<void> } | null = null;
+    const digests = new Map<number, Uint8Array>();
+    /** Postcopy recovery: offered by the source, accepted here; and this migration's nonce. */
+    let canRecover = false;
+    let nonce = 0n;
+    const isLoss = (e: unknown) => {
+      const c = asMigrationError(e).code;
+      return c === "TRUNCATED" || c === "CONNECTION_LOST";
+    };
+    const recover = async (cause: MigrationError) => {
+      this.#phase("postcopy-paused");
+      reader.detach();
+      stream.destroy();
+      if (preempt) {
+        preempt.reader.detach();
+        preempt.stream.destroy();
+        preempt = null;
+      }
+      const rec = this.#o.postcopyRecovery as NonNullable<DestinationOptions["postcopyRecovery"]>;
+      const got = await this.#acceptRecovery(rec, nonce, cause, aborted);
+      ({ stream, reader, writer } = got);
+      this.#writer = writer;
+      // The source sends its digests again after the rest of the pages.
+      digests.clear();
+      this.#phase("postcopy");
+    };
+    // The next record of the main stream; in a recoverable postcopy, across a lost connection.
+    const next = async (): Promise<Record> => {
+      for (;;) {
+        try {
+          return await Promise.race([reader.next(), aborted]);
+        } catch (e) {
+          if (!(canRecover && this.#postcopy && !this.#ended && isLoss(e))) throw e;
+          await recover(asMigrationError(e));
+        }
+      }
+    };
     try {
       this.#phase("setup");
       await Promise.race([reader.readStreamHeader(), aborted]);
       const caps = await this.#setup(next);
+      if (caps & Capability.RECOVERY) {
+        const r = await next();
+        if (!(caps & Capability.POSTCOPY) || r.type !== RecordType.Session)
+          throw r.payload.error(`expected SESSION (with the postcopy capability), got ${recordName(r.type)}`);
+        nonce = decodeNonce(r.payload);
+        canRecover = this.#o.postcopyRecovery !== undefined;
+      }
       if (caps & Capability.PREEMPT) {
         const r = await next();
         if (!(caps & Capability.POSTCOPY) || r.type !== RecordType.Preempt)
           throw r.payload.error(`expected PREEMPT (with the postcopy capability), got ${recordName(r.type)}`);
         const ch = await this.#acceptPreempt(decodePreempt(r.payload), aborted);
-        // A failure on the preempt channel fails the migration: it wakes the main loop.
+        // A failure on the preempt channel fails the migration: it wakes the main loop. In a
+        // recoverable postcopy it pauses it instead, like a lost main connection.
         const done = this.#preemptLoop(ch.reader);
-        done.catch((e) => abortReject?.(asMigrationError(e)));
+        done.catch((e) => {
+          if (canRecover && this.#postcopy && isLoss(e)) stream.destroy();
+          else abortReject?.(asMigrationError(e));
+        });
         preempt = { ...ch, done };
         this.#preemptUsed = true;
       }
@@ -263,7 +318,6 @@ export class MigrationDestination {
         this.#applyDiscard(r);
         r = await next();
       }
-      const digests = new Map<number, Uint8Array>();
       for (;;) {
         if (this.#faultError) throw this.#faultError;
         if (this.#resumedWith && r.type !== RecordType.Digest && r.type !== RecordType.End)
@@ -371,6 +425,54 @@ export class MigrationDestination {
     } finally {
       this.#o.signal?.removeEventListener("abort", onAbort);
     }
+  }
+
+  async #acceptRecovery(
+    rec: NonNullable<DestinationOptions["postcopyRecovery"]>,
+    nonce: bigint,
+    cause: MigrationError,
+    aborted: Promise<never>,
+  ): Promise<{ stream: Duplex; reader: RecordReader; writer: RecordWriter }> {
+    const limit = rec.timeoutMs ?? 60_000;
+    const deadline = performance.now() + limit;
+    const within = <T>(p: Promise<T>): Promise<T> => {
+      let t: NodeJS.Timeout | undefined;
+      const late = new Promise<never>((_, rej) => {
+        t = setTimeout(
+          () => rej(new MigrationError("CONNECTION_LOST", "recovery timed out")),
+          deadline - performance.now(),
+        );
+      });
+      return Promise.race([p, late, aborted]).finally(() => clearTimeout(t));
+    };
+    while (performance.now() < deadline) {
+      let s: Duplex | null = null;
+      try {
+        s = await within(rec.accept());
+        const r = new RecordReader(s, { reuseBuffer: true });
+        await within(r.readStreamHeader());
+        const first = await within(r.next());
+        if (first.type !== RecordType.Recover || decodeNonce(first.payload) !== nonce)
+          throw first.payload.error("not a recovery connection of this migration");
+        const w = new RecordWriter(s);
+        // What is here is not sent again; what threads wait on is asked for again.
+        for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present));
+        for (const key of this.#pending.keys()) w.writeNow(encodePageRequest(Math.floor(key / 2 ** 32), key % 2 ** 32));
+        boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
+        r.setReadAhead(POSTCOPY_READ_AHEAD);
+        return { stream: s, reader: r, writer: w };
+      } catch (e) {
+        if (e instanceof MigrationError && e.code === "ABORTED") throw e;
+        // A stray or broken connection: wait for the next one.
+        s?.destroy();
+      }
+    }
+    throw new MigrationError(
+      "CONNECTION_LOST",
+      `postcopy paused and not recovered within ${limit} ms (${cause.message})`,
+      undefined,
+      { cause: cause.message },
+    );
   }
 
   async #acceptPreempt(nonce: bigint, aborted: Promise<never>): Promise<{ stream: Duplex; reader: RecordReader }> {

@@ -6,6 +6,8 @@ export type Phase =
   | "precopy"
   | "switchover"
   | "postcopy"
+  /** Postcopy recovery: a connection was lost; both sides wait for a new one. */
+  | "postcopy-paused"
   | "device-state"
   | "verify"
   | "complete"

@@ -28,6 +28,8 @@ export enum RecordType {
   Capabilities = 0x01,
   Region = 0x02,
   Discard = 0x03,
+  /** Postcopy recovery: this migration's nonce, after the REGIONs (with the RECOVERY capability). */
+  Session = 0x04,
   Pages = 0x10,
   Round = 0x11,
   Switchover = 0x12,
@@ -39,6 +41,8 @@ export enum RecordType {
   Preempt = 0x42,
   /** The last record on the preempt channel: every page it carried was sent before it. */
   PreemptEnd = 0x43,
+  /** The first record on a connection that resumes a paused postcopy: the session's nonce. */
+  Recover = 0x44,
   Layout = 0x50,
   PageCrcs = 0x51,
   End = 0x7f,
@@ -47,12 +51,15 @@ export enum RecordType {
   Complete = 0x82,
   Fail = 0x83,
   Resumed = 0x84,
+  /** Postcopy recovery: the pages the destination holds, one record per region. */
+  Received = 0x85,
 }
 
 export const RECORD_NAMES: Record<number, string> = {
   1: "CAPABILITIES",
   2: "REGION",
   3: "DISCARD",
+  4: "SESSION",
   16: "PAGES",
   17: "ROUND",
   18: "SWITCHOVER",
@@ -62,6 +69,7 @@ export const RECORD_NAMES: Record<number, string> = {
   65: "POSTCOPY_RUN",
   66: "PREEMPT",
   67: "PREEMPT_END",
+  68: "RECOVER",
   80: "LAYOUT",
   81: "PAGE_CRCS",
   127: "END",
@@ -69,6 +77,7 @@ export const RECORD_NAMES: Record<number, string> = {
   130: "COMPLETE",
   131: "FAIL",
   132: "RESUMED",
+  133: "RECEIVED",
 };
 
 export function recordName(type: number): string {
@@ -85,8 +94,10 @@ export const Capability = {
   SNAPSHOT: 1 << 4,
   /** Postcopy: requested pages travel on a second connection (QEMU's postcopy-preempt). */
   PREEMPT: 1 << 5,
+  /** Postcopy: a lost connection pauses both sides until a new one resumes the migration. */
+  RECOVERY: 1 << 6,
 } as const;
-export const KNOWN_CAPABILITIES = 0x3f;
+export const KNOWN_CAPABILITIES = 0x7f;
 
 /** Per-page flag in a PAGES record. */
 export const PAGE_FLAG_ZERO = 1;
@@ -523,6 +534,26 @@ export function decodePreempt(p: PayloadReader): bigint {
   return v;
 }
 
+// ---- SESSION / RECOVER: u64 nonce
+
+export function encodeNonce(type: RecordType.Session | RecordType.Recover, nonce: bigint): Buffer {
+  const r = new RecordBuilder(type, 8);
+  r.view.setBigUint64(0, nonce, true);
+  return r.seal();
+}
+
+// ---- RECEIVED: u32 region | u32 pages | bitmap (LSB first) of the pages the destination holds
+
+export function encodeReceived(region: number, pages: number, bitmap: Uint8Array): Buffer {
+  const r = new RecordBuilder(RecordType.Received, 8 + bitmap.length);
+  r.view.setUint32(0, region, true);
+  r.view.setUint32(4, pages, true);
+  r.payload.set(bitmap, 8);
+  return r.seal();
+}
+
+export const decodeReceived = decodePostcopyAdvise;
+
 // ---- PAGE_REQUEST: u32 region | u32 page | u32 count
 
 export function encodePageRequest(region: number, page: number, count = 1): Buffer {
@@ -627,3 +658,4 @@ export function decodePageCrcs(p: PayloadReader): { region: number; crcs: Uint32
 export function pageCrc(page: Uint8Array): number {
   return crc32(page);
 }
+export const decodeNonce = decodePreempt;

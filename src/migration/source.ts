@@ -23,10 +23,12 @@ import {
   decodeComplete,
   decodeFail,
   decodePageRequest,
+  decodeReceived,
   encodeCapabilities,
   encodeDeviceState,
   encodeDigest,
   encodeDiscard,
+  encodeNonce,
   encodePages,
   encodePostcopyAdvise,
   encodePreempt,
@@ -41,6 +43,22 @@ import {
 import { copyRegionPages } from "./pages.js";
 
 const GiB = 1024 ** 3;
+
+/** `p`, or a CONNECTION_LOST when `deadline` (performance.now() time) comes first. */
+async function withDeadline<T>(p: Promise<T>, deadline: number, what: string): Promise<T> {
+  let t: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, rej) => {
+    t = setTimeout(
+      () => rej(new MigrationError("CONNECTION_LOST", `timed out waiting for ${what}`)),
+      Math.max(0, deadline - performance.now()),
+    );
+  });
+  try {
+    return await Promise.race([p, late]);
+  } finally {
+    clearTimeout(t);
+  }
+}
 
 export interface DeviceState {
   name: string;
@@ -86,6 +104,14 @@ export interface SourceOptions {
   autoConverge?: AutoConvergeOptions | false;
   hooks?: SourceHooks;
   signal?: AbortSignal;
+  /**
+   * Postcopy recovery. Once the destination runs, a lost connection cannot be undone by
+   * resuming the source (the guest has moved on there), so without this it fails both sides.
+   * With it, both sides pause (the destination's faulting threads wait) and the source calls
+   * `reconnect` until it gets a new connection to the same destination, or `timeoutMs` (default
+   * 60 s) passes; the destination then says which pages it holds and the rest are sent again.
+   */
+  postcopyRecovery?: { reconnect(): Promise<Duplex>; timeoutMs?: number };
 }
 
 export interface RunOptions {
@@ -148,18 +174,20 @@ export class MigrationSource {
       preempt.end();
       preempt = null;
     }
-    const writer = new RecordWriter(stream, {
+    let writer = new RecordWriter(stream, {
       bandwidthLimit: o.bandwidthLimit ?? 0,
       // Precopy: several 1 MiB records in flight, so the socket never waits for the next one.
       // Postcopy without a preempt channel: requested pages queue behind this, keep it short.
       highWater: postcopy && !preempt ? 256 * 1024 : 4 * 1024 * 1024,
     });
     // The preempt channel carries only requested pages; its far end never writes.
-    const preemptWriter = preempt ? new RecordWriter(preempt) : null;
+    let preemptWriter = preempt ? new RecordWriter(preempt) : null;
+    const hadPreempt = preempt !== null;
     this.#yieldEachRecord = preemptWriter !== null;
     preempt?.on("data", () => undefined);
-    const reader = new RecordReader(stream);
-    const rp = new ReturnPath(reader, this.#regions);
+    let rp = new ReturnPath(new RecordReader(stream), this.#regions);
+    const recovery = postcopy ? (o.postcopyRecovery ?? null) : null;
+    const nonce = randomBytes(8).readBigUInt64LE(0);
     const aborted = () => rp.fail(new MigrationError("ABORTED", "migration cancelled"));
     let preemptClosing = false;
     preempt?.once("close", () => {
@@ -167,6 +195,9 @@ export class MigrationSource {
     });
     o.signal?.addEventListener("abort", aborted, { once: true });
     let trackerStarted = false;
+    /** Bytes sent on connections lost before this one (postcopy recovery). */
+    let bytesBefore = 0;
+    let recoveryFailure: MigrationError | null = null;
     try {
       this.#phase("setup");
       await writer.write(encodeStreamHeader());
@@ -175,7 +206,8 @@ export class MigrationSource {
         Capability.DIGEST |
         (o.discard?.size ? Capability.DISCARD : 0) |
         (postcopy ? Capability.POSTCOPY : 0) |
-        (preempt ? Capability.PREEMPT : 0);
+        (preempt ? Capability.PREEMPT : 0) |
+        (recovery ? Capability.RECOVERY : 0);
       await writer.write(
         encodeCapabilities({
           capabilities: caps,
@@ -189,9 +221,9 @@ export class MigrationSource {
           encodeRegion({ index, guestBase: ri.region.guestBase, size: ri.region.size, pageSize: ri.region.pageSize }),
         );
       });
+      // A recovery connection names its migration by this nonce, as the preempt channel does.
+      if (recovery) writer.writeNow(encodeNonce(RecordType.Session, nonce));
       if (preemptWriter) {
-        // The destination pairs the second connection with this stream by the nonce.
-        const nonce = randomBytes(8).readBigUInt64LE(0);
         writer.writeNow(encodePreempt(nonce));
         await preemptWriter.write(encodeStreamHeader());
         await preemptWriter.write(encodePreempt(nonce));
@@ -207,6 +239,8 @@ export class MigrationSource {
       rp.start(writer);
 
       const { rounds, converged } = await this.#precopy(tracker, writer, rp);
+      let end: { digests: Uint8Array[]; complete: { ok: boolean; digests: Uint8Array[] }; verifyStart: number } | null =
+        null;
       let downtimeStart: number;
       let downtimeMs: number;
       if (!postcopy) {
@@ -238,27 +272,44 @@ export class MigrationSource {
         await rp.resumed;
         this.#destinationRunning = true;
         downtimeMs = performance.now() - downtimeStart;
-        await this.#sendBackground(todo, writer, rp);
-        if (preemptWriter && preempt) {
-          // Every page is on its way on one channel or the other. Close the preempt channel
-          // with a marker the destination waits for before END: pages it carried may still be
-          // in flight. A request that comes after this is for a page already sent: served on
-          // the main stream, ahead of END.
-          rp.servePages(writer, (i, p) => this.#pageView(i, p));
-          await preemptWriter.write(encodeRecord(RecordType.PreemptEnd));
-          const ch = preempt;
-          preemptClosing = true;
-          await new Promise<void>((r) => ch.end(r));
+        for (;;) {
+          try {
+            await this.#sendBackground(todo, writer, rp);
+            if (preemptWriter && preempt) {
+              // Every page is on its way on one channel or the other. Close the preempt channel
+              // with a marker the destination waits for before END: pages it carried may still be
+              // in flight. A request that comes after this is for a page already sent: served on
+              // the main stream, ahead of END.
+              rp.servePages(writer, (i, p) => this.#pageView(i, p));
+              await preemptWriter.write(encodeRecord(RecordType.PreemptEnd));
+              const ch = preempt;
+              preemptClosing = true;
+              await new Promise<void>((r) => ch.end(r));
+            }
+            end = await this.#verifyAndEnd(writer, rp);
+            break;
+          } catch (e) {
+            const err = rp.failure ?? asMigrationError(e);
+            if (!recovery || err.code !== "CONNECTION_LOST") throw e;
+            // Postcopy paused: nothing of the old connections is used again.
+            rp.close();
+            stream.destroy();
+            preemptClosing = true;
+            preempt?.destroy();
+            preempt = null;
+            preemptWriter = null;
+            bytesBefore += writer.bytesWritten;
+            try {
+              ({ stream, writer, rp } = await this.#recover(recovery, nonce, err));
+            } catch (re) {
+              recoveryFailure = asMigrationError(re);
+              throw re;
+            }
+          }
         }
       }
-      this.#phase("verify");
-      const verifyStart = performance.now();
-      // Writers are stopped for good: this hashes the memory itself, as it was sent, whatever
-      // dirty tracking said (a missed write is exactly what must show up here).
-      const digests = this.#regions.map((ri) => regionDigest(ri.region, ri.discard));
-      for (const [i, d] of digests.entries()) writer.writeNow(encodeDigest(i, d));
-      await writer.write(encodeRecord(RecordType.End));
-      const complete = await rp.complete;
+      if (!end) end = await this.#verifyAndEnd(writer, rp);
+      const { digests, complete, verifyStart } = end;
       const verifyMs = performance.now() - verifyStart;
       const cmp: RegionDigest[] = digests.map((d, i) => {
         const other = complete.digests[i];
@@ -277,13 +328,13 @@ export class MigrationSource {
         totalMs: performance.now() - this.#t0,
         downtimeMs,
         verifyMs,
-        bytesSent: writer.bytesWritten,
+        bytesSent: bytesBefore + writer.bytesWritten,
         pagesSent: this.#pages,
         zeroPages: this.#zero,
         converged,
         digests: cmp,
         roundStats: this.#stats,
-        ...(postcopy ? { preempt: preempt !== null } : {}),
+        ...(postcopy ? { preempt: hadPreempt } : {}),
         deviceStates: [],
       };
       await tracker.stop();
@@ -295,7 +346,7 @@ export class MigrationSource {
       // A lost connection on the send side may have a reason still in flight on the return
       // path (the destination's FAIL record): give it a moment to arrive.
       if (!rp.failure && e instanceof MigrationError && e.code === "CONNECTION_LOST") await rp.settled(200);
-      const err = rp.failure ?? asMigrationError(e);
+      const err = recoveryFailure ?? rp.failure ?? asMigrationError(e);
       // The destination never ran: the source is the VM, unchanged, and carries on.
       if (this.#writersStopped && !this.#destinationRunning) await this.#o.hooks?.resumeWriters?.();
       if (trackerStarted) await tracker.stop().catch(() => undefined);
@@ -468,6 +519,88 @@ export class MigrationSource {
     return { pages, zero };
   }
 
+  /** Digests of the frozen memory, END, and the destination's COMPLETE. */
+  async #verifyAndEnd(
+    writer: RecordWriter,
+    rp: ReturnPath,
+  ): Promise<{ digests: Uint8Array[]; complete: { ok: boolean; digests: Uint8Array[] }; verifyStart: number }> {
+    this.#phase("verify");
+    const verifyStart = performance.now();
+    // Writers are stopped for good: this hashes the memory itself, as it was sent, whatever
+    // dirty tracking said (a missed write is exactly what must show up here).
+    const digests = this.#regions.map((ri) => regionDigest(ri.region, ri.discard));
+    for (const [i, d] of digests.entries()) writer.writeNow(encodeDigest(i, d));
+    await writer.write(encodeRecord(RecordType.End));
+    const complete = await rp.complete;
+    return { digests, complete, verifyStart };
+  }
+
+  /**
+   * Postcopy recovery: calls `reconnect` until a new connection to the destination is made and
+   * the destination has said which pages it holds (RECEIVED), or the time is up. Requested pages
+   * and the background stream go on over the new connection; what the destination holds is not
+   * sent again, everything else it still needs is.
+   */
+  async #recover(
+    recovery: NonNullable<SourceOptions["postcopyRecovery"]>,
+    nonce: bigint,
+    cause: MigrationError,
+  ): Promise<{ stream: Duplex; writer: RecordWriter; rp: ReturnPath }> {
+    this.#phase("postcopy-paused");
+    const limit = recovery.timeoutMs ?? 60_000;
+    const deadline = performance.now() + limit;
+    let last: Error = cause;
+    while (performance.now() < deadline) {
+      if (this.#o.signal?.aborted) throw new MigrationError("ABORTED", "migration cancelled while postcopy was paused");
+      let s: Duplex | null = null;
+      try {
+        s = await withDeadline(recovery.reconnect(), deadline, "reconnect");
+        const w = new RecordWriter(s, { highWater: 256 * 1024 });
+        const r = new RecordReader(s);
+        await w.write(encodeStreamHeader());
+        await w.write(encodeNonce(RecordType.Recover, nonce));
+        const held: Uint8Array[] = [];
+        for (const [i, ri] of this.#regions.entries()) {
+          const rec = await withDeadline(r.next(), deadline, "the destination's RECEIVED records");
+          if (rec.type === RecordType.Fail) {
+            const f = decodeFail(rec.payload);
+            throw new MigrationError("PEER_FAILED", `destination failed: ${f.code}: ${f.message}`, undefined, {
+              peerCode: f.code,
+            });
+          }
+          if (rec.type !== RecordType.Received)
+            throw rec.payload.error(`expected RECEIVED, got ${recordName(rec.type)}`);
+          const d = decodeReceived(rec.payload);
+          if (d.region !== i || d.pages !== ri.pages)
+            throw rec.payload.error(`RECEIVED for region ${d.region} of ${d.pages} pages`);
+          held.push(d.bitmap);
+        }
+        boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
+        const rp = new ReturnPath(r, this.#regions);
+        rp.setSent(held);
+        rp.start(w);
+        rp.servePages(w, (i, p) => this.#pageView(i, p));
+        this.#phase("postcopy");
+        return { stream: s, writer: w, rp };
+      } catch (e) {
+        s?.destroy();
+        last = e as Error;
+        if (
+          e instanceof MigrationError &&
+          (e.code === "PEER_FAILED" || e.code === "BAD_RECORD" || e.code === "CORRUPT")
+        )
+          throw e;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    throw new MigrationError(
+      "CONNECTION_LOST",
+      `postcopy paused and not recovered within ${limit} ms (last: ${last.message})`,
+      undefined,
+      { cause: cause.message },
+    );
+  }
+
   /** Postcopy background: every page still to send, skipping the ones requested meanwhile. */
   async #sendBackground(todo: Uint32Array[], writer: RecordWriter, rp: ReturnPath): Promise<void> {
     const BATCH = this.#yieldEachRecord ? 16 : 64;
@@ -565,6 +698,11 @@ class ReturnPath {
       this.markSent(region, page);
       writer.writeNow(rec.record);
     };
+  }
+
+  /** Postcopy recovery: what the destination holds counts as sent. */
+  setSent(bitmaps: Uint8Array[]): void {
+    for (const [i, b] of bitmaps.entries()) (this.#sent[i] as Uint8Array).set(b);
   }
 
   markSent(i: number, p: number): void {
