@@ -17,10 +17,12 @@ export const MIGRATE_USAGE = `usage:
   vmshift migrate --to tcp:HOST:PORT|unix:PATH|fd:N [--size MiB] [--mode precopy|postcopy]
         [--rate PAGES/s] [--pattern sequential|random|hotset] [--threads N]
         [--downtime MS] [--max-rounds N] [--bandwidth MB/s] [--postcopy-after N]
-        [--no-preempt] [--json]
+        [--no-preempt] [--recovery-timeout MS] [--json]
         source: run a workload writing guest memory, migrate it while it runs
         (postcopy over tcp: or unix: opens a second connection for the pages the destination
-        faults on, the preempt channel, unless --no-preempt)
+        faults on, the preempt channel, unless --no-preempt; and if a connection is lost once
+        the destination runs, both sides pause and the source reconnects for up to
+        --recovery-timeout ms, default 60000, 0 = fail at once)
   Both sides must use the same --size. --json prints one JSON object per event on stdout.`;
 
 function memoryOf(sizeMiB: number): GuestMemory {
@@ -74,6 +76,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       bandwidth: { type: "string", default: "0" },
       "postcopy-after": { type: "string", default: "1" },
       "no-preempt": { type: "boolean", default: false },
+      "recovery-timeout": { type: "string", default: "60000" },
       json: { type: "boolean", default: false },
     },
   });
@@ -87,6 +90,8 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   const pattern = values.pattern as "sequential" | "random" | "hotset";
   if (!["sequential", "random", "hotset"].includes(pattern))
     throw new RangeError("--pattern: sequential|random|hotset");
+  const recoveryMs = Number(values["recovery-timeout"]);
+  if (!Number.isFinite(recoveryMs) || recoveryMs < 0) throw new RangeError("--recovery-timeout must be >= 0 (ms)");
   const memory = memoryOf(size);
   let workload: Workload | null = null;
   try {
@@ -103,8 +108,14 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       const l = listener;
       const dest = new MigrationDestination({
         memory,
-        // A postcopy source may open a second connection: the preempt channel.
-        ...(l ? { acceptPreempt: () => l.accept() } : {}),
+        // A postcopy source may open a second connection (the preempt channel), and after a
+        // lost connection, a new one (recovery).
+        ...(l
+          ? {
+              acceptPreempt: () => l.accept(),
+              postcopyRecovery: { accept: () => l.accept(), timeoutMs: recoveryMs || 60_000 },
+            }
+          : {}),
         hooks: {
           // The guest runs here now: a reader that touches its memory (postcopy: faults it in).
           resume: async () => {
@@ -127,6 +138,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       threads: Number(values.threads),
     });
     const to = parseEndpoint(values.to as string);
+    const canReconnect = mode === "postcopy" && to.kind !== "fd" && recoveryMs > 0;
     const stream = await connectEndpoint(to);
     const preempt =
       mode === "postcopy" && to.kind !== "fd" && !values["no-preempt"] ? await connectEndpoint(to) : undefined;
@@ -138,6 +150,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       maxRounds: Number(values["max-rounds"]),
       bandwidthLimit: Number(values.bandwidth) * 1e6,
       postcopyAfterRounds: Number(values["postcopy-after"]),
+      ...(canReconnect ? { postcopyRecovery: { reconnect: () => connectEndpoint(to), timeoutMs: recoveryMs } } : {}),
     });
     report(source.events, values.json, "source");
     await source.run(stream, { preempt });

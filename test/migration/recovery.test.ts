@@ -172,3 +172,90 @@ test("no recovery connection within the limit: both sides fail typed, no hang, t
   src.close();
   dst.close();
 });
+
+test("`vmshift migrate` postcopy through a proxy that cuts the first connection: it pauses, reconnects, completes", async () => {
+  const { spawn } = await import("node:child_process");
+  const { createServer, Socket: NetSocket } = await import("node:net");
+  const { JsonLines } = await import("./netns.js");
+  const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
+  // A free port for the destination.
+  const probe = await MigrationListener.listen({ kind: "tcp", host: "127.0.0.1", port: 0 });
+  const port = probe.endpoint.kind === "tcp" ? probe.endpoint.port : 0;
+  await probe.close();
+  // Every connection is forwarded to the destination; the first one is cut after 48 KiB (of 180-700,
+  // by how much the workload wrote: mostly zero pages, sent as flags), in the background stream.
+  let connections = 0;
+  const open = new Set<import("node:net").Socket>();
+  const proxy = createServer((c) => {
+    const n = connections++;
+    const up = new NetSocket().connect(port, "127.0.0.1");
+    for (const s of [c, up]) {
+      open.add(s);
+      s.on("error", () => undefined);
+      s.on("close", () => open.delete(s));
+    }
+    let forwarded = 0;
+    c.on("data", (d: Buffer) => {
+      if (n === 0 && forwarded + d.length >= 48 * 1024) {
+        c.destroy();
+        up.destroy();
+        return;
+      }
+      forwarded += d.length;
+      up.write(d);
+    });
+    up.on("data", (d: Buffer) => c.write(d));
+    c.on("close", () => up.destroy());
+    up.on("close", () => c.destroy());
+  });
+  await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
+  const proxyPort = (proxy.address() as { port: number }).port;
+  const dst = new JsonLines(
+    spawn(process.execPath, [cli, "migrate", "--listen", `tcp:127.0.0.1:${port}`, "--size", "32", "--json"]),
+  );
+  try {
+    const deadline = Date.now() + 10_000;
+    while (!dst.stderr.includes("listening") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    const src = new JsonLines(
+      spawn(process.execPath, [
+        cli,
+        "migrate",
+        "--to",
+        `tcp:127.0.0.1:${proxyPort}`,
+        "--size",
+        "32",
+        "--mode",
+        "postcopy",
+        "--postcopy-after",
+        "0",
+        "--no-preempt",
+        "--recovery-timeout",
+        "10000",
+        "--json",
+      ]),
+    );
+    try {
+      assert.equal(await src.exit(30_000), 0, src.tail());
+      assert.equal(await dst.exit(10_000), 0, dst.tail());
+    } finally {
+      src.child.kill("SIGKILL");
+    }
+    for (const side of [src, dst])
+      assert.ok(
+        side.events.some((e) => e.event === "phase" && e.phase === "postcopy-paused"),
+        `paused: ${side.tail()}`,
+      );
+    const rs = await src.next("complete", 1000);
+    const rd = await dst.next("complete", 1000);
+    assert.deepEqual(
+      (rs.digests as { source: string }[]).map((d) => d.source),
+      (rd.digests as { source: string }[]).map((d) => d.source),
+    );
+    assert.ok((rs.digests as { match: boolean }[]).every((d) => d.match));
+    assert.equal(connections, 2, "the first connection and the recovery one");
+  } finally {
+    dst.child.kill("SIGKILL");
+    for (const s of open) s.destroy();
+    await new Promise((r) => proxy.close(r));
+  }
+});
