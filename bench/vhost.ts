@@ -252,6 +252,9 @@ interface Samples {
 async function measure(s: Session, into: Samples): Promise<void> {
   const one = await load(s, 1);
   const many = await load(s, 32);
+  // Let both sides settle after the load (its wake-ups and collections): measured straight
+  // after it, either back-end's round trip doubles.
+  await new Promise((r) => setTimeout(r, 200));
   const ctl = await controlRoundTrips(s);
   into.qd1.push(one.rps);
   into.qd32.push(many.rps);
