@@ -323,6 +323,10 @@ export class MigrationDestination {
         if (this.#resumedWith && r.type !== RecordType.Digest && r.type !== RecordType.End)
           throw r.payload.error(`${recordName(r.type)} after SWITCHOVER`);
         switch (r.type) {
+          case RecordType.Discard:
+            // Blocks (un)plugged on the source while it runs (virtio-mem).
+            this.#applyDiscard(r);
+            break;
           case RecordType.Pages:
             this.#applyPages(r);
             // With a deep read-ahead, records are read without returning to the event loop:
@@ -579,6 +583,7 @@ export class MigrationDestination {
         },
       );
     for (const v of d.states) if (v > 1) throw r.payload.error(`bad block state ${v}`);
+    const fresh = !st.discard;
     if (!st.discard) st.discard = new DiscardMap(st.region.size, d.blockSize, true);
     if (st.discard.blockSize !== d.blockSize)
       throw new MigrationError(
@@ -587,7 +592,25 @@ export class MigrationDestination {
         r.offset,
         { region: d.region },
       );
+    // Blocks discarded since the last map: what was sent into them is gone, and they are not
+    // populated here any more (pages of a later plug arrive as dirty pages, or stay zero).
+    if (!fresh) this.#dropBlocks(st, d.blockSize, d.states);
     st.discard.applyBytes(d.states);
+  }
+
+  #dropBlocks(st: RegionState, blockSize: number, states: Uint8Array): void {
+    const map = st.discard as DiscardMap;
+    const mapping = st.region.mapping;
+    const advice = st.region.backing.kind === "anonymous" ? MADV_DONTNEED : MADV_REMOVE;
+    const per = blockSize / PAGE;
+    for (let b = 0; b < states.length; b++) {
+      if (states[b] !== 0 || !map.isPlugged(b * blockSize)) continue;
+      mapping?.advise(b * blockSize, blockSize, advice);
+      for (let p = b * per; p < (b + 1) * per; p++) {
+        clearBit(st.present, p);
+        st.hashes?.setZero(p);
+      }
+    }
   }
 
   /** Validates a whole PAGES record, then applies it. Returns its page count. */

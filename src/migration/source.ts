@@ -142,6 +142,8 @@ export class MigrationSource {
   #destinationRunning = false;
   #throttle = 0;
   #used = false;
+  /** Regions whose plug state changed since it was last sent (virtio-mem (un)plug mid-migration). */
+  readonly #plugChanged = new Set<number>();
   /** Postcopy with a preempt channel: the background loop yields after every record. */
   #yieldEachRecord = false;
 
@@ -198,6 +200,7 @@ export class MigrationSource {
     /** Bytes sent on connections lost before this one (postcopy recovery). */
     let bytesBefore = 0;
     let recoveryFailure: MigrationError | null = null;
+    const unsubscribe: (() => void)[] = [];
     try {
       this.#phase("setup");
       await writer.write(encodeStreamHeader());
@@ -228,12 +231,20 @@ export class MigrationSource {
         await preemptWriter.write(encodeStreamHeader());
         await preemptWriter.write(encodePreempt(nonce));
       }
-      // Plug state travels first: the destination must know what never to populate.
+      // Plug state travels first: the destination must know what never to populate. A change
+      // while the migration runs goes again, ahead of the next pages.
       for (const [index, ri] of this.#regions.entries())
-        if (ri.discard)
+        if (ri.discard) {
+          unsubscribe.push(
+            ri.discard.subscribe({
+              onDiscard: () => this.#plugChanged.add(index),
+              onPopulate: () => this.#plugChanged.add(index),
+            }),
+          );
           await writer.write(
             encodeDiscard({ region: index, blockSize: ri.discard.blockSize, states: ri.discard.toBytes() }),
           );
+        }
       await tracker.start();
       trackerStarted = true;
       rp.start(writer);
@@ -249,6 +260,7 @@ export class MigrationSource {
         await this.#stopWriters();
         await tracker.sync({ final: true });
         await this.#sendDirty(tracker, writer, rp);
+        this.#sendPlugChanges(writer);
         await this.#sendDeviceStates(writer);
         // The destination resumes on SWITCHOVER with the digest of what it received, known
         // from per-page hashes taken as pages arrived; the comparison comes after it runs.
@@ -263,6 +275,7 @@ export class MigrationSource {
         downtimeStart = performance.now();
         await this.#stopWriters();
         await tracker.sync({ final: true });
+        this.#sendPlugChanges(writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
         for (const [i, ri] of this.#regions.entries())
           await writer.write(encodePostcopyAdvise(i, ri.pages, bitmapFromPages(todo[i] as Uint32Array, ri.pages)));
@@ -338,6 +351,7 @@ export class MigrationSource {
         deviceStates: [],
       };
       await tracker.stop();
+      for (const u of unsubscribe) u();
       rp.close();
       stream.end();
       this.events.emit("complete", result);
@@ -350,6 +364,7 @@ export class MigrationSource {
       // The destination never ran: the source is the VM, unchanged, and carries on.
       if (this.#writersStopped && !this.#destinationRunning) await this.#o.hooks?.resumeWriters?.();
       if (trackerStarted) await tracker.stop().catch(() => undefined);
+      for (const u of unsubscribe) u();
       rp.close();
       stream.destroy();
       preemptClosing = true;
@@ -498,9 +513,15 @@ export class MigrationSource {
       const dirty = tracker.bitmap.take(i);
       // Taken after the sync: a page that is not resident now and written later is dirty again.
       const byResidency = residencyImpliesZero((this.#regions[i] as RegionInfo).region);
+      const discard = (this.#regions[i] as RegionInfo).discard;
       for (let s = 0; s < dirty.length; s += PAGES_PER_RECORD) {
         rp.check();
-        const batch = dirty.subarray(s, s + PAGES_PER_RECORD);
+        if (this.#plugChanged.size > 0) this.#sendPlugChanges(writer);
+        // Blocks discarded since the sync are not read.
+        const batch = discard
+          ? discard.filterPages(dirty.subarray(s, s + PAGES_PER_RECORD), this.#ps)
+          : dirty.subarray(s, s + PAGES_PER_RECORD);
+        if (batch.length === 0) continue;
         const rec = encodePages(
           i,
           batch,
@@ -517,6 +538,15 @@ export class MigrationSource {
     this.#pages += pages;
     this.#zero += zero;
     return { pages, zero };
+  }
+
+  /** The plug state of every region whose blocks were (un)plugged since it was last sent. */
+  #sendPlugChanges(writer: RecordWriter): void {
+    for (const i of this.#plugChanged) {
+      const d = (this.#regions[i] as RegionInfo).discard;
+      if (d) writer.writeNow(encodeDiscard({ region: i, blockSize: d.blockSize, states: d.toBytes() }));
+    }
+    this.#plugChanged.clear();
   }
 
   /** Digests of the frozen memory, END, and the destination's COMPLETE. */
