@@ -659,23 +659,76 @@ export class MigrationDestination {
 
   #placePages(st: RegionState, rec: PagesRecord): void {
     const ri = this.#regions.indexOf(st);
-    for (let k = 0; k < rec.pages.length; k++) {
-      const p = rec.pages[k] as number;
-      const at = rec.dataOffsets[k] as number;
-      if (bitmapHas(st.present, p)) continue;
-      const gpa = st.region.guestBase + p * PAGE;
-      this.#install(gpa, at < 0 ? null : rec.data.subarray(at, at + PAGE));
-      setBit(st.present, p);
-      if (at < 0) this.#zero++;
-      else this.#pages++;
-      const key = ri * 2 ** 32 + p;
-      const t = this.#pending.get(key);
-      if (t !== undefined) {
-        this.#pending.delete(key);
-        this.#latencies.push((performance.now() - t) * 1000);
+    // Only our own userfaultfd: runs of consecutive pages go in one UFFDIO_COPY / ZEROPAGE.
+    if (this.#domains.length === 1) this.#placeRuns(st, ri, rec, this.#domains[0] as FaultDomain);
+    else
+      for (let k = 0; k < rec.pages.length; k++) {
+        const p = rec.pages[k] as number;
+        const at = rec.dataOffsets[k] as number;
+        if (bitmapHas(st.present, p)) continue;
+        this.#install(st.region.guestBase + p * PAGE, at < 0 ? null : rec.data.subarray(at, at + PAGE));
+        this.#placed(st, ri, p, at < 0);
       }
-    }
     this.#maybeEmitFaults();
+  }
+
+  /** Bookkeeping for a page just placed: present, counters, the latency of a request for it. */
+  #placed(st: RegionState, ri: number, p: number, zero: boolean): void {
+    setBit(st.present, p);
+    if (zero) this.#zero++;
+    else this.#pages++;
+    const key = ri * 2 ** 32 + p;
+    const t = this.#pending.get(key);
+    if (t !== undefined) {
+      this.#pending.delete(key);
+      this.#latencies.push((performance.now() - t) * 1000);
+    }
+  }
+
+  #placeRuns(st: RegionState, ri: number, rec: PagesRecord, d: FaultDomain): void {
+    const pages = rec.pages;
+    const offs = rec.dataOffsets;
+    const n = pages.length;
+    const base = hostOf(d, st.region.guestBase) as bigint;
+    let k = 0;
+    while (k < n) {
+      const p = pages[k] as number;
+      const at = offs[k] as number;
+      if (bitmapHas(st.present, p)) {
+        k++;
+        continue;
+      }
+      // A run: consecutive pages, all zero or all full with their data back to back.
+      const zero = at < 0;
+      let e = k + 1;
+      while (e < n) {
+        const q = pages[e] as number;
+        const qa = offs[e] as number;
+        if (q !== p + (e - k) || bitmapHas(st.present, q) || (zero ? qa >= 0 : qa !== at + (e - k) * PAGE)) break;
+        e++;
+      }
+      const len = (e - k) * PAGE;
+      const host = base + BigInt(p * PAGE);
+      let off = 0;
+      while (off < len) {
+        const done = zero
+          ? d.uffd.zeropageRun(host + BigInt(off), len - off)
+          : d.uffd.copyRun(host + BigInt(off), rec.data.subarray(at + off, at + len));
+        if (done > 0) {
+          off += done;
+          continue;
+        }
+        // Already there (a fault raced us, or placed before): never overwritten, only woken.
+        d.uffd.wake(host + BigInt(off), PAGE);
+        off += PAGE;
+      }
+      for (let j = k; j < e; j++) {
+        const pj = p + (j - k);
+        d.waiting.delete(st.region.guestBase + pj * PAGE);
+        this.#placed(st, ri, pj, zero);
+      }
+      k = e;
+    }
   }
 
   /**

@@ -157,6 +157,42 @@ export class Userfaultfd implements Disposable {
     return true;
   }
 
+  /**
+   * UFFDIO_COPY of a run of pages: returns the bytes placed from the start of the run. Less than
+   * the whole run when a page of it is already there: the kernel stops before it (0 when it is
+   * the first page; the caller wakes that one and goes on after it). Placed pages are woken.
+   */
+  copyRun(dst: bigint, src: ArrayBufferView): number {
+    const a = this.#args;
+    a[0] = dst;
+    a[1] = native.addressOf(src);
+    a[2] = BigInt(src.byteLength);
+    a[3] = 0n;
+    a[4] = 0n;
+    const r = native.ioctl(this.fd.fd, UFFDIO_COPY, a);
+    if (r === 0) return src.byteLength;
+    if (r === -EEXIST) return 0;
+    // A partial copy: EAGAIN, with the bytes placed in `copy`.
+    if (r === -EAGAIN && (a[4] as bigint) > 0n) return Number(a[4] as bigint);
+    check(r, "ioctl", "UFFDIO_COPY");
+    return 0;
+  }
+
+  /** UFFDIO_ZEROPAGE of a run: the bytes mapped from its start, as copyRun. */
+  zeropageRun(start: bigint, len: number): number {
+    const a = this.#args;
+    a[0] = start;
+    a[1] = BigInt(len);
+    a[2] = 0n;
+    a[3] = 0n;
+    const r = native.ioctl(this.fd.fd, UFFDIO_ZEROPAGE, a.subarray(0, 4));
+    if (r === 0) return len;
+    if (r === -EEXIST) return 0;
+    if (r === -EAGAIN && (a[3] as bigint) > 0n) return Number(a[3] as bigint);
+    check(r, "ioctl", "UFFDIO_ZEROPAGE");
+    return 0;
+  }
+
   /** Maps zero pages at [start, start+len); false when already populated. */
   zeropage(start: bigint, len: number, mode = 0n): boolean {
     const a = this.#args;

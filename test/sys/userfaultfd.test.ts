@@ -78,6 +78,36 @@ test("MISSING: a worker blocks on a missing page, main places it with copy(); EE
   m.close();
 });
 
+test("copyRun / zeropageRun: a run stops before a page already there; the caller goes on after it", (t) => {
+  const uffd = createOrSkip(t);
+  if (!uffd) return;
+  const m = Mapping.anonymous(8 * PAGE);
+  const base = m.address;
+  uffd.register(base, 8 * PAGE, UFFDIO_REGISTER_MODE_MISSING);
+  const at = (p: number) => base + BigInt(p * PAGE);
+  // Page 2 is there already.
+  assert.equal(uffd.copy(at(2), new Uint8Array(PAGE).fill(2)), true);
+  const src = new Uint8Array(5 * PAGE);
+  for (let p = 0; p < 5; p++) src.fill(10 + p, p * PAGE, (p + 1) * PAGE);
+  assert.equal(uffd.copyRun(at(0), src), 2 * PAGE, "pages 0 and 1, then it stops before page 2");
+  assert.equal(uffd.copyRun(at(2), src.subarray(2 * PAGE)), 0, "page 2 is there: nothing placed");
+  assert.equal(uffd.copyRun(at(3), src.subarray(3 * PAGE)), 2 * PAGE, "pages 3 and 4");
+  const v = new Uint8Array(m.windows[0] as SharedArrayBuffer);
+  assert.deepEqual(
+    [0, 1, 2, 3, 4].map((p) => v[p * PAGE + 7]),
+    [10, 11, 2, 13, 14],
+    "page 2 not overwritten",
+  );
+  // Zero pages the same way: page 6 is there.
+  assert.equal(uffd.copy(at(6), new Uint8Array(PAGE).fill(6)), true);
+  assert.equal(uffd.zeropageRun(at(5), 3 * PAGE), PAGE, "page 5, then it stops before page 6");
+  assert.equal(uffd.zeropageRun(at(6), 2 * PAGE), 0);
+  assert.equal(uffd.zeropageRun(at(7), PAGE), PAGE);
+  assert.deepEqual([v[5 * PAGE], v[6 * PAGE], v[7 * PAGE]], [0, 6, 0]);
+  uffd.close();
+  m.close();
+});
+
 test("WP: a write to a write-protected page faults with FLAG_WP; writeProtect(false) releases it", async (t) => {
   const uffd = createOrSkip(t);
   if (!uffd) return;
