@@ -135,3 +135,69 @@ test("ring-with-bitmap is detected and, on x86, reported as not offered", async 
     await rig.close();
   }
 });
+
+for (const kind of ["bitmap", "ring"] as const) {
+  test(`${kind}, two vCPUs in their own threads writing disjoint ranges: syncs mid-run and a final one see exactly both`, async (t) => {
+    if (skipWithoutKvm(t)) return;
+    const { Kvm } = await import("../../src/kvm/kvm.js");
+    const { GuestMemory } = await import("../../src/memory/guest-memory.js");
+    const { GuestMemoryRegion } = await import("../../src/memory/region.js");
+    const { dirtierRegs, longModeSregs, writeLongModeGuest } = await import("../../src/kvm/guest.js");
+    const size = 64 * MiB;
+    const kvm = Kvm.open();
+    const vm = kvm.createVm();
+    const memory = new GuestMemory([GuestMemoryRegion.anonymous(0, size)]);
+    const ranges: DirtierOptions[] = [
+      { start: DIRTY_BASE, end: 32 * MiB, writesPerReport: 8 },
+      { start: 32 * MiB, end: 64 * MiB, writesPerReport: 8 },
+    ];
+    try {
+      writeLongModeGuest(memory, size);
+      vm.setMemory(memory);
+      // Rings are per vCPU: each one's entries are harvested into the same bitmap.
+      if (kind === "ring") vm.enableDirtyRing(4096);
+      const vcpus = ranges.map((o, id) => {
+        const v = vm.createVcpu(id);
+        v.setSregs(longModeSregs(v.getSregs()));
+        v.setRegs(dirtierRegs(v.getRegs(), o));
+        return v;
+      });
+      await vm.startVcpus();
+      const source: DirtySource =
+        kind === "ring" ? new KvmDirtyRingSource(vm) : new KvmDirtyBitmapSource(vm, { manualProtect: true });
+      await source.start();
+      const union = new Set<number>();
+      const sync = async (final = false) => {
+        const sink = new DirtyBitmap(memory);
+        await source.sync(sink, { final });
+        for (const p of sink.take(0)) union.add(p);
+      };
+      for (const v of vcpus) {
+        v.throttle(50);
+        v.run();
+      }
+      for (let i = 0; i < 4; i++) {
+        await new Promise((r) => setTimeout(r, 15));
+        await sync();
+      }
+      await Promise.all(vcpus.map((v) => v.pause()));
+      await sync(true);
+      await source.stop();
+      const want = new Set<number>();
+      vcpus.forEach((v, i) => {
+        const writes = Number(v.getRegs().r10);
+        assert.ok(writes > 0, `vCPU ${i} ran`);
+        for (const p of pagesOfWrites(ranges[i] as DirtierOptions, 0, writes)) want.add(p);
+      });
+      t.diagnostic(`${want.size} pages written by two vCPUs`);
+      assert.deepEqual(
+        [...union].sort((a, b) => a - b),
+        [...want].sort((a, b) => a - b),
+      );
+    } finally {
+      await vm.close();
+      kvm.close();
+      memory.close();
+    }
+  });
+}
