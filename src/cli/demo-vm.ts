@@ -1,5 +1,5 @@
 /**
- * `vmshift demo`: boots a micro-VM (KVM, one vCPU running the long-mode dirtying program) and
+ * `vmshift demo`: boots a micro-VM (KVM, vCPUs running the long-mode dirtying program) and
  * live-migrates it, while it runs, to a second process (`vmshift demo-destination`, spawned
  * here) over a unix socket: precopy rounds with KVM dirty tracking (bitmap or rings), stop,
  * the vCPU state as a device-state record, the VM rebuilt and resumed over the received
@@ -31,6 +31,8 @@ const MiB = 1024 * 1024;
 
 export interface VmDemoOptions {
   sizeMiB: number;
+  /** vCPUs of the micro-VM, each dirtying its own share of memory (default 1). */
+  vcpus?: number;
   /** Guest dirty rate limit, MiB/s (0: as fast as the guest goes). */
   dirtyRateMiB: number;
   mode: "precopy" | "postcopy";
@@ -49,10 +51,14 @@ export interface VmDemoOptions {
 }
 
 export interface CounterReport {
+  /** vCPU 0's last report on the source and first on the destination. */
   sourceLast: number;
   destinationFirst: number;
+  /** Every vCPU's counter continued exactly (first report there = last here + 1). */
   continued: boolean;
   destinationAfter: number | null;
+  /** Per vCPU: [last on the source, first on the destination]. */
+  vcpus: [number, number][];
 }
 
 export interface VmDemoResult {
@@ -174,14 +180,18 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     if (kvm) {
       // A pattern over the whole guest first: no page is zero, so every page really travels.
       memory.fill(DIRTY_BASE, memory.size - DIRTY_BASE, 0xa5);
-      vm = await MicroVm.create({ memory, dirtyTracking: o.dirtyTracking, boot: { writesPerReport: 64 } });
+      vm = await MicroVm.create({
+        memory,
+        dirtyTracking: o.dirtyTracking,
+        boot: { writesPerReport: 64, vcpus: o.vcpus ?? 1 },
+      });
       vm.setDirtyRate((o.dirtyRateMiB * MiB) / 4096);
       vm.run();
       await vm.vcpu.waitForProgress(10, 10_000);
       say(
-        `guest: micro-VM (KVM, 1 vCPU, long mode) with ${o.sizeMiB} MiB, dirtying ` +
+        `guest: micro-VM (KVM, ${vm.vcpus.length} vCPU${vm.vcpus.length > 1 ? "s, each in its own thread over its own share of memory" : ""}, long mode) with ${o.sizeMiB} MiB, dirtying ` +
           `${o.dirtyRateMiB > 0 ? `up to ${o.dirtyRateMiB} MiB/s` : "as fast as it can"}; ` +
-          `dirty tracking: KVM ${o.dirtyTracking === "ring" ? "dirty ring" : "dirty bitmap"}`,
+          `dirty tracking: KVM ${o.dirtyTracking === "ring" ? "dirty rings (one per vCPU)" : "dirty bitmap"}`,
       );
     } else {
       workload = await Workload.start({
@@ -293,14 +303,21 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       stoppedAt: number;
       firstReport: number;
       continued: boolean;
+      vcpus: { stoppedAt: number; firstReport: number }[];
     } | null;
+    const sourceAll = vmSource?.stoppedAtAll ?? [];
     const counter: CounterReport | null =
       kvm && c
         ? {
             sourceLast: vmSource?.stoppedAt ?? -1,
             destinationFirst: c.firstReport,
-            continued: c.continued && c.stoppedAt === vmSource?.stoppedAt,
+            // Every vCPU: the state that travelled is the one the source stopped with.
+            continued:
+              c.continued &&
+              c.vcpus.length === sourceAll.length &&
+              c.vcpus.every((v, i) => v.stoppedAt === sourceAll[i]),
             destinationAfter: (done.progressAfter as number | null) ?? null,
+            vcpus: c.vcpus.map((v, i) => [sourceAll[i] ?? -1, v.firstReport]),
           }
         : null;
     const digestsEqual = result.digests.length > 0 && result.digests.every((d) => d.match);
@@ -353,9 +370,10 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       say(digestsEqual ? "memory digests equal" : "MEMORY DIGESTS DIFFER");
       if (counter)
         say(
-          `guest counter: last report on the source ${counter.sourceLast}, first on the destination ` +
-            `${counter.destinationFirst}${counter.continued ? " (continues, no gap)" : " (GAP OR REPEAT)"}` +
-            `${counter.destinationAfter !== null ? `, then ran on to ${counter.destinationAfter}` : ""}`,
+          `guest counter${counter.vcpus.length > 1 ? "s" : ""}: last report on the source ` +
+            `${counter.vcpus.map(([a]) => a).join("/")}, first on the destination ` +
+            `${counter.vcpus.map(([, b]) => b).join("/")}${counter.continued ? " (continue, no gap)" : " (GAP OR REPEAT)"}` +
+            `${counter.destinationAfter !== null ? `, then vCPU 0 ran on to ${counter.destinationAfter}` : ""}`,
         );
       else say("guest counter: n/a (no KVM: a worker-thread workload has no vCPU to continue)");
       say(verified ? "verified" : "NOT VERIFIED");

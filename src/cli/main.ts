@@ -14,7 +14,7 @@ import { SNAPSHOT_USAGE, snapshotCommand } from "./snapshot.js";
 const USAGE = `usage: vmshift <command> [options]
 
 commands:
-  demo [--size MiB] [--dirty-rate MiB/s] [--mode precopy|postcopy] [--dirty-tracking bitmap|ring] [--json]
+  demo [--size MiB] [--vcpus N] [--dirty-rate MiB/s] [--mode precopy|postcopy] [--dirty-tracking bitmap|ring] [--json]
         boot a micro-VM (KVM) and live-migrate it while it runs to a second process; checks
         memory digests and that the guest's counter continues there (no KVM: a worker-thread
         workload's memory, and it says so)
@@ -43,6 +43,7 @@ const commands: Record<string, Command> = {
         "dirty-rate": { type: "string", default: "64" },
         mode: { type: "string", default: "precopy" },
         "dirty-tracking": { type: "string", default: "bitmap" },
+        vcpus: { type: "string", default: "2" },
         "memory-only": { type: "boolean", default: false },
         rounds: { type: "string", default: "10" },
         json: { type: "boolean", default: false },
@@ -66,10 +67,13 @@ const commands: Record<string, Command> = {
     const dirtyTracking = values["dirty-tracking"];
     if (dirtyTracking !== "bitmap" && dirtyTracking !== "ring")
       throw new UsageError("--dirty-tracking must be bitmap or ring");
+    const vcpus = Number(values.vcpus);
+    if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 8) throw new UsageError("--vcpus must be 1..8");
     const tty = !json && process.stdout.isTTY === true;
     try {
       const r = await runVmDemo({
         sizeMiB,
+        vcpus,
         dirtyRateMiB,
         mode,
         dirtyTracking,

@@ -1,5 +1,6 @@
 /**
- * A micro-VM: one vCPU running the long-mode dirtying program (guest.ts) over a GuestMemory,
+ * A micro-VM: one or more vCPUs (each in its own thread) running the long-mode dirtying program
+ * (guest.ts) over a GuestMemory, each over its own share of the dirtiable range,
  * with KVM dirty tracking (bitmap or rings) as a DirtySource. It is what a migration moves:
  * memory plus `VcpuState`, which `encodeVcpuState()` turns into a device-state blob (the raw
  * kvm_sregs and kvm_regs structs, as KVM hands them out) and `decodeVcpuState()` checks.
@@ -67,20 +68,24 @@ export interface MicroVmOptions {
    * also serves kernel-mode faults). Default: each region's hostAddress.
    */
   slotHostAddresses?: readonly bigint[];
-  /** Boot: write page tables and code, start the dirtying program with these options. */
-  boot?: Partial<DirtierOptions>;
-  /** Restore: the memory already holds the guest; continue from this state. */
-  restore?: VcpuState;
+  /**
+   * Boot: write page tables and code, start the dirtying program with these options. With
+   * `vcpus` > 1 (default 1) the range [start, end) is split into that many equal parts, one per
+   * vCPU, so each vCPU's writes depend only on its own registers.
+   */
+  boot?: Partial<DirtierOptions> & { vcpus?: number };
+  /** Restore: the memory already holds the guest; continue each vCPU from its state. */
+  restore?: VcpuState | readonly VcpuState[];
 }
 
 /**
- * One VM, one vCPU thread, the dirtying program. Created parked: call run().
- * close() stops the thread, closes the VM and /dev/kvm; the memory stays the caller's.
+ * One VM, a thread per vCPU, the dirtying program. Created parked: call run().
+ * close() stops the threads, closes the VM and /dev/kvm; the memory stays the caller's.
  */
 export class MicroVm implements AsyncDisposable {
   readonly kvm: Kvm;
   readonly vm: Vm;
-  readonly vcpu: Vcpu;
+  readonly vcpus: readonly Vcpu[];
   readonly dirtyTracking: DirtyTracking | "none";
   /** Writes between two progress reports (each write dirties one page). */
   readonly writesPerReport: number;
@@ -88,10 +93,16 @@ export class MicroVm implements AsyncDisposable {
   #baseThrottleUs = 0;
   #closed = false;
 
-  private constructor(kvm: Kvm, vm: Vm, vcpu: Vcpu, tracking: DirtyTracking | "none", writesPerReport: number) {
+  private constructor(
+    kvm: Kvm,
+    vm: Vm,
+    vcpus: readonly Vcpu[],
+    tracking: DirtyTracking | "none",
+    writesPerReport: number,
+  ) {
     this.kvm = kvm;
     this.vm = vm;
-    this.vcpu = vcpu;
+    this.vcpus = vcpus;
     this.dirtyTracking = tracking;
     this.writesPerReport = writesPerReport;
   }
@@ -115,29 +126,45 @@ export class MicroVm implements AsyncDisposable {
         });
       });
       if (o.dirtyTracking === "ring") vm.enableDirtyRing(o.ringEntries ?? 16384);
-      const vcpu = vm.createVcpu(0);
+      const vcpus: Vcpu[] = [];
       let writesPerReport: number;
       if (o.boot) {
         const regions = o.memory.regions;
         const last = regions[regions.length - 1];
         const end = o.boot.end ?? (last ? last.guestBase + last.size : 0);
-        const dirtier: DirtierOptions = {
-          start: o.boot.start ?? DIRTY_BASE,
-          end,
-          stride: o.boot.stride ?? 4096,
-          writesPerReport: o.boot.writesPerReport ?? 64,
-          reports: o.boot.reports ?? 0,
-        };
-        vcpu.setSregs(longModeSregs(vcpu.getSregs()));
-        vcpu.setRegs(dirtierRegs(vcpu.getRegs(), dirtier));
-        writesPerReport = dirtier.writesPerReport as number;
+        const start = o.boot.start ?? DIRTY_BASE;
+        const stride = o.boot.stride ?? 4096;
+        const n = o.boot.vcpus ?? 1;
+        if (!Number.isInteger(n) || n < 1 || n > 64) throw new KvmError("BAD_STATE", `vcpus ${n}: 1..64`, { vcpus: n });
+        // Equal parts, each a whole number of strides.
+        const share = Math.floor((end - start) / n / stride) * stride;
+        if (share < stride) throw new KvmError("BAD_STATE", `range too small for ${n} vCPUs`, { vcpus: n });
+        writesPerReport = o.boot.writesPerReport ?? 64;
+        for (let i = 0; i < n; i++) {
+          const dirtier: DirtierOptions = {
+            start: start + i * share,
+            end: i === n - 1 ? end : start + (i + 1) * share,
+            stride,
+            writesPerReport,
+            reports: o.boot.reports ?? 0,
+          };
+          const vcpu = vm.createVcpu(i);
+          vcpu.setSregs(longModeSregs(vcpu.getSregs()));
+          vcpu.setRegs(dirtierRegs(vcpu.getRegs(), dirtier));
+          vcpus.push(vcpu);
+        }
       } else {
-        const state = o.restore as VcpuState;
-        vcpu.setState(state);
-        writesPerReport = Number(state.regs.rbx);
+        const states = Array.isArray(o.restore) ? (o.restore as readonly VcpuState[]) : [o.restore as VcpuState];
+        if (states.length === 0) throw new KvmError("BAD_STATE", "restore: no vCPU state", {});
+        for (const [i, state] of states.entries()) {
+          const vcpu = vm.createVcpu(i);
+          vcpu.setState(state);
+          vcpus.push(vcpu);
+        }
+        writesPerReport = Number((states[0] as VcpuState).regs.rbx);
       }
       await vm.startVcpus();
-      return new MicroVm(kvm, vm, vcpu, o.dirtyTracking, writesPerReport);
+      return new MicroVm(kvm, vm, vcpus, o.dirtyTracking, writesPerReport);
     } catch (e) {
       await vm?.close().catch(() => undefined);
       kvm.close();
@@ -157,16 +184,21 @@ export class MicroVm implements AsyncDisposable {
     return this.#source;
   }
 
-  run(): void {
-    this.vcpu.run();
+  /** The first vCPU (the only one unless booted with `vcpus`). */
+  get vcpu(): Vcpu {
+    return this.vcpus[0] as Vcpu;
   }
 
-  /** Parks the vCPU (its pending OUT completed); rejects after timeoutMs. */
+  run(): void {
+    for (const v of this.vcpus) v.run();
+  }
+
+  /** Parks every vCPU (each one's pending OUT completed); rejects after timeoutMs. */
   async pause(timeoutMs = 5000): Promise<PauseInfo> {
     let timer: NodeJS.Timeout | undefined;
     try {
       return await Promise.race([
-        this.vcpu.pause(),
+        Promise.all(this.vcpus.map((v) => v.pause())).then((p) => p[0] as PauseInfo),
         new Promise<never>((_, rej) => {
           timer = setTimeout(
             () => rej(new KvmError("TIMEOUT", `vCPU did not park within ${timeoutMs} ms`, { timeoutMs })),
@@ -184,19 +216,26 @@ export class MicroVm implements AsyncDisposable {
    * each report. Only an upper bound: each first write to a protected page costs a fault.
    */
   setDirtyRate(pagesPerSecond: number): void {
-    this.#baseThrottleUs = pagesPerSecond > 0 ? (this.writesPerReport * 1e6) / pagesPerSecond : 0;
-    this.vcpu.throttle(this.#baseThrottleUs);
+    // The rate is the VM's: each vCPU gets its share.
+    const perVcpu = pagesPerSecond / this.vcpus.length;
+    this.#baseThrottleUs = perVcpu > 0 ? (this.writesPerReport * 1e6) / perVcpu : 0;
+    for (const v of this.vcpus) v.throttle(this.#baseThrottleUs);
   }
 
   /** Auto-converge: level 0 restores the set rate; each level halves it again. */
   throttle(level: number): void {
     const base = this.#baseThrottleUs || this.writesPerReport * 5;
-    this.vcpu.throttle(level <= 0 ? this.#baseThrottleUs : base * 2 ** level);
+    for (const v of this.vcpus) v.throttle(level <= 0 ? this.#baseThrottleUs : base * 2 ** level);
   }
 
-  /** The last report the guest made (its counter). */
+  /** The last report the first vCPU made (its counter). */
   get progress(): number {
     return this.vcpu.progress;
+  }
+
+  /** Each vCPU's last report. */
+  get progressAll(): number[] {
+    return this.vcpus.map((v) => v.progress);
   }
 
   async close(): Promise<void> {

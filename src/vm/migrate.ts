@@ -31,6 +31,8 @@ import { UFFDIO_REGISTER_MODE_MISSING, Userfaultfd } from "../sys/userfaultfd.js
 
 /** The device-state record that carries the vCPU. */
 export const VCPU_DEVICE_STATE = "kvm-vcpu0";
+/** The device-state record of vCPU `i` (vCPU 0's is VCPU_DEVICE_STATE). */
+export const vcpuDeviceState = (i: number) => `kvm-vcpu${i}`;
 
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -46,8 +48,10 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
 export class VmSource {
   readonly vm: MicroVm;
   readonly mode: "precopy" | "postcopy";
-  /** The guest's last report when it stopped for switchover (null while running). */
+  /** The guest's last report when it stopped for switchover (vCPU 0; null while running). */
   stoppedAt: number | null = null;
+  /** Every vCPU's last report at the stop. */
+  stoppedAtAll: number[] | null = null;
   readonly #timeoutMs: number;
 
   constructor(vm: MicroVm, mode: "precopy" | "postcopy", timeoutMs = 5000) {
@@ -60,11 +64,13 @@ export class VmSource {
     return {
       stopWriters: async () => {
         await this.vm.pause(this.#timeoutMs);
-        this.stoppedAt = this.vm.progress;
+        this.stoppedAtAll = this.vm.progressAll;
+        this.stoppedAt = this.stoppedAtAll[0] ?? null;
       },
       resumeWriters: () => {
         this.stoppedAt = null;
-        this.vm.vcpu.stopAtProgress(0);
+        this.stoppedAtAll = null;
+        for (const v of this.vm.vcpus) v.stopAtProgress(0);
         this.vm.run();
       },
       throttle: (level) => this.vm.throttle(level),
@@ -73,19 +79,36 @@ export class VmSource {
   }
 
   async #save(): Promise<DeviceState[]> {
-    const state = this.vm.vcpu.getState();
-    const k = this.stoppedAt;
-    if (k === null || state.regs.r15 !== BigInt(k))
-      throw new MigrationError("UNSUPPORTED", `vCPU counter ${state.regs.r15} is not the last report ${k}`);
-    const blob = encodeVcpuState(state);
-    if (this.mode === "postcopy") {
-      // Replay S_k -> report k+1 here too (see the module comment); S_k is what travels.
-      this.vm.vcpu.stopAtProgress(k + 1);
-      const p = await withTimeout(this.vm.vcpu.runUntilPause(), this.#timeoutMs, "source replay to k+1");
-      if (p.reason !== "stop-at" || this.vm.progress !== k + 1)
-        throw new MigrationError("UNSUPPORTED", `source replay stopped at ${this.vm.progress} (${p.reason})`);
+    const ks = this.stoppedAtAll;
+    const out: DeviceState[] = [];
+    for (const [i, v] of this.vm.vcpus.entries()) {
+      const state = v.getState();
+      const k = ks?.[i];
+      if (k === undefined || state.regs.r15 !== BigInt(k))
+        throw new MigrationError("UNSUPPORTED", `vCPU ${i} counter ${state.regs.r15} is not its last report ${k}`);
+      out.push({ name: vcpuDeviceState(i), blob: encodeVcpuState(state) });
     }
-    return [{ name: VCPU_DEVICE_STATE, blob }];
+    if (this.mode === "postcopy") {
+      // Replay S_k -> report k+1 here too (see the module comment); S_k is what travels. Each
+      // vCPU writes only its own range, so each replays on its own.
+      const vcpus = this.vm.vcpus;
+      const done = await withTimeout(
+        Promise.all(
+          vcpus.map((v, i) => {
+            v.stopAtProgress((ks?.[i] as number) + 1);
+            return v.runUntilPause();
+          }),
+        ),
+        this.#timeoutMs,
+        "source replay to k+1",
+      );
+      done.forEach((p, i) => {
+        const at = (vcpus[i] as (typeof vcpus)[number]).progress;
+        if (p.reason !== "stop-at" || at !== (ks?.[i] as number) + 1)
+          throw new MigrationError("UNSUPPORTED", `source replay of vCPU ${i} stopped at ${at} (${p.reason})`);
+      });
+    }
+    return out;
   }
 }
 
@@ -96,10 +119,12 @@ export interface Continuity {
   firstReport: number;
   /** Reports seen here when it parked at the first one (1: no gap, no repeat). */
   reports: number;
-  /** firstReport === stoppedAt + 1 and reports === 1. */
+  /** firstReport === stoppedAt + 1 and reports === 1 (for every vCPU). */
   continued: boolean;
   /** ms from resume() to the first report here. */
   firstReportMs: number;
+  /** The same for each vCPU (the fields above are vCPU 0's, `continued` all of them). */
+  vcpus: { stoppedAt: number; firstReport: number; reports: number; continued: boolean }[];
 }
 
 export interface VmDestinationOptions {
@@ -115,7 +140,7 @@ export interface VmDestinationOptions {
  */
 export class VmDestination {
   readonly #o: VmDestinationOptions;
-  #state: VcpuState | null = null;
+  readonly #states: VcpuState[] = [];
   vm: MicroVm | null = null;
   #dest: MigrationDestination | null = null;
   #uffd: Userfaultfd | null = null;
@@ -135,8 +160,9 @@ export class VmDestination {
   hooks(): DestinationHooks {
     return {
       loadDeviceState: (s) => {
-        if (s.name !== VCPU_DEVICE_STATE) throw new MigrationError("UNSUPPORTED", `unknown device state ${s.name}`);
-        this.#state = decodeVcpuState(s.blob);
+        const m = /^kvm-vcpu(\d{1,2})$/.exec(s.name);
+        if (!m) throw new MigrationError("UNSUPPORTED", `unknown device state ${s.name}`);
+        this.#states[Number(m[1])] = decodeVcpuState(s.blob);
       },
       resume: async () => {
         await this.#resume();
@@ -151,33 +177,48 @@ export class VmDestination {
   }
 
   async #resume(): Promise<void> {
-    const state = this.#state;
-    if (!state) throw new MigrationError("UNSUPPORTED", "resume without a vCPU state");
+    const states = this.#states;
+    if (states.length === 0) throw new MigrationError("UNSUPPORTED", "resume without a vCPU state");
+    for (let i = 0; i < states.length; i++)
+      if (!states[i]) throw new MigrationError("UNSUPPORTED", `no state for vCPU ${i} of ${states.length}`);
     const memory = this.#o.memory;
     let slotHostAddresses: bigint[] | undefined;
     if (this.#o.mode === "postcopy") slotHostAddresses = this.#faultingMappings();
     this.vm = await MicroVm.create({
       memory,
       dirtyTracking: "none",
-      restore: state,
+      restore: states,
       ...(slotHostAddresses ? { slotHostAddresses } : {}),
     });
-    const k = Number(state.regs.r15);
-    this.vm.vcpu.stopAtProgress(k + 1);
+    const ks = states.map((st) => Number(st.regs.r15));
+    const vcpus = this.vm.vcpus;
     const t0 = performance.now();
-    const vcpu = this.vm.vcpu;
+    const firsts = vcpus.map((v, i) => {
+      v.stopAtProgress((ks[i] as number) + 1);
+      return v.runUntilPause();
+    });
     this.#first = withTimeout(
-      vcpu.runUntilPause(),
+      Promise.all(firsts),
       this.#o.timeoutMs ?? 10_000,
       "destination guest's first report",
-    ).then((p) => {
-      if (p.error) throw p.error;
+    ).then((ps) => {
+      const per = ps.map((p, i) => {
+        if (p.error) throw p.error;
+        const v = vcpus[i] as (typeof vcpus)[number];
+        const k = ks[i] as number;
+        return {
+          stoppedAt: k,
+          firstReport: v.progress,
+          reports: v.reports,
+          continued: p.reason === "stop-at" && v.progress === k + 1 && v.reports === 1,
+        };
+      });
+      const first = per[0] as (typeof per)[number];
       const c: Continuity = {
-        stoppedAt: k,
-        firstReport: vcpu.progress,
-        reports: vcpu.reports,
-        continued: p.reason === "stop-at" && vcpu.progress === k + 1 && vcpu.reports === 1,
+        ...first,
+        continued: per.every((x) => x.continued),
         firstReportMs: performance.now() - t0,
+        vcpus: per,
       };
       this.continuity = c;
       return c;
@@ -222,7 +263,7 @@ export class VmDestination {
   async keepRunning(more: number, timeoutMs = 10_000): Promise<number> {
     const vm = this.vm;
     if (!vm) throw new MigrationError("UNSUPPORTED", "no VM here");
-    vm.vcpu.stopAtProgress(0);
+    for (const v of vm.vcpus) v.stopAtProgress(0);
     vm.run();
     return vm.vcpu.waitForProgress(vm.progress + more, timeoutMs);
   }

@@ -1,8 +1,9 @@
 /**
  * Live migration of a running micro-VM between two processes: this test process is the
  * source (the VM runs here), `vmshift demo-destination` is spawned as the destination. Every
- * combination of precopy/postcopy and bitmap/ring tracking: the memory digests match and the
- * guest's first report on the destination is exactly the source's last + 1.
+ * combination of precopy/postcopy and bitmap/ring tracking (1 vCPU with the bitmap, 2 with rings:
+ * one ring per vCPU): the memory digests match and each vCPU's first report on the destination is
+ * exactly its last on the source + 1.
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -30,12 +31,14 @@ function summary(r: VmDemoResult): string {
 
 for (const mode of ["precopy", "postcopy"] as const) {
   for (const dirtyTracking of ["bitmap", "ring"] as const) {
-    test(`${mode} with KVM ${dirtyTracking} tracking: a running micro-VM moves to another process, digests equal, counter continues`, async (t) => {
+    const vcpus = dirtyTracking === "ring" ? 2 : 1;
+    test(`${mode} with KVM ${dirtyTracking} tracking, ${vcpus} vCPU(s): a running micro-VM moves to another process, digests equal, counters continue`, async (t) => {
       if (skipWithoutKvm(t)) return;
       const fds = countFds();
       const lines: string[] = [];
       const r = await runVmDemo({
         sizeMiB: 32,
+        vcpus,
         dirtyRateMiB: 32,
         mode,
         dirtyTracking,
@@ -52,6 +55,9 @@ for (const mode of ["precopy", "postcopy"] as const) {
       assert.ok(r.counter.sourceLast > 0, "the guest ran on the source");
       assert.equal(r.counter.destinationFirst, r.counter.sourceLast + 1, "first report there = last here + 1");
       assert.ok(r.counter.continued);
+      assert.equal(r.counter.vcpus.length, vcpus, "every vCPU travelled");
+      for (const [i, [last, first]] of r.counter.vcpus.entries())
+        assert.ok(last > 0 && first === last + 1, `vCPU ${i}: ${last} -> ${first}`);
       assert.ok((r.counter.destinationAfter ?? 0) >= r.counter.destinationFirst + 5, "and it ran on");
       if (mode === "precopy") assert.ok(r.rounds >= 1);
       else assert.ok(r.postcopy && r.postcopy.remoteFaults > 0, "the vCPU faulted pages in from the source (via KVM)");
