@@ -5,6 +5,7 @@
  * and the dirty log of a read exact to the page (preads straight into guest memory are logged).
  */
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -50,14 +51,16 @@ interface Served {
 
 async function serve(
   name: string,
-  o: { readonly?: boolean; direct?: boolean; io?: "sync" | "async" } = {},
+  o: { readonly?: boolean; direct?: boolean; io?: "sync" | "async"; path?: string } = {},
 ): Promise<Served> {
-  const image = join(dir, `${name}.img`);
-  const data = Buffer.alloc(4 * MiB);
-  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + (i >> 9)) & 0xff;
-  writeFileSync(image, data);
+  let image = o.path;
+  if (!image) {
+    image = join(dir, `${name}.img`);
+    writeFileSync(image, pattern(4 * MiB));
+  }
   const sock = join(dir, `${name}.sock`);
-  const daemon = VhostUserDaemon.listen(blkDevice({ path: image, ...o }), sock);
+  const { path: _p, ...opts } = o;
+  const daemon = VhostUserDaemon.listen(blkDevice({ path: image, ...opts }), sock);
   daemon.on("log", (l, m) => logs.push(`${l}: ${m}`));
   const serving = daemon.serve();
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
@@ -82,6 +85,12 @@ async function serve(
       mem.close();
     },
   };
+}
+
+function pattern(n: number): Buffer {
+  const data = Buffer.alloc(n);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + (i >> 9)) & 0xff;
+  return data;
 }
 
 const imageBytes = (name: string, off: number, len: number) =>
@@ -324,6 +333,54 @@ describe("blk device: read-only and O_DIRECT", { timeout: 60_000 }, () => {
       assert.deepEqual(mem.read(DATA + 0x900, 412), img.subarray(100));
     } finally {
       await s.close();
+    }
+  });
+});
+
+describe("blk device on a block device (a loop device)", { timeout: 60_000 }, () => {
+  test("capacity from BLKGETSIZE64; reads, writes, FLUSH and DISCARD reach the backing file", async (t) => {
+    const skip = (why: string) => {
+      const msg = `!!! SKIPPED: ${why} !!!`;
+      console.warn(msg);
+      t.skip(msg);
+    };
+    if (process.getuid?.() !== 0) return skip("a loop device needs root");
+    const backing = join(dir, "loop-backing.img");
+    writeFileSync(backing, pattern(8 * MiB));
+    let dev: string;
+    try {
+      dev = execFileSync("losetup", ["-f", "--show", backing], { encoding: "utf8" }).trim();
+    } catch (e) {
+      return skip(`losetup failed: ${(e as Error).message.split("\n")[0]}`);
+    }
+    try {
+      const s = await serve("loop", { path: dev });
+      try {
+        const { blk, mem } = s;
+        const file = (off: number, len: number) => new Uint8Array(readFileSync(backing).subarray(off, off + len));
+        // fstat says 0 bytes for a block device: the capacity is the device's 8 MiB.
+        const sectors = (8 * MiB) / 512;
+        assert.equal((await blk.read(sectors - 8, DATA, 4096)).status, VIRTIO_BLK_S_OK, "the last 4 KiB");
+        assert.deepEqual(mem.read(DATA, 4096), file(8 * MiB - 4096, 4096));
+        assert.equal((await blk.read(sectors, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "read at capacity");
+        const data = new Uint8Array(8192).map((_, i) => (i * 13) & 0xff);
+        mem.write(DATA + 0x10000, data);
+        assert.equal((await blk.write(200, DATA + 0x10000, data.length)).status, VIRTIO_BLK_S_OK);
+        assert.equal((await blk.run({ type: VIRTIO_BLK_T_FLUSH, sector: 0, data: [] })).status, VIRTIO_BLK_S_OK);
+        assert.deepEqual(file(200 * 512, data.length), data, "in the backing file after FLUSH");
+        header(mem, 0x20000, T_DISCARD, 0n);
+        mem.writeU64(0x20010, 4096n);
+        mem.writeU32(0x20018, 16);
+        mem.writeU32(0x2001c, 0);
+        await raw(s, [{ addr: 0x20000, len: 32 }], [{ addr: 0x20100, len: 1 }]);
+        assert.equal(mem.readU8(0x20100), VIRTIO_BLK_S_OK);
+        assert.equal((await blk.read(4096, DATA, 8192)).status, VIRTIO_BLK_S_OK);
+        assert.deepEqual(mem.read(DATA, 8192), new Uint8Array(8192), "discarded sectors read as zeroes");
+      } finally {
+        await s.close();
+      }
+    } finally {
+      execFileSync("losetup", ["-d", dev]);
     }
   });
 });

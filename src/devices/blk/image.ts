@@ -1,5 +1,5 @@
 /**
- * A raw image file, opened by each queue worker on its own fd (one owner per fd; fdatasync on
+ * A raw image (a regular file or a block device), opened by each queue worker on its own fd (one owner per fd; fdatasync on
  * any of them flushes the file). Whole-range pread/pwrite with EINTR and short transfers
  * handled; with O_DIRECT, callers pass aligned buffers (see DIRECT_ALIGNMENT and
  * AlignedBuffer) — the device switches a request to a bounce buffer when the guest's are not.
@@ -7,6 +7,7 @@
 import { readv, writev } from "node:fs";
 import { EINTR, SysError, sys } from "../../sys/errors.js";
 import { Fd } from "../../sys/fd.js";
+import { IOR } from "../../sys/ioctl.js";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, O_DIRECT, O_RDONLY, O_RDWR } from "../../sys/memfd.js";
 import { native } from "../../sys/native.js";
 
@@ -15,6 +16,10 @@ export const DIRECT_ALIGNMENT = 512;
 const FALLOC_FL_ZERO_RANGE = 0x10;
 const EIO = 5;
 const EOPNOTSUPP = 95;
+const S_IFMT = 0o170000;
+const S_IFBLK = 0o060000;
+/** _IOR(0x12, 114, size_t): a block device's size in bytes. */
+const BLKGETSIZE64 = IOR(0x12, 114, 8);
 
 export interface ImageOptions {
   readonly?: boolean;
@@ -38,9 +43,16 @@ export class BlockImage implements Disposable {
     return new BlockImage(fd, !!o.readonly, !!o.direct);
   }
 
-  /** Size of the image in bytes. */
+  /** Size of the image in bytes: the file's, or the block device's (BLKGETSIZE64). */
   size(): number {
-    return sys(() => native.fstat(this.fd.fd))[0];
+    const [size, mode] = sys(() => native.fstat(this.fd.fd));
+    if ((mode & S_IFMT) !== S_IFBLK) return size;
+    const out = new BigUint64Array(1);
+    const r = native.ioctl(this.fd.fd, BLKGETSIZE64, out);
+    if (r < 0) throw new SysError("ioctl", -r, "BLKGETSIZE64");
+    const bytes = out[0] as bigint;
+    if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) throw new RangeError(`block device of ${bytes} bytes`);
+    return Number(bytes);
   }
 
   /** Fills `view` from `pos`; bytes past the end of the file read as zero. */
