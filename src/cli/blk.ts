@@ -16,7 +16,7 @@ import type { BackendSession } from "../vhost-user/backend/session.js";
 export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --image FILE [options]
   --socket-path PATH     listen on this unix socket (the front-end connects)
   --fd N                 use this inherited socket (listening or connected)
-  --image FILE           raw image file (also --blk-file)
+  --image FILE           raw image: a file or a block device (also --blk-file)
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
   --queues N             virtqueues, each served by its own thread (default 1)
   --direct               open the image with O_DIRECT

@@ -15,19 +15,20 @@ const USAGE = `usage: vmshift <command> [options]
 
 commands:
   demo [--size MiB] [--vcpus N] [--dirty-rate MiB/s] [--mode precopy|postcopy] [--dirty-tracking bitmap|ring] [--json]
-        boot a micro-VM (KVM) and live-migrate it while it runs to a second process; checks
-        memory digests and that the guest's counter continues there (no KVM: a worker-thread
-        workload's memory, and it says so)
+        boot a micro-VM (KVM, 2 vCPUs by default) and live-migrate it while it runs to a second
+        process; checks memory digests and that each vCPU's counter continues there (no KVM:
+        a worker-thread workload's memory, and it says so)
   demo --memory-only [--size MiB] [--rounds N] [--json]
         the memory layer alone: every dirty-tracking source the machine offers, in-process
   migrate (--listen ENDPOINT | --to ENDPOINT) [--mode precopy|postcopy] [--json] ...
         migrate the memory of a running worker-thread workload between two processes or hosts
+        (postcopy over tcp:/unix: with a preempt channel and recovery from a lost connection)
   snapshot save|restore --file FILE [--lazy]
         background snapshot of running memory (userfaultfd write-protect) and its restore
   probe --socket PATH [--json]
         connect to any vhost-user back-end and print what it offers
-  blk (--socket-path PATH | --fd N) --image FILE [--readonly] [--queues N]
-        serve a raw image as a vhost-user-blk device (QEMU: -device vhost-user-blk-pci)
+  blk (--socket-path PATH | --fd N) --image FILE|DEVICE [--readonly] [--queues N] [--direct] [--io M]
+        serve a raw image or a block device as a vhost-user-blk device (QEMU: -device vhost-user-blk-pci)
   help [COMMAND]
         this text, or a command's own
 `;
