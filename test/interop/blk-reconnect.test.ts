@@ -3,7 +3,8 @@
  * SIGKILLed while it holds one of the guest's requests (each request is held 30 ms in its worker,
  * and the kill waits for such a moment: BlkBackend.killWhileHolding), a new one starts on the same socket, QEMU reconnects and hands back the
  * inflight region (GET/SET_INFLIGHT_FD), the new back-end resubmits the heads that were in flight,
- * and the guest's I/O loop goes on with no I/O error and every block as written.
+ * and the guest's I/O loop goes on with no I/O error and every block as written. The lives
+ * alternate between --io sync and --io async.
  * Skips loudly when QEMU or the guest is missing (VMSHIFT_REQUIRE_INTEROP=1 fails instead).
  */
 import assert from "node:assert/strict";
@@ -55,7 +56,9 @@ describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_00
       kills.push(maxLoopN(vm.console.lines));
       held.push(await current.killWhileHolding());
       await sleep(200);
-      current = await startBlk(rig, { name: `blk-${round}`, image: img, socket, env });
+      // Lives alternate between the two I/O models: what one left in flight, the other resubmits.
+      const io = round % 2 === 0 ? "async" : "sync";
+      current = await startBlk(rig, { name: `blk-${round}`, image: img, socket, env, io });
       backends.push(current);
       const n = maxLoopN(vm.console.lines);
       await vm.console.waitFor(new RegExp(`RIG-LOOP n=${n + 2} `), { timeoutMs: 30_000 });
