@@ -25,6 +25,8 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
                          in the queue's thread; auto (default): async with --direct, else sync
   --serial ID            GET_ID answer (default: the image file name)
   --print-capabilities   print the back-end capabilities JSON and exit
+signals: SIGINT/SIGTERM stop it cleanly; SIGHUP reads the image's size again (online resize)
+  and tells the front-end (CONFIG_CHANGE_MSG: QEMU passes the new capacity to the guest).
 environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
   VMSHIFT_BLK_DELAY_MS=N holds every request N ms and logs "holding head H" / "released head H"
                          (tests: keeps requests in flight, so a kill can catch one)
@@ -110,8 +112,9 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
 
   const log = (level: string, msg: string) => io.err(`vmshift blk: ${level}: ${msg}`);
   let daemon: VhostUserDaemon;
+  let device: ReturnType<typeof blkDevice>;
   try {
-    const device = blkDevice({
+    device = blkDevice({
       path: image,
       readonly: !!(values.readonly || values["read-only"]),
       queues,
@@ -150,13 +153,31 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
   };
   const onInt = () => stop("SIGINT");
   const onTerm = () => stop("SIGTERM");
+  // SIGHUP: the image may have grown (or shrunk): read its size again and tell the front-end.
+  const onHup = () => {
+    try {
+      const { from, to } = device.resize();
+      if (from === to) return log("info", `SIGHUP: capacity unchanged (${to} sectors)`);
+      log("info", `SIGHUP: capacity ${from} -> ${to} sectors`);
+      const s = daemon.session;
+      if (!s) return;
+      s.notifyConfigChange().then(
+        () => log("info", "front-end told (CONFIG_CHANGE_MSG)"),
+        (e: Error) => log("warn", `could not tell the front-end of the new capacity: ${e.message}`),
+      );
+    } catch (e) {
+      log("warn", `SIGHUP: resize failed: ${(e as Error).message}`);
+    }
+  };
   process.on("SIGINT", onInt);
   process.on("SIGTERM", onTerm);
+  process.on("SIGHUP", onHup);
   try {
     await daemon.serve();
   } finally {
     process.off("SIGINT", onInt);
     process.off("SIGTERM", onTerm);
+    process.off("SIGHUP", onHup);
     await daemon.close();
   }
   log("info", "stopped");

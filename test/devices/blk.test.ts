@@ -6,11 +6,10 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { blkDevice } from "../../src/devices/blk/device.js";
+import { type BlkDevice, blkDevice } from "../../src/devices/blk/device.js";
 import type { DirtySink } from "../../src/memory/dirty-source.js";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
@@ -41,6 +40,7 @@ const dir = mkdtempSync(join(tmpdir(), "vmshift-blk-test-"));
 const logs: string[] = [];
 
 interface Served {
+  device: BlkDevice;
   daemon: VhostUserDaemon;
   serving: Promise<void>;
   fe: VhostUserFrontend;
@@ -60,7 +60,8 @@ async function serve(
   }
   const sock = join(dir, `${name}.sock`);
   const { path: _p, ...opts } = o;
-  const daemon = VhostUserDaemon.listen(blkDevice({ path: image, ...opts }), sock);
+  const device = blkDevice({ path: image, ...opts });
+  const daemon = VhostUserDaemon.listen(device, sock);
   daemon.on("log", (l, m) => logs.push(`${l}: ${m}`));
   const serving = daemon.serve();
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
@@ -73,6 +74,7 @@ async function serve(
   await fe.startVring(0, RING);
   const blk = new VirtioBlkDriver(fe, 0, queue, mem, SCRATCH);
   return {
+    device,
     daemon,
     serving,
     fe,
@@ -335,6 +337,26 @@ describe("blk device: read-only and O_DIRECT", { timeout: 60_000 }, () => {
       await s.close();
     }
   });
+});
+
+test("online resize: a grown image, resize(): the config space and every worker use the new capacity", async () => {
+  const s = await serve("grow");
+  try {
+    const { blk, fe, device } = s;
+    const old = (4 * MiB) / 512;
+    assert.equal((await blk.read(old, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "past the end");
+    assert.deepEqual(device.resize(), { from: old, to: old }, "unchanged");
+    truncateSync(join(dir, "grow.img"), 6 * MiB);
+    assert.deepEqual(device.resize(), { from: old, to: (6 * MiB) / 512 });
+    assert.equal(device.capacitySectors, (6 * MiB) / 512);
+    const cfg = await fe.getConfig(0, 8);
+    assert.equal(new DataView(cfg.buffer, cfg.byteOffset).getBigUint64(0, true), BigInt((6 * MiB) / 512));
+    assert.equal((await blk.read(old, DATA, 512)).status, VIRTIO_BLK_S_OK, "the new space reads (zeroes)");
+    assert.deepEqual(s.mem.read(DATA, 512), new Uint8Array(512));
+    assert.equal((await blk.read((6 * MiB) / 512, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "past the new end");
+  } finally {
+    await s.close();
+  }
 });
 
 describe("blk device on a block device (a loop device)", { timeout: 60_000 }, () => {

@@ -1,12 +1,15 @@
 /**
  * `vmshift blk` (spawned as `node dist/src/cli/blk-main.js`) as the vhost-user-blk back-end of a
  * real QEMU 10: the guest boots, writes checksummed data and reads it back, the host checks the
- * image; sub-sector-aligned I/O, discard, GET_ID (serial), a read-only disk and two queues.
+ * image; sub-sector-aligned I/O, discard, GET_ID (serial), a read-only disk, two queues, and an
+ * online resize (SIGHUP, CONFIG_CHANGE_MSG on the back-end channel, the guest sees the new size).
  * Skips loudly when QEMU or the guest is missing (VMSHIFT_REQUIRE_INTEROP=1 fails instead).
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { truncate } from "node:fs/promises";
 import { describe, test } from "node:test";
+import { setTimeout as sleep } from "node:timers/promises";
 import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
 import { GUEST_CRASH, MiB, probeInterop, sha256OfFileRange } from "./rig.js";
 
@@ -64,6 +67,36 @@ describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
     await vm.close();
     const names = new Set((await be.requests()).map((r) => r.name));
     for (const n of ["GET_FEATURES", "ADD_MEM_REG", "SET_VRING_KICK", "GET_CONFIG"]) assert.ok(names.has(n), n);
+  });
+
+  test("online resize: the image grows, SIGHUP, QEMU passes CONFIG_CHANGE_MSG on, the guest uses the new space", {
+    skip,
+  }, async () => {
+    const rig = fx.rig();
+    const img = await rig.createRawImage("resize.img", 32 * MiB);
+    const be = await startBlk(rig, { name: "blk-resize", image: img });
+    backends.push(be);
+    const vm = await rig.startVm({ name: "vm-resize", vhostUserBlk: [{ socket: be.socket }] });
+    await vm.guest.ready();
+    const size = async () => (await vm.guest.runOk("cat /sys/block/vda/size")).output.join("").trim();
+    assert.equal(await size(), String((32 * MiB) / 512));
+    await truncate(img, 64 * MiB);
+    be.signal("SIGHUP");
+    let now = "";
+    for (let i = 0; i < 50 && now !== String((64 * MiB) / 512); i++) {
+      await sleep(100);
+      now = await size();
+    }
+    assert.equal(now, String((64 * MiB) / 512), "the guest sees 64 MiB");
+    // Past the old end: written, read back, on the host.
+    const written = await vm.guest.write("/dev/vda", 40, 2);
+    assert.equal(await vm.guest.sum("/dev/vda", 40, 2), written);
+    assert.equal(await sha256OfFileRange(img, 40 * MiB, 2 * MiB), written);
+    const log = await be.log();
+    assert.match(log, /capacity 65536 -> 131072 sectors/);
+    assert.match(log, /front-end told \(CONFIG_CHANGE_MSG\)/);
+    assert.deepEqual(vm.console.grep(/I\/O error/), []);
+    await vm.close();
   });
 
   test("read-only: the guest sees ro=1, a write fails, reads work, the image is unchanged", { skip }, async () => {

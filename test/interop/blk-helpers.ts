@@ -94,6 +94,11 @@ export class BlkBackend {
     return null;
   }
 
+  /** Sends `sig` to the vmshift process itself (not the wrappers around it). */
+  signal(sig: NodeJS.Signals): void {
+    process.kill(innermostPid(this.proc.pid ?? 0), sig);
+  }
+
   async close(): Promise<void> {
     await this.proc.stop();
   }

@@ -63,8 +63,15 @@ export const MAX_DISCARD_SECTORS = 32768;
 export const MAX_DISCARD_SEG = 1;
 
 export interface BlkDevice extends VhostUserDevice {
+  /** The capacity in force (sectors of 512 bytes). */
   readonly capacitySectors: number;
   readonly options: Readonly<BlkOptions>;
+  /**
+   * Online resize: reads the image's size again and, when it changed, puts the new capacity in
+   * the config space and in force in every queue worker at once. The front-end still has to be
+   * told (BackendSession.notifyConfigChange(), CONFIG_CHANGE_MSG), as `vmshift blk` does on SIGHUP.
+   */
+  resize(): { from: number; to: number };
 }
 
 export function blkDevice(o: BlkOptions): BlkDevice {
@@ -96,8 +103,11 @@ export function blkDevice(o: BlkOptions): BlkDevice {
   if (readonly) f |= features(VIRTIO_BLK_F_RO);
   else f |= features(VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES);
 
-  const config = encodeConfig({
-    capacitySectors,
+  // The capacity in force, shared with every queue worker (online resize).
+  const capacity = new BigInt64Array(new SharedArrayBuffer(8));
+  capacity[0] = BigInt(capacitySectors);
+  const geometry = (sectors: number) => ({
+    capacitySectors: sectors,
     blkSize: SECTOR_SIZE,
     sizeMax: SIZE_MAX,
     segMax: SEG_MAX,
@@ -109,12 +119,14 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
     writeZeroesMayUnmap: true,
   });
+  let config = encodeConfig(geometry(capacitySectors));
   const id = new TextEncoder().encode(o.serial ?? basename(o.path)).subarray(0, VIRTIO_BLK_ID_BYTES);
   const data: BlkWorkerData = {
     path: o.path,
     readonly,
     direct: !!o.direct,
     capacitySectors,
+    capacity: capacity.buffer as SharedArrayBuffer,
     id,
     discard: !readonly,
     writeZeroes: !readonly,
@@ -127,7 +139,26 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     asyncIo: (o.io ?? "auto") === "auto" ? !!o.direct : o.io === "async",
   };
   return {
-    capacitySectors,
+    get capacitySectors() {
+      return Number(Atomics.load(capacity, 0));
+    },
+    resize() {
+      const from = Number(Atomics.load(capacity, 0));
+      const img = BlockImage.open(o.path, { readonly: true });
+      let size: number;
+      try {
+        size = img.size();
+      } finally {
+        img.close();
+      }
+      const to = Math.floor(size / SECTOR_SIZE);
+      if (to === 0) throw new RangeError(`${o.path}: image smaller than one sector (${size} bytes)`);
+      if (to !== from) {
+        config = encodeConfig(geometry(to));
+        Atomics.store(capacity, 0, BigInt(to));
+      }
+      return { from, to };
+    },
     options: { ...o },
     info: {
       numQueues: queues,

@@ -37,6 +37,8 @@ export interface BlkWorkerData {
   readonly: boolean;
   direct: boolean;
   capacitySectors: number;
+  /** BigInt64Array[1]: the capacity in force (sectors), changed by an online resize. */
+  capacity: SharedArrayBuffer;
   /** GET_ID answer (≤ 20 bytes). */
   id: Uint8Array;
   discard: boolean;
@@ -79,9 +81,11 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #headerView = new DataView(this.#header.buffer);
   #warnings = 0;
   readonly #sleeper = new Int32Array(new SharedArrayBuffer(4));
+  readonly #capacity: BigInt64Array;
 
   constructor(ctx: QueueContext) {
     this.#d = ctx.data as BlkWorkerData;
+    this.#capacity = new BigInt64Array(this.#d.capacity);
     this.#queue = ctx.queue;
     this.#memory = ctx.memory;
     this.#image = BlockImage.open(this.#d.path, { readonly: this.#d.readonly, direct: this.#d.direct });
@@ -212,7 +216,7 @@ export class BlkQueueHandler implements QueueHandler {
 
   /** Byte offset of [sector, +bytes) in the image, or null when it is not all inside it. */
   #range(sector: bigint, bytes: number): number | null {
-    const cap = this.#d.capacitySectors;
+    const cap = Number(Atomics.load(this.#capacity, 0));
     if (bytes % SECTOR_SIZE !== 0 || sector > BigInt(cap)) return null;
     const s = Number(sector);
     if (s + bytes / SECTOR_SIZE > cap) return null;
