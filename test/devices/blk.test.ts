@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { once } from "node:events";
 import { mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -52,7 +53,7 @@ interface Served {
 
 async function serve(
   name: string,
-  o: { readonly?: boolean; direct?: boolean; io?: "sync" | "async"; path?: string } = {},
+  o: { readonly?: boolean; direct?: boolean; io?: "sync" | "async"; path?: string; backendChannel?: boolean } = {},
 ): Promise<Served> {
   let image = o.path;
   if (!image) {
@@ -60,13 +61,13 @@ async function serve(
     writeFileSync(image, pattern(4 * MiB));
   }
   const sock = join(dir, `${name}.sock`);
-  const { path: _p, ...opts } = o;
+  const { path: _p, backendChannel, ...opts } = o;
   const device = blkDevice({ path: image, ...opts });
   const daemon = VhostUserDaemon.listen(device, sock);
   daemon.on("log", (l, m) => logs.push(`${l}: ${m}`));
   const serving = daemon.serve();
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
-  const fe = VhostUserFrontend.connect(sock, { timeoutMs: 5000 });
+  const fe = VhostUserFrontend.connect(sock, { timeoutMs: 5000, backendChannel: !!backendChannel });
   await fe.negotiate();
   await fe.setOwner();
   await fe.setFeatures(VERSION_1);
@@ -340,16 +341,21 @@ describe("blk device: read-only and O_DIRECT", { timeout: 60_000 }, () => {
   });
 });
 
-test("online resize: a grown image, resize(): the config space and every worker use the new capacity", async () => {
-  const s = await serve("grow");
+test("online resize: a grown image, resize(), CONFIG_CHANGE_MSG: the front-end reads the new capacity, every worker uses it", async () => {
+  const s = await serve("grow", { backendChannel: true });
   try {
-    const { blk, fe, device } = s;
+    const { blk, fe, device, daemon } = s;
     const old = (4 * MiB) / 512;
     assert.equal((await blk.read(old, DATA, 512)).status, VIRTIO_BLK_S_IOERR, "past the end");
     assert.deepEqual(device.resize(), { from: old, to: old }, "unchanged");
     truncateSync(join(dir, "grow.img"), 6 * MiB);
     assert.deepEqual(device.resize(), { from: old, to: (6 * MiB) / 512 });
     assert.equal(device.capacitySectors, (6 * MiB) / 512);
+    // The back-end tells the front-end on its request channel, as `vmshift blk` does on SIGHUP.
+    const told = once(fe.backendEvents, "config-change", { signal: AbortSignal.timeout(5000) });
+    assert.ok(daemon.session, "a session");
+    await daemon.session.notifyConfigChange();
+    await told;
     const cfg = await fe.getConfig(0, 8);
     assert.equal(new DataView(cfg.buffer, cfg.byteOffset).getBigUint64(0, true), BigInt((6 * MiB) / 512));
     assert.equal((await blk.read(old, DATA, 512)).status, VIRTIO_BLK_S_OK, "the new space reads (zeroes)");

@@ -77,9 +77,13 @@ interface Session {
   close(): void;
 }
 
-async function openSession(socket: string, protocolFeatures = FRONTEND_PROTOCOL_FEATURES): Promise<Session> {
+async function openSession(
+  socket: string,
+  protocolFeatures = FRONTEND_PROTOCOL_FEATURES,
+  backendChannel = false,
+): Promise<Session> {
   const memory = new GuestMemory([GuestMemoryRegion.memfd(A_BASE, MiB), GuestMemoryRegion.memfd(B_BASE, MiB)]);
-  const fe = VhostUserFrontend.connect(socket, { timeoutMs: 5000, protocolFeatures });
+  const fe = VhostUserFrontend.connect(socket, { timeoutMs: 5000, protocolFeatures, backendChannel });
   const close = () => {
     fe.close();
     memory.close();
@@ -146,18 +150,21 @@ describe("VhostUserFrontend against qemu-storage-daemon (vhost-user-blk)", { tim
     assert.equal(config.readBigUInt64LE(0), BigInt(IMAGE_SIZE / SECTOR_SIZE));
   });
 
-  for (const mode of ["ADD_MEM_REG + REPLY_ACK", "SET_MEM_TABLE, no REPLY_ACK"] as const) {
+  for (const mode of ["ADD_MEM_REG + REPLY_ACK + back-end channel", "SET_MEM_TABLE, no REPLY_ACK"] as const) {
     test(`${mode}: sectors written and read back through the C backend match the host image`, { skip }, async () => {
       assert.ok(qsd);
       const fdsBefore = openFdCount();
       const wanted =
-        mode === "ADD_MEM_REG + REPLY_ACK"
+        mode !== "SET_MEM_TABLE, no REPLY_ACK"
           ? FRONTEND_PROTOCOL_FEATURES
           : FRONTEND_PROTOCOL_FEATURES & ~featureMask(ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.REPLY_ACK);
-      const s = await openSession(qsd.socket, wanted);
+      const full = mode !== "SET_MEM_TABLE, no REPLY_ACK";
+      const s = await openSession(qsd.socket, wanted, full);
       try {
-        assert.equal(s.fe.connection.replyAck, mode === "ADD_MEM_REG + REPLY_ACK");
-        const sector = mode === "ADD_MEM_REG + REPLY_ACK" ? 16 : 512;
+        assert.equal(s.fe.connection.replyAck, full);
+        // QEMU's order: the back-end channel right after the protocol features (acked by qsd).
+        assert.equal(s.fe.hasProtocolFeature(ProtocolFeature.BACKEND_REQ), full, "back-end channel negotiated");
+        const sector = full ? 16 : 512;
         const len = 64 * 1024;
         const data = pattern(len, sector);
         s.memory.write(B_BASE, data);

@@ -18,6 +18,7 @@
  * back-end's faults is the caller's (src/vm/vhost-postcopy.ts). Without PAGEFAULT it is refused
  * before anything is sent (postcopyRefusal says why).
  */
+import { EventEmitter } from "node:events";
 import type { DirtySink } from "../../memory/dirty-source.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../../memory/region.js";
@@ -37,6 +38,7 @@ import {
   VirtioFeature,
 } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
+import type { BackendRequests } from "../protocol/backend-requests.js";
 import type { FrontendRequests } from "../protocol/frontend-requests.js";
 import type { RequestPayload } from "../protocol/message.js";
 import type { MemoryRegion } from "../protocol/payloads.js";
@@ -45,6 +47,7 @@ import { FrontendVring, type VringLayout } from "./vring.js";
 
 /** Protocol features this frontend knows how to use. */
 export const FRONTEND_PROTOCOL_FEATURES = featureMask(
+  ProtocolFeature.BACKEND_REQ,
   ProtocolFeature.MQ,
   ProtocolFeature.LOG_SHMFD,
   ProtocolFeature.REPLY_ACK,
@@ -66,6 +69,12 @@ export interface FrontendOptions {
   label?: string;
   /** Protocol features we are willing to negotiate (ANDed with FRONTEND_PROTOCOL_FEATURES and the offer). */
   protocolFeatures?: bigint;
+  /**
+   * Negotiate BACKEND_REQ and open the back-end request channel (SET_BACKEND_REQ_FD) in
+   * negotiate(), as QEMU does: the back-end can then send CONFIG_CHANGE_MSG ("config-change"
+   * event, acked). Off by default (BACKEND_REQ is then left out of the negotiation).
+   */
+  backendChannel?: boolean;
   maxPayloadSize?: number;
 }
 
@@ -111,8 +120,19 @@ export interface MemTableOptions {
 
 type PostcopyState = "none" | "advised" | "listening" | "ended";
 
+/** What the back-end tells us on its request channel. */
+export type BackendChannelEvents = {
+  /** CONFIG_CHANGE_MSG: the device's config space changed (GET_CONFIG again). */
+  "config-change": [];
+  /** Any back-end request, by name (also the ones this front-end refuses). */
+  request: [name: string];
+};
+
 export class VhostUserFrontend implements Disposable {
   readonly connection: Connection<FrontendRequests>;
+  /** Events of the back-end request channel (see FrontendOptions.backendChannel). */
+  readonly backendEvents = new EventEmitter<BackendChannelEvents>();
+  #backendChannel: Connection<BackendRequests> | null = null;
   readonly timeoutMs: number;
   #wantedProtocol: bigint;
   #backendFeatures: bigint | null = null;
@@ -133,6 +153,7 @@ export class VhostUserFrontend implements Disposable {
   constructor(socket: UnixSocket, options: FrontendOptions = {}) {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS;
     this.#wantedProtocol = (options.protocolFeatures ?? FRONTEND_PROTOCOL_FEATURES) & FRONTEND_PROTOCOL_FEATURES;
+    if (!options.backendChannel) this.#wantedProtocol &= ~featureMask(ProtocolFeature.BACKEND_REQ);
     const co: ConnectionOptions = { timeoutMs: this.timeoutMs, label: options.label ?? "vhost-user backend" };
     if (options.maxPayloadSize !== undefined) co.maxPayloadSize = options.maxPayloadSize;
     this.connection = Connection.frontend(socket, co);
@@ -263,7 +284,41 @@ export class VhostUserFrontend implements Disposable {
     }
     const offered = await this.getProtocolFeatures();
     await this.setProtocolFeatures(offered & this.#wantedProtocol);
+    if (this.hasProtocolFeature(ProtocolFeature.BACKEND_REQ)) await this.openBackendChannel();
     return { features, offeredProtocolFeatures: offered, protocolFeatures: this.#protocol };
+  }
+
+  /**
+   * SET_BACKEND_REQ_FD: a socket pair, one end to the back-end. Its requests come in here:
+   * CONFIG_CHANGE_MSG is emitted as "config-change" and acked; the others this front-end does
+   * not serve (IOTLB, host notifiers, in-band notifications, shared objects, SHMEM) are answered
+   * with a failure status when a reply is asked for, and emitted as "request" like every one.
+   */
+  async openBackendChannel(): Promise<void> {
+    this.#need(ProtocolFeature.BACKEND_REQ, "SET_BACKEND_REQ_FD");
+    const [mine, theirs] = UnixSocket.pair();
+    let ch: Connection<BackendRequests> | null = null;
+    try {
+      ch = Connection.backendChannel(mine, { label: `${this.connection.label} (back-end channel)` });
+      ch.setProtocolFeatures(this.#protocol);
+      const chan = ch;
+      chan.on("request", (m) => {
+        for (const f of m.fds) f.close();
+        this.backendEvents.emit("request", m.name);
+        const ok = m.name === "CONFIG_CHANGE_MSG";
+        if (ok) this.backendEvents.emit("config-change");
+        chan.ack(m, ok ? 0n : 1n).catch(() => undefined);
+      });
+      chan.on("protocolError", () => {});
+      await this.#send("SET_BACKEND_REQ_FD", undefined, [theirs.fd]);
+      this.#backendChannel?.close();
+      this.#backendChannel = chan;
+    } catch (e) {
+      ch?.close();
+      throw e;
+    } finally {
+      theirs.close();
+    }
   }
 
   async setOwner(): Promise<void> {
@@ -818,6 +873,8 @@ export class VhostUserFrontend implements Disposable {
     if (this.#closed) return;
     this.#closed = true;
     this.connection.close();
+    this.#backendChannel?.close();
+    this.#backendChannel = null;
     const e = new VhostUserError("CLOSED", `frontend closed (${this.connection.label})`);
     for (const v of this.#vrings.values()) v.close(e);
     this.#vrings.clear();
