@@ -28,6 +28,7 @@ import type { Fd } from "../../sys/fd.js";
 import { UnixSocket } from "../../sys/unix-socket.js";
 import { Userfaultfd } from "../../sys/userfaultfd.js";
 import { Connection, type ConnectionOptions, DEFAULT_REPLY_TIMEOUT_MS } from "../connection.js";
+import type { BackendRequests } from "../protocol/backend-requests.js";
 import {
   featureMask,
   hasFeature,
@@ -38,7 +39,6 @@ import {
   VirtioFeature,
 } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
-import type { BackendRequests } from "../protocol/backend-requests.js";
 import type { FrontendRequests } from "../protocol/frontend-requests.js";
 import type { RequestPayload } from "../protocol/message.js";
 import type { MemoryRegion } from "../protocol/payloads.js";
