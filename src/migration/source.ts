@@ -200,6 +200,7 @@ export class MigrationSource {
     /** Bytes sent on connections lost before this one (postcopy recovery). */
     let bytesBefore = 0;
     let recoveryFailure: MigrationError | null = null;
+    let postcopyRunSent = false;
     const unsubscribe: (() => void)[] = [];
     try {
       this.#phase("setup");
@@ -281,12 +282,18 @@ export class MigrationSource {
           await writer.write(encodePostcopyAdvise(i, ri.pages, bitmapFromPages(todo[i] as Uint32Array, ri.pages)));
         await this.#sendDeviceStates(writer);
         await writer.write(encodeRecord(RecordType.PostcopyRun));
+        // From here the destination may be running: until it says otherwise (FAIL before
+        // RESUMED), the source must not run the guest again.
+        postcopyRunSent = true;
         rp.servePages(preemptWriter ?? writer, (i, p) => this.#pageView(i, p));
-        await rp.resumed;
-        this.#destinationRunning = true;
-        downtimeMs = performance.now() - downtimeStart;
+        downtimeMs = 0;
         for (;;) {
           try {
+            if (!this.#destinationRunning) {
+              await rp.resumed;
+              this.#destinationRunning = true;
+              downtimeMs = performance.now() - downtimeStart;
+            }
             await this.#sendBackground(todo, writer, rp);
             if (preemptWriter && preempt) {
               // Every page is on its way on one channel or the other. Close the preempt channel
@@ -317,6 +324,11 @@ export class MigrationSource {
             } catch (re) {
               recoveryFailure = asMigrationError(re);
               throw re;
+            }
+            // It took a recovery connection, which it only does once it runs.
+            if (!this.#destinationRunning) {
+              this.#destinationRunning = true;
+              downtimeMs = performance.now() - downtimeStart;
             }
           }
         }
@@ -361,8 +373,10 @@ export class MigrationSource {
       // path (the destination's FAIL record): give it a moment to arrive.
       if (!rp.failure && e instanceof MigrationError && e.code === "CONNECTION_LOST") await rp.settled(200);
       const err = recoveryFailure ?? rp.failure ?? asMigrationError(e);
-      // The destination never ran: the source is the VM, unchanged, and carries on.
-      if (this.#writersStopped && !this.#destinationRunning) await this.#o.hooks?.resumeWriters?.();
+      // The destination never ran: the source is the VM, unchanged, and carries on. After
+      // POSTCOPY_RUN went out that is known only when the destination said it failed.
+      const ranNot = !postcopyRunSent || (err.code === "PEER_FAILED" && !this.#destinationRunning);
+      if (this.#writersStopped && !this.#destinationRunning && ranNot) await this.#o.hooks?.resumeWriters?.();
       if (trackerStarted) await tracker.stop().catch(() => undefined);
       for (const u of unsubscribe) u();
       rp.close();

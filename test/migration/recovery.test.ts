@@ -259,3 +259,45 @@ test("`vmshift migrate` postcopy through a proxy that cuts the first connection:
     await new Promise((r) => proxy.close(r));
   }
 });
+
+for (const withRecovery of [true, false]) {
+  test(`the connection lost between POSTCOPY_RUN and RESUMED${withRecovery ? ", with recovery: it resumes and completes" : ": the source does not run the guest again"}`, async () => {
+    const src = makeMemory();
+    const dst = makeMemory();
+    fillPattern(src);
+    const before = rawDigest(src);
+    const listener = await MigrationListener.listen({ kind: "tcp", host: "127.0.0.1", port: 0 });
+    const [a, b] = await socketPair();
+    const h = hooks();
+    const source = new MigrationSource({
+      memory: src,
+      mode: "postcopy",
+      postcopyAfterRounds: 0,
+      hooks: h,
+      ...(withRecovery
+        ? { postcopyRecovery: { reconnect: () => connectEndpoint(listener.endpoint), timeoutMs: 10_000 } }
+        : {}),
+    });
+    const destination = new MigrationDestination({
+      memory: dst,
+      ...(withRecovery ? { postcopyRecovery: { accept: () => listener.accept(), timeoutMs: 10_000 } } : {}),
+      // The guest starts here, and the link goes before RESUMED can tell the source.
+      hooks: { resume: () => void b.destroy() },
+    });
+    const [s, d] = await Promise.allSettled([source.run(a), destination.run(b)]);
+    await listener.close();
+    if (withRecovery) {
+      assert.equal(s.status, "fulfilled", `source: ${(s as PromiseRejectedResult).reason}`);
+      assert.equal(d.status, "fulfilled", `destination: ${(d as PromiseRejectedResult).reason}`);
+      assert.deepEqual(rawDigest(dst), rawDigest(src));
+    } else {
+      assert.equal(s.status, "rejected");
+      assert.equal(d.status, "rejected");
+      // It cannot know whether the destination ran: the guest must not run in two places.
+      assert.equal(h.resumed, 0, "the source did not resume its writers");
+    }
+    assert.deepEqual(rawDigest(src), before);
+    src.close();
+    dst.close();
+  });
+}
