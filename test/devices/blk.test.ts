@@ -366,6 +366,36 @@ test("online resize: a grown image, resize(), CONFIG_CHANGE_MSG: the front-end r
   }
 });
 
+for (const io of ["sync", "async"] as const)
+  test(`cache mode (CONFIG_WCE, ${io} I/O): writethrough flushes every write on its own, writeback does not`, async () => {
+    const s = await serve(`wce-${io}`, { io });
+    try {
+      const { blk, fe, device, mem } = s;
+      assert.ok(((fe.backendFeatures ?? 0n) >> 11n) & 1n, "VIRTIO_BLK_F_CONFIG_WCE offered");
+      assert.deepEqual([...(await fe.getConfig(32, 1))], [1], "writeback by default");
+      const write = async (sector: number) => {
+        mem.write(DATA, new Uint8Array(4096).fill(sector));
+        assert.equal((await blk.write(sector, DATA, 4096)).status, VIRTIO_BLK_S_OK);
+      };
+      await write(8);
+      assert.equal(device.writeThroughFlushes, 0);
+      await fe.setConfig(32, Uint8Array.of(0));
+      assert.equal(device.writeback, false);
+      assert.deepEqual([...(await fe.getConfig(32, 1))], [0], "the driver reads back writethrough");
+      for (const sector of [16, 24, 32]) await write(sector);
+      assert.equal(device.writeThroughFlushes, 3, "each write flushed before it completed");
+      await fe.setConfig(32, Uint8Array.of(1));
+      await write(40);
+      assert.equal(device.writeThroughFlushes, 3, "writeback again: no flush of its own");
+      // Only that byte is writable.
+      await assert.rejects(fe.setConfig(0, Uint8Array.of(1, 2, 3, 4)));
+      await assert.rejects(fe.setConfig(32, Uint8Array.of(7)));
+      assert.equal(device.writeback, true);
+    } finally {
+      await s.close();
+    }
+  });
+
 describe("blk device on a block device (a loop device)", { timeout: 60_000 }, () => {
   test("capacity from BLKGETSIZE64; reads, writes, FLUSH and DISCARD reach the backing file", async (t) => {
     const skip = (why: string) => {

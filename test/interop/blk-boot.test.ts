@@ -62,6 +62,19 @@ describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
     assert.equal(await vm.guest.sum("/dev/vda", 8, 1), zeroSha(MiB), "and in the guest");
     assert.equal(await vm.guest.sum("/dev/vda", 1, 4), written, "the rest is untouched");
 
+    // The cache mode (CONFIG_WCE): the guest switches to writethrough; QEMU passes the config
+    // write on (SET_CONFIG of the writeback byte); writes go on.
+    const cache = async () => (await vm.guest.runOk("cat /sys/block/vda/cache_type")).output.join("").trim();
+    assert.equal(await cache(), "write back");
+    await vm.guest.runOk('echo "write through" > /sys/block/vda/cache_type');
+    assert.equal(await cache(), "write through");
+    const again = await vm.guest.write("/dev/vda", 12, 2);
+    assert.equal(await sha256OfFileRange(img, 12 * MiB, 2 * MiB), again, "written through");
+    assert.ok(
+      (await be.requests()).some((r) => r.name === "SET_CONFIG"),
+      "SET_CONFIG reached the back-end",
+    );
+
     assert.deepEqual(vm.console.grep(GUEST_CRASH), []);
     assert.deepEqual(vm.console.grep(/I\/O error|blk_update_request|critical/), [], "no I/O error in the guest");
     await vm.close();

@@ -15,6 +15,8 @@ export interface BlkGeometry {
   maxWriteZeroesSectors: number;
   maxWriteZeroesSeg: number;
   writeZeroesMayUnmap: boolean;
+  /** The cache mode (VIRTIO_BLK_F_CONFIG_WCE): true writeback, false writethrough. */
+  writeback: boolean;
 }
 
 export function encodeConfig(g: BlkGeometry): Uint8Array {
@@ -27,6 +29,7 @@ export function encodeConfig(g: BlkGeometry): Uint8Array {
   // physical_block_exp: log2(physical block / logical block); we have no better knowledge.
   v.setUint8(Config.topology, 0);
   v.setUint16(Config.topology + 2, g.blkSize / SECTOR_SIZE, true);
+  v.setUint8(Config.writeback, g.writeback ? 1 : 0);
   v.setUint16(Config.numQueues, g.numQueues, true);
   v.setUint32(Config.maxDiscardSectors, g.maxDiscardSectors, true);
   v.setUint32(Config.maxDiscardSeg, g.maxDiscardSeg, true);

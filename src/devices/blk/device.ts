@@ -13,8 +13,10 @@ import {
 } from "../../virtio/features.js";
 import { configSlice, encodeConfig } from "./config.js";
 import {
+  Config,
   SECTOR_SIZE,
   VIRTIO_BLK_F_BLK_SIZE,
+  VIRTIO_BLK_F_CONFIG_WCE,
   VIRTIO_BLK_F_DISCARD,
   VIRTIO_BLK_F_FLUSH,
   VIRTIO_BLK_F_MQ,
@@ -72,6 +74,14 @@ export interface BlkDevice extends VhostUserDevice {
    * told (BackendSession.notifyConfigChange(), CONFIG_CHANGE_MSG), as `vmshift blk` does on SIGHUP.
    */
   resize(): { from: number; to: number };
+  /**
+   * The cache mode the driver chose through the config space (VIRTIO_BLK_F_CONFIG_WCE):
+   * writeback (default: FLUSH makes writes durable) or writethrough (every write is made
+   * durable before it completes).
+   */
+  readonly writeback: boolean;
+  /** Writes made durable on their own because the cache was in writethrough mode. */
+  readonly writeThroughFlushes: number;
 }
 
 export function blkDevice(o: BlkOptions): BlkDevice {
@@ -101,13 +111,17 @@ export function blkDevice(o: BlkOptions): BlkDevice {
   if (queues > 1) f |= features(VIRTIO_BLK_F_MQ);
   // A read-only disk offers neither discard nor write zeroes: those requests then get UNSUPP.
   if (readonly) f |= features(VIRTIO_BLK_F_RO);
-  else f |= features(VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES);
+  else f |= features(VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_F_CONFIG_WCE);
 
+  // The cache mode and its flush count, shared with every queue worker: [writeback 0/1, flushes].
+  const cache = new Int32Array(new SharedArrayBuffer(8));
+  cache[0] = 1;
   // The capacity in force, shared with every queue worker (online resize).
   const capacity = new BigInt64Array(new SharedArrayBuffer(8));
   capacity[0] = BigInt(capacitySectors);
   const geometry = (sectors: number) => ({
     capacitySectors: sectors,
+    writeback: Atomics.load(cache, 0) === 1,
     blkSize: SECTOR_SIZE,
     sizeMax: SIZE_MAX,
     segMax: SEG_MAX,
@@ -127,6 +141,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     direct: !!o.direct,
     capacitySectors,
     capacity: capacity.buffer as SharedArrayBuffer,
+    cache: cache.buffer as SharedArrayBuffer,
     id,
     discard: !readonly,
     writeZeroes: !readonly,
@@ -159,6 +174,12 @@ export function blkDevice(o: BlkOptions): BlkDevice {
       }
       return { from, to };
     },
+    get writeback() {
+      return Atomics.load(cache, 0) === 1;
+    },
+    get writeThroughFlushes() {
+      return Atomics.load(cache, 1);
+    },
     options: { ...o },
     info: {
       numQueues: queues,
@@ -171,5 +192,14 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     queueWorker: new URL("./handler.js", import.meta.url),
     workerData: () => data,
     getConfig: (offset, size) => configSlice(config, offset, size),
+    // The one writable field: the cache mode (virtio 1.2 5.2.6.3, VIRTIO_BLK_F_CONFIG_WCE).
+    setConfig: (offset, data) => {
+      if (readonly || offset !== Config.writeback || data.length !== 1 || (data[0] as number) > 1)
+        throw new RangeError(
+          `config write of ${data.length} byte(s) at ${offset}: only the writeback byte (${Config.writeback}) is writable`,
+        );
+      Atomics.store(cache, 0, data[0] as number);
+      config = encodeConfig(geometry(Number(Atomics.load(capacity, 0))));
+    },
   };
 }

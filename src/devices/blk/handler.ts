@@ -39,6 +39,8 @@ export interface BlkWorkerData {
   capacitySectors: number;
   /** BigInt64Array[1]: the capacity in force (sectors), changed by an online resize. */
   capacity: SharedArrayBuffer;
+  /** Int32Array[2]: [1 writeback / 0 writethrough, writes flushed on their own]. */
+  cache: SharedArrayBuffer;
   /** GET_ID answer (≤ 20 bytes). */
   id: Uint8Array;
   discard: boolean;
@@ -82,10 +84,12 @@ export class BlkQueueHandler implements QueueHandler {
   #warnings = 0;
   readonly #sleeper = new Int32Array(new SharedArrayBuffer(4));
   readonly #capacity: BigInt64Array;
+  readonly #cache: Int32Array;
 
   constructor(ctx: QueueContext) {
     this.#d = ctx.data as BlkWorkerData;
     this.#capacity = new BigInt64Array(this.#d.capacity);
+    this.#cache = new Int32Array(this.#d.cache);
     this.#queue = ctx.queue;
     this.#memory = ctx.memory;
     this.#image = BlockImage.open(this.#d.path, { readonly: this.#d.readonly, direct: this.#d.direct });
@@ -193,7 +197,7 @@ export class BlkQueueHandler implements QueueHandler {
       case VIRTIO_BLK_T_OUT:
         // virtio 1.2 5.2.6.2: with VIRTIO_BLK_F_RO, IOERR for a write, and no data written.
         if (this.#d.readonly) return IOERR;
-        return this.#write(chain, sector, payload);
+        return this.#durable(this.#write(chain, sector, payload));
       case VIRTIO_BLK_T_FLUSH:
         if (!this.#d.readonly) this.#image.flush();
         return ok();
@@ -208,10 +212,25 @@ export class BlkQueueHandler implements QueueHandler {
         return this.#ranges(chain, payload, false);
       case VIRTIO_BLK_T_WRITE_ZEROES:
         if (!this.#d.writeZeroes) return UNSUPP;
-        return this.#ranges(chain, payload, true);
+        return this.#durable(this.#ranges(chain, payload, true));
       default:
         return UNSUPP;
     }
+  }
+
+  /**
+   * Writethrough cache (the driver cleared the config's writeback byte): a write completes only
+   * once it is on stable storage, so it is flushed on its own before its status goes back.
+   */
+  #durable(out: Outcome | Promise<Outcome>): Outcome | Promise<Outcome> {
+    if (Atomics.load(this.#cache, 0) === 1) return out;
+    const flush = (o: Outcome): Outcome => {
+      if (o.status !== VIRTIO_BLK_S_OK) return o;
+      this.#image.flush();
+      Atomics.add(this.#cache, 1, 1);
+      return o;
+    };
+    return out instanceof Promise ? out.then(flush) : flush(out);
   }
 
   /** Byte offset of [sector, +bytes) in the image, or null when it is not all inside it. */
