@@ -751,25 +751,32 @@ export class BackendSession {
   async #deviceStateFd(m: Extract<Msg, { name: "SET_DEVICE_STATE_FD" }>): Promise<void> {
     const fd = m.fds[0];
     if (!fd) throw new VhostUserError("BAD_FD_COUNT", "no pipe fd", { request: m.name });
-    const { createReadStream, createWriteStream } = await import("node:fs");
+    // A net.Socket, not an fs stream: the fd may be a pipe (QEMU's) or a socket, blocking or
+    // not (a non-blocking one gives fs streams EAGAIN); libuv handles both.
+    const { Socket } = await import("node:net");
     const raw = fd.release();
     if (m.payload.direction === 0) {
-      // Save: write our state into the pipe, then close it (EOF ends the transfer).
+      // Save: write our state into the fd, then close it (EOF ends the transfer).
       const state = (await this.#device.saveState?.()) ?? new Uint8Array(0);
-      const out = createWriteStream("", { fd: raw });
+      const out = new Socket({ fd: raw, readable: false, writable: true });
       this.#stateTransfer = new Promise((resolve, reject) => {
         out.on("error", reject);
         out.end(state, () => resolve());
       });
     } else {
-      const input = createReadStream("", { fd: raw });
+      const input = new Socket({ fd: raw, readable: true, writable: false });
       const parts: Buffer[] = [];
       this.#stateTransfer = new Promise<void>((resolve, reject) => {
         input.on("data", (b) => parts.push(b as Buffer));
         input.on("error", reject);
-        input.on("end", () => resolve());
+        input.on("end", () => {
+          input.destroy();
+          resolve();
+        });
       }).then(() => this.#device.loadState?.(new Uint8Array(Buffer.concat(parts))));
     }
+    // Its outcome is CHECK_DEVICE_STATE's answer; until that comes, a failure is not unhandled.
+    this.#stateTransfer.catch(() => undefined);
     // Bit 8: we use the fd we were given, none comes back.
     return this.conn.reply(m, 0x100n);
   }

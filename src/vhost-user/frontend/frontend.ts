@@ -56,6 +56,7 @@ export const FRONTEND_PROTOCOL_FEATURES = featureMask(
   ProtocolFeature.CONFIGURE_MEM_SLOTS,
   ProtocolFeature.STATUS,
   ProtocolFeature.PAGEFAULT,
+  ProtocolFeature.DEVICE_STATE,
 );
 
 const F_PROTOCOL_FEATURES = featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
@@ -383,6 +384,84 @@ export class VhostUserFrontend implements Disposable {
   async setConfig(offset: number, data: Uint8Array, flags = 0): Promise<void> {
     this.#need(ProtocolFeature.CONFIG, "SET_CONFIG");
     await this.#send("SET_CONFIG", { offset, flags, data });
+  }
+
+  // ---- device state transfer (DEVICE_STATE) ---------------------------------------------------
+
+  /**
+   * The back-end's internal device state, for migration (SET_DEVICE_STATE_FD, save, phase
+   * "stopped"; the rings should be stopped first), read to EOF and confirmed with
+   * CHECK_DEVICE_STATE. A failure on the back-end's side is a VhostUserError NACK.
+   */
+  async saveDeviceState(): Promise<Uint8Array> {
+    const fd = await this.#deviceStateFd(0);
+    const { Socket } = await import("node:net");
+    const parts: Buffer[] = [];
+    await new Promise<void>((resolve, reject) => {
+      const input = new Socket({ fd, readable: true, writable: false });
+      input.on("data", (b) => parts.push(b as Buffer));
+      input.on("error", reject);
+      input.on("end", () => {
+        input.destroy();
+        resolve();
+      });
+    });
+    await this.#checkDeviceState("save");
+    return new Uint8Array(Buffer.concat(parts));
+  }
+
+  /** Hands the back-end a state saved by saveDeviceState() on another one (SET_DEVICE_STATE_FD, load). */
+  async loadDeviceState(state: Uint8Array): Promise<void> {
+    const fd = await this.#deviceStateFd(1);
+    const { Socket } = await import("node:net");
+    await new Promise<void>((resolve, reject) => {
+      const out = new Socket({ fd, readable: false, writable: true });
+      out.on("error", reject);
+      out.end(state, () => {
+        out.destroy();
+        resolve();
+      });
+    });
+    await this.#checkDeviceState("load");
+  }
+
+  /** SET_DEVICE_STATE_FD over a socket pair; returns the raw fd of our end (or the back-end's own). */
+  async #deviceStateFd(direction: 0 | 1): Promise<number> {
+    this.#need(ProtocolFeature.DEVICE_STATE, "SET_DEVICE_STATE_FD");
+    const [mine, theirs] = UnixSocket.pair();
+    try {
+      const r = await this.connection.request("SET_DEVICE_STATE_FD", { direction, phase: 0 }, { fds: [theirs.fd] });
+      if (!r) throw new VhostUserError("UNEXPECTED_REPLY", "no reply", { request: "SET_DEVICE_STATE_FD" });
+      const status = r.payload as bigint;
+      if ((status & 0xffn) !== 0n) {
+        for (const f of r.fds) f.close();
+        throw new VhostUserError("NACK", `the back-end refused the state transfer (status ${status & 0xffn})`, {
+          request: "SET_DEVICE_STATE_FD",
+        });
+      }
+      // Bit 8 clear: the back-end wants its own fd used instead of ours.
+      const other = (status & 0x100n) === 0n ? r.fds[0] : undefined;
+      for (const f of r.fds) if (f !== other) f.close();
+      if (other) {
+        mine.close();
+        return other.release();
+      }
+      return mine.fd.release();
+    } catch (e) {
+      mine.close();
+      throw e;
+    } finally {
+      theirs.close();
+    }
+  }
+
+  async #checkDeviceState(what: string): Promise<void> {
+    const r = await this.connection.request("CHECK_DEVICE_STATE", undefined);
+    if (!r) throw new VhostUserError("UNEXPECTED_REPLY", "no reply", { request: "CHECK_DEVICE_STATE" });
+    if ((r.payload as bigint) !== 0n)
+      throw new VhostUserError("NACK", `the back-end reports the state ${what} failed (${r.payload})`, {
+        request: "CHECK_DEVICE_STATE",
+      });
   }
 
   async setStatus(status: number): Promise<void> {
