@@ -293,15 +293,29 @@ for (const table of ["ADD_MEM_REG", "SET_MEM_TABLE"] as const) {
   });
 }
 
-test("a back-end without PAGEFAULT: postcopy refused up front with the reason; precopy with its dirty log (SET_LOG_BASE) migrates correctly", {
+test("a back-end without PAGEFAULT: postcopy refused up front with the reason; precopy with its dirty log (SET_LOG_BASE) migrates correctly, its device state in the stream", {
   timeout: 30_000,
 }, async () => {
   const backend = await startBackend("no-pf", "no-pagefault");
+  // The destination's own back-end, which receives the device state (DEVICE_STATE record).
+  const backendDst = await startBackend("no-pf-dst", "no-pagefault");
+  const feState = VhostUserFrontend.connect(backendDst.path, { timeoutMs: 5000 });
+  await feState.negotiate();
+  await feState.setOwner();
+  let sentState: Uint8Array | null = null;
   const src = makeMemory();
   const dst = makeMemory();
   const scratch = scratchRegion();
   fillPattern(src);
-  const destination = new MigrationDestination({ memory: dst });
+  const destination = new MigrationDestination({
+    memory: dst,
+    hooks: {
+      loadDeviceState: async (s) => {
+        assert.equal(s.name, "vhost-user:echo");
+        await feState.loadDeviceState(s.blob);
+      },
+    },
+  });
   let fe: VhostUserFrontend | null = null;
   let queue: EchoQueue | null = null;
   try {
@@ -379,9 +393,18 @@ test("a back-end without PAGEFAULT: postcopy refused up front with the reason; p
           stop = true;
           await writer;
         },
+        // The rings stopped, the back-end's own state goes as a device-state record.
+        saveDeviceState: async () => {
+          await (fe as VhostUserFrontend).stopVring(0);
+          sentState = await (fe as VhostUserFrontend).saveDeviceState();
+          return [{ name: "vhost-user:echo", blob: sentState }];
+        },
       },
     });
     const [rs, rd] = await Promise.all([source.run(a), destination.run(b)]);
+    assert.deepEqual(rd.deviceStates, ["vhost-user:echo"]);
+    assert.ok(sentState, "the source's back-end state was saved");
+    assert.deepEqual(await feState.saveDeviceState(), sentState, "the destination's back-end holds the same state");
     assert.equal(rs.mode, "precopy");
     assert.equal(rd.mode, "precopy");
     assert.ok(echoed >= 32, `the back-end wrote ${echoed} pages during the migration`);
@@ -397,7 +420,9 @@ test("a back-end without PAGEFAULT: postcopy refused up front with the reason; p
   } finally {
     (queue as EchoQueue | null)?.close();
     fe?.close();
+    feState.close();
     await backend.stop();
+    await backendDst.stop();
     src.close();
     dst.close();
     scratch.close();
