@@ -148,3 +148,68 @@ test("out-of-order completion before the crash: the in-flight head is resubmitte
     backend.kill("SIGKILL");
   }
 });
+
+test("the vmshift front-end drives the restart itself (getInflight / setInflight): the held request is resubmitted once", async () => {
+  const { GuestMemory } = await import("../../src/memory/guest-memory.js");
+  const { GuestMemoryRegion } = await import("../../src/memory/region.js");
+  const { VhostUserFrontend } = await import("../../src/vhost-user/frontend/frontend.js");
+  const { SplitQueueDriver } = await import("../../src/virtio/driver.js");
+  const { VirtioFeature } = await import("../../src/vhost-user/protocol/constants.js");
+  const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
+  const path = join(tmpdir(), `vmshift-inflight3-${process.pid}.sock`);
+  const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * 1024 * 1024)]);
+  const first = await startBackend(path, true);
+  let second: ChildProcess | null = null;
+  const life = async () => {
+    const fe = VhostUserFrontend.connect(path, { timeoutMs: 5000 });
+    await fe.negotiate();
+    await fe.setOwner();
+    await fe.setFeatures(VERSION_1);
+    await fe.setMemTable(memory);
+    return fe;
+  };
+  try {
+    const fe = await life();
+    assert.ok(fe.hasProtocolFeature(ProtocolFeature.INFLIGHT_SHMFD));
+    const inflight = await fe.getInflight(1, 64);
+    await fe.setInflight(inflight);
+    const q = SplitQueueDriver.at(memory, 0x1000, 64, { features: VERSION_1 });
+    await fe.startVring(0, q.layout);
+    memory.write(0x100000, Uint8Array.of(0xff, 1, 2, 3)); // held for ever by this life
+    memory.write(0x101000, Uint8Array.of(7, 8, 9));
+    q.add([{ addr: 0x100000, len: 4 }], [{ addr: 0x200000, len: 4 }]);
+    q.add([{ addr: 0x101000, len: 3 }], [{ addr: 0x201000, len: 3 }]);
+    if (q.publish()) fe.kick(0);
+    const view = Mapping.map(inflight.fd, Number(inflight.mmapSize));
+    const region = view.bytes(0, 32) as Uint8Array;
+    for (let i = 0; i < 500 && region[16] !== 1; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.equal(region[16], 1, "the first request is in flight");
+    first.kill("SIGKILL");
+    await new Promise((r) => first.once("exit", r));
+    fe.close();
+
+    second = await startBackend(path, false);
+    const fe2 = await life();
+    await fe2.setInflight(inflight);
+    await fe2.startVring(0, q.layout, memory.readU16(q.usedRing + 2));
+    const lens: number[] = [];
+    const deadline = Date.now() + 5000;
+    while (lens.length < 2 && Date.now() < deadline) {
+      const u = q.getUsed();
+      if (u) lens.push(u.len);
+      else await new Promise((r) => setTimeout(r, 5));
+    }
+    assert.deepEqual(lens.sort(), [3, 4], "both requests completed");
+    assert.deepEqual([...memory.read(0x200000, 4)], [0xff, 1, 2, 3]);
+    assert.deepEqual([...memory.read(0x201000, 3)], [7, 8, 9]);
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(q.getUsed(), null, "nothing completed twice");
+    view.close();
+    inflight.fd.close();
+    fe2.close();
+  } finally {
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    memory.close();
+  }
+});

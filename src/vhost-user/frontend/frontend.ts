@@ -41,7 +41,7 @@ import {
 import { VhostUserError } from "../protocol/errors.js";
 import type { FrontendRequests } from "../protocol/frontend-requests.js";
 import type { RequestPayload } from "../protocol/message.js";
-import type { MemoryRegion } from "../protocol/payloads.js";
+import type { InflightDescription, MemoryRegion } from "../protocol/payloads.js";
 import { FrontendError } from "./errors.js";
 import { FrontendVring, type VringLayout } from "./vring.js";
 
@@ -57,6 +57,7 @@ export const FRONTEND_PROTOCOL_FEATURES = featureMask(
   ProtocolFeature.STATUS,
   ProtocolFeature.PAGEFAULT,
   ProtocolFeature.DEVICE_STATE,
+  ProtocolFeature.INFLIGHT_SHMFD,
 );
 
 const F_PROTOCOL_FEATURES = featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
@@ -384,6 +385,31 @@ export class VhostUserFrontend implements Disposable {
   async setConfig(offset: number, data: Uint8Array, flags = 0): Promise<void> {
     this.#need(ProtocolFeature.CONFIG, "SET_CONFIG");
     await this.#send("SET_CONFIG", { offset, flags, data });
+  }
+
+  // ---- inflight I/O tracking (INFLIGHT_SHMFD) --------------------------------------------------
+
+  /**
+   * GET_INFLIGHT_FD: the back-end's inflight region for `numQueues` queues of `queueSize`
+   * entries. The caller owns `fd` and keeps it across back-end restarts: handing it to the next
+   * back-end life with setInflight() before its rings start lets it resubmit what was in flight.
+   */
+  async getInflight(numQueues: number, queueSize: number): Promise<InflightDescription & { fd: Fd }> {
+    this.#need(ProtocolFeature.INFLIGHT_SHMFD, "GET_INFLIGHT_FD");
+    const r = await this.connection.request("GET_INFLIGHT_FD", { mmapSize: 0n, mmapOffset: 0n, numQueues, queueSize });
+    if (!r) throw new VhostUserError("UNEXPECTED_REPLY", "no reply", { request: "GET_INFLIGHT_FD" });
+    const d = r.payload as InflightDescription;
+    const fd = r.fds[0];
+    for (const f of r.fds.slice(1)) f.close();
+    if (!fd) throw new VhostUserError("BAD_FD_COUNT", "no inflight fd in the reply", { request: "GET_INFLIGHT_FD" });
+    return { ...d, fd };
+  }
+
+  /** SET_INFLIGHT_FD: the region from getInflight() (of this or an earlier back-end life); the fd stays the caller's. */
+  async setInflight(region: InflightDescription & { fd: Fd }): Promise<void> {
+    this.#need(ProtocolFeature.INFLIGHT_SHMFD, "SET_INFLIGHT_FD");
+    const { fd, ...d } = region;
+    await this.#send("SET_INFLIGHT_FD", d, [fd]);
   }
 
   // ---- device state transfer (DEVICE_STATE) ---------------------------------------------------
