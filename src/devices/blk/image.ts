@@ -106,78 +106,22 @@ export class BlockImage implements Disposable {
 
   async #vectoredAsync(views: Uint8Array[], pos: number, read: boolean): Promise<void> {
     const fd = this.fd.fd;
-    let i = 0;
-    let skip = 0;
-    let at = pos;
-    while (i < views.length) {
-      const batch: Uint8Array[] = [];
-      for (let k = i; k < views.length && batch.length < 1024; k++) {
-        const v = views[k] as Uint8Array;
-        batch.push(k === i && skip > 0 ? v.subarray(skip) : v);
-      }
+    for (const c = new VectoredTransfer(views, pos, read); !c.done; ) {
+      const batch = c.batch();
       const n = await new Promise<number>((resolve) => {
         const done = (err: NodeJS.ErrnoException | null, bytes: number) =>
           resolve(err ? -Math.abs(err.errno ?? EIO) : bytes);
-        if (read) readv(fd, batch, at, done);
-        else writev(fd, batch, at, done);
+        if (read) readv(fd, batch, c.at, done);
+        else writev(fd, batch, c.at, done);
       });
-      if (n === -EINTR) continue;
-      if (n < 0) throw new SysError(read ? "preadv" : "pwritev", -n);
-      if (n === 0) {
-        if (!read) throw new SysError("pwritev", EIO, "wrote nothing");
-        for (const v of batch) v.fill(0);
-        for (let k = i + batch.length; k < views.length; k++) (views[k] as Uint8Array).fill(0);
-        return;
-      }
-      at += n;
-      let left = n;
-      while (left > 0 && i < views.length) {
-        const rest = (views[i] as Uint8Array).length - skip;
-        if (left >= rest) {
-          left -= rest;
-          i++;
-          skip = 0;
-        } else {
-          skip += left;
-          left = 0;
-        }
-      }
+      c.step(n, batch);
     }
   }
 
   #vectored(views: Uint8Array[], pos: number, read: boolean): void {
-    let i = 0;
-    let skip = 0; // bytes of views[i] already done
-    let at = pos;
-    while (i < views.length) {
-      const batch: Uint8Array[] = [];
-      for (let k = i; k < views.length && batch.length < 1024; k++) {
-        const v = views[k] as Uint8Array;
-        batch.push(k === i && skip > 0 ? v.subarray(skip) : v);
-      }
-      const n = read ? native.preadv(this.fd.fd, batch, at) : native.pwritev(this.fd.fd, batch, at);
-      if (n === -EINTR) continue;
-      if (n < 0) throw new SysError(read ? "preadv" : "pwritev", -n);
-      if (n === 0) {
-        if (!read) throw new SysError("pwritev", EIO, "wrote nothing");
-        for (const v of batch) v.fill(0); // end of file
-        for (let k = i + batch.length; k < views.length; k++) (views[k] as Uint8Array).fill(0);
-        return;
-      }
-      at += n;
-      // Advance past what was transferred (a short transfer may end inside a view).
-      let left = n;
-      while (left > 0 && i < views.length) {
-        const rest = (views[i] as Uint8Array).length - skip;
-        if (left >= rest) {
-          left -= rest;
-          i++;
-          skip = 0;
-        } else {
-          skip += left;
-          left = 0;
-        }
-      }
+    for (const c = new VectoredTransfer(views, pos, read); !c.done; ) {
+      const batch = c.batch();
+      c.step(read ? native.preadv(this.fd.fd, batch, c.at) : native.pwritev(this.fd.fd, batch, c.at), batch);
     }
   }
 
@@ -251,4 +195,61 @@ export function isDirectAligned(view: Uint8Array, pos: number): boolean {
     pos % DIRECT_ALIGNMENT === 0 &&
     Number(native.addressOf(view) % BigInt(DIRECT_ALIGNMENT)) === 0
   );
+}
+
+/**
+ * Where a vectored transfer over `views` from file offset `at` stands: the next batch to hand
+ * the kernel (≤ 1024 views, the first one cut past what is done), and the step past what a call
+ * transferred (a short transfer may end inside a view). A read past the end of the file fills
+ * the rest with zeros; a write that moves nothing is EIO.
+ */
+class VectoredTransfer {
+  #i = 0;
+  /** Bytes of views[#i] already done. */
+  #skip = 0;
+  done: boolean;
+
+  constructor(
+    readonly views: Uint8Array[],
+    public at: number,
+    readonly read: boolean,
+  ) {
+    this.done = views.length === 0;
+  }
+
+  batch(): Uint8Array[] {
+    const out: Uint8Array[] = [];
+    for (let k = this.#i; k < this.views.length && out.length < 1024; k++) {
+      const v = this.views[k] as Uint8Array;
+      out.push(k === this.#i && this.#skip > 0 ? v.subarray(this.#skip) : v);
+    }
+    return out;
+  }
+
+  /** Takes the result of one preadv/pwritev of `batch` (bytes, or -errno). */
+  step(n: number, batch: Uint8Array[]): void {
+    if (n === -EINTR) return;
+    if (n < 0) throw new SysError(this.read ? "preadv" : "pwritev", -n);
+    if (n === 0) {
+      if (!this.read) throw new SysError("pwritev", EIO, "wrote nothing");
+      for (const v of batch) v.fill(0); // end of file
+      for (let k = this.#i + batch.length; k < this.views.length; k++) (this.views[k] as Uint8Array).fill(0);
+      this.done = true;
+      return;
+    }
+    this.at += n;
+    let left = n;
+    while (left > 0 && this.#i < this.views.length) {
+      const rest = (this.views[this.#i] as Uint8Array).length - this.#skip;
+      if (left >= rest) {
+        left -= rest;
+        this.#i++;
+        this.#skip = 0;
+      } else {
+        this.#skip += left;
+        left = 0;
+      }
+    }
+    this.done = this.#i >= this.views.length;
+  }
 }
