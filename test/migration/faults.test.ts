@@ -2,11 +2,13 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { MigrationDestination } from "../../src/migration/destination.js";
 import { MigrationError } from "../../src/migration/errors.js";
-import { MigrationSource, type SourceHooks } from "../../src/migration/source.js";
+import { MigrationSource } from "../../src/migration/source.js";
 import { Workload } from "../../src/migration/workload.js";
 import {
   countFds,
+  expectBoth,
   fillPattern,
+  hooks,
   MiB,
   makeMemory,
   proxyPair,
@@ -15,34 +17,6 @@ import {
   settle,
   socketPair,
 } from "./helpers.js";
-
-function hooks(): SourceHooks & { stopped: number; resumed: number } {
-  const h = {
-    stopped: 0,
-    resumed: 0,
-    stopWriters() {
-      h.stopped++;
-    },
-    resumeWriters() {
-      h.resumed++;
-    },
-  };
-  return h;
-}
-
-async function expectBoth(
-  source: Promise<unknown>,
-  destination: Promise<unknown>,
-): Promise<[MigrationError, MigrationError]> {
-  const [s, d] = await Promise.allSettled([source, destination]);
-  assert.equal(s.status, "rejected", "source should fail");
-  assert.equal(d.status, "rejected", "destination should fail");
-  const se = (s as PromiseRejectedResult).reason;
-  const de = (d as PromiseRejectedResult).reason;
-  assert.ok(se instanceof MigrationError, `source error: ${se}`);
-  assert.ok(de instanceof MigrationError, `destination error: ${de}`);
-  return [se, de];
-}
 
 test("a flipped bit is CORRUPT at the offset of its record; the source keeps all its memory", async () => {
   const fds = countFds();

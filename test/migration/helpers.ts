@@ -1,7 +1,10 @@
+import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import type { Socket } from "node:net";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
+import { MigrationError } from "../../src/migration/errors.js";
+import type { SourceHooks } from "../../src/migration/source.js";
 import { MigrationListener } from "../../src/migration/transport.js";
 
 export const MiB = 1024 * 1024;
@@ -132,3 +135,33 @@ export function recordOffsets(stream: Buffer): number[] {
 }
 
 export const settle = () => new Promise((r) => setTimeout(r, 50));
+
+/** Source hooks that count stopWriters / resumeWriters calls. */
+export function hooks(): SourceHooks & { stopped: number; resumed: number } {
+  const h = {
+    stopped: 0,
+    resumed: 0,
+    stopWriters() {
+      h.stopped++;
+    },
+    resumeWriters() {
+      h.resumed++;
+    },
+  };
+  return h;
+}
+
+/** Both sides of a migration must fail, each with a MigrationError; returns them. */
+export async function expectBoth(
+  source: Promise<unknown>,
+  destination: Promise<unknown>,
+): Promise<[MigrationError, MigrationError]> {
+  const [s, d] = await Promise.allSettled([source, destination]);
+  assert.equal(s.status, "rejected", "source should fail");
+  assert.equal(d.status, "rejected", "destination should fail");
+  const se = (s as PromiseRejectedResult).reason;
+  const de = (d as PromiseRejectedResult).reason;
+  assert.ok(se instanceof MigrationError, `source error: ${se}`);
+  assert.ok(de instanceof MigrationError, `destination error: ${de}`);
+  return [se, de];
+}

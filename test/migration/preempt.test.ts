@@ -6,39 +6,10 @@ import assert from "node:assert/strict";
 import type { Socket } from "node:net";
 import { test } from "node:test";
 import { MigrationDestination } from "../../src/migration/destination.js";
-import { MigrationError } from "../../src/migration/errors.js";
 import { encodePreempt, encodeStreamHeader } from "../../src/migration/format.js";
-import { MigrationSource, type SourceHooks } from "../../src/migration/source.js";
+import { MigrationSource } from "../../src/migration/source.js";
 import { Workload } from "../../src/migration/workload.js";
-import { countFds, fillPattern, makeMemory, rawDigest, settle, socketPair } from "./helpers.js";
-
-function hooks(): SourceHooks & { stopped: number; resumed: number } {
-  const h = {
-    stopped: 0,
-    resumed: 0,
-    stopWriters() {
-      h.stopped++;
-    },
-    resumeWriters() {
-      h.resumed++;
-    },
-  };
-  return h;
-}
-
-async function bothFail(
-  source: Promise<unknown>,
-  destination: Promise<unknown>,
-): Promise<[MigrationError, MigrationError]> {
-  const [s, d] = await Promise.allSettled([source, destination]);
-  assert.equal(s.status, "rejected", "source should fail");
-  assert.equal(d.status, "rejected", "destination should fail");
-  const se = (s as PromiseRejectedResult).reason;
-  const de = (d as PromiseRejectedResult).reason;
-  assert.ok(se instanceof MigrationError, `source error: ${se}`);
-  assert.ok(de instanceof MigrationError, `destination error: ${de}`);
-  return [se, de];
-}
+import { countFds, expectBoth, fillPattern, hooks, makeMemory, rawDigest, settle, socketPair } from "./helpers.js";
 
 for (const after of [0, 1]) {
   test(`postcopy after ${after} round(s) with a preempt channel: requested pages come on it, memory equal`, async () => {
@@ -122,7 +93,7 @@ test("a destination that cannot accept a preempt channel refuses it up front; th
   const [pa, pb] = await socketPair();
   pb.resume();
   const h = hooks();
-  const [se, de] = await bothFail(
+  const [se, de] = await expectBoth(
     new MigrationSource({ memory: src, mode: "postcopy", hooks: h }).run(a, { preempt: pa }),
     new MigrationDestination({ memory: dst }).run(b),
   );
@@ -149,7 +120,7 @@ test("a preempt connection from another migration (wrong nonce) is BAD_RECORD; t
   xa.write(encodeStreamHeader());
   xa.write(encodePreempt(12345n));
   const h = hooks();
-  const [se, de] = await bothFail(
+  const [se, de] = await expectBoth(
     new MigrationSource({ memory: src, mode: "postcopy", hooks: h }).run(a, { preempt: pa }),
     new MigrationDestination({ memory: dst, acceptPreempt: async () => xb }).run(b),
   );
@@ -177,7 +148,7 @@ test("the preempt channel dropped while the destination runs: both sides fail ty
     acceptPreempt: async () => pb,
     hooks: { resume: () => void setTimeout(() => pb.destroy(), 5) },
   });
-  const [se, de] = await bothFail(source.run(a, { preempt: pa }), destination.run(b));
+  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
   assert.ok(["CONNECTION_LOST", "TRUNCATED", "PEER_FAILED"].includes(se.code), se.code);
   assert.ok(["CONNECTION_LOST", "TRUNCATED"].includes(de.code), de.code);
   assert.equal(h.resumed, 0, "the destination ran: the source must not run the guest too");

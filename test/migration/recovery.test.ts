@@ -10,24 +10,10 @@ import { MigrationDestination } from "../../src/migration/destination.js";
 import { MigrationError } from "../../src/migration/errors.js";
 import type { Phase } from "../../src/migration/events.js";
 import { encodeNonce, encodeStreamHeader, RecordType } from "../../src/migration/format.js";
-import { MigrationSource, type SourceHooks } from "../../src/migration/source.js";
+import { MigrationSource } from "../../src/migration/source.js";
 import { connectEndpoint, MigrationListener } from "../../src/migration/transport.js";
 import { Workload } from "../../src/migration/workload.js";
-import { countFds, fillPattern, makeMemory, proxyPair, rawDigest, settle, socketPair } from "./helpers.js";
-
-function hooks(): SourceHooks & { stopped: number; resumed: number } {
-  const h = {
-    stopped: 0,
-    resumed: 0,
-    stopWriters() {
-      h.stopped++;
-    },
-    resumeWriters() {
-      h.resumed++;
-    },
-  };
-  return h;
-}
+import { countFds, fillPattern, hooks, makeMemory, proxyPair, rawDigest, settle, socketPair } from "./helpers.js";
 
 test("postcopy connection cut mid-stream: both sides pause, a new connection resumes it, memory equal", async () => {
   const fds = countFds();
