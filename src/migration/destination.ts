@@ -37,7 +37,7 @@ import {
   RecordWriter,
 } from "./channel.js";
 import { hex, PageHashes, regionDigest } from "./digest.js";
-import { asMigrationError, MigrationError } from "./errors.js";
+import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
 import {
   bitmapHas,
@@ -439,16 +439,8 @@ export class MigrationDestination {
   ): Promise<{ stream: Duplex; reader: RecordReader; writer: RecordWriter }> {
     const limit = rec.timeoutMs ?? 60_000;
     const deadline = performance.now() + limit;
-    const within = <T>(p: Promise<T>): Promise<T> => {
-      let t: NodeJS.Timeout | undefined;
-      const late = new Promise<never>((_, rej) => {
-        t = setTimeout(
-          () => rej(new MigrationError("CONNECTION_LOST", "recovery timed out")),
-          deadline - performance.now(),
-        );
-      });
-      return Promise.race([p, late, aborted]).finally(() => clearTimeout(t));
-    };
+    const within = <T>(p: Promise<T>): Promise<T> =>
+      withDeadline(Promise.race([p, aborted]), deadline, "recovery timed out");
     while (performance.now() < deadline) {
       let s: Duplex | null = null;
       try {
@@ -486,17 +478,11 @@ export class MigrationDestination {
         "UNSUPPORTED",
         "the source opened a postcopy preempt channel and this destination cannot accept one (no acceptPreempt)",
       );
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<never>((_, rej) => {
-      timer = setTimeout(
-        () =>
-          rej(
-            new MigrationError("CONNECTION_LOST", `the preempt channel did not connect within ${PREEMPT_ACCEPT_MS} ms`),
-          ),
-        PREEMPT_ACCEPT_MS,
-      );
-    });
-    const stream = await Promise.race([accept(), aborted, late]).finally(() => clearTimeout(timer));
+    const stream = await withDeadline(
+      Promise.race([accept(), aborted]),
+      performance.now() + PREEMPT_ACCEPT_MS,
+      `the preempt channel did not connect within ${PREEMPT_ACCEPT_MS} ms`,
+    );
     const reader = new RecordReader(stream, { reuseBuffer: true });
     try {
       const first = await Promise.race([reader.readStreamHeader().then(() => reader.next()), aborted]);

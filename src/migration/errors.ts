@@ -36,3 +36,19 @@ export function asMigrationError(e: unknown, fallback: MigrationErrorCode = "CON
     cause: typeof err?.code === "string" ? err.code : undefined,
   });
 }
+
+/** `p`, or a CONNECTION_LOST with `message` when `deadline` (a performance.now() time) comes first. */
+export async function withDeadline<T>(p: Promise<T>, deadline: number, message: string): Promise<T> {
+  let t: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, rej) => {
+    t = setTimeout(
+      () => rej(new MigrationError("CONNECTION_LOST", message)),
+      Math.max(0, deadline - performance.now()),
+    );
+  });
+  try {
+    return await Promise.race([p, late]);
+  } finally {
+    clearTimeout(t);
+  }
+}

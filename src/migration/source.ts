@@ -15,7 +15,7 @@ import type { GuestMemoryRegion } from "../memory/region.js";
 import { native } from "../sys/native.js";
 import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
 import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
-import { asMigrationError, MigrationError } from "./errors.js";
+import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import { MigrationEvents, type MigrationResult, type Phase, type RegionDigest, type RoundStats } from "./events.js";
 import {
   bitmapFromPages,
@@ -43,22 +43,6 @@ import {
 import { copyRegionPages } from "./pages.js";
 
 const GiB = 1024 ** 3;
-
-/** `p`, or a CONNECTION_LOST when `deadline` (performance.now() time) comes first. */
-async function withDeadline<T>(p: Promise<T>, deadline: number, what: string): Promise<T> {
-  let t: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, rej) => {
-    t = setTimeout(
-      () => rej(new MigrationError("CONNECTION_LOST", `timed out waiting for ${what}`)),
-      Math.max(0, deadline - performance.now()),
-    );
-  });
-  try {
-    return await Promise.race([p, late]);
-  } finally {
-    clearTimeout(t);
-  }
-}
 
 export interface DeviceState {
   name: string;
@@ -598,14 +582,18 @@ export class MigrationSource {
       if (this.#o.signal?.aborted) throw new MigrationError("ABORTED", "migration cancelled while postcopy was paused");
       let s: Duplex | null = null;
       try {
-        s = await withDeadline(recovery.reconnect(), deadline, "reconnect");
+        s = await withDeadline(recovery.reconnect(), deadline, "timed out waiting for reconnect");
         const w = new RecordWriter(s, { highWater: 256 * 1024 });
         const r = new RecordReader(s);
         await w.write(encodeStreamHeader());
         await w.write(encodeNonce(RecordType.Recover, nonce));
         const held: Uint8Array[] = [];
         for (const [i, ri] of this.#regions.entries()) {
-          const rec = await withDeadline(r.next(), deadline, "the destination's RECEIVED records");
+          const rec = await withDeadline(
+            r.next(),
+            deadline,
+            "timed out waiting for the destination's RECEIVED records",
+          );
           if (rec.type === RecordType.Fail) {
             const f = decodeFail(rec.payload);
             throw new MigrationError("PEER_FAILED", `destination failed: ${f.code}: ${f.message}`, undefined, {
