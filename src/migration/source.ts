@@ -128,6 +128,9 @@ export class MigrationSource {
   #used = false;
   /** Regions whose plug state changed since it was last sent (virtio-mem (un)plug mid-migration). */
   readonly #plugChanged = new Set<number>();
+  /** Counts (un)plug events; #sendDirty filters its batches only when one came after the sync. */
+  #plugEpoch = 0;
+  #plugEpochAtSync = 0;
   /** Postcopy with a preempt channel: the background loop yields after every record. */
   #yieldEachRecord = false;
 
@@ -222,8 +225,14 @@ export class MigrationSource {
         if (ri.discard) {
           unsubscribe.push(
             ri.discard.subscribe({
-              onDiscard: () => this.#plugChanged.add(index),
-              onPopulate: () => this.#plugChanged.add(index),
+              onDiscard: () => {
+                this.#plugChanged.add(index);
+                this.#plugEpoch++;
+              },
+              onPopulate: () => {
+                this.#plugChanged.add(index);
+                this.#plugEpoch++;
+              },
             }),
           );
           await writer.write(
@@ -243,7 +252,7 @@ export class MigrationSource {
         this.#phase("switchover");
         downtimeStart = performance.now();
         await this.#stopWriters();
-        await tracker.sync({ final: true });
+        await this.#sync(tracker, true);
         await this.#sendDirty(tracker, writer, rp);
         this.#sendPlugChanges(writer);
         await this.#sendDeviceStates(writer);
@@ -259,7 +268,7 @@ export class MigrationSource {
         if (!preemptWriter) boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
         downtimeStart = performance.now();
         await this.#stopWriters();
-        await tracker.sync({ final: true });
+        await this.#sync(tracker, true);
         this.#sendPlugChanges(writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
         for (const [i, ri] of this.#regions.entries())
@@ -431,7 +440,7 @@ export class MigrationSource {
     this.#phase("precopy");
     for (;;) {
       rp.check();
-      const rep = await tracker.sync();
+      const rep = await this.#sync(tracker, false);
       const remaining = rep.dirtyPages * this.#ps;
       if (prev) {
         const elapsed = (performance.now() - prevEnd + prev.durationMs) / 1000;
@@ -515,10 +524,11 @@ export class MigrationSource {
       for (let s = 0; s < dirty.length; s += PAGES_PER_RECORD) {
         rp.check();
         if (this.#plugChanged.size > 0) this.#sendPlugChanges(writer);
-        // Blocks discarded since the sync are not read.
-        const batch = discard
-          ? discard.filterPages(dirty.subarray(s, s + PAGES_PER_RECORD), this.#ps)
-          : dirty.subarray(s, s + PAGES_PER_RECORD);
+        // The sync left out discarded blocks; only a block discarded since needs a second look.
+        const batch =
+          discard && this.#plugEpoch !== this.#plugEpochAtSync
+            ? discard.filterPages(dirty.subarray(s, s + PAGES_PER_RECORD), this.#ps)
+            : dirty.subarray(s, s + PAGES_PER_RECORD);
         if (batch.length === 0) continue;
         const rec = encodePages(
           i,
@@ -536,6 +546,12 @@ export class MigrationSource {
     this.#pages += pages;
     this.#zero += zero;
     return { pages, zero };
+  }
+
+  /** A dirty sync of every source; notes which (un)plug events it already accounted for. */
+  #sync(tracker: DirtyTracker, final: boolean): ReturnType<DirtyTracker["sync"]> {
+    this.#plugEpochAtSync = this.#plugEpoch;
+    return tracker.sync({ final });
   }
 
   /** The plug state of every region whose blocks were (un)plugged since it was last sent. */
