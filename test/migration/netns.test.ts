@@ -53,19 +53,25 @@ test("namespaces: leftovers of a crashed run are removed by prefix, and close() 
   assert.deepEqual(listOwnNamespaces(), []);
 });
 
+const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
+
+/** `vmshift migrate --listen EP --size 64 --json` in namespace b, once it listens (it says so on stderr). */
+async function cliDestination(link: NetnsLink, ep: string): Promise<JsonLines> {
+  const dst = new JsonLines(
+    link.spawn("b", process.execPath, [cli, "migrate", "--listen", ep, "--size", "64", "--json"]),
+  );
+  const deadline = Date.now() + 10_000;
+  while (!dst.stderr.includes("listening") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(dst.stderr.includes("listening"), `destination listening: ${dst.tail()}`);
+  return dst;
+}
+
 test("precopy with `vmshift migrate` across a veth link: destination's memory equals the source's", {
   skip,
 }, async () => {
   await using link = await NetnsLink.create();
-  const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
   const ep = `tcp:${link.addr("b")}:7411`;
-  const dst = new JsonLines(
-    link.spawn("b", process.execPath, [cli, "migrate", "--listen", ep, "--size", "64", "--json"]),
-  );
-  // The CLI says so on stderr once it listens.
-  const deadline = Date.now() + 10_000;
-  while (!dst.stderr.includes("listening") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-  assert.ok(dst.stderr.includes("listening"), `destination listening: ${dst.tail()}`);
+  const dst = await cliDestination(link, ep);
   const src = new JsonLines(
     link.spawn("a", process.execPath, [
       cli,
@@ -99,14 +105,8 @@ test("postcopy with `vmshift migrate` across a veth link: requested pages take t
   skip,
 }, async () => {
   await using link = await NetnsLink.create();
-  const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
   const ep = `tcp:${link.addr("b")}:7412`;
-  const dst = new JsonLines(
-    link.spawn("b", process.execPath, [cli, "migrate", "--listen", ep, "--size", "64", "--json"]),
-  );
-  const deadline = Date.now() + 10_000;
-  while (!dst.stderr.includes("listening") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-  assert.ok(dst.stderr.includes("listening"), `destination listening: ${dst.tail()}`);
+  const dst = await cliDestination(link, ep);
   const src = new JsonLines(
     link.spawn("a", process.execPath, [
       cli,
