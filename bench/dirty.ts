@@ -9,11 +9,11 @@
  * Medians of RUNS runs; the C and JS runs alternate so drift hits both alike.
  */
 import { createRequire } from "node:module";
-import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { AtomicBitmap } from "../src/memory/atomic-bitmap.js";
+import { copyPages as nativeCopyPages } from "../src/sys/bulk.js";
 import { Mapping } from "../src/sys/mapping.js";
 import { createMemfd } from "../src/sys/memfd.js";
-import { native, nativeBuildDir } from "../src/sys/native.js";
 import { xorshift32 } from "../test/helpers/random.js";
 import { type Figure, figure, median } from "./report.js";
 
@@ -24,7 +24,10 @@ interface BenchRef {
   memcpy(dst: Uint8Array, src: Uint8Array, len: number): number;
 }
 
-const ref = createRequire(import.meta.url)(join(nativeBuildDir(), "vmshift_bench_ref.node")) as BenchRef;
+// The C reference is a second Node-API addon, built beside the main one (bench only; run from dist/bench/).
+const ref = createRequire(import.meta.url)(
+  fileURLToPath(new URL("../../native/build/Release/vmshift_bench_ref.node", import.meta.url)),
+) as BenchRef;
 
 const RUNS = 7;
 const PAGE = 4096;
@@ -143,7 +146,7 @@ function pageCopies(): Figure[] {
 
   const copyPages = () => {
     const t0 = now();
-    native.copyPages(dst, idx, src, idx, count, PAGE);
+    nativeCopyPages(dst, idx, src, idx, count, PAGE);
     return gbps(now() - t0);
   };
   const perPageJs = () => {

@@ -15,7 +15,7 @@ import { GuestMemory } from "../memory/guest-memory.js";
 import { GuestMemoryRegion } from "../memory/region.js";
 import { DirtyLogArea, SharedDirtyLog, SharedLogDirtySource } from "../memory/shared-dirty-log.js";
 import { WriteProtectDirtySource, writeProtectTrackingUnavailable } from "../memory/wp-dirty.js";
-import { native } from "../sys/native.js";
+import { copyPages } from "../sys/bulk.js";
 import type { DemoWorkload } from "./demo-workload.js";
 
 export interface MemoryDemoOptions {
@@ -99,14 +99,7 @@ export async function runMemoryDemo(o: MemoryDemoOptions): Promise<MemoryDemoRes
         const list = tracker.bitmap.take(i);
         const d = dst.regions[i] as GuestMemoryRegion;
         // copyPages: one native call per 1 GiB window, index lists of page numbers.
-        native.copyPages(
-          d.windows[0] as SharedArrayBuffer,
-          list,
-          r.windows[0] as SharedArrayBuffer,
-          list,
-          list.length,
-          PAGE,
-        );
+        copyPages(d.windows[0] as SharedArrayBuffer, list, r.windows[0] as SharedArrayBuffer, list, list.length, PAGE);
         pages += list.length;
       });
       bytes += pages * PAGE;

@@ -9,7 +9,7 @@
  */
 import { type DirtyRingSlot, DirtyRingSource } from "../memory/dirty-ring.js";
 import type { DirtySink, DirtySource, DirtySyncOptions } from "../memory/dirty-source.js";
-import { native } from "../sys/native.js";
+import { scanClear } from "../sys/bulk.js";
 import { KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP, KVM_MEM_LOG_DIRTY_PAGES } from "./abi.js";
 import type { Kvm } from "./kvm.js";
 import { type Memslot, Vm } from "./vm.js";
@@ -90,7 +90,7 @@ export class KvmDirtyBitmapSource implements DirtySource {
     let word = 0;
     const words = s.bitmap.length;
     while (word < words) {
-      const [found, next] = native.scanClear(s.bitmap, this.#out, word);
+      const [found, next] = scanClear(s.bitmap, this.#out, word);
       if (sink && found > 0) sink.markFrames(this.#out.subarray(0, found), PAGE, s.slot.guestPhysAddr);
       if (sink) this.stats.pages += found;
       word = next;

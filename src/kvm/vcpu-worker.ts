@@ -6,7 +6,7 @@
  * it only after this worker has exited.
  */
 import { parentPort, workerData } from "node:worker_threads";
-import { native } from "../sys/native.js";
+import { ioctlRaw } from "../sys/ioctl.js";
 import {
   exitName,
   KVM_EXIT_DIRTY_RING_FULL,
@@ -46,7 +46,7 @@ let pendingCompletion = false;
 let lastExit = -1;
 
 function kvmRun(): number {
-  const r = native.ioctl(init.fd, KVM_RUN, 0);
+  const r = ioctlRaw(init.fd, KVM_RUN, 0);
   Atomics.add(ctl, Ctl.EXITS, 1);
   pendingCompletion = false;
   return r;

@@ -2,7 +2,7 @@ import type { DirtyRing, DirtyRingSlot, DirtyRingVm } from "../memory/dirty-ring
 import { KVM_DIRTY_GFN_SIZE } from "../memory/dirty-ring.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import { Fd } from "../sys/fd.js";
-import { native } from "../sys/native.js";
+import { addressOf } from "../sys/mapping.js";
 import {
   encodeClearDirtyLog,
   encodeDirtyLog,
@@ -206,7 +206,7 @@ export class Vm implements DirtyRingVm, AsyncDisposable {
     if (bitmap.byteLength < Vm.bitmapBytes(m.memorySize))
       throw new KvmError("BAD_STATE", `bitmap of ${bitmap.byteLength} bytes is too small for slot ${slot}`, { slot });
     // The kernel writes through this address during the (synchronous) ioctl; the view is alive.
-    kvmIoctl(this.fd, KVM_GET_DIRTY_LOG, encodeDirtyLog(slot, native.addressOf(bitmap)), "KVM_GET_DIRTY_LOG");
+    kvmIoctl(this.fd, KVM_GET_DIRTY_LOG, encodeDirtyLog(slot, addressOf(bitmap)), "KVM_GET_DIRTY_LOG");
   }
 
   /**
@@ -220,7 +220,7 @@ export class Vm implements DirtyRingVm, AsyncDisposable {
     kvmIoctl(
       this.fd,
       KVM_CLEAR_DIRTY_LOG,
-      encodeClearDirtyLog(slot, firstPage, n, native.addressOf(bitmap)),
+      encodeClearDirtyLog(slot, firstPage, n, addressOf(bitmap)),
       "KVM_CLEAR_DIRTY_LOG",
     );
   }

@@ -1,4 +1,4 @@
-import { native } from "../sys/native.js";
+import { scanClear } from "../sys/bulk.js";
 
 /** Everything needed to open the same bitmap in another thread (posted without a copy). */
 export interface SharedBitmap {
@@ -140,7 +140,7 @@ export function takeBits(words: Uint32Array, limit: number): Uint32Array {
   let total = 0;
   let word = 0;
   while (word < words.length) {
-    const [found, next] = native.scanClear(words, scratch, word);
+    const [found, next] = scanClear(words, scratch, word);
     if (found > 0) {
       const part = scratch.slice(0, found);
       if (single === null && parts === null) single = part;

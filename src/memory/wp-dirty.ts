@@ -13,8 +13,8 @@
 import { SysError } from "../sys/errors.js";
 import type { Fd } from "../sys/fd.js";
 import { IOWR, ioctl } from "../sys/ioctl.js";
+import { addressOf } from "../sys/mapping.js";
 import { O_RDONLY, openFile } from "../sys/memfd.js";
-import { native } from "../sys/native.js";
 import { UFFDIO_REGISTER_MODE_WP, UffdFeature, Userfaultfd } from "../sys/userfaultfd.js";
 import type { DirtySink, DirtySource } from "./dirty-source.js";
 import type { GuestMemory } from "./guest-memory.js";
@@ -97,7 +97,7 @@ export class WriteProtectDirtySource implements DirtySource {
     if (!this.#uffd || !this.#pagemap) throw new Error("write-protect tracking not started");
     const a = this.#arg;
     const vec = this.#vec;
-    const vecAddr = native.addressOf(vec);
+    const vecAddr = addressOf(vec);
     for (const t of this.#tracked) {
       const end = t.start + BigInt(t.size);
       let pos = t.start;

@@ -5,7 +5,7 @@
  */
 
 import type { Duplex } from "node:stream";
-import { native } from "../sys/native.js";
+import { setsockopt } from "../sys/io.js";
 import { MigrationError } from "./errors.js";
 import {
   checkRecordCrcParts,
@@ -45,8 +45,8 @@ export function boundSocketBuffers(stream: Duplex, bytes: number): boolean {
   const fd = (stream as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== "number" || fd < 0) return false;
   try {
-    native.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, bytes);
-    native.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, bytes);
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, bytes);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, bytes);
     return true;
   } catch {
     return false;

@@ -12,8 +12,8 @@ import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
 import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
+import { hashPages } from "../sys/bulk.js";
 import { WINDOW_SIZE } from "../sys/mapping.js";
-import { native } from "../sys/native.js";
 
 const PAGE = 4096;
 const PAGES_PER_WINDOW = WINDOW_SIZE / PAGE;
@@ -21,7 +21,7 @@ const PAGES_PER_WINDOW = WINDOW_SIZE / PAGE;
 /** XXH64 of an all-zero page, as the two u32 words hashPages writes. */
 export const ZERO_PAGE_HASH: readonly [number, number] = (() => {
   const out = new Uint32Array(2);
-  native.hashPages(new Uint8Array(PAGE), null, 1, PAGE, out);
+  hashPages(new Uint8Array(PAGE), null, 1, PAGE, out);
   return [out[0] as number, out[1] as number];
 })();
 
@@ -48,7 +48,7 @@ export class PageHashes {
   setFromData(pages: ArrayLike<number>, count: number, data: Uint8Array): void {
     if (this.#scratch.length < count * 2) this.#scratch = new Uint32Array(count * 2);
     const h = this.#scratch;
-    native.hashPages(data, null, count, PAGE, h);
+    hashPages(data, null, count, PAGE, h);
     for (let k = 0; k < count; k++) {
       const p = pages[k] as number;
       this.table[2 * p] = h[2 * k] as number;
@@ -121,7 +121,7 @@ export function regionDigest(region: GuestMemoryRegion, discard?: DiscardMap, wr
       }
       if (n === 0) continue;
       const out = new Uint32Array(n * 2);
-      native.hashPages(new Uint8Array(region.windows[w] as SharedArrayBuffer), idx, n, PAGE, out);
+      hashPages(new Uint8Array(region.windows[w] as SharedArrayBuffer), idx, n, PAGE, out);
       for (let k = 0; k < n; k++) {
         const pg = (idx[k] as number) + base;
         table[2 * pg] = out[2 * k] as number;

@@ -5,9 +5,9 @@
  * buffer, so a record costs no allocation here.
  */
 import type { GuestMemoryRegion } from "../memory/region.js";
+import { copyPages } from "../sys/bulk.js";
 import { pwrite } from "../sys/fd.js";
 import { WINDOW_SIZE } from "../sys/mapping.js";
-import { native } from "../sys/native.js";
 
 const PAGE = 4096;
 const PAGES_PER_WINDOW = WINDOW_SIZE / PAGE;
@@ -54,8 +54,8 @@ export function copyRegionPages(
     }
     const slots = buf.subarray(k * PAGE, (k + n) * PAGE);
     const list = idx.subarray(0, n);
-    if (toGuest) native.copyPages(windowView(region, w), list, slots, null, n, PAGE);
-    else native.copyPages(slots, null, windowView(region, w), list, n, PAGE);
+    if (toGuest) copyPages(windowView(region, w), list, slots, null, n, PAGE);
+    else copyPages(slots, null, windowView(region, w), list, n, PAGE);
     k += n;
   }
 }

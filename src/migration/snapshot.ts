@@ -23,9 +23,10 @@ import { createHash } from "node:crypto";
 import { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
+import { isZero } from "../sys/bulk.js";
 import { type Fd, pread, pwrite } from "../sys/fd.js";
+import { fdatasync } from "../sys/io.js";
 import { fileSize, O_CREAT, O_RDONLY, O_RDWR, O_TRUNC, openFile, truncate } from "../sys/memfd.js";
-import { native } from "../sys/native.js";
 import type { Watch } from "../sys/poller.js";
 import {
   UFFD_EVENT_PAGEFAULT,
@@ -194,7 +195,7 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
     }
     const save = (sr: SaveRegion, p: number): void => {
       const view = sr.region.bytes(p * PAGE, PAGE) as Uint8Array;
-      if (native.isZero(view)) {
+      if (isZero(view)) {
         setBit(sr.zero, p);
         zeroPages++;
       } else {
@@ -280,7 +281,7 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
       writeAll(fd, b, off);
       off += b.length;
     }
-    native.fdatasync(fd.fd);
+    fdatasync(fd, o.path);
     const sorted = faultUs.sort((a, b) => a - b);
     const result: SnapshotResult = {
       path: o.path,

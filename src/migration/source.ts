@@ -12,7 +12,7 @@ import { DirtyTracker, RegionBitmapSource } from "../memory/dirty-tracker.js";
 import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
-import { native } from "../sys/native.js";
+import { isZero } from "../sys/bulk.js";
 import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
 import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
@@ -406,7 +406,7 @@ export class MigrationSource {
    * (the never-written part of a new memfd costs more to scan than all the data sent).
    */
   #isZero(i: number, batch: Uint32Array, byResidency: boolean): (p: number) => boolean {
-    const view = (p: number) => native.isZero(this.#pageView(i, p));
+    const view = (p: number) => isZero(this.#pageView(i, p));
     const mapping = (this.#regions[i] as RegionInfo).region.mapping;
     if (!byResidency || !mapping || batch.length === 0) return view;
     const first = batch[0] as number;
@@ -662,7 +662,7 @@ export class MigrationSource {
           batch,
           this.#ps,
           (p) => this.#pageView(i, p),
-          (p) => native.isZero(this.#pageView(i, p)),
+          (p) => isZero(this.#pageView(i, p)),
           this.#gather(i),
         );
         for (const p of batch) rp.markSent(i, p);
@@ -741,7 +741,7 @@ class ReturnPath {
         [page],
         4096,
         (p) => view(region, p),
-        (p) => native.isZero(view(region, p)),
+        (p) => isZero(view(region, p)),
       );
       this.markSent(region, page);
       writer.writeNow(rec.record);

@@ -185,3 +185,8 @@ export class Mapping implements Disposable {
 export function liveMappings(): number {
   return native.liveMappings();
 }
+
+/** Host virtual address of a view's first byte (for structs that carry a user pointer: KVM, uffd). */
+export function addressOf(view: ArrayBufferView | ArrayBuffer | SharedArrayBuffer): bigint {
+  return native.addressOf(view);
+}

@@ -1,7 +1,17 @@
 /**
- * The addon's surface, typed. This is the only module that loads `native/`; everything else
- * goes through the owners in this folder. The addon is context-aware, so every worker thread
- * loads its own instance of it.
+ * The addon's surface, typed. This is the only module that loads `native/` (a lint rule keeps
+ * every other module out of it); everything else goes through the owners and wrappers in this
+ * folder. The addon is a Node-API module: one binary serves every supported Node line, and every
+ * thread that loads it (main or worker) gets its own instance.
+ *
+ * Loading is lazy: nothing is loaded until the first call, so `vmshift --help`, `--version` and
+ * `blk --print-capabilities` run where the addon cannot load. After the first call `native`'s
+ * properties are the addon's own functions (no indirection on the hot paths).
+ *
+ * Where the binary comes from, first that loads wins:
+ *  1. prebuilds/linux-x64/vmshift.napi.node, shipped inside the npm package (built by `npm pack`);
+ *  2. native/build/Release/vmshift.node, a source build (`npm run build`, or the package's
+ *     install step when no prebuild fits this machine).
  */
 
 import { existsSync } from "node:fs";
@@ -68,16 +78,130 @@ export interface Native {
   hashPages(src: View, srcIndex: Uint32Array | null, count: number, pageSize: number, out: Uint32Array): void;
 }
 
-/** Finds native/build/Release from both src/ (a loader) and dist/src/ (compiled). */
-export function nativeBuildDir(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    const candidate = join(dir, "native", "build", "Release");
-    if (existsSync(join(candidate, "vmshift.node"))) return candidate;
-    dir = dirname(dir);
-  }
-  throw new Error("vmshift native addon not built: run `npm run build` (native/build/Release/vmshift.node)");
+/** Every function the addon must export (checked once at load). */
+const FUNCTIONS = [
+  "memfdCreate",
+  "open",
+  "close",
+  "dup",
+  "fcntl",
+  "ftruncate",
+  "fallocate",
+  "fstat",
+  "mmap",
+  "retire",
+  "liveMappings",
+  "addressOf",
+  "madvise",
+  "mincore",
+  "read",
+  "write",
+  "pread",
+  "pwrite",
+  "preadv",
+  "pwritev",
+  "fdatasync",
+  "ioctl",
+  "eventfd",
+  "userfaultfd",
+  "unixListen",
+  "unixConnect",
+  "accept",
+  "socketpair",
+  "shutdown",
+  "setsockopt",
+  "sendmsg",
+  "recvmsg",
+  "watch",
+  "copyPages",
+  "scanClear",
+  "isZero",
+  "hashPages",
+] as const satisfies readonly (keyof Native)[];
+
+// Compile-time check that FUNCTIONS lists every member of Native.
+type Missing = Exclude<keyof Native, (typeof FUNCTIONS)[number]>;
+const complete: Missing extends never ? true : Missing = true;
+void complete;
+
+/** The prebuilt binary's place inside the package, for this platform. */
+export const PREBUILD = join("prebuilds", `${process.platform}-${process.arch}`, "vmshift.napi.node");
+const BUILD = join("native", "build", "Release", "vmshift.node");
+
+/** The addon could not be loaded (no binary for this machine, or a Node line without the Node-API it needs). */
+export class NativeLoadError extends Error {
+  override readonly name = "NativeLoadError";
 }
 
-const require = createRequire(import.meta.url);
-export const native: Native = require(join(nativeBuildDir(), "vmshift.node")) as Native;
+/** The package root: the nearest directory above this module with a package.json. */
+function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 6; i++) {
+    if (existsSync(join(dir, "package.json"))) return dir;
+    dir = dirname(dir);
+  }
+  throw new NativeLoadError(`vmshift: no package.json above ${fileURLToPath(import.meta.url)}`);
+}
+
+/** Finds native/build/Release (a source build) from both src/ (a loader) and dist/src/ (compiled). */
+export function nativeBuildDir(): string {
+  const dir = join(packageRoot(), "native", "build", "Release");
+  if (existsSync(join(dir, "vmshift.node"))) return dir;
+  throw new NativeLoadError("vmshift native addon not built: run `npm run build` (native/build/Release/vmshift.node)");
+}
+
+/** The binaries to try, in order, that exist. */
+export function addonCandidates(): string[] {
+  const root = packageRoot();
+  return [join(root, PREBUILD), join(root, BUILD)].filter((p) => existsSync(p));
+}
+
+let loadedFrom: string | null = null;
+
+/** Which binary was loaded (null before the first native call). */
+export function nativeAddonPath(): string | null {
+  return loadedFrom;
+}
+
+function load(): void {
+  if (loadedFrom !== null) return;
+  const require = createRequire(import.meta.url);
+  const failures: string[] = [];
+  for (const path of addonCandidates()) {
+    let addon: Record<string, unknown>;
+    try {
+      addon = require(path) as Record<string, unknown>;
+    } catch (e) {
+      failures.push(`${path}: ${(e as Error).message}`);
+      continue;
+    }
+    const missing = FUNCTIONS.filter((f) => typeof addon[f] !== "function");
+    if (missing.length > 0) {
+      failures.push(`${path}: stale binary, missing ${missing.join(", ")}`);
+      continue;
+    }
+    for (const f of FUNCTIONS) (native as unknown as Record<string, unknown>)[f] = addon[f];
+    loadedFrom = path;
+    return;
+  }
+  throw new NativeLoadError(
+    `vmshift native addon could not be loaded on Node ${process.version} (${process.platform}-${process.arch}); ` +
+      "it needs Node.js ^24.16.0 or >=26.1.0 on linux-x64" +
+      (failures.length > 0 ? `:\n  ${failures.join("\n  ")}` : ": no binary found (run `npm run build`)"),
+  );
+}
+
+/** Loads the addon now (it otherwise loads on the first native call); throws NativeLoadError. */
+export function loadNative(): void {
+  load();
+}
+
+function stub(name: (typeof FUNCTIONS)[number]): (...args: unknown[]) => unknown {
+  return (...args: unknown[]) => {
+    load();
+    return (native[name] as (...a: unknown[]) => unknown)(...args);
+  };
+}
+
+/** The addon's functions; each loads the addon on first use, then is replaced by the real one. */
+export const native: Native = Object.fromEntries(FUNCTIONS.map((f) => [f, stub(f)])) as unknown as Native;

@@ -5,11 +5,12 @@
  * AlignedBuffer) — the device switches a request to a bounce buffer when the guest's are not.
  */
 import { readv, writev } from "node:fs";
-import { EINTR, SysError, sys } from "../../sys/errors.js";
-import { Fd } from "../../sys/fd.js";
-import { IOR } from "../../sys/ioctl.js";
+import { EINTR, SysError } from "../../sys/errors.js";
+import type { Fd } from "../../sys/fd.js";
+import { fallocate, fdatasyncRaw, fstat, openFd, preadRaw, preadvRaw, pwriteRaw, pwritevRaw } from "../../sys/io.js";
+import { IOR, ioctlRaw } from "../../sys/ioctl.js";
+import { addressOf } from "../../sys/mapping.js";
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, O_DIRECT, O_RDONLY, O_RDWR } from "../../sys/memfd.js";
-import { native } from "../../sys/native.js";
 
 /** Buffer address, length and file offset alignment we require for O_DIRECT. */
 export const DIRECT_ALIGNMENT = 512;
@@ -39,16 +40,16 @@ export class BlockImage implements Disposable {
 
   static open(path: string, o: ImageOptions = {}): BlockImage {
     const flags = (o.readonly ? O_RDONLY : O_RDWR) | (o.direct ? O_DIRECT : 0);
-    const fd = new Fd(sys(() => native.open(path, flags, 0), path));
+    const fd = openFd(path, flags, 0);
     return new BlockImage(fd, !!o.readonly, !!o.direct);
   }
 
   /** Size of the image in bytes: the file's, or the block device's (BLKGETSIZE64). */
   size(): number {
-    const [size, mode] = sys(() => native.fstat(this.fd.fd));
+    const [size, mode] = fstat(this.fd);
     if ((mode & S_IFMT) !== S_IFBLK) return size;
     const out = new BigUint64Array(1);
-    const r = native.ioctl(this.fd.fd, BLKGETSIZE64, out);
+    const r = ioctlRaw(this.fd, BLKGETSIZE64, out);
     if (r < 0) throw new SysError("ioctl", -r, "BLKGETSIZE64");
     const bytes = out[0] as bigint;
     if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) throw new RangeError(`block device of ${bytes} bytes`);
@@ -59,7 +60,7 @@ export class BlockImage implements Disposable {
   readAt(view: Uint8Array, pos: number): void {
     let done = 0;
     while (done < view.length) {
-      const n = native.pread(this.fd.fd, view.subarray(done), pos + done);
+      const n = preadRaw(this.fd, view.subarray(done), pos + done);
       if (n === -EINTR) continue;
       if (n < 0) throw new SysError("pread", -n);
       if (n === 0) {
@@ -73,7 +74,7 @@ export class BlockImage implements Disposable {
   writeAt(view: Uint8Array, pos: number): void {
     let done = 0;
     while (done < view.length) {
-      const n = native.pwrite(this.fd.fd, view.subarray(done), pos + done);
+      const n = pwriteRaw(this.fd, view.subarray(done), pos + done);
       if (n === -EINTR) continue;
       if (n < 0) throw new SysError("pwrite", -n);
       if (n === 0) throw new SysError("pwrite", EIO, "wrote nothing");
@@ -121,13 +122,13 @@ export class BlockImage implements Disposable {
   #vectored(views: Uint8Array[], pos: number, read: boolean): void {
     for (const c = new VectoredTransfer(views, pos, read); !c.done; ) {
       const batch = c.batch();
-      c.step(read ? native.preadv(this.fd.fd, batch, c.at) : native.pwritev(this.fd.fd, batch, c.at), batch);
+      c.step(read ? preadvRaw(this.fd, batch, c.at) : pwritevRaw(this.fd, batch, c.at), batch);
     }
   }
 
   flush(): void {
     for (;;) {
-      const r = native.fdatasync(this.fd.fd);
+      const r = fdatasyncRaw(this.fd);
       if (r === -EINTR) continue;
       if (r < 0) throw new SysError("fdatasync", -r);
       return;
@@ -137,7 +138,7 @@ export class BlockImage implements Disposable {
   /** Deallocates the range (reads then return zeroes); a file system without holes is fine too. */
   discard(pos: number, len: number): void {
     try {
-      sys(() => native.fallocate(this.fd.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, pos, len));
+      fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, pos, len);
     } catch (e) {
       // Discard is advisory (virtio: the device MAY deallocate).
       if (!(e instanceof SysError && e.errno === EOPNOTSUPP)) throw e;
@@ -148,7 +149,7 @@ export class BlockImage implements Disposable {
   writeZeroes(pos: number, len: number, unmap: boolean, scratch: () => Uint8Array): void {
     const mode = unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
     try {
-      sys(() => native.fallocate(this.fd.fd, mode, pos, len));
+      fallocate(this.fd, mode, pos, len);
       return;
     } catch (e) {
       if (!(e instanceof SysError && e.errno === EOPNOTSUPP)) throw e;
@@ -181,7 +182,7 @@ export class AlignedBuffer {
       const cap = Math.max(len, 64 * 1024);
       const raw = new ArrayBuffer(cap + 4096);
       // V8 never moves an ArrayBuffer's backing store, so the address stays aligned.
-      const addr = Number(native.addressOf(raw) % 4096n);
+      const addr = Number(addressOf(raw) % 4096n);
       this.#buf = new Uint8Array(raw, (4096 - addr) % 4096, cap);
     }
     return this.#buf.subarray(0, len);
@@ -193,7 +194,7 @@ export function isDirectAligned(view: Uint8Array, pos: number): boolean {
   return (
     view.length % DIRECT_ALIGNMENT === 0 &&
     pos % DIRECT_ALIGNMENT === 0 &&
-    Number(native.addressOf(view) % BigInt(DIRECT_ALIGNMENT)) === 0
+    Number(addressOf(view) % BigInt(DIRECT_ALIGNMENT)) === 0
   );
 }
 

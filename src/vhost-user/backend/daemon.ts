@@ -6,7 +6,7 @@
 import { EventEmitter } from "node:events";
 import { EAGAIN } from "../../sys/errors.js";
 import { Fd } from "../../sys/fd.js";
-import { native } from "../../sys/native.js";
+import { acceptRaw } from "../../sys/io.js";
 import { UnixListener, UnixSocket } from "../../sys/unix-socket.js";
 import type { VhostUserDevice } from "./device.js";
 import { BackendSession } from "./session.js";
@@ -50,7 +50,7 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
   static fromFd(device: VhostUserDevice, fdNumber: number): VhostUserDaemon {
     const d = new VhostUserDaemon(device);
     const fd = new Fd(fdNumber);
-    const r = native.accept(fd.fd);
+    const r = acceptRaw(fd);
     if (r >= 0) {
       // It was listening and a connection was already waiting: serve it first.
       d.#listener = UnixListener.fromFd(fd);

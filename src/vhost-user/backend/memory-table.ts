@@ -8,7 +8,7 @@ import { toGpa, toLength } from "../../memory/guest-address.js";
 import { GuestMemory } from "../../memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../memory/region.js";
 import type { Fd } from "../../sys/fd.js";
-import { native } from "../../sys/native.js";
+import { fstat } from "../../sys/io.js";
 import { VhostUserError } from "../protocol/errors.js";
 import type { MemoryRegion } from "../protocol/payloads.js";
 
@@ -32,7 +32,7 @@ const S_IFREG = 0o100000;
  * do it; sealing (F_SEAL_SHRINK) is the front-end's tool for that.
  */
 export function checkFdCovers(fd: Fd, offset: bigint, size: bigint, what: string, request: string): void {
-  const [fileSize, mode] = native.fstat(fd.fd);
+  const [fileSize, mode] = fstat(fd);
   if ((mode & S_IFMT) === S_IFREG && offset + size > BigInt(fileSize)) {
     throw new VhostUserError("BAD_VALUE", `${what} [offset ${offset}, +${size}) runs past the end of its file`, {
       request,

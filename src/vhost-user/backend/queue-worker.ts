@@ -17,7 +17,7 @@ import { parentPort, workerData } from "node:worker_threads";
 import { GuestMemory } from "../../memory/guest-memory.js";
 import { DirtyLogWriter } from "../../memory/shared-dirty-log.js";
 import { EAGAIN } from "../../sys/errors.js";
-import { native } from "../../sys/native.js";
+import { readRaw, writeRaw } from "../../sys/io.js";
 import { READABLE, Watch } from "../../sys/poller.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
 import { VirtqueueError } from "../../virtio/errors.js";
@@ -62,7 +62,7 @@ const event = (level: "warn" | "error", message: string) => post({ type: "event"
 
 function signal(fd: number): void {
   if (fd < 0) return;
-  const r = native.write(fd, one);
+  const r = writeRaw(fd, one);
   if (r < 0 && r !== -EAGAIN) event("warn", `queue ${init.queue}: eventfd write failed (errno ${-r})`);
 }
 
@@ -217,7 +217,7 @@ function watchKick(fd: number): void {
   kick = null;
   if (fd < 0) return;
   kick = new Watch(fd, READABLE, () => {
-    native.read(fd, drainBuf); // EAGAIN is fine: another wakeup already drained it
+    readRaw(fd, drainBuf); // EAGAIN is fine: another wakeup already drained it
     processQueue();
   });
 }
