@@ -3,13 +3,11 @@
  * The `vmshift` command. Each subcommand lives in its own module; this file only dispatches.
  */
 import { parseArgs } from "node:util";
-import { BLK_USAGE, blkCommand } from "./blk.js";
-import { demoDestinationCommand } from "./demo-destination.js";
-import { runMemoryDemo } from "./demo-memory.js";
-import { runVmDemo } from "./demo-vm.js";
-import { MIGRATE_USAGE, migrateCommand } from "./migrate.js";
-import { PROBE_USAGE, probeCommand } from "./probe.js";
-import { SNAPSHOT_USAGE, snapshotCommand } from "./snapshot.js";
+import { VERSION } from "../version.js";
+
+// Commands are imported when they run: `--help`, `--version` and `blk --print-capabilities` must
+// work where the native addon cannot load (it loads on the first native call, never at import),
+// and a command should not pay for the others' modules.
 
 const USAGE = `usage: vmshift <command> [options]
 
@@ -30,7 +28,9 @@ commands:
   blk (--socket-path PATH | --fd N) --image FILE|DEVICE [--readonly] [--queues N] [--direct] [--io M]
         serve a raw image or a block device as a vhost-user-blk device (QEMU: -device vhost-user-blk-pci)
   help [COMMAND]
-        this text, or a command's own
+        this text, or a command's own (also: --help, -h)
+  --version
+        the package version
 `;
 
 type Command = (argv: string[]) => Promise<number>;
@@ -58,6 +58,7 @@ const commands: Record<string, Command> = {
     if (values["memory-only"]) {
       const maxRounds = Number(values.rounds);
       if (!Number.isInteger(maxRounds) || maxRounds < 1) throw new UsageError("--rounds must be a positive integer");
+      const { runMemoryDemo } = await import("./demo-memory.js");
       const r = await runMemoryDemo({ sizeMiB, maxRounds, json, convergePages: 64, out });
       return r.verified ? 0 : 1;
     }
@@ -72,6 +73,7 @@ const commands: Record<string, Command> = {
     if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 8) throw new UsageError("--vcpus must be 1..8");
     const tty = !json && process.stdout.isTTY === true;
     try {
+      const { runVmDemo } = await import("./demo-vm.js");
       const r = await runVmDemo({
         sizeMiB,
         vcpus,
@@ -90,19 +92,20 @@ const commands: Record<string, Command> = {
       return 1;
     }
   },
-  "demo-destination": (argv) => demoDestinationCommand(argv),
-  probe: (argv) => probeCommand(argv),
-  blk: (argv) => blkCommand(argv),
-  migrate: (argv) => migrateCommand(argv),
-  snapshot: (argv) => snapshotCommand(argv),
+  "demo-destination": async (argv) => (await import("./demo-destination.js")).demoDestinationCommand(argv),
+  probe: async (argv) => (await import("./probe.js")).probeCommand(argv),
+  blk: async (argv) => (await import("./blk.js")).blkCommand(argv),
+  migrate: async (argv) => (await import("./migrate.js")).migrateCommand(argv),
+  snapshot: async (argv) => (await import("./snapshot.js")).snapshotCommand(argv),
   async help(argv) {
-    const usage: Record<string, string> = {
-      probe: PROBE_USAGE,
-      blk: BLK_USAGE,
-      migrate: MIGRATE_USAGE,
-      snapshot: SNAPSHOT_USAGE,
+    const usage: Record<string, () => Promise<string>> = {
+      probe: async () => (await import("./probe.js")).PROBE_USAGE,
+      blk: async () => (await import("./blk.js")).BLK_USAGE,
+      migrate: async () => (await import("./migrate.js")).MIGRATE_USAGE,
+      snapshot: async () => (await import("./snapshot.js")).SNAPSHOT_USAGE,
     };
-    process.stdout.write(usage[argv[0] ?? ""] ?? USAGE);
+    const one = usage[argv[0] ?? ""];
+    process.stdout.write(one ? await one() : USAGE);
     return 0;
   },
 };
@@ -110,6 +113,11 @@ const commands: Record<string, Command> = {
 class UsageError extends Error {}
 
 async function main(argv: string[]): Promise<number> {
+  if (argv[0] === "--version" || argv[0] === "-V" || argv[0] === "version") {
+    process.stdout.write(`vmshift ${VERSION}\n`);
+    return 0;
+  }
+  if (argv[0] === "--help" || argv[0] === "-h") argv = ["help", ...argv.slice(1)];
   const [name = "help", ...rest] = argv;
   const cmd = commands[name];
   if (!cmd) {

@@ -18,12 +18,12 @@ import { WINDOW_SIZE } from "../sys/mapping.js";
 const PAGE = 4096;
 const PAGES_PER_WINDOW = WINDOW_SIZE / PAGE;
 
-/** XXH64 of an all-zero page, as the two u32 words hashPages writes. */
-export const ZERO_PAGE_HASH: readonly [number, number] = (() => {
-  const out = new Uint32Array(2);
-  hashPages(new Uint8Array(PAGE), null, 1, PAGE, out);
-  return [out[0] as number, out[1] as number];
-})();
+/**
+ * XXH64 of an all-zero 4 KiB page (0xac869b6f32d8bbdb), as the two u32 words hashPages writes.
+ * A constant rather than computed at import, so importing the package loads no native code
+ * (test/sys/bulk.test.ts checks it against hashPages).
+ */
+export const ZERO_PAGE_HASH: readonly [number, number] = [0x32d8bbdb, 0xac869b6f];
 
 /** One 64-bit hash per page of a region (two u32 words), all starting as the zero page's. */
 export class PageHashes {

@@ -3,13 +3,148 @@
  * UnixSocket, UnixListener, Watch, Userfaultfd) closes exactly once and implements
  * Symbol.dispose. No protocol knowledge lives here.
  */
-export * from "./errors.js";
-export * from "./eventfd.js";
-export * from "./fd.js";
-export * from "./ioctl.js";
-export * from "./mapping.js";
-export * from "./memfd.js";
-export { native, type View } from "./native.js";
-export * from "./poller.js";
-export * from "./unix-socket.js";
-export * from "./userfaultfd.js";
+export {
+  copyPages,
+  hashPages,
+  isZero,
+  scanClear,
+} from "./bulk.js";
+export {
+  acceptRaw,
+  fallocate,
+  fdatasync,
+  fdatasyncRaw,
+  fstat,
+  openFd,
+  preadRaw,
+  preadvRaw,
+  pwriteRaw,
+  pwritevRaw,
+  readRaw,
+  setsockopt,
+  writeRaw,
+} from "./io.js";
+export {
+  check,
+  EAGAIN,
+  EINTR,
+  errnoName,
+  sys,
+  SysError,
+} from "./errors.js";
+export {
+  EFD_NONBLOCK,
+  EFD_SEMAPHORE,
+  EventFd,
+} from "./eventfd.js";
+export {
+  Fd,
+  isOpenFd,
+  pread,
+  pwrite,
+  readFd,
+  writeFd,
+} from "./fd.js";
+export {
+  IO,
+  ioctl,
+  ioctlRaw,
+  IOR,
+  IOW,
+  IOWR,
+} from "./ioctl.js";
+export {
+  addressOf,
+  liveMappings,
+  MADV_DONTNEED,
+  MADV_POPULATE_WRITE,
+  MADV_REMOVE,
+  MAP_ANONYMOUS,
+  MAP_HUGETLB,
+  MAP_NORESERVE,
+  MAP_POPULATE,
+  MAP_PRIVATE,
+  MAP_SHARED,
+  type MapOptions,
+  Mapping,
+  PROT_READ,
+  PROT_WRITE,
+  WINDOW_SHIFT,
+  WINDOW_SIZE,
+} from "./mapping.js";
+export {
+  addSeals,
+  createMemfd,
+  F_ADD_SEALS,
+  F_GET_SEALS,
+  F_SEAL_GROW,
+  F_SEAL_SEAL,
+  F_SEAL_SHRINK,
+  F_SEAL_WRITE,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  fileSize,
+  getSeals,
+  type MemfdOptions,
+  MFD_ALLOW_SEALING,
+  MFD_HUGE_SHIFT,
+  MFD_HUGETLB,
+  O_CREAT,
+  O_DIRECT,
+  O_EXCL,
+  O_RDONLY,
+  O_RDWR,
+  O_TRUNC,
+  openFile,
+  punchHole,
+  truncate,
+} from "./memfd.js";
+export { addonCandidates, loadNative, NativeLoadError, nativeAddonPath, type View } from "./native.js";
+export {
+  DISCONNECT,
+  READABLE,
+  type ReadyCallback,
+  waitReadable,
+  Watch,
+  WRITABLE,
+} from "./poller.js";
+export {
+  type Chunk,
+  type ChunkHandler,
+  type EndHandler,
+  MAX_FDS_PER_MESSAGE,
+  UnixListener,
+  UnixSocket,
+} from "./unix-socket.js";
+export {
+  UFFD_API,
+  UFFD_EVENT_FORK,
+  UFFD_EVENT_PAGEFAULT,
+  UFFD_EVENT_REMAP,
+  UFFD_EVENT_REMOVE,
+  UFFD_EVENT_UNMAP,
+  UFFD_PAGEFAULT_FLAG_MINOR,
+  UFFD_PAGEFAULT_FLAG_WP,
+  UFFD_PAGEFAULT_FLAG_WRITE,
+  UFFD_USER_MODE_ONLY,
+  UffdFeature,
+  UFFDIO_API,
+  UFFDIO_CONTINUE,
+  UFFDIO_COPY,
+  UFFDIO_COPY_MODE_DONTWAKE,
+  UFFDIO_COPY_MODE_WP,
+  UFFDIO_REGISTER,
+  UFFDIO_REGISTER_MODE_MINOR,
+  UFFDIO_REGISTER_MODE_MISSING,
+  UFFDIO_REGISTER_MODE_WP,
+  UFFDIO_UNREGISTER,
+  UFFDIO_WAKE,
+  UFFDIO_WRITEPROTECT,
+  UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+  UFFDIO_WRITEPROTECT_MODE_WP,
+  UFFDIO_ZEROPAGE,
+  UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+  type UffdMessage,
+  type UffdOptions,
+  Userfaultfd,
+} from "./userfaultfd.js";

@@ -12,6 +12,7 @@
  *  1. prebuilds/linux-x64/vmshift.napi.node, shipped inside the npm package (built by `npm pack`);
  *  2. native/build/Release/vmshift.node, a source build (`npm run build`, or the package's
  *     install step when no prebuild fits this machine).
+ * VMSHIFT_NATIVE_PATH replaces both (see addonCandidates).
  */
 
 import { existsSync } from "node:fs";
@@ -150,8 +151,13 @@ export function nativeBuildDir(): string {
   throw new NativeLoadError("vmshift native addon not built: run `npm run build` (native/build/Release/vmshift.node)");
 }
 
-/** The binaries to try, in order, that exist. */
+/**
+ * The binaries to try, in order, that exist. VMSHIFT_NATIVE_PATH, when set, is the only one (an
+ * addon built elsewhere; set to a path that does not exist, it shows what runs without the addon).
+ */
 export function addonCandidates(): string[] {
+  const override = process.env.VMSHIFT_NATIVE_PATH;
+  if (override) return existsSync(override) ? [override] : [];
   const root = packageRoot();
   return [join(root, PREBUILD), join(root, BUILD)].filter((p) => existsSync(p));
 }

@@ -4,7 +4,17 @@
  * session handling every control message (BackendSession), and queue workers — one thread per
  * virtqueue sharing guest memory — that call the device's QueueHandler for each request.
  */
-export * from "./daemon.js";
-export * from "./device.js";
+export {
+  type DaemonEvents,
+  type DaemonOptions,
+  VhostUserDaemon,
+} from "./daemon.js";
+export {
+  type DeviceInfo,
+  type QueueContext,
+  type QueueHandler,
+  type QueueHandlerFactory,
+  type VhostUserDevice,
+} from "./device.js";
 export { BackendMemoryTable, type MappedRegion } from "./memory-table.js";
 export { BackendSession, FRAMEWORK_PROTOCOL_FEATURES, MAX_MEM_SLOTS } from "./session.js";

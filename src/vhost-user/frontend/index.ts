@@ -7,8 +7,27 @@
  * address table). Peer failures are VhostUserError naming the request; misuse
  * of the negotiated protocol is a FrontendError.
  */
-export * from "./dirty-source.js";
-export * from "./errors.js";
-export * from "./features.js";
-export * from "./frontend.js";
-export * from "./vring.js";
+export { VhostUserLogSource } from "./dirty-source.js";
+export {
+  FrontendError,
+  type FrontendErrorCode,
+} from "./errors.js";
+export {
+  type DeviceKind,
+  featureNames,
+  protocolFeatureNames,
+  VirtioBlkFeature,
+} from "./features.js";
+export {
+  type BackendChannelEvents,
+  type BackendRegionBase,
+  FRONTEND_PROTOCOL_FEATURES,
+  type FrontendOptions,
+  type MemTableOptions,
+  type Negotiated,
+  VhostUserFrontend,
+} from "./frontend.js";
+export {
+  FrontendVring,
+  type VringLayout,
+} from "./vring.js";
