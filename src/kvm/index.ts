@@ -7,9 +7,9 @@
  * the long-mode setup. See docs/kvm.md.
  */
 export {
+  type DescriptorTable,
   decodeRegs,
   decodeSregs,
-  type DescriptorTable,
   EFER_LMA,
   EFER_LME,
   encodeClearDirtyLog,
@@ -87,8 +87,8 @@ export {
   REG_NAMES,
   type RegName,
   type Regs,
-  type Segment,
   SEGMENT_NAMES,
+  type Segment,
   type SegmentName,
   type Sregs,
   X86_CR0_ET,
@@ -112,18 +112,18 @@ export {
 export {
   CODE_ADDR,
   DIRTIER_CODE,
+  DIRTY_BASE,
   type DirtierOptions,
   dirtierPages,
   dirtierRegs,
-  DIRTY_BASE,
   GDT_ADDR,
   longModeSregs,
-  pageDirectories,
   PD_ADDR,
   PD_MAX,
   PDPT_ADDR,
   PML4_ADDR,
   PROGRESS_PORT,
+  pageDirectories,
   REAL_MODE_CODE,
   REAL_MODE_CODE_ADDR,
   realModeState,
@@ -134,8 +134,8 @@ export {
   kvmUnavailableReason,
 } from "./kvm.js";
 export {
-  decodeVcpuState,
   type DirtyTracking,
+  decodeVcpuState,
   encodeVcpuState,
   MicroVm,
   type MicroVmOptions,

@@ -20,10 +20,10 @@ export {
   KVM_DIRTY_GFN_F_RESET,
   KVM_DIRTY_GFN_SIZE,
 } from "./dirty-ring.js";
-export {
-  type DirtySink,
-  type DirtySource,
-  type DirtySyncOptions,
+export type {
+  DirtySink,
+  DirtySource,
+  DirtySyncOptions,
 } from "./dirty-source.js";
 export {
   DirtyBitmap,

@@ -10,27 +10,12 @@ export {
   scanClear,
 } from "./bulk.js";
 export {
-  acceptRaw,
-  fallocate,
-  fdatasync,
-  fdatasyncRaw,
-  fstat,
-  openFd,
-  preadRaw,
-  preadvRaw,
-  pwriteRaw,
-  pwritevRaw,
-  readRaw,
-  setsockopt,
-  writeRaw,
-} from "./io.js";
-export {
   check,
   EAGAIN,
   EINTR,
   errnoName,
-  sys,
   SysError,
+  sys,
 } from "./errors.js";
 export {
   EFD_NONBLOCK,
@@ -46,12 +31,27 @@ export {
   writeFd,
 } from "./fd.js";
 export {
+  acceptRaw,
+  fallocate,
+  fdatasync,
+  fdatasyncRaw,
+  fstat,
+  openFd,
+  preadRaw,
+  preadvRaw,
+  pwriteRaw,
+  pwritevRaw,
+  readRaw,
+  setsockopt,
+  writeRaw,
+} from "./io.js";
+export {
   IO,
-  ioctl,
-  ioctlRaw,
   IOR,
   IOW,
   IOWR,
+  ioctl,
+  ioctlRaw,
 } from "./ioctl.js";
 export {
   addressOf,
@@ -104,9 +104,9 @@ export {
   DISCONNECT,
   READABLE,
   type ReadyCallback,
-  waitReadable,
   Watch,
   WRITABLE,
+  waitReadable,
 } from "./poller.js";
 export {
   type Chunk,
@@ -127,7 +127,6 @@ export {
   UFFD_PAGEFAULT_FLAG_WP,
   UFFD_PAGEFAULT_FLAG_WRITE,
   UFFD_USER_MODE_ONLY,
-  UffdFeature,
   UFFDIO_API,
   UFFDIO_CONTINUE,
   UFFDIO_COPY,
@@ -144,6 +143,7 @@ export {
   UFFDIO_WRITEPROTECT_MODE_WP,
   UFFDIO_ZEROPAGE,
   UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+  UffdFeature,
   type UffdMessage,
   type UffdOptions,
   Userfaultfd,

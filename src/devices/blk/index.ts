@@ -41,9 +41,9 @@ export {
   VIRTIO_ID_BLOCK,
 } from "./constants.js";
 export {
-  blkDevice,
   type BlkDevice,
   type BlkOptions,
+  blkDevice,
   MAX_DISCARD_SECTORS,
   MAX_DISCARD_SEG,
   SEG_MAX,

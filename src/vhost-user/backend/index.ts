@@ -9,12 +9,12 @@ export {
   type DaemonOptions,
   VhostUserDaemon,
 } from "./daemon.js";
-export {
-  type DeviceInfo,
-  type QueueContext,
-  type QueueHandler,
-  type QueueHandlerFactory,
-  type VhostUserDevice,
+export type {
+  DeviceInfo,
+  QueueContext,
+  QueueHandler,
+  QueueHandlerFactory,
+  VhostUserDevice,
 } from "./device.js";
 export { BackendMemoryTable, type MappedRegion } from "./memory-table.js";
 export { BackendSession, FRAMEWORK_PROTOCOL_FEATURES, MAX_MEM_SLOTS } from "./session.js";
