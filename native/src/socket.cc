@@ -1,6 +1,7 @@
 // Unix stream sockets with SCM_RIGHTS, and the few socket calls Node's net module lacks.
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -19,7 +20,7 @@ constexpr int kRecvFdRoom = 32;
 
 bool FillAddr(const Args& a, size_t i, sockaddr_un* sa, socklen_t* salen) {
   memset(sa, 0, sizeof *sa);
-  char path[sizeof sa->sun_path + 64];
+  char path[PATH_MAX];
   size_t n = 0;
   if (!ArgString(a, i, path, sizeof path, &n)) return false;
   if (n == 0 || n >= sizeof sa->sun_path) {
