@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 runs="${1:-100000}"
 seed="${2:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
-[ -d node_modules ] || npm ci --no-audit --no-fund >&2
+. scripts/node-env.sh
 [ -f native/build/Release/vmshift.node ] || npm run --silent build:native >&2
 npm run --silent build:ts >&2
 echo "fuzz: $runs runs per property, seed $seed" >&2

