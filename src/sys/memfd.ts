@@ -23,9 +23,18 @@ export const O_DIRECT = 0o40000;
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
 
+/** The seals that fix a memfd's size: what a process we share it with can no longer change. */
+export const SIZE_SEALS = F_SEAL_SHRINK | F_SEAL_GROW;
+
 export interface MemfdOptions {
   /** Allow seals to be added later (F_ADD_SEALS). */
   sealable?: boolean;
+  /**
+   * Seal the size once it is set (F_SEAL_SHRINK | F_SEAL_GROW, then F_SEAL_SEAL): for a memfd
+   * whose fd leaves the process. A peer that ftruncates it then gets EPERM instead of making
+   * our next access to the pages a SIGBUS. Implies `sealable`.
+   */
+  sealSize?: boolean;
   /** Back with huge pages; `hugePageShift` 21 = 2 MiB, 30 = 1 GiB. */
   hugetlb?: boolean;
   hugePageShift?: number;
@@ -33,11 +42,12 @@ export interface MemfdOptions {
 
 /** memfd_create + ftruncate: an anonymous, shareable file of `size` bytes. */
 export function createMemfd(name: string, size: number | bigint, options: MemfdOptions = {}): Fd {
-  let flags = options.sealable ? MFD_ALLOW_SEALING : 0;
+  let flags = options.sealable || options.sealSize ? MFD_ALLOW_SEALING : 0;
   if (options.hugetlb) flags |= MFD_HUGETLB | ((options.hugePageShift ?? 0) << MFD_HUGE_SHIFT);
   const fd = new Fd(sys(() => native.memfdCreate(name, flags), name));
   try {
     sys(() => native.ftruncate(fd.fd, size), `${name}: ${size} bytes`);
+    if (options.sealSize) sealSize(fd);
   } catch (e) {
     fd.close();
     throw e;
@@ -53,7 +63,31 @@ export function getSeals(fd: Fd): number {
   return sys(() => native.fcntl(fd.fd, F_GET_SEALS, 0));
 }
 
-export function openFile(path: string, flags: number, mode = 0o644): Fd {
+/**
+ * Fixes the size of a sealable memfd for good: F_SEAL_SHRINK | F_SEAL_GROW, then F_SEAL_SEAL
+ * so nobody holding the fd can lift or change them (memfd_create(2)). Contents stay writable.
+ */
+export function sealSize(fd: Fd): void {
+  addSeals(fd, SIZE_SEALS);
+  addSeals(fd, F_SEAL_SEAL);
+}
+
+/**
+ * True when nobody holding `fd` can change its size: F_SEAL_SHRINK and F_SEAL_GROW are set.
+ * False for files that take no seals at all (regular files on most file systems: EINVAL).
+ */
+export function isSizeSealed(fd: Fd): boolean {
+  try {
+    return (getSeals(fd) & SIZE_SEALS) === SIZE_SEALS;
+  } catch {
+    return false;
+  }
+}
+
+export const O_NOFOLLOW = 0o400000;
+
+/** open(2); files it creates get `mode` (before the umask): owner-only unless told. */
+export function openFile(path: string, flags: number, mode = 0o600): Fd {
   return new Fd(sys(() => native.open(path, flags, mode), path));
 }
 
