@@ -14,7 +14,15 @@ import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
 import { SysError } from "../../src/sys/errors.js";
 import type { Fd } from "../../src/sys/fd.js";
-import { addSeals, F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_WRITE, fileSize, getSeals, truncate } from "../../src/sys/memfd.js";
+import {
+  addSeals,
+  F_SEAL_SEAL,
+  F_SEAL_SHRINK,
+  F_SEAL_WRITE,
+  fileSize,
+  getSeals,
+  truncate,
+} from "../../src/sys/memfd.js";
 import { UnixSocket } from "../../src/sys/unix-socket.js";
 import { Connection } from "../../src/vhost-user/connection.js";
 import { FrontendError } from "../../src/vhost-user/frontend/errors.js";

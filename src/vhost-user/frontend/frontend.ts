@@ -25,8 +25,8 @@ import type { GuestMemoryRegion } from "../../memory/region.js";
 import { DirtyLogArea, SharedLogDirtySource } from "../../memory/shared-dirty-log.js";
 import type { EventFd } from "../../sys/eventfd.js";
 import type { Fd } from "../../sys/fd.js";
-import { UnixSocket } from "../../sys/unix-socket.js";
 import { isSizeSealed } from "../../sys/memfd.js";
+import { UnixSocket } from "../../sys/unix-socket.js";
 import { Userfaultfd } from "../../sys/userfaultfd.js";
 import { Connection, type ConnectionOptions, DEFAULT_REPLY_TIMEOUT_MS } from "../connection.js";
 import type { BackendRequests } from "../protocol/backend-requests.js";
@@ -953,10 +953,14 @@ export class VhostUserFrontend implements Disposable {
     try {
       this.#uffd = Userfaultfd.adopt(fd);
     } catch (e) {
-      throw new VhostUserError("BAD_FD", `the back-end's POSTCOPY_ADVISE fd is not a userfaultfd: ${(e as Error).message}`, {
-        request: "POSTCOPY_ADVISE",
-        cause: e,
-      });
+      throw new VhostUserError(
+        "BAD_FD",
+        `the back-end's POSTCOPY_ADVISE fd is not a userfaultfd: ${(e as Error).message}`,
+        {
+          request: "POSTCOPY_ADVISE",
+          cause: e,
+        },
+      );
     }
     this.#postcopy = "advised";
     return this.#uffd;
