@@ -11,5 +11,6 @@ export * from "./mapping.js";
 export * from "./memfd.js";
 export { native, type View } from "./native.js";
 export * from "./poller.js";
+export * from "./unix-path.js";
 export * from "./unix-socket.js";
 export * from "./userfaultfd.js";

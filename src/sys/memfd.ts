@@ -1,4 +1,5 @@
-import { sys } from "./errors.js";
+import { fchmodSync } from "node:fs";
+import { SysError, sys } from "./errors.js";
 import { Fd } from "./fd.js";
 import { native } from "./native.js";
 
@@ -85,10 +86,34 @@ export function isSizeSealed(fd: Fd): boolean {
 }
 
 export const O_NOFOLLOW = 0o400000;
+const EINVAL = 22;
 
 /** open(2); files it creates get `mode` (before the umask): owner-only unless told. */
 export function openFile(path: string, flags: number, mode = 0o600): Fd {
   return new Fd(sys(() => native.open(path, flags, mode), path));
+}
+
+const S_IFMT = 0o170000;
+const S_IFREG = 0o100000;
+
+/**
+ * A file only its owner can read (0600) for data we write out (snapshots): never through a
+ * symlink (O_NOFOLLOW: ELOOP), never onto an existing file unless `overwrite` (else EEXIST),
+ * never onto anything but a regular file, and an overwritten file's old mode is not kept.
+ */
+export function createPrivateFile(path: string, options: { overwrite?: boolean } = {}): Fd {
+  const flags = O_RDWR | O_CREAT | O_NOFOLLOW | (options.overwrite ? 0 : O_EXCL);
+  const fd = openFile(path, flags, 0o600);
+  try {
+    const mode = sys(() => native.fstat(fd.fd), path)[1];
+    if ((mode & S_IFMT) !== S_IFREG) throw new SysError("open", EINVAL, `${path} is not a regular file`);
+    fchmodSync(fd.fd, 0o600);
+    if (options.overwrite) truncate(fd, 0);
+  } catch (e) {
+    fd.close();
+    throw e;
+  }
+  return fd;
 }
 
 export function fileSize(fd: Fd): number {
