@@ -10,11 +10,17 @@
  */
 import { parseArgs } from "node:util";
 import { blkDevice } from "../devices/blk/device.js";
+import { parseSocketMode, resolveGroup, type SocketPathOptions } from "../sys/unix-path.js";
 import { VhostUserDaemon } from "../vhost-user/backend/daemon.js";
 import type { BackendSession } from "../vhost-user/backend/session.js";
 
 export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --image FILE [options]
   --socket-path PATH     listen on this unix socket (the front-end connects)
+  --socket-mode MODE     file mode of the socket, octal (default 0600: only this user)
+  --socket-group GROUP   group owning the socket (name or gid), e.g. QEMU's; with
+                         --socket-mode 0660 its members may connect
+                         (a socket already at PATH is replaced only if nobody answers
+                         on it; anything else there is refused and left alone)
   --fd N                 use this inherited socket (listening or connected)
   --image FILE           raw image: a file or a block device (also --blk-file)
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
@@ -70,6 +76,8 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       args: argv,
       options: {
         "socket-path": { type: "string" },
+        "socket-mode": { type: "string" },
+        "socket-group": { type: "string" },
         fd: { type: "string" },
         image: { type: "string" },
         "blk-file": { type: "string" },
@@ -107,6 +115,15 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
   if ((socketPath === undefined) === (fdArg === undefined)) return usage("give exactly one of --socket-path and --fd");
   if (!Number.isInteger(queues) || queues < 1 || queues > 64) return usage("--queues must be 1..64");
   if (!["auto", "sync", "async"].includes(values.io as string)) return usage("--io must be auto, sync or async");
+  const socket: SocketPathOptions = {};
+  try {
+    if (values["socket-mode"] !== undefined) socket.mode = parseSocketMode(values["socket-mode"] as string);
+    if (values["socket-group"] !== undefined) socket.group = resolveGroup(values["socket-group"] as string);
+  } catch (e) {
+    return usage((e as Error).message);
+  }
+  if ((socket.mode !== undefined || socket.group !== undefined) && socketPath === undefined)
+    return usage("--socket-mode and --socket-group need --socket-path");
   const fd = fdArg === undefined ? -1 : Number(fdArg);
   if (fdArg !== undefined && !(Number.isInteger(fd) && fd >= 0)) return usage("--fd must be a file descriptor number");
 
@@ -123,7 +140,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       ...(values.serial ? { serial: values.serial as string } : {}),
       debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
     });
-    daemon = socketPath ? VhostUserDaemon.listen(device, socketPath) : VhostUserDaemon.fromFd(device, fd);
+    daemon = socketPath ? VhostUserDaemon.listen(device, socketPath, socket) : VhostUserDaemon.fromFd(device, fd);
     log(
       "info",
       `serving ${image} (${device.capacitySectors} sectors, ${queues} queue(s)` +

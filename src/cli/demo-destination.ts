@@ -12,6 +12,7 @@ import { MigrationDestination } from "../migration/destination.js";
 import { MigrationListener, parseEndpoint } from "../migration/transport.js";
 import { Workload } from "../migration/workload.js";
 import { VmDestination } from "../vm/migrate.js";
+import { safeJson } from "./printable.js";
 
 const MiB = 1024 * 1024;
 
@@ -30,7 +31,7 @@ export async function demoDestinationCommand(argv: string[]): Promise<number> {
       "accept-timeout": { type: "string", default: "10000" },
     },
   });
-  const out = (o: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(o)}\n`);
+  const out = (o: Record<string, unknown>) => process.stdout.write(`${safeJson(o)}\n`);
   const size = Number(values.size);
   if (!values.listen || !Number.isInteger(size) || size < 4) {
     out({

@@ -10,6 +10,7 @@ import type { MigrationEvents } from "../migration/events.js";
 import { MigrationSource } from "../migration/source.js";
 import { connectEndpoint, MigrationListener, parseEndpoint } from "../migration/transport.js";
 import { Workload } from "../migration/workload.js";
+import { printable, safeJson } from "./printable.js";
 
 export const MIGRATE_USAGE = `usage:
   vmshift migrate --listen tcp:[HOST:]PORT|unix:PATH|fd:N [--size MiB] [--json]
@@ -32,7 +33,7 @@ function memoryOf(sizeMiB: number): GuestMemory {
 function report(events: MigrationEvents, json: boolean, role: string): void {
   const t0 = performance.now();
   const line = (o: Record<string, unknown>) => {
-    if (json) process.stdout.write(`${JSON.stringify({ role, t: +(performance.now() - t0).toFixed(1), ...o })}\n`);
+    if (json) process.stdout.write(`${safeJson({ role, t: +(performance.now() - t0).toFixed(1), ...o })}\n`);
   };
   events.on("phase", (p) => {
     line({ event: "phase", ...p });
@@ -157,9 +158,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     return 0;
   } catch (e) {
     const err = e as { code?: string; message?: string };
-    if (values.json)
-      process.stdout.write(`${JSON.stringify({ event: "error", code: err.code, message: err.message })}\n`);
-    else process.stderr.write(`\nmigration failed: ${err.code ?? ""} ${err.message}\n`);
+    // The message may quote the peer (PEER_FAILED carries its FAIL text): escaped, bounded.
+    if (values.json) process.stdout.write(`${safeJson({ event: "error", code: err.code, message: err.message })}\n`);
+    else process.stderr.write(`\nmigration failed: ${printable(err.code ?? "")} ${printable(err.message)}\n`);
     return 1;
   } finally {
     await (workload as Workload | null)?.close();

@@ -6,8 +6,9 @@ import { restoreSnapshot, saveSnapshot } from "../migration/snapshot.js";
 import { Workload } from "../migration/workload.js";
 
 export const SNAPSHOT_USAGE = `usage:
-  vmshift snapshot save --file PATH [--size MiB] [--rate PAGES/s] [--json]
-        run a writer workload and snapshot its memory while it keeps writing (uffd write-protect)
+  vmshift snapshot save --file PATH [--size MiB] [--rate PAGES/s] [--force] [--json]
+        run a writer workload and snapshot its memory while it keeps writing (uffd write-protect);
+        the file is created 0600 and never through a symlink; an existing file only with --force
   vmshift snapshot restore --file PATH [--size MiB] [--lazy] [--json]
         restore into fresh memory (eager, or lazily through userfaultfd) and verify the digests`;
 
@@ -20,6 +21,7 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
       size: { type: "string", default: "64" },
       rate: { type: "string", default: "0" },
       lazy: { type: "boolean", default: false },
+      force: { type: "boolean", default: false },
       json: { type: "boolean", default: false },
     },
   });
@@ -45,6 +47,7 @@ export async function snapshotCommand(argv: string[]): Promise<number> {
         const res = await saveSnapshot({
           memory,
           path: values.file,
+          overwrite: values.force,
           hooks: { stopWriters: () => wl.pause(), resumeWriters: () => wl.resume() },
         });
         out({ event: "snapshot", ...res, writerStallMs: wl.stallMs });

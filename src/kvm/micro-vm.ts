@@ -7,8 +7,10 @@
  *
  * No migration code here (src/kvm does not import src/migration): src/vm/ glues the two.
  */
+
 import type { DirtySource } from "../memory/dirty-source.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
+import type { Mapping } from "../sys/mapping.js";
 import { decodeRegs, decodeSregs, encodeRegs, encodeSregs, KVM_REGS_SIZE, KVM_SREGS_SIZE } from "./abi.js";
 import { KvmDirtyBitmapSource, KvmDirtyRingSource } from "./dirty.js";
 import { KvmError } from "./errors.js";
@@ -63,11 +65,12 @@ export interface MicroVmOptions {
   /** Ring entries per vCPU (ring tracking; a power of two). Default 16384 (256 KiB). */
   ringEntries?: number;
   /**
-   * Host address of each region's memslot, when KVM must use another mapping of the same
+   * The mapping of each region's memslot, when KVM must use another mapping of the same
    * memory than the region's own (postcopy: a mapping registered with a userfaultfd that
-   * also serves kernel-mode faults). Default: each region's hostAddress.
+   * also serves kernel-mode faults). Default: each region's own mapping. The Vm keeps each
+   * one alive while its slot exists.
    */
-  slotHostAddresses?: readonly bigint[];
+  slotMappings?: readonly Mapping[];
   /**
    * Boot: write page tables and code, start the dirtying program with these options. With
    * `vcpus` > 1 (default 1) the range [start, end) is split into that many equal parts, one per
@@ -117,13 +120,13 @@ export class MicroVm implements AsyncDisposable {
       const size = o.memory.size;
       if (o.boot) writeLongModeGuest(o.memory, size);
       o.memory.regions.forEach((r, i) => {
-        (vm as Vm).setUserMemoryRegion({
-          slot: i,
-          flags: 0,
-          guestPhysAddr: r.guestBase,
-          memorySize: r.size,
-          userspaceAddr: o.slotHostAddresses?.[i] ?? r.hostAddress,
-        });
+        const mapping = o.slotMappings?.[i] ?? r.mapping;
+        if (!mapping)
+          throw new KvmError("BAD_MEMSLOT", `region ${i} has no mapping of its own`, {
+            slot: i,
+            guestPhysAddr: r.guestBase,
+          });
+        (vm as Vm).setUserMemoryRegion({ slot: i, flags: 0, guestPhysAddr: r.guestBase, memorySize: r.size, mapping });
       });
       if (o.dirtyTracking === "ring") vm.enableDirtyRing(o.ringEntries ?? 16384);
       const vcpus: Vcpu[] = [];

@@ -11,6 +11,7 @@
  * Worker → main: postMessage events (a pause with its reason and exit details, an I/O or MMIO
  * access no built-in device handles, the worker's end). The progress port is handled inside the
  * worker with no message at all: the counter goes to a shared word main can read or wait on.
+ * I/O and MMIO reports are bounded (MAX_PENDING_IO in flight, the rest counted as dropped).
  */
 
 /** Int32 indices of the control block. */
@@ -35,7 +36,19 @@ export const Ctl = {
   IO_EXITS: 8,
   /** The progress port number. */
   PROGRESS_PORT: 9,
+  /** I/O and MMIO reports posted to main and not yet handled there (at most MAX_PENDING_IO). */
+  IO_PENDING: 10,
+  /** Reports not posted because MAX_PENDING_IO were pending (the exit itself is still completed). */
+  IO_DROPPED: 11,
 } as const;
+
+/**
+ * Bound on the I/O and MMIO reports queued from a vCPU thread to the main thread. A guest
+ * exits on port I/O as fast as it likes, and each report is a message: with the main thread
+ * busy, an unbounded queue is memory the guest allocates at will. Past the bound the exit is
+ * completed as usual (reads float high) and only counted (Vcpu.droppedIoReports).
+ */
+export const MAX_PENDING_IO = 256;
 export const CTL_WORDS = 16;
 
 export const Cmd = { NONE: 0, RUN: 1, PAUSE: 2, QUIT: 3 } as const;

@@ -24,6 +24,7 @@ import {
   Cmd,
   Ctl,
   type ExitError,
+  MAX_PENDING_IO,
   type PauseReason,
   VcpuRunState,
   type WorkerEvent,
@@ -34,6 +35,16 @@ const port = parentPort;
 if (!port) throw new Error("vcpu-worker.ts must run in a worker thread");
 const init = workerData as WorkerInit;
 const post = (e: WorkerEvent) => port.postMessage(e);
+
+/** Posts an I/O or MMIO report unless MAX_PENDING_IO are still unhandled on the main thread. */
+function report(e: WorkerEvent): void {
+  if (Atomics.load(ctl, Ctl.IO_PENDING) >= MAX_PENDING_IO) {
+    Atomics.add(ctl, Ctl.IO_DROPPED, 1);
+    return;
+  }
+  Atomics.add(ctl, Ctl.IO_PENDING, 1);
+  post(e);
+}
 
 const ctl = new Int32Array(init.control);
 const run = new DataView(init.run);
@@ -111,11 +122,11 @@ function handleIo(): PauseReason | null {
       if (us > 0) Atomics.wait(ctl, Ctl.CMD_SEQ, Atomics.load(ctl, Ctl.CMD_SEQ), us / 1000);
       return null;
     }
-    post({ type: "io", direction: "out", port: ioPort, size, count, data: Array.from(data) });
+    report({ type: "io", direction: "out", port: ioPort, size, count, data: Array.from(data) });
   } else {
     // No device model behind other ports: reads float high, as on an empty ISA bus.
     data.fill(0xff);
-    post({ type: "io", direction: "in", port: ioPort, size, count, data: Array.from(data) });
+    report({ type: "io", direction: "in", port: ioPort, size, count, data: Array.from(data) });
   }
   return null;
 }
@@ -127,7 +138,7 @@ function handleMmio(): void {
   const data = ioData(KvmRun.mmio_data, Math.min(length, 8));
   pendingCompletion = true;
   if (!isWrite) data.fill(0);
-  post({ type: "mmio", isWrite, address, length, data: Array.from(data) });
+  report({ type: "mmio", isWrite, address, length, data: Array.from(data) });
 }
 
 function exitError(reason: number): ExitError {

@@ -193,6 +193,7 @@ export class Vcpu implements AsyncDisposable {
         return;
       case "io":
       case "mmio":
+        Atomics.sub(this.#ctl, Ctl.IO_PENDING, 1);
         for (const l of this.#ioListeners) l(e);
         return;
       case "exited":
@@ -288,6 +289,11 @@ export class Vcpu implements AsyncDisposable {
   /** KVM_RUN returns so far, and those handled in the worker without a pause (I/O, MMIO). */
   get exits(): { total: number; io: number } {
     return { total: Atomics.load(this.#ctl, Ctl.EXITS), io: Atomics.load(this.#ctl, Ctl.IO_EXITS) };
+  }
+
+  /** I/O and MMIO reports the vCPU thread did not post because MAX_PENDING_IO were pending. */
+  get droppedIoReports(): number {
+    return Atomics.load(this.#ctl, Ctl.IO_DROPPED);
   }
 
   /** Parks the vCPU as soon as the progress counter reaches `value` (0: never). */

@@ -2,6 +2,7 @@ import type { DirtyRing, DirtyRingSlot, DirtyRingVm } from "../memory/dirty-ring
 import { KVM_DIRTY_GFN_SIZE } from "../memory/dirty-ring.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import { Fd } from "../sys/fd.js";
+import type { Mapping } from "../sys/mapping.js";
 import { addressOf } from "../sys/mapping.js";
 import {
   encodeClearDirtyLog,
@@ -29,12 +30,26 @@ import { Vcpu } from "./vcpu.js";
 
 const PAGE = 4096;
 
-/** A memslot as registered with KVM_SET_USER_MEMORY_REGION. */
-export interface Memslot {
+/**
+ * A memslot to register with KVM_SET_USER_MEMORY_REGION: guest-physical [guestPhysAddr,
+ * +memorySize) backed by bytes [offset, +memorySize) of `mapping`. The host range is never a
+ * bare address: the Vm keeps the Mapping (and with it its windows, so the address range is
+ * never unmapped and reused) for as long as the slot exists. A memslot over an address range
+ * that outlived its mapping would give the guest whatever gets mapped there next.
+ */
+export interface MemslotSpec {
   slot: number;
   flags: number;
   guestPhysAddr: number;
   memorySize: number;
+  /** The mapping the slot's host memory lies in (kept alive while the slot exists). */
+  mapping: Mapping;
+  /** Byte offset of the slot's first byte in `mapping` (default 0, page aligned). */
+  offset?: number;
+}
+
+/** A memslot as registered: its spec and the host address KVM was given. */
+export interface Memslot extends MemslotSpec {
   userspaceAddr: bigint;
 }
 
@@ -101,14 +116,18 @@ export class Vm implements DirtyRingVm, AsyncDisposable {
     kvmIoctl(this.fd, KVM_ENABLE_CAP, encodeEnableCap(cap, args, flags), `KVM_ENABLE_CAP(${cap})`);
   }
 
-  /** KVM_SET_USER_MEMORY_REGION, checked first so a bad slot is a BAD_MEMSLOT, not an EINVAL. */
-  setUserMemoryRegion(m: Memslot): void {
+  /**
+   * KVM_SET_USER_MEMORY_REGION, checked first so a bad slot is a BAD_MEMSLOT, not an EINVAL.
+   * The host range must lie inside `m.mapping`, which must be open; the slot keeps it.
+   */
+  setUserMemoryRegion(m: MemslotSpec): void {
     this.#assertOpen();
+    const offset = m.offset ?? 0;
     const values = {
       slot: m.slot,
       guestPhysAddr: m.guestPhysAddr,
       memorySize: m.memorySize,
-      userspaceAddr: m.userspaceAddr,
+      offset,
     };
     const bad = (why: string) => new KvmError("BAD_MEMSLOT", `memslot ${m.slot}: ${why}`, values);
     if (!Number.isInteger(m.slot) || m.slot < 0 || m.slot >= this.kvm.maxMemslots)
@@ -117,7 +136,15 @@ export class Vm implements DirtyRingVm, AsyncDisposable {
       throw bad("guest physical address is not page aligned");
     if (!Number.isSafeInteger(m.memorySize) || m.memorySize < 0 || m.memorySize % PAGE !== 0)
       throw bad("size is not a multiple of the page size");
-    if (m.userspaceAddr % BigInt(PAGE) !== 0n) throw bad("host address is not page aligned");
+    let userspaceAddr = 0n;
+    if (m.memorySize > 0) {
+      if (m.mapping.closed) throw bad("its mapping is closed");
+      if (!Number.isSafeInteger(offset) || offset < 0 || offset % PAGE !== 0)
+        throw bad("offset into the mapping is not page aligned");
+      if (offset + m.memorySize > m.mapping.length)
+        throw bad(`[${offset}, +${m.memorySize}) runs past its mapping of ${m.mapping.length} bytes`);
+      userspaceAddr = m.mapping.address + BigInt(offset);
+    }
     if (m.memorySize > 0) {
       for (const o of this.#slots.values()) {
         if (o.slot === m.slot) continue;
@@ -128,32 +155,32 @@ export class Vm implements DirtyRingVm, AsyncDisposable {
     kvmIoctl(
       this.fd,
       KVM_SET_USER_MEMORY_REGION,
-      encodeUserspaceMemoryRegion(
-        m.slot,
-        m.flags,
-        BigInt(m.guestPhysAddr),
-        BigInt(m.memorySize),
-        m.memorySize ? m.userspaceAddr : 0n,
-      ),
+      encodeUserspaceMemoryRegion(m.slot, m.flags, BigInt(m.guestPhysAddr), BigInt(m.memorySize), userspaceAddr),
       "KVM_SET_USER_MEMORY_REGION",
     );
+    // The slot holds its Mapping from here until it is deleted (or the Vm closes).
     if (m.memorySize === 0) this.#slots.delete(m.slot);
-    else this.#slots.set(m.slot, { ...m });
+    else this.#slots.set(m.slot, { ...m, offset, userspaceAddr });
   }
 
-  /** One memslot per region of `memory`, at each region's hostAddress. */
+  /** One memslot per region of `memory`, over each region's own mapping. */
   setMemory(memory: GuestMemory, options: SetMemoryOptions = {}): Memslot[] {
     const first = options.firstSlot ?? 0;
     return memory.regions.map((r, i) => {
-      const m: Memslot = {
+      const mapping = r.mapping;
+      if (!mapping)
+        throw new KvmError("BAD_MEMSLOT", `memslot ${first + i}: region at ${r.guestBase} has no mapping of its own`, {
+          slot: first + i,
+          guestPhysAddr: r.guestBase,
+        });
+      this.setUserMemoryRegion({
         slot: first + i,
         flags: (options.logDirtyPages ? KVM_MEM_LOG_DIRTY_PAGES : 0) | (r.readonly ? KVM_MEM_READONLY : 0),
         guestPhysAddr: r.guestBase,
         memorySize: r.size,
-        userspaceAddr: r.hostAddress,
-      };
-      this.setUserMemoryRegion(m);
-      return m;
+        mapping,
+      });
+      return this.#slot(first + i);
     });
   }
 

@@ -112,19 +112,22 @@ export class GuestMemoryRegion implements Disposable {
     }
   }
 
-  /** Memory backed by a new memfd (shareable with other processes by fd). */
+  /**
+   * Memory backed by a new memfd (shareable with other processes by fd). Its size is sealed
+   * (sealSize): a process we hand the fd to cannot shrink it under our mapping.
+   */
   static memfd(
     guestBase: number | bigint,
     size: number,
     options: RegionOptions & { name?: string } = {},
   ): GuestMemoryRegion {
-    const fd = createMemfd(options.name ?? "vmshift-guest", size, { sealable: true });
+    const fd = createMemfd(options.name ?? "vmshift-guest", size, { sealSize: true });
     return GuestMemoryRegion.fromFd(fd, guestBase, size, 0, "memfd", options);
   }
 
   /**
-   * Memory backed by a file (created and sized if missing). Read-only regions are mapped
-   * private, so nothing written in this process can ever reach the file.
+   * Memory backed by a file (created owner-only, 0600, and sized if missing). Read-only
+   * regions are mapped private, so nothing written in this process can ever reach the file.
    */
   static file(
     path: string,
@@ -132,7 +135,7 @@ export class GuestMemoryRegion implements Disposable {
     size: number,
     options: RegionOptions & { offset?: number } = {},
   ): GuestMemoryRegion {
-    const fd = openFile(path, options.readonly ? O_RDONLY : O_RDWR | O_CREAT);
+    const fd = openFile(path, options.readonly ? O_RDONLY : O_RDWR | O_CREAT, 0o600);
     const offset = options.offset ?? 0;
     try {
       if (!options.readonly && fileSize(fd) < offset + size) truncate(fd, offset + size);

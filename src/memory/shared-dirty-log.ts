@@ -103,7 +103,7 @@ export class DirtyLogArea implements Disposable {
   /** A new memfd-backed log covering `guestBytes` of address space (the frontend's side). */
   static create(guestBytes: number): DirtyLogArea {
     const size = logSizeFor(guestBytes);
-    return DirtyLogArea.map(createMemfd("vmshift-dirty-log", size), size, 0);
+    return DirtyLogArea.map(createMemfd("vmshift-dirty-log", size, { sealSize: true }), size, 0);
   }
 
   static fromShared(s: SharedLogArea): DirtyLogArea {

@@ -315,82 +315,93 @@ export class MigrationDestination {
       this.#phase("precopy");
       // Discard maps first: the plug state must be known before any page.
       while (r.type === RecordType.Discard) {
-        this.#applyDiscard(r);
+        try {
+          this.#applyDiscard(r);
+        } catch (e) {
+          throw recordFailure(e, r);
+        }
         r = await next();
       }
       for (;;) {
         if (this.#faultError) throw this.#faultError;
         if (this.#resumedWith && r.type !== RecordType.Digest && r.type !== RecordType.End)
           throw r.payload.error(`${recordName(r.type)} after SWITCHOVER`);
-        switch (r.type) {
-          case RecordType.Discard:
-            // Blocks (un)plugged on the source while it runs (virtio-mem).
-            this.#applyDiscard(r);
-            break;
-          case RecordType.Pages:
-            this.#applyPages(r);
-            // With a deep read-ahead, records are read without returning to the event loop:
-            // let the preempt channel and the fault watches in between.
-            if (preempt && this.#postcopy) await new Promise((res) => setImmediate(res));
-            break;
-          case RecordType.Round:
-            this.#rounds = decodeRound(r.payload).round;
-            break;
-          case RecordType.Switchover: {
-            r.payload.end();
-            if (caps & Capability.POSTCOPY) throw r.payload.error("SWITCHOVER in a postcopy stream");
-            this.#resumedWith = this.#regions.map((st) => st.hashes?.digest(st.discard) ?? new Uint8Array(32));
-            await this.#o.hooks?.resume?.();
-            this.#resumedAt = performance.now();
-            writer.writeNow(encodeRecord(RecordType.Resumed));
-            this.#phase("verify");
-            break;
+        if (r.type === RecordType.End) {
+          r.payload.end();
+          // Pages the preempt channel carried may still be on their way: its end marker
+          // comes after the last of them.
+          if (preempt) {
+            await Promise.race([preempt.done, aborted]);
+            preempt.reader.detach();
+            preempt.stream.end();
           }
-          case RecordType.DeviceState: {
-            const s = decodeDeviceState(r.payload);
-            await this.#o.hooks?.loadDeviceState?.(s);
-            this.#deviceStates.push(s.name);
-            break;
-          }
-          case RecordType.PostcopyAdvise:
-            if (!(caps & Capability.POSTCOPY) || this.#postcopy)
-              throw r.payload.error("POSTCOPY_ADVISE without the postcopy capability or after POSTCOPY_RUN");
-            this.#applyAdvise(r.payload);
-            break;
-          case RecordType.PostcopyRun:
-            r.payload.end();
-            if (!(caps & Capability.POSTCOPY) || this.#postcopy) throw r.payload.error("unexpected POSTCOPY_RUN");
-            this.#phase("postcopy");
-            // Without a preempt channel, a faulting page's answer queues behind whatever
-            // background stream is already in the kernel's buffers and our read-ahead: keep
-            // both small from now on.
-            if (!preempt) {
-              boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
-              reader.setReadAhead(POSTCOPY_READ_AHEAD);
+          return await this.#finish(digests, writer, stream);
+        }
+        // Whatever fails while a record is applied (its checks, the kernel, a hook) is that
+        // record's failure: BAD_RECORD at its offset unless it is already a typed one.
+        try {
+          switch (r.type) {
+            case RecordType.Discard:
+              // Blocks (un)plugged on the source while it runs (virtio-mem).
+              this.#applyDiscard(r);
+              break;
+            case RecordType.Pages:
+              this.#applyPages(r);
+              // With a deep read-ahead, records are read without returning to the event loop:
+              // let the preempt channel and the fault watches in between.
+              if (preempt && this.#postcopy) await new Promise((res) => setImmediate(res));
+              break;
+            case RecordType.Round:
+              this.#rounds = decodeRound(r.payload).round;
+              break;
+            case RecordType.Switchover: {
+              r.payload.end();
+              if (caps & Capability.POSTCOPY) throw r.payload.error("SWITCHOVER in a postcopy stream");
+              this.#resumedWith = this.#regions.map((st) => st.hashes?.digest(st.discard) ?? new Uint8Array(32));
+              await this.#o.hooks?.resume?.();
+              this.#resumedAt = performance.now();
+              writer.writeNow(encodeRecord(RecordType.Resumed));
+              this.#phase("verify");
+              break;
             }
-            this.#startPostcopy();
-            await this.#o.hooks?.resume?.();
-            writer.writeNow(encodeRecord(RecordType.Resumed));
-            break;
-          case RecordType.Digest: {
-            const d = decodeDigest(r.payload);
-            if (d.region >= this.#regions.length || digests.has(d.region))
-              throw r.payload.error(`digest for region ${d.region}`, { region: d.region });
-            digests.set(d.region, d.sha256);
-            break;
-          }
-          case RecordType.End:
-            r.payload.end();
-            // Pages the preempt channel carried may still be on their way: its end marker
-            // comes after the last of them.
-            if (preempt) {
-              await Promise.race([preempt.done, aborted]);
-              preempt.reader.detach();
-              preempt.stream.end();
+            case RecordType.DeviceState: {
+              const s = decodeDeviceState(r.payload);
+              await this.#o.hooks?.loadDeviceState?.(s);
+              this.#deviceStates.push(s.name);
+              break;
             }
-            return await this.#finish(digests, writer, stream);
-          default:
-            throw r.payload.error(`unexpected ${recordName(r.type)} record`);
+            case RecordType.PostcopyAdvise:
+              if (!(caps & Capability.POSTCOPY) || this.#postcopy)
+                throw r.payload.error("POSTCOPY_ADVISE without the postcopy capability or after POSTCOPY_RUN");
+              this.#applyAdvise(r.payload);
+              break;
+            case RecordType.PostcopyRun:
+              r.payload.end();
+              if (!(caps & Capability.POSTCOPY) || this.#postcopy) throw r.payload.error("unexpected POSTCOPY_RUN");
+              this.#phase("postcopy");
+              // Without a preempt channel, a faulting page's answer queues behind whatever
+              // background stream is already in the kernel's buffers and our read-ahead: keep
+              // both small from now on.
+              if (!preempt) {
+                boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
+                reader.setReadAhead(POSTCOPY_READ_AHEAD);
+              }
+              this.#startPostcopy();
+              await this.#o.hooks?.resume?.();
+              writer.writeNow(encodeRecord(RecordType.Resumed));
+              break;
+            case RecordType.Digest: {
+              const d = decodeDigest(r.payload);
+              if (d.region >= this.#regions.length || digests.has(d.region))
+                throw r.payload.error(`digest for region ${d.region}`, { region: d.region });
+              digests.set(d.region, d.sha256);
+              break;
+            }
+            default:
+              throw r.payload.error(`unexpected ${recordName(r.type)} record`);
+          }
+        } catch (e) {
+          throw recordFailure(e, r);
         }
         r = await next();
       }
@@ -518,7 +529,11 @@ export class MigrationDestination {
         throw r.payload.error(
           `preempt channel: unexpected ${recordName(r.type)}${this.#postcopy ? "" : " before POSTCOPY_RUN"}`,
         );
-      this.#preemptPages += this.#applyPages(r);
+      try {
+        this.#preemptPages += this.#applyPages(r);
+      } catch (e) {
+        throw recordFailure(e, r);
+      }
     }
   }
 
@@ -559,6 +574,16 @@ export class MigrationDestination {
     const d = decodeDiscard(r.payload);
     const st = this.#regions[d.region];
     if (!st) throw r.payload.error(`discard map for region ${d.region}`, { region: d.region });
+    // Blocks are dropped with madvise: a block must be whole pages (and a power of two, as
+    // DiscardMap wants) before any block of the map is acted on.
+    if (d.blockSize < PAGE || d.blockSize % PAGE !== 0 || !Number.isInteger(Math.log2(d.blockSize)))
+      throw r.payload.error(
+        `discard block size ${d.blockSize} is not a power-of-two multiple of the page size ${PAGE}`,
+        {
+          region: d.region,
+          blockSize: d.blockSize,
+        },
+      );
     if (d.blockSize === 0 || st.region.size % d.blockSize !== 0 || d.states.length !== st.region.size / d.blockSize)
       throw new MigrationError(
         "REGION_MISMATCH",
@@ -945,4 +970,23 @@ function gpaOf(d: FaultDomain, addr: bigint): number | null {
   for (const r of d.ranges)
     if (addr >= r.hostStart && addr < r.hostStart + BigInt(r.size)) return r.guestBase + Number(addr - r.hostStart);
   return null;
+}
+
+/**
+ * A failure while `r` was applied, as the error recovery and the peer key on: a MigrationError
+ * keeps its code (and gets the record's offset if it had none); anything else (a hook's error,
+ * a failed system call) is BAD_RECORD at the record's offset.
+ */
+function recordFailure(e: unknown, r: Record): MigrationError {
+  if (e instanceof MigrationError) {
+    if (e.offset !== undefined || e.code === "ABORTED") return e;
+    return new MigrationError(e.code, e.message, r.offset, e.details);
+  }
+  const err = e as { message?: unknown; code?: unknown };
+  return new MigrationError(
+    "BAD_RECORD",
+    `${recordName(r.type)}: applying it failed: ${String(err?.message ?? e)}`,
+    r.offset,
+    { record: recordName(r.type), cause: typeof err?.code === "string" ? err.code : undefined },
+  );
 }

@@ -593,6 +593,9 @@ export function decodeComplete(p: PayloadReader): { ok: boolean; digests: Uint8A
 
 // ---- FAIL: u16 code length | code | message
 
+/** Bytes of a FAIL record's message kept on decode (the encoder sends at most 4000 characters). */
+export const MAX_FAIL_TEXT = 16 * 1024;
+
 export function encodeFail(code: string, message: string): Buffer {
   const c = Buffer.from(code, "utf8");
   const m = Buffer.from(message.slice(0, 4000), "utf8");
@@ -606,7 +609,8 @@ export function encodeFail(code: string, message: string): Buffer {
 export function decodeFail(p: PayloadReader): { code: string; message: string } {
   const n = p.u16();
   const code = Buffer.from(p.take(n)).toString("utf8");
-  const message = Buffer.from(p.take(p.remaining)).toString("utf8");
+  // A peer may send up to MAX_PAYLOAD of text: keep what encodeFail would have sent.
+  const message = Buffer.from(p.take(p.remaining).subarray(0, MAX_FAIL_TEXT)).toString("utf8");
   return { code, message };
 }
 

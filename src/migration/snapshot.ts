@@ -26,7 +26,7 @@ import type { GuestMemoryRegion } from "../memory/region.js";
 import { isZero } from "../sys/bulk.js";
 import { type Fd, pread, pwrite } from "../sys/fd.js";
 import { fdatasync } from "../sys/io.js";
-import { fileSize, O_CREAT, O_RDONLY, O_RDWR, O_TRUNC, openFile, truncate } from "../sys/memfd.js";
+import { createPrivateFile, fileSize, O_RDONLY, openFile, truncate } from "../sys/memfd.js";
 import type { Watch } from "../sys/poller.js";
 import {
   UFFD_EVENT_PAGEFAULT,
@@ -85,6 +85,8 @@ export interface SnapshotOptions {
   memory: GuestMemory;
   discard?: ReadonlyMap<GuestMemoryRegion, DiscardMap>;
   path: string;
+  /** Replace an existing snapshot file (default: refuse with EEXIST). Symlinks are never followed. */
+  overwrite?: boolean;
   hooks?: SnapshotHooks;
 }
 
@@ -176,7 +178,8 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
     ),
   );
 
-  const fd = openFile(o.path, O_RDWR | O_CREAT | O_TRUNC, 0o600);
+  // Owner-only, not through a symlink, not over an existing file unless asked (createPrivateFile).
+  const fd = createPrivateFile(o.path, { overwrite: o.overwrite ?? false });
   let uffd: Userfaultfd | null = null;
   let watch: Watch | null = null;
   let writersStopped = false;

@@ -3,8 +3,8 @@
  * already connected socket). All three are node:net sockets; the migration stream needs no
  * fd passing.
  */
-import { unlinkSync } from "node:fs";
 import { createServer, type Server, Socket } from "node:net";
+import { listenUnixPath, type OwnedSocketPath, removeOwnedSocket, type SocketPathOptions } from "../sys/unix-path.js";
 import { MigrationError } from "./errors.js";
 
 export type Endpoint =
@@ -61,10 +61,13 @@ export class MigrationListener {
   readonly #queue: Socket[] = [];
   #waiter: ((s: Socket) => void) | null = null;
   readonly endpoint: Endpoint;
+  /** unix: the socket file we created, removed on close while the path still names it. */
+  readonly #owned: OwnedSocketPath | null;
 
-  private constructor(server: Server, endpoint: Endpoint) {
+  private constructor(server: Server, endpoint: Endpoint, owned: OwnedSocketPath | null) {
     this.#server = server;
     this.endpoint = endpoint;
+    this.#owned = owned;
     server.on("connection", (s: Socket) => {
       if (endpoint.kind === "tcp") tune(s);
       const w = this.#waiter;
@@ -74,27 +77,41 @@ export class MigrationListener {
     });
   }
 
-  static listen(e: Endpoint): Promise<MigrationListener> {
+  /**
+   * Listens on `e`. A `unix:` path is bound with listenUnixPath(): a socket nobody answers on
+   * is replaced, a live socket or anything else there is refused
+   * (EADDRINUSE / EEXIST, a SysError) and left alone; mode 0600 unless `socket` says otherwise.
+   */
+  static listen(e: Endpoint, socket: SocketPathOptions = {}): Promise<MigrationListener> {
     if (e.kind === "fd") return Promise.reject(new RangeError("listen on fd: use connectEndpoint for an fd"));
+    let owned: OwnedSocketPath | null = null;
+    let fd = -1;
+    if (e.kind === "unix") {
+      try {
+        const b = listenUnixPath(e.path, socket);
+        owned = b;
+        fd = b.fd.release();
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
     return new Promise((resolve, reject) => {
       const server = createServer({ pauseOnConnect: false });
-      server.once("error", reject);
+      const fail = (err: Error) => {
+        if (owned) removeOwnedSocket(owned);
+        reject(err);
+      };
+      server.once("error", fail);
       const ready = () => {
-        server.off("error", reject);
+        server.off("error", fail);
         const addr = server.address();
         const ep: Endpoint =
           e.kind === "tcp" && addr && typeof addr === "object" ? { kind: "tcp", host: e.host, port: addr.port } : e;
-        resolve(new MigrationListener(server, ep));
+        resolve(new MigrationListener(server, ep, owned));
       };
       if (e.kind === "tcp") server.listen(e.port, e.host, ready);
-      else {
-        try {
-          unlinkSync(e.path);
-        } catch {
-          // no stale socket file
-        }
-        server.listen(e.path, ready);
-      }
+      // The server owns the fd from here (closed by server.close()).
+      else server.listen({ fd }, ready);
     });
   }
 
@@ -110,6 +127,7 @@ export class MigrationListener {
   close(): Promise<void> {
     for (const s of this.#queue.splice(0)) s.destroy();
     this.#server.close();
+    if (this.#owned) removeOwnedSocket(this.#owned);
     return new Promise((r) => setImmediate(r));
   }
 }

@@ -1,4 +1,5 @@
-import { check, sys } from "./errors.js";
+import { readlinkSync } from "node:fs";
+import { check, SysError, sys } from "./errors.js";
 import { native } from "./native.js";
 
 const F_GETFD = 1;
@@ -59,6 +60,19 @@ export function isOpenFd(fd: number): boolean {
     return true;
   } catch {
     return false;
+  }
+}
+
+/**
+ * What an fd is, as the kernel names it in /proc/self/fd: a path, `pipe:[ino]`,
+ * `socket:[ino]`, `anon_inode:[userfaultfd]`, `/memfd:name (deleted)`...
+ */
+export function fdKind(fd: Fd): string {
+  try {
+    return readlinkSync(`/proc/self/fd/${fd.fd}`);
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    throw new SysError("readlink", err.errno !== undefined ? Math.abs(err.errno) : 9, `/proc/self/fd/${fd.fd}`);
   }
 }
 

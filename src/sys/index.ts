@@ -75,6 +75,7 @@ export {
 export {
   addSeals,
   createMemfd,
+  createPrivateFile,
   F_ADD_SEALS,
   F_GET_SEALS,
   F_SEAL_GROW,
@@ -85,6 +86,7 @@ export {
   FALLOC_FL_PUNCH_HOLE,
   fileSize,
   getSeals,
+  isSizeSealed,
   type MemfdOptions,
   MFD_ALLOW_SEALING,
   MFD_HUGE_SHIFT,
@@ -97,6 +99,7 @@ export {
   O_TRUNC,
   openFile,
   punchHole,
+  sealSize,
   truncate,
 } from "./memfd.js";
 export { addonCandidates, loadNative, NativeLoadError, nativeAddonPath, type View } from "./native.js";
@@ -108,6 +111,16 @@ export {
   WRITABLE,
   waitReadable,
 } from "./poller.js";
+export {
+  type BoundUnixPath,
+  clearStaleSocket,
+  listenUnixPath,
+  type OwnedSocketPath,
+  parseSocketMode,
+  removeOwnedSocket,
+  resolveGroup,
+  type SocketPathOptions,
+} from "./unix-path.js";
 export {
   type Chunk,
   type ChunkHandler,

@@ -1,8 +1,8 @@
-import { unlinkSync } from "node:fs";
 import { check, EAGAIN, SysError, sys } from "./errors.js";
 import { Fd } from "./fd.js";
 import { native } from "./native.js";
 import { READABLE, Watch, WRITABLE } from "./poller.js";
+import { listenUnixPath, type OwnedSocketPath, removeOwnedSocket, type SocketPathOptions } from "./unix-path.js";
 
 export const MAX_FDS_PER_MESSAGE = 8;
 const RECV_BUFFER = 64 * 1024;
@@ -232,27 +232,31 @@ function toNum(f: Fd | number): number {
 export class UnixListener implements Disposable {
   readonly fd: Fd;
   readonly path: string;
+  /** The socket file we created (removed on close while it is still ours); null for fromFd(). */
+  readonly #owned: OwnedSocketPath | null;
   #watch: Watch | null = null;
   readonly #waiters = new Set<{ watch: Watch; reject: (e: Error) => void }>();
 
-  private constructor(fd: Fd, path: string) {
+  private constructor(fd: Fd, path: string, owned: OwnedSocketPath | null) {
     this.fd = fd;
     this.path = path;
+    this.#owned = owned;
   }
 
-  /** Binds `path`; a stale socket file left by a dead process is replaced. */
-  static listen(path: string, backlog = 16): UnixListener {
-    try {
-      unlinkSync(path);
-    } catch {
-      // nothing there
-    }
-    return new UnixListener(new Fd(sys(() => native.unixListen(path, backlog), path)), path);
+  /**
+   * Binds `path` with listenUnixPath(): a socket file nobody answers on is replaced; a live
+   * socket or anything that is not a socket is refused (SysError EADDRINUSE / EEXIST) and left
+   * alone. Mode 0600 unless `options.mode`; `options.group` owns it.
+   */
+  static listen(path: string, backlogOrOptions: number | SocketPathOptions = {}): UnixListener {
+    const o = typeof backlogOrOptions === "number" ? { backlog: backlogOrOptions } : backlogOrOptions;
+    const b = listenUnixPath(path, o);
+    return new UnixListener(b.fd, path, b);
   }
 
-  /** Wraps an inherited listening fd (systemd-style socket activation, `--fd N`). */
+  /** Wraps an inherited listening fd (systemd-style socket activation, `--fd N`); no file is ever removed. */
   static fromFd(fd: Fd, path = ""): UnixListener {
-    return new UnixListener(fd, path);
+    return new UnixListener(fd, path, null);
   }
 
   tryAccept(): UnixSocket | null {
@@ -312,13 +316,7 @@ export class UnixListener implements Disposable {
     }
     this.#waiters.clear();
     this.fd.close();
-    if (this.path) {
-      try {
-        unlinkSync(this.path);
-      } catch {
-        // already gone
-      }
-    }
+    if (this.#owned) removeOwnedSocket(this.#owned);
   }
 
   [Symbol.dispose](): void {

@@ -3,8 +3,8 @@
  * Layouts follow include/uapi/linux/userfaultfd.h (kernel 6.18; Debian's headers predate
  * WP_ASYNC and MOVE, so those bits are written out here).
  */
-import { check, EAGAIN, sys } from "./errors.js";
-import { Fd } from "./fd.js";
+import { check, EAGAIN, SysError, sys } from "./errors.js";
+import { Fd, fdKind } from "./fd.js";
 import { IOR, IOWR } from "./ioctl.js";
 import { native } from "./native.js";
 import { READABLE, Watch } from "./poller.js";
@@ -62,6 +62,9 @@ export const UFFD_PAGEFAULT_FLAG_WP = 2n;
 export const UFFD_PAGEFAULT_FLAG_MINOR = 4n;
 
 const UFFD_MSG_SIZE = 32;
+const EINVAL = 22;
+/** What /proc/self/fd/N links to for a userfaultfd (fs/userfaultfd.c: anon_inode_getfd). */
+export const USERFAULTFD_LINK = "anon_inode:[userfaultfd]";
 const EEXIST = 17;
 
 export interface UffdMessage {
@@ -120,8 +123,25 @@ export class Userfaultfd implements Disposable {
     return f;
   }
 
-  /** Wraps a userfaultfd another party created (e.g. received over vhost-user); no handshake. */
+  /**
+   * Wraps a userfaultfd another party created (e.g. received over vhost-user); no handshake.
+   * Takes ownership of `fd`, also on error. Anything but a userfaultfd (its /proc/self/fd link
+   * reads `anon_inode:[userfaultfd]`) is refused with EINVAL: a pipe with made-up fault records
+   * would otherwise pass for one until a postcopy depends on it.
+   */
   static adopt(fd: Fd): Userfaultfd {
+    let kind: string;
+    try {
+      kind = fdKind(fd);
+    } catch (e) {
+      fd.close();
+      throw e;
+    }
+    if (kind !== USERFAULTFD_LINK) {
+      const n = fd.fd;
+      fd.close();
+      throw new SysError("userfaultfd", EINVAL, `fd ${n} is ${kind}, not ${USERFAULTFD_LINK}`);
+    }
     return new Userfaultfd(fd, 0n, 0n);
   }
 

@@ -182,13 +182,13 @@ export class VmDestination {
     for (let i = 0; i < states.length; i++)
       if (!states[i]) throw new MigrationError("UNSUPPORTED", `no state for vCPU ${i} of ${states.length}`);
     const memory = this.#o.memory;
-    let slotHostAddresses: bigint[] | undefined;
-    if (this.#o.mode === "postcopy") slotHostAddresses = this.#faultingMappings();
+    let slotMappings: Mapping[] | undefined;
+    if (this.#o.mode === "postcopy") slotMappings = this.#faultingMappings();
     this.vm = await MicroVm.create({
       memory,
       dirtyTracking: "none",
       restore: states,
-      ...(slotHostAddresses ? { slotHostAddresses } : {}),
+      ...(slotMappings ? { slotMappings } : {}),
     });
     const ks = states.map((st) => Number(st.regs.r15));
     const vcpus = this.vm.vcpus;
@@ -227,12 +227,12 @@ export class VmDestination {
   }
 
   /** Postcopy: a second mapping per region under a userfaultfd that also takes kernel faults. */
-  #faultingMappings(): bigint[] {
+  #faultingMappings(): Mapping[] {
     const dest = this.#dest;
     if (!dest) throw new MigrationError("UNSUPPORTED", "postcopy: attach() the MigrationDestination first");
     const uffd = Userfaultfd.create({ userModeOnly: false });
     this.#uffd = uffd;
-    const out: bigint[] = [];
+    const out: Mapping[] = [];
     const ranges = [];
     for (const r of this.#o.memory.regions) {
       const fd = r.backing.fd;
@@ -242,7 +242,7 @@ export class VmDestination {
       uffd.register(m.address, r.size, UFFDIO_REGISTER_MODE_MISSING);
       this.#ranges.push({ start: m.address, size: r.size });
       ranges.push({ guestBase: r.guestBase, size: r.size, hostStart: m.address });
-      out.push(m.address);
+      out.push(m);
     }
     dest.addFaultDomain(uffd, ranges);
     return out;

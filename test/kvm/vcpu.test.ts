@@ -7,6 +7,7 @@ import { Kvm } from "../../src/kvm/kvm.js";
 import type { VcpuIoEvent } from "../../src/kvm/vcpu.js";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
+import { Mapping } from "../../src/sys/mapping.js";
 import { countFds } from "../helpers/proc.js";
 import { longModeRig, skipWithoutKvm } from "./rig.js";
 
@@ -154,23 +155,37 @@ test("bad inputs are typed errors with the values that were wrong", async (t) =>
   const vm = kvm.createVm();
   using memory = new GuestMemory([GuestMemoryRegion.anonymous(0, 0x20000)]);
   const host = memory.regions[0]?.hostAddress as bigint;
+  const mapping = memory.regions[0]?.mapping as Mapping;
   const isCode = (code: string, check?: (e: KvmError) => void) => (e: unknown) => {
     assert.ok(e instanceof KvmError, String(e));
     assert.equal(e.code, code, e.message);
     check?.(e);
     return true;
   };
-  const slot = { slot: 0, flags: 0, guestPhysAddr: 0, memorySize: 0x10000, userspaceAddr: host };
+  const slot = { slot: 0, flags: 0, guestPhysAddr: 0, memorySize: 0x10000, mapping };
   assert.throws(
     () => vm.setUserMemoryRegion({ ...slot, guestPhysAddr: 0x1001 }),
     isCode("BAD_MEMSLOT", (e) => assert.equal(e.values.guestPhysAddr, 0x1001)),
   );
   assert.throws(() => vm.setUserMemoryRegion({ ...slot, memorySize: 0x1800 }), isCode("BAD_MEMSLOT"));
-  assert.throws(() => vm.setUserMemoryRegion({ ...slot, userspaceAddr: host + 8n }), isCode("BAD_MEMSLOT"));
+  assert.throws(() => vm.setUserMemoryRegion({ ...slot, offset: 8 }), isCode("BAD_MEMSLOT"));
+  // issue 12, item 8: the host range is a mapping's, inside it, and the mapping must be open.
+  assert.throws(
+    () => vm.setUserMemoryRegion({ ...slot, offset: 0x18000 }),
+    isCode("BAD_MEMSLOT", (e) => assert.match(e.message, /runs past its mapping/)),
+  );
+  const gone = Mapping.anonymous(0x10000);
+  gone.close();
+  assert.throws(
+    () => vm.setUserMemoryRegion({ ...slot, mapping: gone }),
+    isCode("BAD_MEMSLOT", (e) => assert.match(e.message, /mapping is closed/)),
+  );
   assert.throws(() => vm.setUserMemoryRegion({ ...slot, slot: 1 << 20 }), isCode("BAD_MEMSLOT"));
   vm.setUserMemoryRegion(slot);
+  assert.equal(vm.memslots[0]?.mapping, mapping, "the slot holds its mapping");
+  assert.equal(vm.memslots[0]?.userspaceAddr, host);
   assert.throws(
-    () => vm.setUserMemoryRegion({ ...slot, slot: 1, guestPhysAddr: 0x8000, userspaceAddr: host + 0x10000n }),
+    () => vm.setUserMemoryRegion({ ...slot, slot: 1, guestPhysAddr: 0x8000, offset: 0x10000 }),
     isCode("BAD_MEMSLOT", (e) => assert.match(e.message, /overlaps slot 0/)),
   );
   assert.throws(

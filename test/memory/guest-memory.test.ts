@@ -3,6 +3,9 @@
  * address and length and writes nothing. 64-bit values from peers are never rounded.
  */
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { test } from "node:test";
 import { GuestMemoryError } from "../../src/memory/errors.js";
 import { GuestAddress } from "../../src/memory/guest-address.js";
@@ -169,4 +172,19 @@ test("writes through GuestMemory mark the region's dirty bitmap", () => {
   assert.deepEqual([...d0.snapshotAndClear()], [14, 15]);
   assert.deepEqual([...d1.snapshotAndClear()], [0, 3]);
   mem.close();
+});
+
+test("GuestMemoryRegion.file creates an owner-only (0600) file, whatever the umask lets through", () => {
+  const d = mkdtempSync(join(tmpdir(), "vmshift-region-file-"));
+  try {
+    const path = join(d, "ram");
+    const r = GuestMemoryRegion.file(path, 0, 1 << 20);
+    try {
+      assert.equal(statSync(path).mode & 0o777, 0o600);
+    } finally {
+      r.close();
+    }
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
 });

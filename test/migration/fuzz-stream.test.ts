@@ -2,8 +2,10 @@
  * Property-based fuzzing of the migration stream's destination (fast-check): a real precopy
  * stream is captured once, then bytes are flipped, cut, inserted, and record payloads rewritten
  * with a valid CRC (so the field checks behind the CRC are reached too). The destination must
- * fail with a MigrationError (or, for a mutation it cannot tell from a valid stream, complete),
- * never throw anything else, never hang, and leak no fd.
+ * fail with the MigrationError code the mutation calls for (the oracle below, per mutation
+ * class, with the offset of the record at fault), or, for a mutation it cannot tell from a
+ * valid stream, complete; never throw anything else, never hang, and leak no fd. Nothing fed
+ * from memory may ever look like a lost connection (CONNECTION_LOST: recovery keys on it).
  *
  * A fixed seed and a bounded number of runs here; `npm run fuzz -- RUNS` runs longer.
  */
@@ -17,6 +19,7 @@ import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
 import { MigrationDestination } from "../../src/migration/destination.js";
 import { MigrationError } from "../../src/migration/errors.js";
+import { encodeDiscard, RecordType, STREAM_HEADER_SIZE } from "../../src/migration/format.js";
 import { MigrationSource } from "../../src/migration/source.js";
 import { countFds, proxyPair, recordOffsets, settle } from "./helpers.js";
 
@@ -68,7 +71,16 @@ async function feed(bytes: Buffer): Promise<unknown> {
   stream.push(bytes);
   stream.push(null);
   try {
-    return await new MigrationDestination({ memory: mem }).run(stream);
+    return await new MigrationDestination({
+      memory: mem,
+      hooks: {
+        // A device that checks the state it is given, as a real one does (a bad blob is refused).
+        loadDeviceState: (s) => {
+          if (s.name !== "dev" || s.blob.length !== 4 || s.blob.some((v, i) => v !== i + 1))
+            throw new Error(`device state ${JSON.stringify(s.name)} of ${s.blob.length} bytes refused`);
+        },
+      },
+    }).run(stream);
   } finally {
     stream.destroy();
     mem.close();
@@ -129,31 +141,149 @@ const mutation: fc.Arbitrary<Mutation> = fc.oneof(
   fc.record({ kind: fc.constant("length" as const), record: fc.nat(), delta: fc.integer({ min: -64, max: 64 }) }),
 );
 
-test("a mutated migration stream: the destination fails with a MigrationError or completes, nothing else", async () => {
+type Outcome = { code: string; offset: number | undefined };
+
+/** The offset of the record holding stream byte `pos` (the last record starting at or before it). */
+function recordAt(offsets: number[], pos: number): number {
+  let o = offsets[0] as number;
+  for (const x of offsets) if (x <= pos) o = x;
+  return o;
+}
+
+/**
+ * The oracle: what one mutation of the captured stream must produce. `null` when the outcome
+ * is right, else what is wrong with it.
+ */
+function judge(m: Mutation, s: Buffer, offsets: number[], got: Outcome): string | null {
+  const one = (codes: string[], offset?: number) => {
+    if (!codes.includes(got.code)) return `code ${got.code}, expected one of ${codes.join(", ")}`;
+    if (offset !== undefined && got.code === "CORRUPT" && got.offset !== offset)
+      return `CORRUPT at ${got.offset}, expected at ${offset}`;
+    return null;
+  };
+  switch (m.kind) {
+    case "cut":
+      return one(["TRUNCATED"]);
+    case "flip": {
+      const at = m.at % s.length;
+      if (at < STREAM_HEADER_SIZE) return one(["BAD_HEADER", "CORRUPT"]);
+      const o = recordAt(offsets, at);
+      // A flipped length bit can make the record run past the end of the stream.
+      return one(at >= o + 4 && at < o + 8 ? ["CORRUPT", "TRUNCATED"] : ["CORRUPT"], o);
+    }
+    case "length": {
+      const o = offsets[m.record % offsets.length] as number;
+      if (m.delta === 0 || s.readUInt32LE(o + 4) + m.delta < 0) return null; // unchanged or clamped: either way
+      return one(["CORRUPT", "TRUNCATED"], o);
+    }
+    case "insert": {
+      const at = m.at % s.length;
+      if (at < STREAM_HEADER_SIZE) return one(["BAD_HEADER", "CORRUPT"]);
+      return one(["CORRUPT", "TRUNCATED"], recordAt(offsets, at));
+    }
+    case "payload": {
+      // Valid CRC: the field checks behind it speak, at the record they reject (a changed
+      // discard map or capability can make a later record the bad one), or the memory differs.
+      const o = offsets[m.record % offsets.length] as number;
+      const codes = ["ok", "BAD_RECORD", "BAD_PAGE", "REGION_MISMATCH", "UNSUPPORTED", "DIGEST_MISMATCH"];
+      if (!codes.includes(got.code)) return `code ${got.code}, expected one of ${codes.join(", ")}`;
+      if (got.code === "ok" || got.code === "DIGEST_MISMATCH") return null;
+      if (got.offset === undefined || got.offset < o)
+        return `${got.code} at ${got.offset}, the mutated record is at ${o}`;
+      // A layout that does not match is the record that describes it.
+      if ((got.code === "REGION_MISMATCH" || got.code === "UNSUPPORTED") && got.offset !== o)
+        return `${got.code} at ${got.offset}, the mutated record is at ${o}`;
+      return null;
+    }
+  }
+}
+
+async function outcome(b: Buffer): Promise<Outcome> {
+  try {
+    await feed(b);
+    return { code: "ok", offset: undefined };
+  } catch (e) {
+    if (!(e instanceof MigrationError)) throw new Error(`not a MigrationError: ${(e as Error).stack}`);
+    return { code: e.code, offset: e.offset };
+  }
+}
+
+test("one mutation: the destination fails with the code its class calls for, at the record at fault", async () => {
   const stream = await capture();
   const offsets = recordOffsets(stream);
   assert.ok(offsets.length > 10, "the captured stream has records");
-  // The unmutated stream is accepted as it is.
-  await feed(stream);
+  assert.equal((await outcome(stream)).code, "ok", "the unmutated stream is accepted as it is");
   await settle();
   const fds = countFds();
   const codes = new Map<string, number>();
   await fc.assert(
-    fc.asyncProperty(fc.array(mutation, { minLength: 1, maxLength: 3 }), async (ms) => {
-      let b = stream;
-      for (const m of ms) b = mutate(b, m, offsets);
-      try {
-        await feed(b);
-        codes.set("ok", (codes.get("ok") ?? 0) + 1);
-      } catch (e) {
-        if (!(e instanceof MigrationError)) throw new Error(`not a MigrationError: ${(e as Error).stack}`);
-        codes.set(e.code, (codes.get(e.code) ?? 0) + 1);
-      }
+    fc.asyncProperty(mutation, async (m) => {
+      const got = await outcome(mutate(stream, m, offsets));
+      codes.set(`${m.kind}:${got.code}`, (codes.get(`${m.kind}:${got.code}`) ?? 0) + 1);
+      const wrong = judge(m, stream, offsets, got);
+      if (wrong) throw new Error(`${JSON.stringify(m)}: ${wrong}`);
     }),
     { numRuns: RUNS, seed: SEED },
   );
   await settle();
   assert.equal(countFds(), fds, "no fd leaked");
   console.log(JSON.stringify(Object.fromEntries(codes)));
-  assert.ok((codes.get("CORRUPT") ?? 0) > 0 && (codes.get("TRUNCATED") ?? 0) > 0, "both CRC and truncation paths ran");
+  assert.ok((codes.get("flip:CORRUPT") ?? 0) > 0 && (codes.get("cut:TRUNCATED") ?? 0) > 0, "CRC and truncation ran");
+});
+
+test("several mutations: a MigrationError (never CONNECTION_LOST) or completion, nothing else", async () => {
+  const stream = await capture();
+  const offsets = recordOffsets(stream);
+  await settle();
+  const fds = countFds();
+  const codes = new Map<string, number>();
+  await fc.assert(
+    fc.asyncProperty(fc.array(mutation, { minLength: 2, maxLength: 3 }), async (ms) => {
+      let b = stream;
+      for (const m of ms) b = mutate(b, m, offsets);
+      const got = await outcome(b);
+      codes.set(got.code, (codes.get(got.code) ?? 0) + 1);
+      assert.notEqual(
+        got.code,
+        "CONNECTION_LOST",
+        `${JSON.stringify(ms)}: a stream from memory never loses its connection`,
+      );
+    }),
+    { numRuns: RUNS, seed: SEED },
+  );
+  await settle();
+  assert.equal(countFds(), fds, "no fd leaked");
+  console.log(JSON.stringify(Object.fromEntries(codes)));
+});
+
+/** The captured stream with the record at `o` replaced by `record` (and, optionally, repeated). */
+function replaceRecord(s: Buffer, o: number, record: Buffer, times = 1): Buffer {
+  const end = o + 12 + s.readUInt32LE(o + 4);
+  return Buffer.concat([s.subarray(0, o), ...Array.from({ length: times }, () => record), s.subarray(end)]);
+}
+
+test("a DISCARD record whose block size is not whole pages: BAD_RECORD at its offset, before any block is dropped", async () => {
+  const stream = await capture();
+  const offsets = recordOffsets(stream);
+  const o = offsets.find((x) => stream[x] === RecordType.Discard);
+  assert.ok(o !== undefined, "the capture has a discard map");
+  // 512-byte blocks (a power of two, so DiscardMap takes them): the second map would madvise
+  // 512-byte ranges, which the kernel refuses (EINVAL) after earlier blocks were dropped.
+  const states = new Uint8Array((256 * KiB) / 512).fill(1);
+  states.fill(0, 0, 8);
+  const bad = encodeDiscard({ region: 0, blockSize: 512, states });
+  const got = await outcome(replaceRecord(stream, o, bad, 2));
+  assert.deepEqual(got, { code: "BAD_RECORD", offset: o });
+});
+
+test("a device-state blob the device refuses: BAD_RECORD at the DEVICE_STATE record's offset", async () => {
+  const stream = await capture();
+  const offsets = recordOffsets(stream);
+  const o = offsets.find((x) => stream[x] === RecordType.DeviceState);
+  assert.ok(o !== undefined, "the capture has a device state");
+  const b = Buffer.from(stream);
+  const len = b.readUInt32LE(o + 4);
+  b[o + 8 + len - 1] = 9; // the blob's last byte (CRC made right again)
+  b.writeUInt32LE(crc32(b.subarray(o, o + 8 + len)), o + 8 + len);
+  assert.deepEqual(await outcome(b), { code: "BAD_RECORD", offset: o });
 });

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { lstatSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -152,4 +152,30 @@ test("a corrupt snapshot page is CORRUPT at its file offset", async () => {
   );
   src.close();
   dst.close();
+});
+
+test("snapshot save onto a symlink or an existing file: refused, the target intact; --force replaces a file with a 0600 one", async (t) => {
+  const mem = makeMemory();
+  try {
+    const target = join(dir, "victim");
+    writeFileSync(target, "do not overwrite", { mode: 0o644 });
+    const link = join(dir, "link.snap");
+    symlinkSync(target, link);
+    await assert.rejects(saveSnapshot({ memory: mem, path: link }), { code: "EEXIST" });
+    await assert.rejects(saveSnapshot({ memory: mem, path: link, overwrite: true }), { code: "ELOOP" });
+    assert.equal(readFileSync(target, "utf8"), "do not overwrite", "the symlink's target is intact");
+    assert.equal(lstatSync(link).isSymbolicLink(), true);
+    await assert.rejects(saveSnapshot({ memory: mem, path: target }), { code: "EEXIST" });
+    assert.equal(readFileSync(target, "utf8"), "do not overwrite");
+    const why = writeProtectSnapshotUnavailable();
+    if (why) return t.skip(`overwrite part: ${why}`);
+    const fresh = join(dir, "fresh.snap");
+    await saveSnapshot({ memory: mem, path: fresh });
+    assert.equal(statSync(fresh).mode & 0o777, 0o600, "a new snapshot is owner-only");
+    await saveSnapshot({ memory: mem, path: target, overwrite: true });
+    assert.equal(statSync(target).mode & 0o777, 0o600, "an overwritten file does not keep its old mode");
+    assert.notEqual(readFileSync(target).subarray(0, 16).toString(), "do not overwrite");
+  } finally {
+    mem.close();
+  }
 });

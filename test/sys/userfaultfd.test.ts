@@ -4,6 +4,9 @@
  */
 import assert from "node:assert/strict";
 import { type TestContext, test } from "node:test";
+import { SysError } from "../../src/sys/errors.js";
+import { EventFd } from "../../src/sys/eventfd.js";
+import { isOpenFd } from "../../src/sys/fd.js";
 import { Mapping } from "../../src/sys/mapping.js";
 import {
   UFFD_EVENT_PAGEFAULT,
@@ -152,4 +155,22 @@ test("features: the requested ones when some were asked for, everything supporte
   const u = Userfaultfd.create({ features: want });
   assert.equal(u.features, want, "features is what is enabled, not the kernel's supported list");
   u.close();
+});
+
+test("adopt() takes only a userfaultfd: an eventfd is refused with EINVAL and closed", (t) => {
+  const real = createOrSkip(t);
+  if (!real) return;
+  const adopted = Userfaultfd.adopt(real.fd.dup());
+  adopted.close();
+  real.close();
+  const ev = new EventFd();
+  const fd = ev.fd.dup();
+  const n = fd.fd;
+  assert.throws(
+    () => Userfaultfd.adopt(fd),
+    (e: unknown) => e instanceof SysError && e.code === "EINVAL" && /anon_inode:\[eventfd\]/.test(e.message),
+  );
+  assert.equal(fd.closed, true, "ownership was taken: closed on refusal");
+  assert.equal(isOpenFd(n), false);
+  ev.close();
 });

@@ -4,6 +4,11 @@
  * image file and guest memory (pread/pwrite on GuestMemory.slice views: no copy), except when
  * O_DIRECT needs an aligned bounce buffer or a buffer straddles a mapping window.
  *
+ * What the guest can make us allocate is bounded: a request has at most seg_max data segments
+ * of at most size_max bytes each (the limits the config space advertises; IOERR past them),
+ * and an O_DIRECT bounce goes through one buffer of at most BOUNCE_CHUNK bytes, chunk by chunk,
+ * shrunk back after each request.
+ *
  * Every request header is the guest's: the type, the sector, the lengths and the layout are
  * checked before any I/O, and a bad one gets IOERR or UNSUPP — never a transfer outside the
  * image (the chain's buffers are already checked against guest memory by SplitQueue).
@@ -29,7 +34,14 @@ import {
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 } from "./constants.js";
+import { SEG_MAX, SIZE_MAX } from "./device.js";
 import { AlignedBuffer, BlockImage, isDirectAligned } from "./image.js";
+
+/**
+ * The O_DIRECT bounce buffer's size: large requests go through it in chunks of this many bytes
+ * (a multiple of the sector and page size, so every chunk stays aligned for O_DIRECT).
+ */
+export const BOUNCE_CHUNK = 256 * 1024;
 
 /** What the control plane hands each queue worker (structured-clone data). */
 export interface BlkWorkerData {
@@ -78,7 +90,7 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #image: BlockImage;
   readonly #queue: number;
   #memory: GuestMemory;
-  readonly #bounce = new AlignedBuffer();
+  readonly #bounce = new AlignedBuffer(BOUNCE_CHUNK);
   readonly #header = new Uint8Array(REQUEST_HEADER_SIZE);
   readonly #headerView = new DataView(this.#header.buffer);
   #warnings = 0;
@@ -249,11 +261,20 @@ export class BlkQueueHandler implements QueueHandler {
       return IOERR;
     }
     if (len === 0) return ok();
+    if (!this.#segmentsWithinLimits(chain, chain.readableCount, chain.count, 0, len, "read")) return IOERR;
     const mem = this.#memory;
     if (this.#d.direct && !this.#piecesAligned(chain, chain.readableCount, chain.count, 0, len, pos)) {
-      const buf = this.#bounce.get(len);
-      this.#image.readAt(buf, pos);
-      return ok(chain.writeWritable(buf, 0));
+      let written = 0;
+      try {
+        for (let off = 0; off < len; off += BOUNCE_CHUNK) {
+          const buf = this.#bounce.get(Math.min(BOUNCE_CHUNK, len - off));
+          this.#image.readAt(buf, pos + off);
+          written += chain.writeWritable(buf, off);
+        }
+      } finally {
+        this.#bounce.shrink();
+      }
+      return ok(written);
     }
     const direct = this.#d.asyncIo ? this.#views(chain, chain.readableCount, chain.count, 0, len) : null;
     if (direct) {
@@ -304,11 +325,18 @@ export class BlkQueueHandler implements QueueHandler {
       return IOERR;
     }
     if (len === 0) return ok();
+    if (!this.#segmentsWithinLimits(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len, "write")) return IOERR;
     const mem = this.#memory;
     if (this.#d.direct && !this.#piecesAligned(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len, pos)) {
-      const buf = this.#bounce.get(len);
-      chain.readReadableInto(buf, REQUEST_HEADER_SIZE);
-      this.#image.writeAt(buf, pos);
+      try {
+        for (let off = 0; off < len; off += BOUNCE_CHUNK) {
+          const buf = this.#bounce.get(Math.min(BOUNCE_CHUNK, len - off));
+          chain.readReadableInto(buf, REQUEST_HEADER_SIZE + off);
+          this.#image.writeAt(buf, pos + off);
+        }
+      } finally {
+        this.#bounce.shrink();
+      }
       return ok();
     }
     const direct = this.#d.asyncIo ? this.#views(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len) : null;
@@ -346,6 +374,43 @@ export class BlkQueueHandler implements QueueHandler {
     }
     flush();
     return ok();
+  }
+
+  /**
+   * seg_max and size_max, as advertised (virtio 1.2 5.2.4: "size_max: maximum size of any single
+   * segment", "seg_max: maximum number of segments in a request"): the data bytes [skip,
+   * skip+len) of buffers [first, last) lie in at most SEG_MAX buffers of at most SIZE_MAX bytes.
+   * A driver that goes past them gets IOERR before anything is allocated or transferred.
+   */
+  #segmentsWithinLimits(
+    chain: DescriptorChain,
+    first: number,
+    last: number,
+    skip: number,
+    len: number,
+    what: string,
+  ): boolean {
+    let off = 0;
+    let segments = 0;
+    for (let i = first; i < last && off < len; i++) {
+      const dlen = chain.len(i);
+      if (skip >= dlen) {
+        skip -= dlen;
+        continue;
+      }
+      const n = Math.min(dlen - skip, len - off);
+      skip = 0;
+      if (n > SIZE_MAX) {
+        this.#warn(`${what} with a segment of ${n} bytes (size_max ${SIZE_MAX})`);
+        return false;
+      }
+      if (++segments > SEG_MAX) {
+        this.#warn(`${what} with more than ${SEG_MAX} segments (seg_max)`);
+        return false;
+      }
+      off += n;
+    }
+    return true;
   }
 
   /** True when every piece of [skip, skip+len) of buffers [first, last) can go to O_DIRECT as is. */
@@ -403,7 +468,7 @@ export class BlkQueueHandler implements QueueHandler {
       if (len === 0) continue;
       if (zeroes) {
         this.#image.writeZeroes(pos, len, unmap && this.#d.writeZeroesMayUnmap, () =>
-          this.#bounce.get(Math.min(len, 1 << 20)),
+          this.#bounce.get(Math.min(len, BOUNCE_CHUNK)),
         );
       } else this.#image.discard(pos, len);
     }

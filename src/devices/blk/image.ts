@@ -172,20 +172,39 @@ export class BlockImage implements Disposable {
   }
 }
 
-/** A reusable buffer whose start is page-aligned in host memory (O_DIRECT bounce buffer). */
+/** What an AlignedBuffer keeps between requests; anything larger is given back by shrink(). */
+const ALIGNED_KEEP = 64 * 1024;
+
+/**
+ * A reusable buffer whose start is page-aligned in host memory (O_DIRECT bounce buffer), of at
+ * most `max` bytes: a caller moves more data through it in chunks, never one buffer per request.
+ */
 export class AlignedBuffer {
   #buf = new Uint8Array(0);
 
-  /** A view of `len` bytes at a 4 KiB-aligned address (contents undefined). */
+  constructor(readonly max = 1 << 20) {}
+
+  /** Bytes held now (for tests and stats). */
+  get capacity(): number {
+    return this.#buf.length;
+  }
+
+  /** A view of `len` (≤ max) bytes at a 4 KiB-aligned address (contents undefined). */
   get(len: number): Uint8Array {
+    if (len > this.max) throw new RangeError(`bounce buffer of ${len} bytes asked for (at most ${this.max})`);
     if (this.#buf.length < len) {
-      const cap = Math.max(len, 64 * 1024);
+      const cap = Math.min(this.max, Math.max(len, ALIGNED_KEEP));
       const raw = new ArrayBuffer(cap + 4096);
       // V8 never moves an ArrayBuffer's backing store, so the address stays aligned.
       const addr = Number(addressOf(raw) % 4096n);
       this.#buf = new Uint8Array(raw, (4096 - addr) % 4096, cap);
     }
     return this.#buf.subarray(0, len);
+  }
+
+  /** Gives a buffer grown past ALIGNED_KEEP back to the allocator (after a large request). */
+  shrink(): void {
+    if (this.#buf.length > ALIGNED_KEEP) this.#buf = new Uint8Array(0);
   }
 }
 

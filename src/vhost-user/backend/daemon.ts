@@ -7,6 +7,7 @@ import { EventEmitter } from "node:events";
 import { EAGAIN } from "../../sys/errors.js";
 import { Fd } from "../../sys/fd.js";
 import { acceptRaw } from "../../sys/io.js";
+import type { SocketPathOptions } from "../../sys/unix-path.js";
 import { UnixListener, UnixSocket } from "../../sys/unix-socket.js";
 import type { VhostUserDevice } from "./device.js";
 import { BackendSession } from "./session.js";
@@ -36,10 +37,13 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
     this.device = device;
   }
 
-  /** Listens on `path` (a stale socket file is replaced). */
-  static listen(device: VhostUserDevice, path: string): VhostUserDaemon {
+  /**
+   * Listens on `path` (UnixListener.listen: a socket nobody answers on is replaced; a live one
+   * or a non-socket is refused and left alone), mode 0600 unless `options` say otherwise.
+   */
+  static listen(device: VhostUserDevice, path: string, options: SocketPathOptions = {}): VhostUserDaemon {
     const d = new VhostUserDaemon(device);
-    d.#listener = UnixListener.listen(path);
+    d.#listener = UnixListener.listen(path, options);
     return d;
   }
 

@@ -24,6 +24,7 @@ import { VirtqueueError } from "../../virtio/errors.js";
 import { SplitQueue } from "../../virtio/queue.js";
 import type { QueueHandler, QueueHandlerFactory } from "./device.js";
 import { InflightQueue } from "./inflight.js";
+import { WarningLimiter } from "./warning-limiter.js";
 import type { FromWorker, RingConfig, ToWorker, WorkerInit } from "./worker-protocol.js";
 
 const port = parentPort;
@@ -59,11 +60,17 @@ const drainBuf = new BigUint64Array(1);
 
 const post = (m: FromWorker) => port.postMessage(m);
 const event = (level: "warn" | "error", message: string) => post({ type: "event", level, message });
+/** Warnings the guest triggers per chain (malformed chains, failed requests): rate-limited. */
+const guestWarnings = new WarningLimiter();
+const guestWarn = (message: string) => {
+  const m = guestWarnings.admit(message);
+  if (m !== null) event("warn", m);
+};
 
 function signal(fd: number): void {
   if (fd < 0) return;
   const r = writeRaw(fd, one);
-  if (r < 0 && r !== -EAGAIN) event("warn", `queue ${init.queue}: eventfd write failed (errno ${-r})`);
+  if (r < 0 && r !== -EAGAIN) guestWarn(`queue ${init.queue}: eventfd write failed (errno ${-r})`);
 }
 
 function markDirty(gpa: number, len: number): void {
@@ -81,7 +88,7 @@ function run(q: SplitQueue, h: QueueHandler, chain: DescriptorChain): void {
   try {
     r = h.process(chain);
   } catch (e) {
-    event("warn", `queue ${init.queue}: request failed: ${(e as Error).message}`);
+    guestWarn(`queue ${init.queue}: request failed: ${(e as Error).message}`);
     r = 0;
   }
   if (typeof r === "number") {
@@ -93,7 +100,7 @@ function run(q: SplitQueue, h: QueueHandler, chain: DescriptorChain): void {
   r.then(
     (len) => completeLater(q, head, len),
     (e) => {
-      event("warn", `queue ${init.queue}: request failed: ${(e as Error).message}`);
+      guestWarn(`queue ${init.queue}: request failed: ${(e as Error).message}`);
       completeLater(q, head, 0);
     },
   );
@@ -188,9 +195,13 @@ function processQueue(): void {
           if (!(e instanceof VirtqueueError) || q.broken) throw e;
           // A malformed chain from the driver: never acted on. Its head goes back with
           // length 0 so the driver is not left waiting; the queue goes on.
-          event("warn", `queue ${init.queue}: ${e.message}`);
+          guestWarn(`queue ${init.queue}: ${e.message}`);
           const head = e.details.head;
-          if (head !== undefined && head < q.size) complete(q, head, 0);
+          if (head !== undefined && head < q.size) {
+            complete(q, head, 0);
+            // The driver waits for that used element like for any other: notify it.
+            if (q.needsNotification()) signal(callFd);
+          }
           continue;
         }
         if (!chain) break;

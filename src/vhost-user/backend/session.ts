@@ -474,7 +474,7 @@ export class BackendSession {
           });
         }
         const size = numQueues * inflightQueueSize(queueSize);
-        const fd = createMemfd("vmshift-inflight", size);
+        const fd = createMemfd("vmshift-inflight", size, { sealSize: true });
         const map = Mapping.map(fd, size);
         this.#setInflight({ fd, map, numQueues, queueSize });
         return this.conn.reply(m, { mmapSize: BigInt(size), mmapOffset: 0n, numQueues, queueSize }, [fd]);

@@ -8,6 +8,12 @@ export type FrontendErrorCode =
   | "NOT_NEGOTIATED"
   /** A guest memory region has no fd (anonymous memory cannot be shared with a backend). */
   | "NO_FD"
+  /**
+   * A region's fd is not size-sealed (F_SEAL_SHRINK | F_SEAL_GROW): the back-end could truncate
+   * it and make our next access to guest memory a SIGBUS. FrontendOptions.allowUnsealedMemory
+   * lets a caller that trusts its back-end share such memory anyway.
+   */
+  | "UNSEALED"
   /** More memory regions than the backend accepts. */
   | "TOO_MANY_REGIONS"
   /** A ring address is not inside one region of the memory table. */

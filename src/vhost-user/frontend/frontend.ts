@@ -25,6 +25,7 @@ import type { GuestMemoryRegion } from "../../memory/region.js";
 import { DirtyLogArea, SharedLogDirtySource } from "../../memory/shared-dirty-log.js";
 import type { EventFd } from "../../sys/eventfd.js";
 import type { Fd } from "../../sys/fd.js";
+import { isSizeSealed } from "../../sys/memfd.js";
 import { UnixSocket } from "../../sys/unix-socket.js";
 import { Userfaultfd } from "../../sys/userfaultfd.js";
 import { Connection, type ConnectionOptions, DEFAULT_REPLY_TIMEOUT_MS } from "../connection.js";
@@ -78,6 +79,12 @@ export interface FrontendOptions {
    */
   backendChannel?: boolean;
   maxPayloadSize?: number;
+  /**
+   * Share memory whose fd is not size-sealed (a file or hugetlbfs region). Off by default: a
+   * back-end that ftruncates such a file makes our next access to guest memory a SIGBUS, so
+   * only a caller that trusts its back-end turns this on. GuestMemoryRegion.memfd() is sealed.
+   */
+  allowUnsealedMemory?: boolean;
 }
 
 export interface Negotiated {
@@ -151,9 +158,11 @@ export class VhostUserFrontend implements Disposable {
   #postcopy: PostcopyState = "none";
   /** The back-end's userfaultfd (POSTCOPY_ADVISE), owned here until POSTCOPY_END or close(). */
   #uffd: Userfaultfd | null = null;
+  readonly #allowUnsealed: boolean;
 
   constructor(socket: UnixSocket, options: FrontendOptions = {}) {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS;
+    this.#allowUnsealed = options.allowUnsealedMemory ?? false;
     this.#wantedProtocol = (options.protocolFeatures ?? FRONTEND_PROTOCOL_FEATURES) & FRONTEND_PROTOCOL_FEATURES;
     if (!options.backendChannel) this.#wantedProtocol &= ~featureMask(ProtocolFeature.BACKEND_REQ);
     const co: ConnectionOptions = { timeoutMs: this.timeoutMs, label: options.label ?? "vhost-user backend" };
@@ -522,6 +531,12 @@ export class VhostUserFrontend implements Disposable {
         `region at 0x${r.guestBase.toString(16)} (${r.backing.kind}) has no fd to share`,
         request,
       );
+    if (!this.#allowUnsealed && !isSizeSealed(r.backing.fd))
+      throw new FrontendError(
+        "UNSEALED",
+        `region at 0x${r.guestBase.toString(16)} (${r.backing.kind}) is not size-sealed: the back-end could truncate it under us (allowUnsealedMemory to share it anyway)`,
+        request,
+      );
     return {
       guestAddress: BigInt(r.guestBase),
       size: BigInt(r.size),
@@ -813,6 +828,8 @@ export class VhostUserFrontend implements Disposable {
   /** SET_LOG_BASE with `area`'s fd; waits for the reply LOG_SHMFD promises. */
   async #setLogBase(area: DirtyLogArea): Promise<void> {
     if (!area.fd) throw new FrontendError("BAD_ARGUMENT", "a log without an fd cannot be shared", "SET_LOG_BASE");
+    if (!isSizeSealed(area.fd))
+      throw new FrontendError("UNSEALED", "the dirty log's memfd is not size-sealed", "SET_LOG_BASE");
     await this.connection.request(
       "SET_LOG_BASE",
       { mmapSize: BigInt(area.size), mmapOffset: BigInt(area.offset) },
@@ -931,7 +948,20 @@ export class VhostUserFrontend implements Disposable {
       throw new VhostUserError("NACK", "the back-end sent no userfaultfd (it could not open one)", {
         request: "POSTCOPY_ADVISE",
       });
-    this.#uffd = Userfaultfd.adopt(fd);
+    // A back-end that sends something else (a pipe with made-up fault records) must not get
+    // as far as a postcopy whose guest already runs here: check what the fd is first.
+    try {
+      this.#uffd = Userfaultfd.adopt(fd);
+    } catch (e) {
+      throw new VhostUserError(
+        "BAD_FD",
+        `the back-end's POSTCOPY_ADVISE fd is not a userfaultfd: ${(e as Error).message}`,
+        {
+          request: "POSTCOPY_ADVISE",
+          cause: e,
+        },
+      );
+    }
     this.#postcopy = "advised";
     return this.#uffd;
   }

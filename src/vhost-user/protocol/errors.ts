@@ -12,6 +12,8 @@ export type VhostUserErrorCode =
   | "PAYLOAD_TOO_LARGE"
   /** Wrong number of fds in the ancillary data for this message. */
   | "BAD_FD_COUNT"
+  /** An fd of the wrong kind (e.g. not a userfaultfd where one is required). */
+  | "BAD_FD"
   /** The kernel dropped fds the peer sent (more than fit in one receive). */
   | "FDS_TRUNCATED"
   /** A memory table with more regions than the spec allows. */
