@@ -7,6 +7,7 @@ import { BLK_USAGE, blkCommand } from "./blk.js";
 import { demoDestinationCommand } from "./demo-destination.js";
 import { runMemoryDemo } from "./demo-memory.js";
 import { runVmDemo } from "./demo-vm.js";
+import { FS_USAGE, fsCommand } from "./fs.js";
 import { MIGRATE_USAGE, migrateCommand } from "./migrate.js";
 import { PROBE_USAGE, probeCommand } from "./probe.js";
 import { SNAPSHOT_USAGE, snapshotCommand } from "./snapshot.js";
@@ -29,6 +30,8 @@ commands:
         connect to any vhost-user back-end and print what it offers
   blk (--socket-path PATH | --fd N) --image FILE|DEVICE [--readonly] [--queues N] [--direct] [--io M]
         serve a raw image or a block device as a vhost-user-blk device (QEMU: -device vhost-user-blk-pci)
+  fs (--socket-path PATH | --fd N) --shared-dir DIR [--readonly] [--cache auto|always|never]
+        share a directory as a virtio-fs device (QEMU: -device vhost-user-fs-pci), live-migratable
   help [COMMAND]
         this text, or a command's own
 `;
@@ -93,12 +96,14 @@ const commands: Record<string, Command> = {
   "demo-destination": (argv) => demoDestinationCommand(argv),
   probe: (argv) => probeCommand(argv),
   blk: (argv) => blkCommand(argv),
+  fs: (argv) => fsCommand(argv),
   migrate: (argv) => migrateCommand(argv),
   snapshot: (argv) => snapshotCommand(argv),
   async help(argv) {
     const usage: Record<string, string> = {
       probe: PROBE_USAGE,
       blk: BLK_USAGE,
+      fs: FS_USAGE,
       migrate: MIGRATE_USAGE,
       snapshot: SNAPSHOT_USAGE,
     };
