@@ -54,3 +54,24 @@ rig_dirty() {
   echo "RIG-DIRTY-STARTED pid=$!"
 }
 rig_dirty_stop() { touch /tmp/rig-dirty-stop; sleep 0.3; }
+
+# ---- virtio-fs helpers
+# rig_fs_mount TAG DIR: mounts the virtio-fs device tagged TAG on DIR.
+rig_fs_mount() {
+  mkdir -p "$2" && mount -t virtiofs "$1" "$2" || { echo "RIG-ERROR mount $1"; return 1; }
+  echo "RIG-FS-MOUNTED tag=$1 dir=$2"
+}
+# rig_fwrite FILE MiB: writes MiB MiB of random data to FILE (fsync), prints its sha256.
+rig_fwrite() {
+  dd if=/dev/urandom of=/tmp/rig-f bs=1M count="$2" 2>/dev/null || return 1
+  s=$(sha256sum < /tmp/rig-f | cut -d' ' -f1)
+  dd if=/tmp/rig-f of="$1" bs=1M conv=fsync 2>/dev/null || { echo "RIG-ERROR fwrite $1"; rm -f /tmp/rig-f; return 1; }
+  rm -f /tmp/rig-f
+  echo "RIG-FWROTE file=$1 len=$2 sha256=$s"
+}
+# rig_fsum FILE: sha256 of FILE read through the back-end (the guest's page cache dropped first).
+rig_fsum() {
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  s=$(sha256sum < "$1" | cut -d' ' -f1) || { echo "RIG-ERROR fsum $1"; return 1; }
+  echo "RIG-FSUM file=$1 sha256=$s"
+}

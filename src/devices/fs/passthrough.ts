@@ -691,7 +691,7 @@ export class PassthroughFs {
       const need = plus ? direntPlusSize(e.name.length) : direntSize(e.name.length);
       if (pos + need > size) break;
       const special = e.name === DOT || e.name === DOTDOT;
-      let ino = 0n;
+      let ino = special ? this.#specialIno(h, e.name === DOT) : 0n;
       let type = e.type;
       if (plus) {
         let entry: EntryOut | null = null;
@@ -720,6 +720,16 @@ export class PassthroughFs {
       pos += writeDirent(out, pos, { ino, off: i + 1, type, name: e.name });
     }
     return out.subarray(0, pos);
+  }
+
+  /** d_ino of "." and "..": the directory's own, its parent's (the root's own at the top: nothing above it shows). */
+  #specialIno(h: Handle, dot: boolean): bigint {
+    try {
+      if (dot || h.nodeid === FUSE_ROOT_ID) return fstatSync(h.fd, { bigint: true }).ino;
+      return statName(procPath(h.fd, DOTDOT))?.ino ?? 0n;
+    } catch {
+      return 0n;
+    }
   }
 
   /** DESTROY or a second INIT: every handle and inode but the root goes. */
