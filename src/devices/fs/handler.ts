@@ -13,7 +13,7 @@ import { BroadcastChannel } from "node:worker_threads";
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { QueueContext, QueueHandler } from "../../vhost-user/backend/device.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
-import { PassthroughFs } from "./passthrough.js";
+import { type FsState, PassthroughFs } from "./passthrough.js";
 import { type FuseChain, FuseServer } from "./server.js";
 import { decodeState, encodeState } from "./state.js";
 
@@ -42,6 +42,15 @@ export type FsChannelMessage =
   | { type: "loaded"; id: number; error?: string; stale?: { staleInodes: number; staleHandles: number } };
 
 const MAX_WARNINGS = 20;
+
+/** One line on stderr per state transfer (what travelled, what did not survive). */
+function logState(what: string, st: FsState, stale?: { staleInodes: number; staleHandles: number }): void {
+  process.stderr.write(
+    `vmshift fs: info: ${what}: ${st.inodes.length} inode(s), ${st.handles.length} handle(s)` +
+      (stale ? `, ${stale.staleInodes} inode(s) and ${stale.staleHandles} handle(s) stale` : "") +
+      "\n",
+  );
+}
 
 /** A DescriptorChain as the FUSE session sees it: zero-copy views where the buffers allow. */
 export class GuestChain implements FuseChain {
@@ -148,9 +157,8 @@ class RequestHandler implements QueueHandler {
     const fs = new PassthroughFs(d.sharedDir, { readonly: d.readonly, cacheSeconds: d.cacheSeconds });
     try {
       if (d.state) {
-        const r = fs.loadState(decodeState(d.state));
-        if (r.staleInodes || r.staleHandles)
-          this.#warn(`migrated state: ${r.staleInodes} inode(s) and ${r.staleHandles} handle(s) not found (stale)`);
+        const st = decodeState(d.state);
+        logState("migrated state loaded", st, fs.loadState(st));
       }
     } catch (e) {
       fs.close();
@@ -175,18 +183,18 @@ class RequestHandler implements QueueHandler {
         break;
       case "save":
         try {
-          this.#bc.postMessage({
-            type: "saved",
-            id: m.id,
-            state: encodeState(fs.saveState()),
-          } satisfies FsChannelMessage);
+          const st = fs.saveState();
+          logState("state saved", st);
+          this.#bc.postMessage({ type: "saved", id: m.id, state: encodeState(st) } satisfies FsChannelMessage);
         } catch (e) {
           this.#bc.postMessage({ type: "saved", id: m.id, error: (e as Error).message } satisfies FsChannelMessage);
         }
         break;
       case "load":
         try {
-          const stale = fs.loadState(decodeState(m.state));
+          const st = decodeState(m.state);
+          const stale = fs.loadState(st);
+          logState("migrated state loaded", st, stale);
           this.#bc.postMessage({ type: "loaded", id: m.id, stale } satisfies FsChannelMessage);
         } catch (e) {
           this.#bc.postMessage({ type: "loaded", id: m.id, error: (e as Error).message } satisfies FsChannelMessage);
