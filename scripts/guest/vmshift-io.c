@@ -7,6 +7,13 @@
  *   vmshift-io seqwrite DEV MiB BS    write MiB MiB from offset 0 in BS-byte requests, then fdatasync
  *   vmshift-io randread DEV SECONDS   4 KiB reads at random 4 KiB-aligned offsets over the whole device,
  *                                     one at a time (queue depth 1), for SECONDS seconds
+ *   vmshift-io memio DEV OFF MiB ROUNDS LO HI
+ *                                     ROUNDS times: fresh buffers, MiB MiB of pseudo-random data written at OFF
+ *                                     MiB and read back (O_DIRECT: the device reads and writes these very
+ *                                     pages), compared; reports how many of the buffers' pages lie in the
+ *                                     guest-physical range [LO, HI) (hex; /proc/self/pagemap), e.g. a
+ *                                     virtio-mem device's memory:
+ *   RIG-MEMIO round=1 ok=1 pages=512 inrange=512 sha=<fnv64 of the data>
  *
  * One result line on stdout, in the rig's record format (parseRigRecords):
  *   RIG-IO op=seqread dev=/dev/vda bytes=67108864 bs=1048576 secs=0.512 mbps=131.1
@@ -36,7 +43,8 @@ static double mono(void) {
 
 static int usage(void) {
   fputs("usage: vmshift-io seqread|seqwrite DEV MiB BS\n"
-        "       vmshift-io randread DEV SECONDS\n",
+        "       vmshift-io randread DEV SECONDS\n"
+        "       vmshift-io memio DEV OFF MiB ROUNDS LO HI\n",
         stderr);
   return 2;
 }
@@ -163,6 +171,59 @@ static int randread(const char *dev, uint64_t seconds) {
   return 0;
 }
 
+/* Guest-physical address of the page holding `p`, or 0 when unknown (/proc/self/pagemap, root only). */
+static uint64_t phys(int pagemap, const void *p) {
+  uint64_t e = 0;
+  off_t at = (off_t)((uintptr_t)p / 4096) * 8;
+  if (pagemap < 0 || pread(pagemap, &e, 8, at) != 8 || !(e & (1ULL << 63))) return 0;
+  return (e & ((1ULL << 55) - 1)) * 4096;
+}
+
+static int memio(const char *dev, uint64_t offMiB, uint64_t mib, uint64_t rounds, uint64_t lo, uint64_t hi) {
+  int fd = open(dev, O_RDWR | O_DIRECT | O_CLOEXEC);
+  if (fd < 0) {
+    fprintf(stderr, "vmshift-io: open %s: %s\n", dev, strerror(errno));
+    return 1;
+  }
+  int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  size_t len = (size_t)mib << 20;
+  int rc = 0;
+  for (uint64_t r = 1; r <= rounds; r++) {
+    unsigned char *w = aligned(len, 0), *b = aligned(len, 0);
+    if (!w || !b) {
+      fprintf(stderr, "vmshift-io: no memory\n");
+      free(w);
+      free(b);
+      rc = 1;
+      break;
+    }
+    uint64_t seed = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)getpid() << 20) ^ r, h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < len; i += 8) {
+      uint64_t v = next(&seed);
+      memcpy(w + i, &v, 8);
+    }
+    for (size_t i = 0; i < len; i++) h = (h ^ w[i]) * 0x100000001b3ULL;
+    off_t off = (off_t)(offMiB << 20);
+    int ok = pwrite(fd, w, len, off) == (ssize_t)len && fdatasync(fd) == 0 && pread(fd, b, len, off) == (ssize_t)len &&
+             memcmp(w, b, len) == 0;
+    uint64_t pages = 0, in = 0;
+    for (size_t i = 0; i < len; i += 4096) {
+      uint64_t pw = phys(pagemap, w + i), pb = phys(pagemap, b + i);
+      pages += 2;
+      in += (pw >= lo && pw < hi) + (pb >= lo && pb < hi);
+    }
+    printf("RIG-MEMIO round=%llu ok=%d pages=%llu inrange=%llu sha=%016llx\n", (unsigned long long)r, ok,
+           (unsigned long long)pages, (unsigned long long)in, (unsigned long long)h);
+    fflush(stdout);
+    free(w);
+    free(b);
+    if (!ok) rc = 1;
+  }
+  if (pagemap >= 0) close(pagemap);
+  close(fd);
+  return rc;
+}
+
 int main(int argc, char **argv) {
   if (argc < 2) return usage();
   const char *op = argv[1];
@@ -175,6 +236,12 @@ int main(int argc, char **argv) {
     uint64_t secs = number(argv[3]);
     if (!secs) return usage();
     return randread(argv[2], secs);
+  }
+  if (!strcmp(op, "memio") && argc == 8) {
+    uint64_t mib = number(argv[4]), rounds = number(argv[5]);
+    if (!mib || !rounds) return usage();
+    return memio(argv[2], strtoull(argv[3], NULL, 10), mib, rounds, strtoull(argv[6], NULL, 16),
+                 strtoull(argv[7], NULL, 16));
   }
   return usage();
 }
