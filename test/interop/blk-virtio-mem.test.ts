@@ -15,6 +15,7 @@
  * its I/O runs from it. Skips loudly when QEMU or the guest is missing.
  */
 import assert from "node:assert/strict";
+import { readdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { open } from "node:fs/promises";
 import { describe, test } from "node:test";
 import { type BlkBackend, blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
@@ -114,6 +115,42 @@ async function waitRounds(vm: Vm, more: number): Promise<void> {
   }
 }
 
+/** The QEMU process under the rig's wrappers (setpriv/timeout): the descendant whose executable is QEMU. */
+function qemuPid(pid: number): number | null {
+  const todo = [pid];
+  while (todo.length) {
+    const p = todo.shift() as number;
+    try {
+      if (readlinkSync(`/proc/${p}/exe`).includes("qemu-system")) return p;
+      todo.push(
+        ...readFileSync(`/proc/${p}/task/${p}/children`, "utf8").trim().split(/\s+/).filter(Boolean).map(Number),
+      );
+    } catch {
+      // gone, or not ours to read
+    }
+  }
+  return null;
+}
+
+/**
+ * Bytes allocated in the virtio-mem device's memfd (found among QEMU's fds by its size): after
+ * everything is unplugged, anything allocated there was touched after QEMU discarded it.
+ */
+function vmemAllocated(vm: Vm): number {
+  const pid = qemuPid(vm.proc.pid ?? 0);
+  assert.ok(pid, "QEMU's pid");
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      if (!readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith("/memfd:")) continue;
+      const st = statSync(`/proc/${pid}/fd/${fd}`);
+      if (st.size === VMEM_MIB * MiB) return st.blocks * 512;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  throw new Error("no memfd of the virtio-mem device's size among QEMU's fds");
+}
+
 async function memRegions(be: BlkBackend): Promise<{ add: bigint[]; rem: bigint[]; seq: string[] }> {
   const add: bigint[] = [];
   const rem: bigint[] = [];
@@ -153,14 +190,21 @@ async function plugScenario(rig: Rig, backends: BlkBackend[], dynamicMemslots: b
 
   // Plug and unplug while the I/O runs; each step waits for the guest to follow.
   const steps: string[] = [];
+  let allocatedPlugged = 0;
   for (const mib of [512, 256, 768, 128, 0]) {
     const ms = await resize(src, mib);
     await waitRounds(src, 3);
+    if (mib === 768) allocatedPlugged = vmemAllocated(src);
     const r = memioRounds(src);
     const last3 = r.slice(-3);
     steps.push(`${mib} MiB in ${ms} ms, in-range pages of the last rounds ${last3.map((x) => x.inrange).join("/")}`);
   }
   await stopMemio(src);
+  // Everything is unplugged (the last step): QEMU discarded every block, and nobody — the guest,
+  // QEMU, our back-end — touched one since: the device's memfd holds no page.
+  const allocated = vmemAllocated(src);
+  assert.ok(allocatedPlugged > 0, "plugged memory in use shows as allocated (the check below can fail)");
+  assert.equal(allocated, 0, "no page of unplugged virtio-mem memory is populated");
   const rounds = memioRounds(src);
   assert.ok(rounds.length > 15, `${rounds.length} rounds`);
   assert.deepEqual(
@@ -199,7 +243,8 @@ async function plugScenario(rig: Rig, backends: BlkBackend[], dynamicMemslots: b
   }
   process.stderr.write(
     `virtio-mem (${tag}): ${rounds.length} rounds, ${inVmem.length} with buffers in the device's memory ` +
-      `(max ${Math.max(...rounds.map((r) => r.inrange))} of ${2 * IO_MIB * 256} pages); back-end: ` +
+      `(max ${Math.max(...rounds.map((r) => r.inrange))} of ${2 * IO_MIB * 256} pages); memfd ${allocatedPlugged / MiB} MiB ` +
+      `allocated with 768 MiB plugged, ${allocated} bytes after unplugging all; back-end: ` +
       `${after.add.length} ADD_MEM_REG (${addedVmem.length} in the device), ${after.rem.length} REM_MEM_REG ` +
       `(${removedVmem.length} in the device) [${after.seq.join(" ")}]; ${steps.join("; ")}\n`,
   );
