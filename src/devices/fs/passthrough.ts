@@ -28,6 +28,7 @@ import {
   futimesSync,
   lchownSync,
   linkSync,
+  lstatSync,
   lutimesSync,
   mkdirSync,
   openSync,
@@ -41,7 +42,20 @@ import {
   unlinkSync,
   writevSync,
 } from "node:fs";
-import { EBADF, EINVAL, EIO, EISDIR, EMFILE, ENFILE, ENOSYS, ENOTDIR, EPERM, ESTALE, isComponent } from "./decode.js";
+import {
+  EBADF,
+  EINVAL,
+  EIO,
+  EISDIR,
+  EMFILE,
+  ENFILE,
+  ENOENT,
+  ENOSYS,
+  ENOTDIR,
+  EPERM,
+  ESTALE,
+  isComponent,
+} from "./decode.js";
 import {
   direntPlusSize,
   direntSize,
@@ -288,7 +302,7 @@ export class PassthroughFs {
    * Adds one lookup to the inode behind `fd` (an O_PATH fd we opened), creating it if new;
    * takes ownership of `fd` (closed when the inode already existed).
    */
-  #adopt(fd: number): Inode {
+  #adopt(fd: number): { inode: Inode; st: BigIntStats } {
     let st: BigIntStats;
     try {
       st = fstatSync(fd, { bigint: true });
@@ -301,7 +315,7 @@ export class PassthroughFs {
     if (known && known.fd >= 0) {
       closeSync(fd);
       known.nlookup++;
-      return known;
+      return { inode: known, st };
     }
     if (this.#inodes.size >= this.#maxInodes) {
       closeSync(fd);
@@ -317,16 +331,16 @@ export class PassthroughFs {
     };
     this.#inodes.set(inode.nodeid, inode);
     this.#byIdentity.set(key, inode);
-    return inode;
+    return { inode, st };
   }
 
-  #entry(inode: Inode): EntryOut {
+  #entry(inode: Inode, st: BigIntStats): EntryOut {
     return {
       nodeid: inode.nodeid,
       generation: 0,
       entryValid: this.#valid,
       attrValid: this.#valid,
-      attr: attrOf(fstatSync(inode.fd, { bigint: true })),
+      attr: attrOf(st),
     };
   }
 
@@ -359,8 +373,18 @@ export class PassthroughFs {
 
   lookup(parent: bigint, name: Uint8Array): EntryOut {
     const p = this.#dir(parent);
-    const fd = openSync(procPath(p.fd, name), O_PATH | O_NOFOLLOW | O_CLOEXEC);
-    return this.#entry(this.#adopt(fd));
+    const path = procPath(p.fd, name);
+    // lstat first: a miss costs no exception, and a file we already hold needs no open. Our
+    // O_PATH fd keeps a known file's inode number from being reused, so (dev, ino) is the file.
+    const st = lstatSync(path, { bigint: true, throwIfNoEntry: false });
+    if (!st) throw new FsError(ENOENT, "no such entry");
+    const known = this.#byIdentity.get(`${st.dev}:${st.ino}`);
+    if (known && known.fd >= 0 && (Number(st.mode) & S_IFMT) === known.type) {
+      known.nlookup++;
+      return this.#entry(known, st);
+    }
+    const { inode, st: now } = this.#adopt(openSync(path, O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    return this.#entry(inode, now);
   }
 
   forget(nodeid: bigint, nlookup: bigint): void {
@@ -578,10 +602,11 @@ export class PassthroughFs {
       mode & ~umask & 0o7777,
     );
     let inode: Inode;
+    let created: BigIntStats;
     try {
       const st = fstatSync(fd, { bigint: true });
       if ((Number(st.mode) & S_IFMT) !== S_IFREG) throw new FsError(EPERM, "not a regular file");
-      inode = this.#adopt(openSync(procPath(fd), O_PATH | O_CLOEXEC));
+      ({ inode, st: created } = this.#adopt(openSync(procPath(fd), O_PATH | O_CLOEXEC)));
     } catch (e) {
       closeSync(fd);
       throw e;
@@ -593,7 +618,7 @@ export class PassthroughFs {
       this.forget(BigInt(inode.nodeid), 1n);
       throw e;
     }
-    return { entry: this.#entry(inode), fh };
+    return { entry: this.#entry(inode, created), fh };
   }
 
   opendir(nodeid: bigint): number {
@@ -879,16 +904,10 @@ export class PassthroughFs {
 
 /** The stat of a name itself (never what a symlink points to), or null when it is gone. */
 function statName(path: Buffer): BigIntStats | null {
-  let fd: number;
   try {
-    fd = openSync(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    return lstatSync(path, { bigint: true, throwIfNoEntry: false }) ?? null;
   } catch {
     return null;
-  }
-  try {
-    return fstatSync(fd, { bigint: true });
-  } finally {
-    closeSync(fd);
   }
 }
 
