@@ -10,6 +10,7 @@ export interface Benchmark {
 
 const benchmarks: Record<string, () => Promise<Benchmark>> = {
   dirty: () => import("./dirty.js"),
+  fs: () => import("./fs.js"),
   blk: () => import("./blk.js"),
   kvm: () => import("./kvm.js"),
   migrate: () => import("./migrate.js"),

@@ -39,7 +39,8 @@ if [ -z "$KPKG" ]; then
   [ -n "$KPKG" ] || { echo "build-guest.sh: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2; exit 1; }
 fi
 KDIR=$OUT/kernel/$KPKG
-if ! ls "$KDIR"/boot/vmlinuz-* >/dev/null 2>&1; then
+# Layout 2 adds fs/fuse (virtiofs); an older unpack is redone.
+if ! ls "$KDIR"/boot/vmlinuz-* >/dev/null 2>&1 || [ "$(cat "$KDIR/layout" 2>/dev/null)" != 2 ]; then
   T=$(mktemp -d "$OUT/dl.XXXXXX")
   trap 'rm -rf "$T"' EXIT
   ( cd "$T" && apt-get download -q -o APT::Sandbox::User=root "$KPKG" >&2 ) || {
@@ -50,11 +51,12 @@ if ! ls "$KDIR"/boot/vmlinuz-* >/dev/null 2>&1; then
   rm -rf "$KDIR"; mkdir -p "$KDIR/boot" "$KDIR/modules"
   cp "$T"/root/boot/vmlinuz-* "$KDIR/boot/"
   MODROOT=$(ls -d "$T"/root/lib/modules/* "$T"/root/usr/lib/modules/* 2>/dev/null | head -n 1)
-  # Only the virtio drivers are kept: the initramfs needs nothing else.
-  for d in kernel/drivers/virtio kernel/drivers/block kernel/drivers/char; do
+  # Only the virtio drivers and FUSE (virtiofs) are kept: the initramfs needs nothing else.
+  for d in kernel/drivers/virtio kernel/drivers/block kernel/drivers/char kernel/fs/fuse; do
     [ -d "$MODROOT/$d" ] && mkdir -p "$KDIR/modules/$d" && cp -r "$MODROOT/$d/." "$KDIR/modules/$d/"
   done
   basename "$MODROOT" > "$KDIR/kver"
+  echo 2 > "$KDIR/layout"
   rm -rf "$T"; trap - EXIT
 fi
 KVER=$(cat "$KDIR/kver")
@@ -84,7 +86,7 @@ add() {
   for d in $deps; do add "$d"; done
   ORDER="$ORDER $1"
 }
-for m in virtio_pci virtio_blk virtio_console; do add "$m"; done
+for m in virtio_pci virtio_blk virtio_console virtiofs virtio_mem; do add "$m"; done
 echo $ORDER > "$W/etc/rig-modules"
 cp "$HERE/guest/init.sh" "$W/init"; chmod 755 "$W/init"
 cp "$HERE/guest/rig.sh" "$W/etc/rig.sh"

@@ -7,6 +7,17 @@
  *   vmshift-io seqwrite DEV MiB BS    write MiB MiB from offset 0 in BS-byte requests, then fdatasync
  *   vmshift-io randread DEV SECONDS   4 KiB reads at random 4 KiB-aligned offsets over the whole device,
  *                                     one at a time (queue depth 1), for SECONDS seconds
+ *   vmshift-io memio DEV OFF MiB ROUNDS LO HI
+ *                                     ROUNDS times: fresh buffers, MiB MiB of pseudo-random data written at OFF
+ *                                     MiB and read back (O_DIRECT: the device reads and writes these very
+ *                                     pages), compared; reports how many of the buffers' pages lie in the
+ *                                     guest-physical range [LO, HI) (hex; /proc/self/pagemap), e.g. a
+ *                                     virtio-mem device's memory:
+ *   RIG-MEMIO round=1 ok=1 pages=512 inrange=512 sha=<fnv64 of the data>
+ *   vmshift-io fsbench DIR MiB FILES  file-system figures in DIR: a MiB-MiB file written in 1 MiB writes + fsync,
+ *                                     read back after dropping the page cache; FILES empty files created,
+ *                                     stat'ed (dentry and inode caches dropped first) and unlinked:
+ *   RIG-FSBENCH op=seqwrite dir=/mnt bytes=... secs=... mbps=...   /  op=create dir=/mnt ops=... secs=... opsps=...
  *
  * One result line on stdout, in the rig's record format (parseRigRecords):
  *   RIG-IO op=seqread dev=/dev/vda bytes=67108864 bs=1048576 secs=0.512 mbps=131.1
@@ -22,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -36,7 +48,9 @@ static double mono(void) {
 
 static int usage(void) {
   fputs("usage: vmshift-io seqread|seqwrite DEV MiB BS\n"
-        "       vmshift-io randread DEV SECONDS\n",
+        "       vmshift-io randread DEV SECONDS\n"
+        "       vmshift-io memio DEV OFF MiB ROUNDS LO HI\n"
+        "       vmshift-io fsbench DIR MiB FILES\n",
         stderr);
   return 2;
 }
@@ -163,6 +177,138 @@ static int randread(const char *dev, uint64_t seconds) {
   return 0;
 }
 
+/* Guest-physical address of the page holding `p`, or 0 when unknown (/proc/self/pagemap, root only). */
+static uint64_t phys(int pagemap, const void *p) {
+  uint64_t e = 0;
+  off_t at = (off_t)((uintptr_t)p / 4096) * 8;
+  if (pagemap < 0 || pread(pagemap, &e, 8, at) != 8 || !(e & (1ULL << 63))) return 0;
+  return (e & ((1ULL << 55) - 1)) * 4096;
+}
+
+static int memio(const char *dev, uint64_t offMiB, uint64_t mib, uint64_t rounds, uint64_t lo, uint64_t hi) {
+  int fd = open(dev, O_RDWR | O_DIRECT | O_CLOEXEC);
+  if (fd < 0) {
+    fprintf(stderr, "vmshift-io: open %s: %s\n", dev, strerror(errno));
+    return 1;
+  }
+  int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  size_t len = (size_t)mib << 20;
+  int rc = 0;
+  for (uint64_t r = 1; r <= rounds; r++) {
+    unsigned char *w = aligned(len, 0), *b = aligned(len, 0);
+    if (!w || !b) {
+      fprintf(stderr, "vmshift-io: no memory\n");
+      free(w);
+      free(b);
+      rc = 1;
+      break;
+    }
+    uint64_t seed = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)getpid() << 20) ^ r, h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < len; i += 8) {
+      uint64_t v = next(&seed);
+      memcpy(w + i, &v, 8);
+    }
+    for (size_t i = 0; i < len; i++) h = (h ^ w[i]) * 0x100000001b3ULL;
+    off_t off = (off_t)(offMiB << 20);
+    int ok = pwrite(fd, w, len, off) == (ssize_t)len && fdatasync(fd) == 0 && pread(fd, b, len, off) == (ssize_t)len &&
+             memcmp(w, b, len) == 0;
+    uint64_t pages = 0, in = 0;
+    for (size_t i = 0; i < len; i += 4096) {
+      uint64_t pw = phys(pagemap, w + i), pb = phys(pagemap, b + i);
+      pages += 2;
+      in += (pw >= lo && pw < hi) + (pb >= lo && pb < hi);
+    }
+    printf("RIG-MEMIO round=%llu ok=%d pages=%llu inrange=%llu sha=%016llx\n", (unsigned long long)r, ok,
+           (unsigned long long)pages, (unsigned long long)in, (unsigned long long)h);
+    fflush(stdout);
+    free(w);
+    free(b);
+    if (!ok) rc = 1;
+  }
+  if (pagemap >= 0) close(pagemap);
+  close(fd);
+  return rc;
+}
+
+static void drop_caches(void) {
+  sync();
+  int fd = open("/proc/sys/vm/drop_caches", O_WRONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    if (write(fd, "3", 1) != 1) { /* not fatal: the figure then includes cached reads */
+    }
+    close(fd);
+  }
+}
+
+static int fsbench(const char *dir, uint64_t mib, uint64_t files) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/fsbench.bin", dir);
+  size_t bs = 1 << 20;
+  unsigned char *buf = aligned(bs, 0x5a);
+  if (!buf) return 1;
+  for (size_t i = 0; i < bs; i += 4096) buf[i] = (unsigned char)i;
+  int fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    fprintf(stderr, "vmshift-io: open %s: %s\n", path, strerror(errno));
+    free(buf);
+    return 1;
+  }
+  double t0 = mono();
+  for (uint64_t i = 0; i < mib; i++) {
+    if (write(fd, buf, bs) != (ssize_t)bs) {
+      fprintf(stderr, "vmshift-io: write %s: %s\n", path, strerror(errno));
+      close(fd);
+      free(buf);
+      return 1;
+    }
+  }
+  if (fsync(fd) != 0) fprintf(stderr, "vmshift-io: fsync: %s\n", strerror(errno));
+  close(fd);
+  double secs = mono() - t0;
+  printf("RIG-FSBENCH op=seqwrite dir=%s bytes=%llu secs=%.3f mbps=%.1f\n", dir, (unsigned long long)(mib << 20), secs,
+         (double)(mib << 20) / 1e6 / secs);
+  drop_caches();
+  fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    free(buf);
+    return 1;
+  }
+  t0 = mono();
+  uint64_t total = 0;
+  for (;;) {
+    ssize_t n = read(fd, buf, bs);
+    if (n <= 0) break;
+    total += (uint64_t)n;
+  }
+  secs = mono() - t0;
+  close(fd);
+  unlink(path);
+  free(buf);
+  printf("RIG-FSBENCH op=seqread dir=%s bytes=%llu secs=%.3f mbps=%.1f\n", dir, (unsigned long long)total, secs,
+         (double)total / 1e6 / secs);
+  if (total != mib << 20) return 1;
+  const char *names[] = {"create", "stat", "unlink"};
+  for (int phase = 0; phase < 3; phase++) {
+    if (phase == 1) drop_caches();
+    t0 = mono();
+    for (uint64_t i = 0; i < files; i++) {
+      snprintf(path, sizeof path, "%s/fsbench-%llu", dir, (unsigned long long)i);
+      struct stat st;
+      int ok = phase == 0   ? (fd = open(path, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0644)) >= 0 && close(fd) == 0
+               : phase == 1 ? stat(path, &st) == 0
+                            : unlink(path) == 0;
+      if (!ok) {
+        fprintf(stderr, "vmshift-io: %s %s: %s\n", names[phase], path, strerror(errno));
+        return 1;
+      }
+    }
+    secs = mono() - t0;
+    printf("RIG-FSBENCH op=%s dir=%s ops=%llu secs=%.3f opsps=%.0f\n", names[phase], dir, (unsigned long long)files,
+           secs, (double)files / secs);
+  }
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc < 2) return usage();
   const char *op = argv[1];
@@ -175,6 +321,17 @@ int main(int argc, char **argv) {
     uint64_t secs = number(argv[3]);
     if (!secs) return usage();
     return randread(argv[2], secs);
+  }
+  if (!strcmp(op, "fsbench") && argc == 5) {
+    uint64_t mib = number(argv[3]), files = number(argv[4]);
+    if (!mib || !files) return usage();
+    return fsbench(argv[2], mib, files);
+  }
+  if (!strcmp(op, "memio") && argc == 8) {
+    uint64_t mib = number(argv[4]), rounds = number(argv[5]);
+    if (!mib || !rounds) return usage();
+    return memio(argv[2], strtoull(argv[3], NULL, 10), mib, rounds, strtoull(argv[6], NULL, 16),
+                 strtoull(argv[7], NULL, 16));
   }
   return usage();
 }

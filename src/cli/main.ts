@@ -27,6 +27,8 @@ commands:
         connect to any vhost-user back-end and print what it offers
   blk (--socket-path PATH | --fd N) --image FILE|DEVICE [--readonly] [--queues N] [--direct] [--io M]
         serve a raw image or a block device as a vhost-user-blk device (QEMU: -device vhost-user-blk-pci)
+  fs (--socket-path PATH | --fd N) --shared-dir DIR [--readonly] [--cache auto|always|never]
+        share a directory as a virtio-fs device (QEMU: -device vhost-user-fs-pci), live-migratable
   help [COMMAND]
         this text, or a command's own (also: --help, -h)
   --version
@@ -95,12 +97,14 @@ const commands: Record<string, Command> = {
   "demo-destination": async (argv) => (await import("./demo-destination.js")).demoDestinationCommand(argv),
   probe: async (argv) => (await import("./probe.js")).probeCommand(argv),
   blk: async (argv) => (await import("./blk.js")).blkCommand(argv),
+  fs: async (argv) => (await import("./fs.js")).fsCommand(argv),
   migrate: async (argv) => (await import("./migrate.js")).migrateCommand(argv),
   snapshot: async (argv) => (await import("./snapshot.js")).snapshotCommand(argv),
   async help(argv) {
     const usage: Record<string, () => Promise<string>> = {
       probe: async () => (await import("./probe.js")).PROBE_USAGE,
       blk: async () => (await import("./blk.js")).BLK_USAGE,
+      fs: async () => (await import("./fs.js")).FS_USAGE,
       migrate: async () => (await import("./migrate.js")).MIGRATE_USAGE,
       snapshot: async () => (await import("./snapshot.js")).SNAPSHOT_USAGE,
     };

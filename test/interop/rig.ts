@@ -184,6 +184,8 @@ export interface VhostUserBlkOptions {
 export interface VmOptions {
   name: string;
   memMiB?: number;
+  /** maxmem (MiB): room for memory devices (virtio-mem) above the boot RAM. */
+  maxMemMiB?: number;
   smp?: number;
   /** -accel value, default defaultAccel(). */
   accel?: string;
@@ -355,7 +357,7 @@ export class Rig {
       "-smp",
       String(o.smp ?? 1),
       "-m",
-      `${mem}M`,
+      o.maxMemMiB ? `${mem}M,maxmem=${o.maxMemMiB}M` : `${mem}M`,
       "-object",
       `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
       "-display",
