@@ -29,7 +29,7 @@ const FIELDS = 3;
  * Buffers [0, readableCount) are device-readable, [readableCount, count) device-writable.
  */
 export class DescriptorChain {
-  /** Head descriptor index: what addUsed() takes back. */
+  /** Head descriptor index (split) or buffer id (packed): what addUsed() takes back. */
   readonly head: number;
   /** Number of buffers. */
   readonly count: number;
@@ -39,13 +39,18 @@ export class DescriptorChain {
   readonly writableLength: number;
   /** True when (some of) the buffers came from an indirect table. */
   readonly indirect: boolean;
+  /**
+   * Descriptor-ring slots the chain took (packed rings: the device skips that many when it
+   * returns the chain, and addUsed() needs it). Always 1 for a split ring (the head).
+   */
+  readonly slots: number;
   /** End of the furthest byte written through writeWritable(): the used length to report. */
   written = 0;
   // [addr, len, flags] per buffer; addresses are below 2^53 (checked), so doubles are exact.
   readonly #d: Float64Array;
   readonly #owner: ChainOwner;
 
-  /** @internal Built by SplitQueue.popChain(). */
+  /** @internal Built by ChainBuilder (SplitQueue.popChain(), PackedQueue.popChain()). */
   constructor(
     owner: ChainOwner,
     head: number,
@@ -54,6 +59,7 @@ export class DescriptorChain {
     readableLength: number,
     writableLength: number,
     indirect: boolean,
+    slots = 1,
   ) {
     this.#owner = owner;
     this.head = head;
@@ -63,6 +69,7 @@ export class DescriptorChain {
     this.readableLength = readableLength;
     this.writableLength = writableLength;
     this.indirect = indirect;
+    this.slots = slots;
   }
 
   get writableCount(): number {
