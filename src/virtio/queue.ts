@@ -1,7 +1,7 @@
 import { GuestMemoryError } from "../memory/errors.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import { checkSplitQueueLayout, toAddress } from "./bounds.js";
-import type { ChainOwner, DescriptorChain } from "./chain.js";
+import type { DescriptorChain } from "./chain.js";
 import { ChainBuilder, chainError, viewOf } from "./chain-builder.js";
 import { VirtqueueError } from "./errors.js";
 import {
@@ -29,6 +29,7 @@ import {
   VIRTQ_USED_OFF_RING,
   vringNeedEvent,
 } from "./ring.js";
+import type { DeviceVirtqueue } from "./virtqueue.js";
 
 /** Reports a device write to guest memory: `len` bytes at guest-physical (or log) address `gpa`. */
 export type DirtyMarker = (gpa: number, len: number) => void;
@@ -84,7 +85,8 @@ export interface SplitQueueConfig {
  *     if (!q.enableNotification()) break; // nothing new: wait for the next kick
  *   }
  */
-export class SplitQueue implements ChainOwner {
+export class SplitQueue implements DeviceVirtqueue {
+  readonly packed = false;
   #memory: GuestMemory;
   readonly size: number;
   readonly descTable: number;
@@ -435,8 +437,11 @@ export class SplitQueue implements ChainOwner {
     this.#markUsed(VIRTQ_USED_OFF_IDX, 2);
   }
 
-  /** Returns a chain to the driver: `len` is the number of bytes written into its writable part. */
-  addUsed(head: number, len: number): void {
+  /**
+   * Returns a chain to the driver: `len` is the number of bytes written into its writable part.
+   * (`_slots` is for packed rings; a split ring returns a head.)
+   */
+  addUsed(head: number, len: number, _slots = 1): void {
     this.pushUsed(head, len);
     this.publishUsed();
   }
