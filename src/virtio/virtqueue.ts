@@ -12,6 +12,10 @@ export interface DeviceVirtqueue extends ChainOwner {
   readonly size: number;
   readonly maxChainLength: number;
   readonly broken: VirtqueueError | null;
+  /** Next avail position (split: avail ring index mod 2^16; packed: ring slot). */
+  readonly nextAvail: number;
+  /** Next used position (split: used idx mod 2^16; packed: ring slot). */
+  readonly nextUsed: number;
   popChain(): DescriptorChain | null;
   addUsed(head: number, len: number, slots?: number): void;
   availableCount(): number;

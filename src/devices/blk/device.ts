@@ -185,6 +185,8 @@ export function blkDevice(o: BlkOptions): BlkDevice {
       numQueues: queues,
       maxQueueSize: o.maxQueueSize ?? 1024,
       features: f,
+      // The handler only sees DescriptorChains: split or packed rings, whichever the driver takes.
+      packedRing: true,
       // Reconnect: the framework tracks heads in the inflight region and resubmits them after a
       // restart; re-running a read or write of the same data is harmless, so blk can opt in.
       protocolFeatures: featureMask(ProtocolFeature.INFLIGHT_SHMFD) | (o.protocolFeatures ?? 0n),

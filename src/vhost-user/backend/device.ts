@@ -24,6 +24,12 @@ export interface DeviceInfo {
    */
   protocolFeatures: bigint;
   /**
+   * The device's queues may be packed rings (its handler only sees DescriptorChains, so any
+   * device can): the framework then offers VIRTIO_F_RING_PACKED and runs PackedQueues when
+   * the front-end acks it.
+   */
+  packedRing?: boolean;
+  /**
    * Framework protocol features this device must not offer (e.g. PAGEFAULT for a back-end that
    * cannot take part in postcopy, as many real ones cannot).
    */
