@@ -186,12 +186,19 @@ describe("vmshift blk with packed virtqueues under QEMU", { timeout: 240_000 }, 
       const before = await src.guest.write("/dev/vda", 1, 4);
       await src.guest.runOk("rig_loop /dev/vda 8 8 0.1; rig_dirty 16 0.05");
       await src.console.waitFor(/RIG-LOOP n=3 /, { timeoutMs: 30_000 });
-      if (mode === "postcopy") await src.qmp.execute("migrate-set-parameters", { "max-postcopy-bandwidth": 10_000_000 });
+      if (mode === "postcopy")
+        await src.qmp.execute("migrate-set-parameters", { "max-postcopy-bandwidth": 10_000_000 });
       const result = await migrate(
         src,
         dst,
         mode === "postcopy"
-          ? { uri: rig.migrationUri(), postcopy: true, postcopyAfterMs: 1500, maxBandwidth: 20_000_000, timeoutMs: 90_000 }
+          ? {
+              uri: rig.migrationUri(),
+              postcopy: true,
+              postcopyAfterMs: 1500,
+              maxBandwidth: 20_000_000,
+              timeoutMs: 90_000,
+            }
           : { uri: rig.migrationUri(), timeoutMs: 60_000 },
       );
       assert.equal(result.status, "completed");

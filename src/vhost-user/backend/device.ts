@@ -65,6 +65,11 @@ export interface QueueContext {
   features: bigint;
   /** The device's workerData(queue). */
   data: unknown;
+  /**
+   * Requests of this queue waiting in the ring behind the one being processed (packed rings:
+   * 0 or 1, whether another is there): a handler may overlap work when more is coming.
+   */
+  backlog?: () => number;
 }
 
 export interface QueueHandler {

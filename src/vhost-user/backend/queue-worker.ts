@@ -274,6 +274,17 @@ function processQueue(): void {
   }
 }
 
+/** Requests waiting in the ring (the handler's QueueContext.backlog). */
+function backlog(): number {
+  const q = queue;
+  if (!q || q.broken || quiescing) return 0;
+  try {
+    return q.availableCount();
+  } catch {
+    return 0;
+  }
+}
+
 function watchKick(fd: number): void {
   kick?.close();
   kick = null;
@@ -286,7 +297,7 @@ function watchKick(fd: number): void {
 
 async function setMemory(m: GuestMemory): Promise<void> {
   memory = m;
-  if (!handler) handler = await factory!({ queue: init.queue, memory: m, features, data: init.data });
+  if (!handler) handler = await factory!({ queue: init.queue, memory: m, features, data: init.data, backlog });
   else handler.setMemory?.(m);
   queue?.setMemory(m);
 }
