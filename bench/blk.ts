@@ -91,7 +91,9 @@ async function startOurs(dir: string, image: string, queues: number): Promise<Ba
   const socket = join(dir, `vmshift-${queues}.sock`);
   const main = join(repoRoot(), "dist", "src", "cli", "blk-main.js");
   const args = [main, "--socket-path", socket, "--image", image, "--queues", String(queues), ...OUR_FLAGS];
-  const proc = spawn(process.execPath, args, {
+  // BLK_BENCH_NODE_FLAGS: extra node flags for our back-end (e.g. --cpu-prof for a profile).
+  const flags = (process.env.BLK_BENCH_NODE_FLAGS ?? "").split(" ").filter(Boolean);
+  const proc = spawn(process.execPath, [...flags, ...args], {
     stdio: ["ignore", "ignore", "inherit"],
     env: { ...process.env, VMSHIFT_BLK_TRACE: "0" },
   });
@@ -177,8 +179,8 @@ class BlkQueue {
     const st = [{ addr: this.#status(s), len: 1 }];
     const head =
       type === T_OUT
-        ? this.driver.add([{ addr: h, len: 16 }, ...data], st)
-        : this.driver.add([{ addr: h, len: 16 }], [...data, ...st]);
+        ? this.driver.add([{ addr: h, len: 16 }, ...data], st, { indirect: this.segs > 1 })
+        : this.driver.add([{ addr: h, len: 16 }], [...data, ...st], { indirect: this.segs > 1 });
     this.#slotOf.set(head, s);
   }
   get free(): number {
@@ -249,15 +251,19 @@ async function measure(
     const offered = fe.backendFeatures ?? 0n;
     const PACKED = featureMask(VirtioFeature.VIRTIO_F_RING_PACKED);
     if (packed && (offered & PACKED) === 0n) throw new Error("the back-end offers no packed rings");
-    const features = VERSION_1 | (offered & featureMask(29)) | (packed ? PACKED : 0n); // + EVENT_IDX when offered
+    // + EVENT_IDX when offered; large requests go in indirect tables, as a guest's do.
+    const INDIRECT = segs > 1 ? featureMask(VirtioFeature.VIRTIO_RING_F_INDIRECT_DESC) : 0n;
+    const features = VERSION_1 | (offered & (featureMask(29) | INDIRECT)) | (packed ? PACKED : 0n);
     await fe.setFeatures(features);
     await fe.setMemTable(mem);
     const qs: BlkQueue[] = [];
     for (let q = 0; q < queues; q++) {
       const base = 0x10000 + q * 0x100000;
+      const indirectTables = INDIRECT ? { address: 12 * MiB + q * MiB, entries: segs + 2 } : undefined;
+      const options = { features, ...(indirectTables ? { indirectTables } : {}) };
       const driver = packed
-        ? PackedQueueDriver.at(mem, base, QUEUE_SIZE, { features })
-        : new SplitQueueDriver(mem, { ...splitQueueLayout(base, QUEUE_SIZE), features });
+        ? PackedQueueDriver.at(mem, base, QUEUE_SIZE, options)
+        : new SplitQueueDriver(mem, { ...splitQueueLayout(base, QUEUE_SIZE), ...options });
       await fe.startVring(q, driver.layout);
       qs.push(new BlkQueue(fe, q, driver, mem, base + 0x10000, depth, segs, 4 * MiB + q * 4 * MiB));
     }

@@ -49,6 +49,8 @@ export class DescriptorChain {
   // [addr, len, flags] per buffer; addresses are below 2^53 (checked), so doubles are exact.
   readonly #d: Float64Array;
   readonly #owner: ChainOwner;
+  /** Writable buffer (counted from the first writable one) where markWritten() last found one. */
+  #markCursor = 0;
 
   /** @internal Built by ChainBuilder (SplitQueue.popChain(), PackedQueue.popChain()). */
   constructor(
@@ -145,10 +147,17 @@ export class DescriptorChain {
    * the dirty log stays exact. The range must lie inside a single writable buffer.
    */
   markWritten(gpa: number, len: number): void {
-    for (let i = this.readableCount; i < this.count; i++) {
+    // Callers report buffers in order: look where the last one was found first (a request of
+    // 126 segments is then 126 lookups, not 126²/2).
+    const first = this.readableCount;
+    const n = this.count - first;
+    for (let k = 0; k < n; k++) {
+      const j = (this.#markCursor + k) % n;
+      const i = first + j;
       const a = this.addr(i);
       if (gpa >= a && gpa + len <= a + this.len(i)) {
         if (len > 0) this.#owner.markBufferWrite(gpa, len);
+        this.#markCursor = j;
         return;
       }
     }

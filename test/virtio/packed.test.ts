@@ -373,6 +373,36 @@ describe("dirty marking", () => {
   });
 });
 
+describe("DescriptorChain.markWritten", () => {
+  test("test_finds_the_buffer_in_any_order_and_refuses_readable_or_foreign_ranges", () => {
+    const marks: [number, number][] = [];
+    const { driver, queue } = pair(8, BOTH, { markDirty: (gpa, len) => marks.push([gpa, len]) });
+    driver.add(
+      [
+        { addr: DATA, len: 16 },
+        { addr: DATA + 0x1000, len: 16 },
+        { addr: DATA + 0x2000, len: 16 },
+      ],
+      [
+        { addr: DATA + 0x3000, len: 64 },
+        { addr: DATA + 0x5000, len: 64 },
+        { addr: DATA + 0x4000, len: 64 },
+      ],
+    );
+    const c = queue.popChain();
+    assert.ok(c);
+    for (const gpa of [DATA + 0x5000, DATA + 0x3010, DATA + 0x4000, DATA + 0x3000, DATA + 0x5020])
+      c.markWritten(gpa, 8);
+    assert.deepEqual(
+      marks.map(([g]) => g - DATA),
+      [0x5000, 0x3010, 0x4000, 0x3000, 0x5020],
+    );
+    assert.throws(() => c.markWritten(DATA + 0x1000, 8), RangeError, "a readable buffer");
+    assert.throws(() => c.markWritten(DATA + 0x3038, 16), RangeError, "past the end of a buffer");
+    assert.throws(() => c.markWritten(DATA + 0x6000, 1), RangeError, "not the chain's");
+  });
+});
+
 describe("hostile driver", () => {
   /** Makes `descs` available from the driver's position as one chain, head flags last. */
   function offerRaw(driver: PackedQueueDriver, descs: [addr: number | bigint, len: number, flags: number][]): void {
