@@ -5,16 +5,21 @@
  * 1. Back-end efficiency: a front-end in Node (VhostUserFrontend + SplitQueueDriver, no guest)
  *    drives each back-end — both run as child processes — with 4 KiB random reads and writes at
  *    queue depth 1 and 32 (32 per queue), on one and two queues, for a fixed time per run.
+ *    Packed-ring rows: the same load on packed rings (PackedQueueDriver) against our back-end,
+ *    beside our split-ring figure of the same run (qemu-storage-daemon offers no packed rings).
  * 2. In a QEMU guest (the interop rig: QEMU 10, TCG, busybox guest): /bin/vmshift-io
  *    (scripts/guest/vmshift-io.c, O_DIRECT on /dev/vda) measures 4 KiB random reads at QD1 (IOPS)
  *    and sequential 1 MiB reads and writes (MB/s). One guest per back-end, each on its own copy
- *    of the image, measured in turn. Under TCG the guest's CPU is the limit; this view shows that
+ *    of the image, measured in turn; a third guest with `packed=on` on its own `vmshift blk`
+ *    gives the packed rows (against our split-ring guest). Under TCG the guest's CPU is the limit; this view shows that
  *    nothing in our path is pathological, not the back-end's ceiling.
  *
  * The images are on the host page cache (no O_DIRECT in either back-end): this measures the
  * back-ends' per-request cost, not the disk. Needs qemu-storage-daemon (skips without it); the
  * guest view also needs QEMU and the rig's guest (skips loudly without them).
  * Only one view: BLK_BENCH_VIEW=backend|guest, or `npm run bench -- blk --view=guest`.
+ * BLK_BENCH_DIRECT=1: both back-ends bypass the host page cache (`--direct`; QSD cache.direct=on).
+ * BLK_BENCH_IO=sync|async|adaptive: our back-ends' --io (default: the program's own).
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -27,6 +32,7 @@ import { GuestMemoryRegion } from "../src/memory/region.js";
 import { FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend } from "../src/vhost-user/frontend/frontend.js";
 import { featureMask, ProtocolFeature, VirtioFeature } from "../src/vhost-user/protocol/constants.js";
 import { SplitQueueDriver } from "../src/virtio/driver.js";
+import { PackedQueueDriver } from "../src/virtio/packed-driver.js";
 import { splitQueueLayout } from "../src/virtio/ring.js";
 import { type BlkBackend, startBlk } from "../test/interop/blk-helpers.js";
 import { parseRigRecords, probeInterop, Rig, type Vm } from "../test/interop/rig.js";
@@ -38,6 +44,14 @@ const QUEUE_SIZE = 128;
 const RUNS = Number(process.env.BLK_BENCH_RUNS ?? 3);
 const RUN_MS = Number(process.env.BLK_BENCH_MS ?? 1000);
 const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
+const DIRECT = process.env.BLK_BENCH_DIRECT === "1";
+const OUR_IO = process.env.BLK_BENCH_IO as "sync" | "async" | "adaptive" | undefined;
+/** Our extra command-line flags for the chosen cache / I/O mode. */
+const OUR_FLAGS = [...(DIRECT ? ["--direct"] : []), ...(OUR_IO ? ["--io", OUR_IO] : [])];
+/** BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones (backend view). */
+const ONLY = process.env.BLK_BENCH_ONLY;
+/** Pages per request of the sequential rows (a guest's seg_max). */
+const SEQ_SEGS = 126;
 const T_IN = 0;
 const T_OUT = 1;
 
@@ -76,7 +90,10 @@ async function waitSocket(b: Backend): Promise<void> {
 async function startOurs(dir: string, image: string, queues: number): Promise<Backend> {
   const socket = join(dir, `vmshift-${queues}.sock`);
   const main = join(repoRoot(), "dist", "src", "cli", "blk-main.js");
-  const proc = spawn(process.execPath, [main, "--socket-path", socket, "--image", image, "--queues", String(queues)], {
+  const args = [main, "--socket-path", socket, "--image", image, "--queues", String(queues), ...OUR_FLAGS];
+  // BLK_BENCH_NODE_FLAGS: extra node flags for our back-end (e.g. --cpu-prof for a profile).
+  const flags = (process.env.BLK_BENCH_NODE_FLAGS ?? "").split(" ").filter(Boolean);
+  const proc = spawn(process.execPath, [...flags, ...args], {
     stdio: ["ignore", "ignore", "inherit"],
     env: { ...process.env, VMSHIFT_BLK_TRACE: "0" },
   });
@@ -91,7 +108,7 @@ async function startQsd(qsd: string, dir: string, image: string, queues: number)
     qsd,
     [
       "--blockdev",
-      `driver=file,node-name=file0,filename=${image},locking=off`,
+      `driver=file,node-name=file0,filename=${image},locking=off${DIRECT ? ",cache.direct=on" : ""}`,
       "--blockdev",
       "driver=raw,node-name=disk0,file=file0",
       "--export",
@@ -122,10 +139,12 @@ class BlkQueue {
   constructor(
     readonly fe: VhostUserFrontend,
     readonly index: number,
-    readonly driver: SplitQueueDriver,
+    readonly driver: SplitQueueDriver | PackedQueueDriver,
     readonly mem: GuestMemory,
     readonly scratch: number,
     readonly depth: number,
+    readonly segs = 1,
+    readonly bigData = 0,
   ) {
     for (let s = depth - 1; s >= 0; s--) this.#free.push(s);
   }
@@ -138,6 +157,17 @@ class BlkQueue {
   #buf(s: number) {
     return this.scratch + 8192 + s * 4096;
   }
+  /**
+   * Data buffers of slot `s`: one 4 KiB page, or `segs` pages interleaved with the other slots'
+   * (not contiguous in guest memory, like a guest's page-cache or O_DIRECT pages).
+   */
+  #data(s: number): { addr: number; len: number }[] {
+    if (this.segs === 1) return [{ addr: this.#buf(s), len: 4096 }];
+    return Array.from({ length: this.segs }, (_, k) => ({
+      addr: this.bigData + (k * this.depth + s) * 4096,
+      len: 4096,
+    }));
+  }
   submit(type: number, sector: number): void {
     const s = this.#free.pop() as number;
     const h = this.#hdr(s);
@@ -145,12 +175,12 @@ class BlkQueue {
     this.mem.writeU32(h + 4, 0);
     this.mem.writeU32(h + 8, sector);
     this.mem.writeU32(h + 12, 0);
-    const data = [{ addr: this.#buf(s), len: 4096 }];
+    const data = this.#data(s);
     const st = [{ addr: this.#status(s), len: 1 }];
     const head =
       type === T_OUT
-        ? this.driver.add([{ addr: h, len: 16 }, ...data], st)
-        : this.driver.add([{ addr: h, len: 16 }], [...data, ...st]);
+        ? this.driver.add([{ addr: h, len: 16 }, ...data], st, { indirect: this.segs > 1 })
+        : this.driver.add([{ addr: h, len: 16 }], [...data, ...st], { indirect: this.segs > 1 });
     this.#slotOf.set(head, s);
   }
   get free(): number {
@@ -168,13 +198,20 @@ class BlkQueue {
     this.completed += n;
     return n;
   }
-  /** Keeps `depth` requests in flight until `until` (ms). */
+  /** Keeps `depth` requests in flight until `until` (ms): random 4 KiB, or sequential `segs` pages. */
   async run(until: number, write: boolean, sectors: number): Promise<void> {
     let x = (this.index + 1) * 2654435761;
+    const span = this.segs * 8;
+    let next = 0;
     while (Date.now() < until) {
       while (this.free > 0) {
         x = (x * 1103515245 + 12345) >>> 0;
-        this.submit(write ? T_OUT : T_IN, (x % (sectors / 8)) * 8);
+        if (this.segs === 1) this.submit(write ? T_OUT : T_IN, (x % (sectors / 8)) * 8);
+        else {
+          if (next + span > sectors) next = 0;
+          this.submit(write ? T_OUT : T_IN, next);
+          next += span;
+        }
       }
       if (this.driver.publish()) this.fe.kick(this.index);
       for (;;) {
@@ -195,8 +232,15 @@ class BlkQueue {
 }
 
 /** IOPS of one timed run against `socket`. */
-async function measure(socket: string, queues: number, depth: number, write: boolean): Promise<number> {
-  const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 8 * MiB)]);
+async function measure(
+  socket: string,
+  queues: number,
+  depth: number,
+  write: boolean,
+  packed = false,
+  segs = 1,
+): Promise<number> {
+  const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 16 * MiB)]);
   const fe = VhostUserFrontend.connect(socket, {
     timeoutMs: 5000,
     protocolFeatures: FRONTEND_PROTOCOL_FEATURES | featureMask(ProtocolFeature.MQ),
@@ -205,15 +249,23 @@ async function measure(socket: string, queues: number, depth: number, write: boo
     await fe.negotiate();
     await fe.setOwner();
     const offered = fe.backendFeatures ?? 0n;
-    await fe.setFeatures(VERSION_1 | (offered & featureMask(29))); // + EVENT_IDX when offered
+    const PACKED = featureMask(VirtioFeature.VIRTIO_F_RING_PACKED);
+    if (packed && (offered & PACKED) === 0n) throw new Error("the back-end offers no packed rings");
+    // + EVENT_IDX when offered; large requests go in indirect tables, as a guest's do.
+    const INDIRECT = segs > 1 ? featureMask(VirtioFeature.VIRTIO_RING_F_INDIRECT_DESC) : 0n;
+    const features = VERSION_1 | (offered & (featureMask(29) | INDIRECT)) | (packed ? PACKED : 0n);
+    await fe.setFeatures(features);
     await fe.setMemTable(mem);
     const qs: BlkQueue[] = [];
     for (let q = 0; q < queues; q++) {
       const base = 0x10000 + q * 0x100000;
-      const layout = splitQueueLayout(base, QUEUE_SIZE);
-      const driver = new SplitQueueDriver(mem, { ...layout, features: VERSION_1 | (offered & featureMask(29)) });
-      await fe.startVring(q, layout);
-      qs.push(new BlkQueue(fe, q, driver, mem, base + 0x10000, depth));
+      const indirectTables = INDIRECT ? { address: 12 * MiB + q * MiB, entries: segs + 2 } : undefined;
+      const options = { features, ...(indirectTables ? { indirectTables } : {}) };
+      const driver = packed
+        ? PackedQueueDriver.at(mem, base, QUEUE_SIZE, options)
+        : new SplitQueueDriver(mem, { ...splitQueueLayout(base, QUEUE_SIZE), ...options });
+      await fe.startVring(q, driver.layout);
+      qs.push(new BlkQueue(fe, q, driver, mem, base + 0x10000, depth, segs, 4 * MiB + q * 4 * MiB));
     }
     const sectors = IMAGE / 512;
     // Warm-up, then the timed run.
@@ -249,20 +301,42 @@ async function backendView(qsd: string): Promise<Figure[]> {
       const ours = await startOurs(dir, image, queues);
       const ref = await startQsd(qsd, dir, image, queues);
       try {
-        for (const depth of [1, 32]) {
+        for (const depth of ONLY === "seq" ? [] : [1, 32]) {
           for (const write of [false, true]) {
             const a: number[] = [];
             const b: number[] = [];
+            const p: number[] = [];
             for (let r = 0; r < RUNS; r++) {
               a.push(await measure(ours.socket, queues, depth, write));
               b.push(await measure(ref.socket, queues, depth, write));
+              p.push(await measure(ours.socket, queues, depth, write, true));
             }
             const metric = `4k rand${write ? "write" : "read"} qd${depth} ${queues}q`;
             figures.push(figure("blk", metric, "IOPS", "higher", median(a), "qemu-storage-daemon", median(b)));
+            figures.push(figure("blk", `${metric} packed`, "IOPS", "higher", median(p), "vmshift split", median(a)));
             process.stderr.write(
-              `bench blk: ${metric}: vmshift ${a.map(Math.round).join("/")} qsd ${b.map(Math.round).join("/")}\n`,
+              `bench blk: ${metric}: vmshift ${a.map(Math.round).join("/")} qsd ${b.map(Math.round).join("/")} ` +
+                `vmshift packed ${p.map(Math.round).join("/")}\n`,
             );
           }
+        }
+        // What a guest's 1 MiB O_DIRECT I/O looks like on the ring: requests of 126 scattered 4 KiB
+        // pages (seg_max), about three in flight at once.
+        for (const write of queues === 1 && ONLY !== "rand" ? [false, true] : []) {
+          const a: number[] = [];
+          const b: number[] = [];
+          const p: number[] = [];
+          const mbps = (iops: number) => (iops * SEQ_SEGS * 4096) / 1e6;
+          for (let r = 0; r < RUNS; r++) {
+            a.push(mbps(await measure(ours.socket, queues, 3, write, false, SEQ_SEGS)));
+            b.push(mbps(await measure(ref.socket, queues, 3, write, false, SEQ_SEGS)));
+            p.push(mbps(await measure(ours.socket, queues, 3, write, true, SEQ_SEGS)));
+          }
+          const metric = `seq${write ? "write" : "read"} 504k qd3 1q`;
+          figures.push(figure("blk", metric, "MB/s", "higher", median(a), "qemu-storage-daemon", median(b)));
+          figures.push(figure("blk", `${metric} packed`, "MB/s", "higher", median(p), "vmshift split", median(a)));
+          const f = (xs: number[]) => xs.map((x) => x.toFixed(0)).join("/");
+          process.stderr.write(`bench blk: ${metric}: vmshift ${f(a)} qsd ${f(b)} vmshift packed ${f(p)} MB/s\n`);
         }
       } finally {
         await stop(ours);
@@ -350,19 +424,42 @@ async function guestView(): Promise<Figure[]> {
   try {
     const ourImage = rig.path("vmshift.img");
     const qsdImage = rig.path("qsd.img");
+    const packedImage = rig.path("vmshift-packed.img");
     fillImage(ourImage, GUEST_IMAGE);
     fillImage(qsdImage, GUEST_IMAGE);
+    fillImage(packedImage, GUEST_IMAGE);
     const ours = await startBlk(rig, {
       name: "vmshift",
       image: ourImage,
       env: { VMSHIFT_BLK_TRACE: "0" },
       lifetimeMs: GUEST_LIFETIME_MS,
+      direct: DIRECT,
+      ...(OUR_IO ? { io: OUR_IO } : {}),
     });
     backends.push(ours);
-    const ref = await rig.startQsd({ name: "qsd", image: qsdImage, lifetimeMs: GUEST_LIFETIME_MS });
+    const oursPacked = await startBlk(rig, {
+      name: "vmshift-packed",
+      image: packedImage,
+      env: { VMSHIFT_BLK_TRACE: "0" },
+      lifetimeMs: GUEST_LIFETIME_MS,
+      direct: DIRECT,
+      ...(OUR_IO ? { io: OUR_IO } : {}),
+    });
+    backends.push(oursPacked);
+    const ref = await rig.startQsd({
+      name: "qsd",
+      image: qsdImage,
+      lifetimeMs: GUEST_LIFETIME_MS,
+      ...(DIRECT ? { fileOptions: "cache.direct=on" } : {}),
+    });
     const vms = await Promise.all([
       rig.startVm({ name: "vm-vmshift", vhostUserBlk: [{ socket: ours.socket }], lifetimeMs: GUEST_LIFETIME_MS }),
       rig.startVm({ name: "vm-qsd", vhostUserBlk: [{ socket: ref.socket }], lifetimeMs: GUEST_LIFETIME_MS }),
+      rig.startVm({
+        name: "vm-vmshift-packed",
+        vhostUserBlk: [{ socket: oursPacked.socket, packed: true }],
+        lifetimeMs: GUEST_LIFETIME_MS,
+      }),
     ]);
     await Promise.all(vms.map((vm) => vm.guest.ready()));
     const tool = await vms[0]!.guest.run("command -v vmshift-io");
@@ -378,19 +475,29 @@ async function guestView(): Promise<Figure[]> {
         timeoutMs: 60_000,
       });
     }
+    const packedFeatures = (await vms[2]!.guest.runOk("cat /sys/block/vda/device/features")).output.join("");
+    if (!/^[01]{34}1/m.test(packedFeatures))
+      throw new Error(`the packed guest did not negotiate packed rings: ${packedFeatures}`);
     const results = GUEST_OPS.map(() => vms.map((): number[] => []));
     for (let r = 0; r < RUNS; r++) {
-      const order = r % 2 === 0 ? [0, 1] : [1, 0];
+      const order = [
+        [0, 1, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+      ][r % 3] as number[];
       for (const [o, op] of GUEST_OPS.entries()) {
         for (const v of order) results[o]![v]!.push(await guestFigure(vms[v]!, op));
       }
     }
     const figures: Figure[] = [];
     for (const [o, op] of GUEST_OPS.entries()) {
-      const [a, b] = results[o] as [number[], number[]];
+      const [a, b, p] = results[o] as [number[], number[], number[]];
       figures.push(figure("blk", op.metric, op.unit, "higher", median(a), "qemu-storage-daemon", median(b)));
+      figures.push(figure("blk", `${op.metric} packed`, op.unit, "higher", median(p), "vmshift split", median(a)));
       const fmt = (xs: number[]) => xs.map((x) => (op.unit === "IOPS" ? Math.round(x) : x.toFixed(1))).join("/");
-      process.stderr.write(`bench blk: ${op.metric}: vmshift ${fmt(a)} qsd ${fmt(b)} ${op.unit}\n`);
+      process.stderr.write(
+        `bench blk: ${op.metric}: vmshift ${fmt(a)} qsd ${fmt(b)} vmshift packed ${fmt(p)} ${op.unit}\n`,
+      );
     }
     for (const vm of vms) {
       const bad = vm.console.grep(/I\/O error|blk_update_request|BUG:|Oops/);

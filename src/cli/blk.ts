@@ -114,7 +114,8 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
   if (!image) return usage("--image FILE is required");
   if ((socketPath === undefined) === (fdArg === undefined)) return usage("give exactly one of --socket-path and --fd");
   if (!Number.isInteger(queues) || queues < 1 || queues > 64) return usage("--queues must be 1..64");
-  if (!["auto", "sync", "async"].includes(values.io as string)) return usage("--io must be auto, sync or async");
+  if (!["auto", "sync", "async", "adaptive"].includes(values.io as string))
+    return usage("--io must be auto, sync, async or adaptive");
   const socket: SocketPathOptions = {};
   try {
     if (values["socket-mode"] !== undefined) socket.mode = parseSocketMode(values["socket-mode"] as string);
@@ -136,7 +137,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       readonly: !!(values.readonly || values["read-only"]),
       queues,
       direct: !!values.direct,
-      io: values.io as "auto" | "sync" | "async",
+      io: values.io as "auto" | "sync" | "async" | "adaptive",
       ...(values.serial ? { serial: values.serial as string } : {}),
       debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
     });

@@ -29,7 +29,7 @@ const FIELDS = 3;
  * Buffers [0, readableCount) are device-readable, [readableCount, count) device-writable.
  */
 export class DescriptorChain {
-  /** Head descriptor index: what addUsed() takes back. */
+  /** Head descriptor index (split) or buffer id (packed): what addUsed() takes back. */
   readonly head: number;
   /** Number of buffers. */
   readonly count: number;
@@ -39,13 +39,20 @@ export class DescriptorChain {
   readonly writableLength: number;
   /** True when (some of) the buffers came from an indirect table. */
   readonly indirect: boolean;
+  /**
+   * Descriptor-ring slots the chain took (packed rings: the device skips that many when it
+   * returns the chain, and addUsed() needs it). Always 1 for a split ring (the head).
+   */
+  readonly slots: number;
   /** End of the furthest byte written through writeWritable(): the used length to report. */
   written = 0;
   // [addr, len, flags] per buffer; addresses are below 2^53 (checked), so doubles are exact.
   readonly #d: Float64Array;
   readonly #owner: ChainOwner;
+  /** Writable buffer (counted from the first writable one) where markWritten() last found one. */
+  #markCursor = 0;
 
-  /** @internal Built by SplitQueue.popChain(). */
+  /** @internal Built by ChainBuilder (SplitQueue.popChain(), PackedQueue.popChain()). */
   constructor(
     owner: ChainOwner,
     head: number,
@@ -54,6 +61,7 @@ export class DescriptorChain {
     readableLength: number,
     writableLength: number,
     indirect: boolean,
+    slots = 1,
   ) {
     this.#owner = owner;
     this.head = head;
@@ -63,6 +71,7 @@ export class DescriptorChain {
     this.readableLength = readableLength;
     this.writableLength = writableLength;
     this.indirect = indirect;
+    this.slots = slots;
   }
 
   get writableCount(): number {
@@ -138,10 +147,17 @@ export class DescriptorChain {
    * the dirty log stays exact. The range must lie inside a single writable buffer.
    */
   markWritten(gpa: number, len: number): void {
-    for (let i = this.readableCount; i < this.count; i++) {
+    // Callers report buffers in order: look where the last one was found first (a request of
+    // 126 segments is then 126 lookups, not 126²/2).
+    const first = this.readableCount;
+    const n = this.count - first;
+    for (let k = 0; k < n; k++) {
+      const j = (this.#markCursor + k) % n;
+      const i = first + j;
       const a = this.addr(i);
       if (gpa >= a && gpa + len <= a + this.len(i)) {
         if (len > 0) this.#owner.markBufferWrite(gpa, len);
+        this.#markCursor = j;
         return;
       }
     }

@@ -6,6 +6,7 @@ export type VirtqueueErrorCode =
   // Ring level: the queue is broken (SplitQueue.broken) until it is set up again
   | "AVAIL_IDX_JUMP" // avail idx moved more than the queue size past nextAvail
   | "RING_ACCESS" // a ring area stopped being guest memory (e.g. the memory table changed under it)
+  | "RING_OVERRUN" // (packed) a chain runs past the ring slots the driver owns: no end to skip to
   | "QUEUE_BROKEN" // the queue broke earlier; `cause` is the original error
   // Chain level: this request is dropped; the queue continues
   | "HEAD_OUT_OF_RANGE" // the avail ring names a head index >= queue size
@@ -40,6 +41,8 @@ export interface VirtqueueErrorDetails {
   value?: number;
   /** The limit it broke. */
   limit?: number;
+  /** (packed) Ring slots the refused chain took: what addUsed() needs to return it. */
+  slots?: number;
 }
 
 /**
@@ -60,6 +63,11 @@ export class VirtqueueError extends Error {
 
   /** True for errors after which the queue is unusable (the device should set NEEDS_RESET). */
   get breaksQueue(): boolean {
-    return this.code === "AVAIL_IDX_JUMP" || this.code === "RING_ACCESS" || this.code === "QUEUE_BROKEN";
+    return (
+      this.code === "AVAIL_IDX_JUMP" ||
+      this.code === "RING_ACCESS" ||
+      this.code === "RING_OVERRUN" ||
+      this.code === "QUEUE_BROKEN"
+    );
   }
 }

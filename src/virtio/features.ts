@@ -17,7 +17,7 @@ export const VIRTIO_RING_F_EVENT_IDX = 29;
 export const VIRTIO_F_VERSION_1 = 32;
 /** The device accesses memory through a platform IOMMU (addresses are not guest-physical). */
 export const VIRTIO_F_ACCESS_PLATFORM = 33;
-/** Packed virtqueue layout (not implemented by vmshift; split only). */
+/** Packed virtqueue layout (PackedQueue, PackedQueueDriver). */
 export const VIRTIO_F_RING_PACKED = 34;
 /** Buffers are used in the order they were made available. */
 export const VIRTIO_F_IN_ORDER = 35;

@@ -1,5 +1,5 @@
 /**
- * src/virtio: the split virtqueue, both sides. SplitQueue is the device side (what a vhost-user
+ * src/virtio: split and packed virtqueues, both sides. SplitQueue is the device side (what a vhost-user
  * backend runs), SplitQueueDriver the driver side (tests, and a frontend in Node). Layout and
  * flags in ring.ts, feature bits in features.ts, typed errors in errors.ts. See README.md.
  */
@@ -40,6 +40,46 @@ export {
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "./features.js";
+export {
+  PackedQueue,
+  type PackedQueueConfig,
+  type RawPackedDescriptor,
+} from "./packed.js";
+export {
+  type PackedDriverLayout,
+  PackedQueueDriver,
+  type PackedQueueDriverConfig,
+} from "./packed-driver.js";
+export {
+  availFlags,
+  checkPackedQueueLayout,
+  decodePackedVringBase,
+  EVENT_OFF_FLAGS,
+  EVENT_OFF_OFF_WRAP,
+  EVENT_SUPPRESS_SIZE,
+  encodePackedVringBase,
+  isAvailable,
+  isUsed,
+  PACKED_DESC_ALIGN,
+  PACKED_DESC_OFF_ADDR,
+  PACKED_DESC_OFF_FLAGS,
+  PACKED_DESC_OFF_ID,
+  PACKED_DESC_OFF_LEN,
+  PACKED_EVENT_ALIGN,
+  type PackedQueueLayout,
+  type PackedVringBase,
+  packedNeedEvent,
+  packedQueueLayout,
+  packedRingSize,
+  RING_EVENT_FLAGS_DESC,
+  RING_EVENT_FLAGS_DISABLE,
+  RING_EVENT_FLAGS_ENABLE,
+  type RingPosition,
+  slotsBetween,
+  usedFlags,
+  VIRTQ_DESC_F_AVAIL,
+  VIRTQ_DESC_F_USED,
+} from "./packed-ring.js";
 export {
   type DirtyMarker,
   SplitQueue,
@@ -85,3 +125,4 @@ export {
   VIRTIO_CONFIG_S_FEATURES_OK,
   VIRTIO_CONFIG_S_NEEDS_RESET,
 } from "./status.js";
+export type { DeviceVirtqueue } from "./virtqueue.js";

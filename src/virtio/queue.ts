@@ -1,8 +1,9 @@
 import { GuestMemoryError } from "../memory/errors.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
-import { checkSplitQueueLayout, inGuestMemory, toAddress } from "./bounds.js";
-import { type ChainOwner, DescriptorChain } from "./chain.js";
-import { VirtqueueError, type VirtqueueErrorCode, type VirtqueueErrorDetails } from "./errors.js";
+import { checkSplitQueueLayout, toAddress } from "./bounds.js";
+import type { DescriptorChain } from "./chain.js";
+import { ChainBuilder, chainError, viewOf } from "./chain-builder.js";
+import { VirtqueueError } from "./errors.js";
 import {
   hasFeature,
   VIRTIO_F_NOTIFY_ON_EMPTY,
@@ -20,7 +21,6 @@ import {
   VIRTQ_AVAIL_OFF_RING,
   VIRTQ_DESC_F_INDIRECT,
   VIRTQ_DESC_F_NEXT,
-  VIRTQ_DESC_F_WRITE,
   VIRTQ_DESC_SIZE,
   VIRTQ_USED_ELEM_SIZE,
   VIRTQ_USED_F_NO_NOTIFY,
@@ -29,6 +29,7 @@ import {
   VIRTQ_USED_OFF_RING,
   vringNeedEvent,
 } from "./ring.js";
+import type { DeviceVirtqueue } from "./virtqueue.js";
 
 /** Reports a device write to guest memory: `len` bytes at guest-physical (or log) address `gpa`. */
 export type DirtyMarker = (gpa: number, len: number) => void;
@@ -51,29 +52,6 @@ export interface SplitQueueConfig {
   markDirty?: DirtyMarker | null;
   /** Address at which used-ring writes are logged (vhost-user log_guest_addr). Default: usedRing. */
   usedLogAddress?: number | bigint;
-}
-
-const FIELDS = 3;
-
-/** A DataView of [gpa, gpa+len) when it lies in one region window, else null. */
-function viewOf(mem: GuestMemory, gpa: number, len: number): DataView | null {
-  const u8 = mem.slice(gpa, len);
-  return u8 ? new DataView(u8.buffer, u8.byteOffset, u8.byteLength) : null;
-}
-
-function chainError(
-  head: number,
-  index: number,
-  indirect: boolean,
-  code: VirtqueueErrorCode,
-  message: string,
-  extra: VirtqueueErrorDetails = {},
-): VirtqueueError {
-  return new VirtqueueError(code, `chain ${head}: ${message}`, { head, index, indirect, ...extra });
-}
-
-function u64(lo: number, hi: number): bigint {
-  return (BigInt(hi) << 32n) | BigInt(lo);
 }
 
 /**
@@ -107,7 +85,8 @@ function u64(lo: number, hi: number): bigint {
  *     if (!q.enableNotification()) break; // nothing new: wait for the next kick
  *   }
  */
-export class SplitQueue implements ChainOwner {
+export class SplitQueue implements DeviceVirtqueue {
+  readonly packed = false;
   #memory: GuestMemory;
   readonly size: number;
   readonly descTable: number;
@@ -135,7 +114,7 @@ export class SplitQueue implements ChainOwner {
   // so it never needs clearing) and the buffers found so far.
   readonly #seen: Uint32Array;
   #generation = 0;
-  readonly #scratch: Float64Array;
+  readonly #builder: ChainBuilder;
   /**
    * Read-only views of the descriptor table and avail ring when each lies in one region window
    * (the usual case): descriptor reads are then plain DataView loads, no lookup, no garbage.
@@ -156,9 +135,7 @@ export class SplitQueue implements ChainOwner {
     this.indirectDesc = hasFeature(this.features, VIRTIO_RING_F_INDIRECT_DESC);
     this.notifyOnEmpty = hasFeature(this.features, VIRTIO_F_NOTIFY_ON_EMPTY);
     const maxChain = config.maxChainLength ?? size;
-    if (!Number.isInteger(maxChain) || maxChain < 1 || maxChain > 65536) {
-      throw new VirtqueueError("BAD_ARGUMENT", `maxChainLength ${maxChain} is not in [1, 65536]`, { value: maxChain });
-    }
+    this.#builder = new ChainBuilder(memory, maxChain, this.indirectDesc);
     this.maxChainLength = maxChain;
     this.#memory = memory;
     this.#cacheViews();
@@ -166,7 +143,6 @@ export class SplitQueue implements ChainOwner {
     this.#usedLogAddress =
       config.usedLogAddress === undefined ? this.usedRing : toAddress(config.usedLogAddress, "used ring log");
     this.#seen = new Uint32Array(Math.max(size, maxChain));
-    this.#scratch = new Float64Array(maxChain * FIELDS);
     this.nextAvail = config.nextAvail ?? 0;
     this.nextUsed = config.nextUsed ?? 0;
   }
@@ -187,6 +163,7 @@ export class SplitQueue implements ChainOwner {
   setMemory(memory: GuestMemory): void {
     checkSplitQueueLayout(memory, this.size, this.descTable, this.availRing, this.usedRing);
     this.#memory = memory;
+    this.#builder.memory = memory;
     this.#cacheViews();
   }
 
@@ -361,18 +338,14 @@ export class SplitQueue implements ChainOwner {
   #walk(head: number): DescriptorChain {
     const mem = this.#memory;
     const seen = this.#seen;
-    const out = this.#scratch;
-    const max = this.maxChainLength;
+    const b = this.#builder;
     let table = this.descTable;
     let tableSize = this.size;
     let view = this.#descView;
     let inIndirect = false;
     let gen = this.#nextGeneration();
     let index = head;
-    let n = 0;
-    let readable = 0;
-    let readableLen = 0;
-    let writableLen = 0;
+    b.begin(head);
 
     for (;;) {
       if (index >= tableSize) {
@@ -412,124 +385,21 @@ export class SplitQueue implements ChainOwner {
         next = mem.readU16(d + 14);
       }
 
-      // Overflow first: addr + len past 2^64 is wrong whatever memory there is. len < 2^32, so
-      // it can only carry into a high word that is already all ones.
-      if (hi === 0xffffffff && lo + len > 0xffffffff) {
-        throw chainError(
-          head,
-          index,
-          inIndirect,
-          "ADDRESS_OVERFLOW",
-          `addr 0x${u64(lo, hi).toString(16)} + len ${len} overflows 64 bits`,
-          {
-            address: u64(lo, hi),
-            length: len,
-            flags,
-          },
-        );
-      }
-      const addr = hi * 0x1_0000_0000 + lo;
-      const writable = (flags & VIRTQ_DESC_F_WRITE) !== 0;
-
       if (flags & VIRTQ_DESC_F_INDIRECT) {
-        if (!this.indirectDesc) {
-          throw chainError(
-            head,
-            index,
-            inIndirect,
-            "INDIRECT_NOT_NEGOTIATED",
-            "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC",
-            { flags },
-          );
-        }
-        if (inIndirect)
-          throw chainError(head, index, inIndirect, "NESTED_INDIRECT", "indirect descriptor inside an indirect table", {
-            flags,
-          });
-        if (flags & VIRTQ_DESC_F_NEXT) {
-          throw chainError(
-            head,
-            index,
-            inIndirect,
-            "INDIRECT_WITH_NEXT",
-            "indirect descriptor also has VIRTQ_DESC_F_NEXT",
-            { flags },
-          );
-        }
-        if (len === 0 || len % VIRTQ_DESC_SIZE !== 0 || len / VIRTQ_DESC_SIZE > max) {
-          throw chainError(
-            head,
-            index,
-            inIndirect,
-            "BAD_INDIRECT_LENGTH",
-            `indirect table length ${len} is not a non-zero multiple of 16 of at most ${max} entries`,
-            { address: u64(lo, hi), length: len, limit: max * VIRTQ_DESC_SIZE },
-          );
-        }
-        // The spec has the device ignore VIRTQ_DESC_F_WRITE here; the table is only read.
-        if (hi > 0x1fffff || !inGuestMemory(mem, addr, len, false)) {
-          throw chainError(
-            head,
-            index,
-            inIndirect,
-            "ADDRESS_OUT_OF_RANGE",
-            `indirect table [0x${u64(lo, hi).toString(16)}, +${len}) is not guest memory`,
-            {
-              address: u64(lo, hi),
-              length: len,
-              flags,
-            },
-          );
-        }
-        table = addr;
-        tableSize = len / VIRTQ_DESC_SIZE;
-        view = viewOf(mem, addr, len);
+        const t = b.indirect(index, inIndirect, lo, hi, len, flags, (flags & VIRTQ_DESC_F_NEXT) !== 0);
+        table = t.address;
+        tableSize = t.entries;
+        view = viewOf(mem, t.address, t.entries * VIRTQ_DESC_SIZE);
         inIndirect = true;
         gen = this.#nextGeneration();
         index = 0;
         continue;
       }
-
-      // A zero-length buffer touches no memory, so its address does not matter.
-      if (len !== 0 && (hi > 0x1fffff || !inGuestMemory(mem, addr, len, writable))) {
-        throw chainError(
-          head,
-          index,
-          inIndirect,
-          "ADDRESS_OUT_OF_RANGE",
-          `buffer [0x${u64(lo, hi).toString(16)}, +${len}) is not ${writable ? "writable " : ""}guest memory`,
-          { address: u64(lo, hi), length: len, flags },
-        );
-      }
-      if (writable) {
-        writableLen += len;
-      } else {
-        if (readable !== n) {
-          throw chainError(
-            head,
-            index,
-            inIndirect,
-            "READABLE_AFTER_WRITABLE",
-            "device-readable buffer after a device-writable one",
-            { flags },
-          );
-        }
-        readable++;
-        readableLen += len;
-      }
-      if (n === max)
-        throw chainError(head, index, inIndirect, "CHAIN_TOO_LONG", `more than ${max} buffers`, {
-          value: n + 1,
-          limit: max,
-        });
-      out[n * FIELDS] = addr;
-      out[n * FIELDS + 1] = len;
-      out[n * FIELDS + 2] = flags;
-      n++;
+      b.buffer(index, inIndirect, lo, hi, len, flags);
       if (!(flags & VIRTQ_DESC_F_NEXT)) break;
       index = next;
     }
-    return new DescriptorChain(this, head, out.slice(0, n * FIELDS), readable, readableLen, writableLen, inIndirect);
+    return b.finish(this, inIndirect);
   }
 
   /** Writes a used element without publishing it (see publishUsed). */
@@ -567,8 +437,11 @@ export class SplitQueue implements ChainOwner {
     this.#markUsed(VIRTQ_USED_OFF_IDX, 2);
   }
 
-  /** Returns a chain to the driver: `len` is the number of bytes written into its writable part. */
-  addUsed(head: number, len: number): void {
+  /**
+   * Returns a chain to the driver: `len` is the number of bytes written into its writable part.
+   * (`_slots` is for packed rings; a split ring returns a head.)
+   */
+  addUsed(head: number, len: number, _slots = 1): void {
     this.pushUsed(head, len);
     this.publishUsed();
   }

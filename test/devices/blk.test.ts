@@ -53,7 +53,13 @@ interface Served {
 
 async function serve(
   name: string,
-  o: { readonly?: boolean; direct?: boolean; io?: "sync" | "async"; path?: string; backendChannel?: boolean } = {},
+  o: {
+    readonly?: boolean;
+    direct?: boolean;
+    io?: "sync" | "async" | "adaptive";
+    path?: string;
+    backendChannel?: boolean;
+  } = {},
 ): Promise<Served> {
   let image = o.path;
   if (!image) {
@@ -135,7 +141,7 @@ class Pages implements DirtySink {
 
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-for (const io of ["sync", "async"] as const)
+for (const io of ["sync", "async", "adaptive"] as const)
   describe(`blk device, ${io} I/O (in-process daemon, real socket)`, { timeout: 60_000 }, () => {
     const rw = `rw-${io}`;
     let s: Served;

@@ -13,7 +13,7 @@ export function gateDevice(): VhostUserDevice {
   const base = echoDevice();
   return {
     ...base,
-    info: { ...base.info, protocolFeatures: featureMask(ProtocolFeature.INFLIGHT_SHMFD) },
+    info: { ...base.info, protocolFeatures: featureMask(ProtocolFeature.INFLIGHT_SHMFD), packedRing: true },
     queueWorker: new URL(import.meta.url),
     workerData: () => ({ gate: process.env.VMSHIFT_TEST_GATE === "1" }),
   };

@@ -20,7 +20,7 @@ export interface BlkBackendOptions {
   readonly?: boolean;
   direct?: boolean;
   /** --io (default: the program's own, auto). */
-  io?: "auto" | "sync" | "async";
+  io?: "auto" | "sync" | "async" | "adaptive";
   lifetimeMs?: number;
   /** Extra environment (e.g. VMSHIFT_BLK_TRACE=0). */
   env?: Record<string, string>;

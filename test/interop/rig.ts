@@ -179,6 +179,8 @@ export interface VhostUserBlkOptions {
   id?: string;
   numQueues?: number;
   queueSize?: number;
+  /** packed=on: offer the guest packed virtqueues (VIRTIO_F_RING_PACKED). */
+  packed?: boolean;
 }
 
 export interface VmOptions {
@@ -382,6 +384,7 @@ export class Rig {
       let dev = `vhost-user-blk-pci,chardev=${id}-chr,id=${id}`;
       if (d.numQueues) dev += `,num-queues=${d.numQueues}`;
       if (d.queueSize) dev += `,queue-size=${d.queueSize}`;
+      if (d.packed) dev += ",packed=on";
       args.push("-device", dev);
     });
     for (const t of o.trace ?? []) args.push("-trace", t);

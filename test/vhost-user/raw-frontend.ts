@@ -1,6 +1,6 @@
 /**
  * A hand-rolled vhost-user front-end for framework tests: raw requests through Connection, real
- * memfd guest memory, a SplitQueueDriver for queue 0, real kick/call eventfds.
+ * memfd guest memory, a SplitQueueDriver (or a PackedQueueDriver) for queue 0, real kick/call eventfds.
  */
 import assert from "node:assert/strict";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
@@ -12,14 +12,21 @@ import { Connection } from "../../src/vhost-user/connection.js";
 import { featureMask, ProtocolFeature, VirtioFeature } from "../../src/vhost-user/protocol/constants.js";
 import type { FrontendRequests } from "../../src/vhost-user/protocol/frontend-requests.js";
 import { SplitQueueDriver } from "../../src/virtio/driver.js";
-import { features, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX } from "../../src/virtio/features.js";
+import {
+  features,
+  VIRTIO_F_RING_PACKED,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX,
+} from "../../src/virtio/features.js";
+import { PackedQueueDriver } from "../../src/virtio/packed-driver.js";
+import { encodePackedVringBase } from "../../src/virtio/packed-ring.js";
 
 const MiB = 1024 * 1024;
 
-export interface RawFrontend {
+export interface RawFrontend<D extends SplitQueueDriver | PackedQueueDriver = SplitQueueDriver> {
   conn: Connection<FrontendRequests>;
   mem: GuestMemory;
-  driver: SplitQueueDriver;
+  driver: D;
   kick: EventFd;
   call: EventFd;
   uva(gpa: number): bigint;
@@ -28,11 +35,27 @@ export interface RawFrontend {
 
 /** Connects with fresh guest memory, or reuses `reuse`'s memory and driver (a reconnect). */
 export function connectRaw(path: string, reuse?: RawFrontend): RawFrontend {
+  return connectWith(path, reuse, (mem) =>
+    SplitQueueDriver.at(mem, 0x10000, 64, { features: features(VIRTIO_RING_F_EVENT_IDX) }),
+  );
+}
+
+/** The same with a packed ring (setUpRaw then acks VIRTIO_F_RING_PACKED). */
+export function connectRawPacked(path: string, reuse?: RawFrontend<PackedQueueDriver>): RawFrontend<PackedQueueDriver> {
+  return connectWith(path, reuse, (mem) =>
+    PackedQueueDriver.at(mem, 0x10000, 64, { features: features(VIRTIO_RING_F_EVENT_IDX) }),
+  );
+}
+
+function connectWith<D extends SplitQueueDriver | PackedQueueDriver>(
+  path: string,
+  reuse: RawFrontend<D> | undefined,
+  make: (mem: GuestMemory) => D,
+): RawFrontend<D> {
   const conn = Connection.frontend(UnixSocket.connect(path), { timeoutMs: 5000 });
   const mem = reuse?.mem ?? new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
   const region = mem.regions[0] as GuestMemoryRegion;
-  const driver =
-    reuse?.driver ?? SplitQueueDriver.at(mem, 0x10000, 64, { features: features(VIRTIO_RING_F_EVENT_IDX) });
+  const driver = reuse?.driver ?? make(mem);
   const kick = reuse?.kick ?? new EventFd();
   const call = reuse?.call ?? new EventFd();
   return {
@@ -60,8 +83,12 @@ export interface SetUpOptions {
   base?: number;
 }
 
-export async function setUpRaw(f: RawFrontend, o: SetUpOptions = {}): Promise<void> {
+export async function setUpRaw(
+  f: RawFrontend<SplitQueueDriver | PackedQueueDriver>,
+  o: SetUpOptions = {},
+): Promise<void> {
   const { conn } = f;
+  const packed = f.driver instanceof PackedQueueDriver;
   await conn.request("SET_OWNER", undefined as never);
   await conn.request("GET_FEATURES", undefined as never);
   const proto = o.protocolFeatures ?? featureMask(ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK);
@@ -71,6 +98,7 @@ export async function setUpRaw(f: RawFrontend, o: SetUpOptions = {}): Promise<vo
     "SET_FEATURES",
     features(VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX) |
       featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES) |
+      (packed ? features(VIRTIO_F_RING_PACKED) : 0n) |
       (o.extraFeatures ?? 0n),
   );
   const r = f.mem.regions[0] as GuestMemoryRegion;
@@ -88,14 +116,16 @@ export async function setUpRaw(f: RawFrontend, o: SetUpOptions = {}): Promise<vo
     );
   }
   const d = f.driver;
+  const l = d.layout;
+  const base = o.base ?? (d instanceof PackedQueueDriver ? encodePackedVringBase(d.position) : 0);
   await conn.request("SET_VRING_NUM", { index: 0, num: d.size });
-  await conn.request("SET_VRING_BASE", { index: 0, num: o.base ?? 0 });
+  await conn.request("SET_VRING_BASE", { index: 0, num: base });
   await conn.request("SET_VRING_ADDR", {
     index: 0,
     flags: 0,
-    descriptor: f.uva(d.descTable),
-    used: f.uva(d.usedRing),
-    available: f.uva(d.availRing),
+    descriptor: f.uva(l.descTable),
+    used: f.uva(l.usedRing),
+    available: f.uva(l.availRing),
     log: 0n,
   });
   await conn.request("SET_VRING_CALL", { index: 0, noFd: false }, { fds: [f.call.fd] });
@@ -104,7 +134,7 @@ export async function setUpRaw(f: RawFrontend, o: SetUpOptions = {}): Promise<vo
 }
 
 /** Resolves at the next call notification. */
-export function nextCall(f: RawFrontend): Promise<void> {
+export function nextCall(f: RawFrontend<SplitQueueDriver | PackedQueueDriver>): Promise<void> {
   return new Promise((resolve) => {
     const w = f.call.onSignal(() => {
       w.close();

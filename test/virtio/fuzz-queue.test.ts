@@ -17,7 +17,8 @@ import { VirtqueueError } from "../../src/virtio/errors.js";
 import { features, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../../src/virtio/features.js";
 import { SplitQueue } from "../../src/virtio/queue.js";
 import { splitQueueLayout, VIRTQ_DESC_F_INDIRECT } from "../../src/virtio/ring.js";
-import { DATA, HOLE, INDIRECT_BASE, MEMORY_END, makeMemory, RING_BASE, ROM } from "./helpers.js";
+import { address, flags, length } from "./fuzz-arbitraries.js";
+import { INDIRECT_BASE, makeMemory, RING_BASE } from "./helpers.js";
 
 const RUNS = Number(process.env.VMSHIFT_FUZZ_RUNS ?? 3000);
 const SEED = Number(process.env.VMSHIFT_FUZZ_SEED ?? 0x5eed);
@@ -39,29 +40,6 @@ interface RawDesc {
   flags: number;
   next: number;
 }
-
-const address: fc.Arbitrary<bigint> = fc.oneof(
-  { weight: 4, arbitrary: fc.bigInt({ min: 0n, max: BigInt(MEMORY_END) }) },
-  {
-    weight: 3,
-    arbitrary: fc
-      .constantFrom(0, DATA, MEMORY_END, 0x40000, HOLE, ROM, ROM + 0x10000, TABLES, 2 ** 53, 2 ** 32)
-      .chain((b) => fc.integer({ min: -64, max: 64 }).map((d) => BigInt(Math.max(0, b + d)))),
-  },
-  { weight: 1, arbitrary: fc.bigInt({ min: 0n, max: (1n << 64n) - 1n }) },
-  { weight: 1, arbitrary: fc.constantFrom((1n << 64n) - 1n, (1n << 64n) - 16n, 1n << 53n, (1n << 53n) - 1n) },
-);
-
-const length: fc.Arbitrary<number> = fc.oneof(
-  { weight: 4, arbitrary: fc.nat({ max: 0x2000 }) },
-  { weight: 2, arbitrary: fc.constantFrom(0, 1, 16, 32, 48, 0x1000, 0x40000, 0x80000, 0xffff_fff0, 0xffff_ffff) },
-  { weight: 1, arbitrary: fc.nat({ max: 0xffff_ffff }) },
-);
-
-const flags: fc.Arbitrary<number> = fc.oneof(
-  { weight: 6, arbitrary: fc.nat({ max: 7 }) },
-  { weight: 1, arbitrary: fc.nat({ max: 0xffff }) },
-);
 
 function descriptor(size: number): fc.Arbitrary<RawDesc> {
   // Indirect descriptors mostly point at one of the indirect tables.

@@ -28,6 +28,7 @@ import {
 } from "./constants.js";
 import type { BlkWorkerData } from "./handler.js";
 import { BlockImage } from "./image.js";
+import type { IoMode } from "./io-policy.js";
 
 export interface BlkOptions {
   /** Raw image file. */
@@ -48,12 +49,17 @@ export interface BlkOptions {
   /**
    * "async": reads and writes go to libuv's thread pool, so a queue has several requests in
    * flight at once (the pool has UV_THREADPOOL_SIZE threads, 4 unless set). "sync": each
-   * request is done in its queue's worker thread, one after the other. "auto" (default):
-   * async with O_DIRECT, where every request waits for the device, sync otherwise, where most
-   * hit the page cache in microseconds and a hop to the pool costs more than the I/O (see
-   * docs/blk.md for the figures).
+   * request is done in its queue's worker thread, one after the other. "adaptive": inline
+   * unless more requests wait behind it and it is worth the hop (io-policy.ts). "auto"
+   * (default): adaptive (see docs/blk.md for the figures).
    */
-  io?: "auto" | "sync" | "async";
+  io?: "auto" | "sync" | "async" | "adaptive";
+}
+
+/** The I/O mode the queue workers use. */
+export function ioMode(o: Pick<BlkOptions, "io">): IoMode {
+  const io = o.io ?? "auto";
+  return io === "auto" ? "adaptive" : io;
 }
 
 /** Segments per request the driver may use: a chain of header + segments + status must fit a 128-entry queue. */
@@ -151,7 +157,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
     debugDelayMs: o.debugDelayMs ?? 0,
-    asyncIo: (o.io ?? "auto") === "auto" ? !!o.direct : o.io === "async",
+    io: ioMode(o),
   };
   return {
     get capacitySectors() {
@@ -185,6 +191,8 @@ export function blkDevice(o: BlkOptions): BlkDevice {
       numQueues: queues,
       maxQueueSize: o.maxQueueSize ?? 1024,
       features: f,
+      // The handler only sees DescriptorChains: split or packed rings, whichever the driver takes.
+      packedRing: true,
       // Reconnect: the framework tracks heads in the inflight region and resubmits them after a
       // restart; re-running a read or write of the same data is harmless, so blk can opt in.
       protocolFeatures: featureMask(ProtocolFeature.INFLIGHT_SHMFD) | (o.protocolFeatures ?? 0n),

@@ -36,6 +36,7 @@ import {
 } from "./constants.js";
 import { SEG_MAX, SIZE_MAX } from "./device.js";
 import { AlignedBuffer, BlockImage, isDirectAligned } from "./image.js";
+import { type IoMode, IoPolicy } from "./io-policy.js";
 
 /**
  * The O_DIRECT bounce buffer's size: large requests go through it in chunks of this many bytes
@@ -64,11 +65,8 @@ export interface BlkWorkerData {
   maxWriteZeroesSeg: number;
   /** Test knob: sleep this long before completing each request. */
   debugDelayMs: number;
-  /**
-   * Reads and writes on libuv's thread pool, several requests of a queue in flight at once
-   * (default); false: each request done synchronously in the worker, one after the other.
-   */
-  asyncIo: boolean;
+  /** Where reads and writes run: inline, on libuv's thread pool, or adaptive (io-policy.ts). */
+  io: IoMode;
 }
 
 const STATUS = [Uint8Array.of(VIRTIO_BLK_S_OK), Uint8Array.of(VIRTIO_BLK_S_IOERR), Uint8Array.of(VIRTIO_BLK_S_UNSUPP)];
@@ -97,6 +95,7 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #sleeper = new Int32Array(new SharedArrayBuffer(4));
   readonly #capacity: BigInt64Array;
   readonly #cache: Int32Array;
+  readonly #policy: IoPolicy;
 
   constructor(ctx: QueueContext) {
     this.#d = ctx.data as BlkWorkerData;
@@ -105,6 +104,7 @@ export class BlkQueueHandler implements QueueHandler {
     this.#queue = ctx.queue;
     this.#memory = ctx.memory;
     this.#image = BlockImage.open(this.#d.path, { readonly: this.#d.readonly, direct: this.#d.direct });
+    this.#policy = new IoPolicy(this.#d.io, this.#d.direct, ctx.backlog);
   }
 
   setMemory(memory: GuestMemory): void {
@@ -276,7 +276,7 @@ export class BlkQueueHandler implements QueueHandler {
       }
       return ok(written);
     }
-    const direct = this.#d.asyncIo ? this.#views(chain, chain.readableCount, chain.count, 0, len) : null;
+    const direct = this.#policy.offload(len) ? this.#views(chain, chain.readableCount, chain.count, 0, len) : null;
     if (direct) {
       const [views, gpas] = direct;
       return this.#image.readvAtAsync(views, pos).then(() => {
@@ -339,7 +339,9 @@ export class BlkQueueHandler implements QueueHandler {
       }
       return ok();
     }
-    const direct = this.#d.asyncIo ? this.#views(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len) : null;
+    const direct = this.#policy.offload(len)
+      ? this.#views(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len)
+      : null;
     if (direct) return this.#image.writevAtAsync(direct[0], pos).then(() => ok());
     // One pwritev for every consecutive buffer that is a plain view of guest memory.
     let skip = REQUEST_HEADER_SIZE;

@@ -24,6 +24,12 @@ export interface DeviceInfo {
    */
   protocolFeatures: bigint;
   /**
+   * The device's queues may be packed rings (its handler only sees DescriptorChains, so any
+   * device can): the framework then offers VIRTIO_F_RING_PACKED and runs PackedQueues when
+   * the front-end acks it.
+   */
+  packedRing?: boolean;
+  /**
    * Framework protocol features this device must not offer (e.g. PAGEFAULT for a back-end that
    * cannot take part in postcopy, as many real ones cannot).
    */
@@ -59,6 +65,11 @@ export interface QueueContext {
   features: bigint;
   /** The device's workerData(queue). */
   data: unknown;
+  /**
+   * Requests of this queue waiting in the ring behind the one being processed (packed rings:
+   * 0 or 1, whether another is there): a handler may overlap work when more is coming.
+   */
+  backlog?: () => number;
 }
 
 export interface QueueHandler {

@@ -9,8 +9,11 @@
  *   DescStateSplit   { u8 inflight; u8 padding[5]; u16 next; u64 counter }    (16 bytes)
  *
  * The layout of the whole buffer is the back-end's business (the front-end only keeps the
- * fd); we place queue regions at 64-byte aligned offsets.
+ * fd); we place queue regions at 64-byte aligned offsets, each big enough for either layout
+ * (inflight-packed.ts has the packed one).
  */
+import { inflightQueueSizePacked } from "./inflight-packed.js";
+
 const HEADER = 16;
 const DESC = 16;
 const OFF_VERSION = 8;
@@ -18,8 +21,17 @@ const OFF_DESC_NUM = 10;
 const OFF_LAST_BATCH_HEAD = 12;
 const OFF_USED_IDX = 14;
 
-export function inflightQueueSize(queueSize: number): number {
+/** Bytes of the split layout for one queue. */
+export function inflightQueueSizeSplit(queueSize: number): number {
   return Math.ceil((HEADER + DESC * queueSize) / 64) * 64;
+}
+
+/**
+ * Bytes reserved per queue in the region we allocate: room for either layout (the packed one is
+ * the larger), since GET_INFLIGHT_FD does not say which ring kind the queues will be.
+ */
+export function inflightQueueSize(queueSize: number): number {
+  return Math.max(inflightQueueSizeSplit(queueSize), inflightQueueSizePacked(queueSize));
 }
 
 export interface SharedInflightQueue {
@@ -35,7 +47,7 @@ export class InflightQueue {
 
   constructor(s: SharedInflightQueue) {
     this.queueSize = s.queueSize;
-    this.#dv = new DataView(s.buffer, s.offset, inflightQueueSize(s.queueSize));
+    this.#dv = new DataView(s.buffer, s.offset, inflightQueueSizeSplit(s.queueSize));
   }
 
   get version(): number {

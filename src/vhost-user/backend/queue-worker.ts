@@ -1,5 +1,6 @@
 /**
- * A queue worker: one thread per virtqueue. It owns the SplitQueue and the device's handler,
+ * A queue worker: one thread per virtqueue. It owns the queue (a SplitQueue, or a PackedQueue
+ * when VIRTIO_F_RING_PACKED was negotiated) and the device's handler,
  * waits for kicks in its own event loop, and marks every guest write in the shared dirty log
  * through its own DirtyLogWriter. The fds it uses (kick, call, err) are owned by the control
  * plane, which never closes one before this worker has acknowledged it stopped using it.
@@ -21,9 +22,13 @@ import { readRaw, writeRaw } from "../../sys/io.js";
 import { READABLE, Watch } from "../../sys/poller.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
 import { VirtqueueError } from "../../virtio/errors.js";
+import { PackedQueue } from "../../virtio/packed.js";
+import { decodePackedVringBase } from "../../virtio/packed-ring.js";
 import { SplitQueue } from "../../virtio/queue.js";
+import type { DeviceVirtqueue } from "../../virtio/virtqueue.js";
 import type { QueueHandler, QueueHandlerFactory } from "./device.js";
 import { InflightQueue } from "./inflight.js";
+import { PackedInflightQueue, type PackedInflightRequest } from "./inflight-packed.js";
 import { WarningLimiter } from "./warning-limiter.js";
 import type { FromWorker, RingConfig, ToWorker, WorkerInit } from "./worker-protocol.js";
 
@@ -37,15 +42,17 @@ const log = DirtyLogWriter.fromHandle(init.log);
 let memory: GuestMemory | null = null;
 let handler: QueueHandler | null = null;
 let features = 0n;
-let queue: SplitQueue | null = null;
+let queue: DeviceVirtqueue | null = null;
 let kick: Watch | null = null;
 let callFd = -1;
 let errFd = -1;
 let enabled = false;
 let broken = false;
 let inflight: InflightQueue | null = null;
-/** Heads that were in flight when the previous back-end died, to run before anything new. */
+let packedInflight: PackedInflightQueue | null = null;
+/** Requests that were in flight when the previous back-end died, to run before anything new. */
 let resubmit: number[] = [];
+let resubmitPacked: PackedInflightRequest[] = [];
 /** Requests whose handler returned a promise that has not settled yet. */
 let inFlight = 0;
 const MAX_IN_FLIGHT = Math.max(1, Number(process.env.VMSHIFT_QUEUE_MAX_IN_FLIGHT ?? 64));
@@ -77,13 +84,31 @@ function markDirty(gpa: number, len: number): void {
   log.mark(gpa, len);
 }
 
-function complete(q: SplitQueue, head: number, len: number): void {
+/**
+ * Returns a request. `token`: its inflight entry for a packed ring (what begin() returned),
+ * -1 when it is not tracked.
+ */
+function complete(q: DeviceVirtqueue, head: number, len: number, slots: number, token: number): void {
+  if (q instanceof PackedQueue) {
+    if (packedInflight && token >= 0) {
+      packedInflight.used(token, q.usedPositionAfter(slots), () => q.addUsed(head, len, slots));
+    } else q.addUsed(head, len, slots);
+    return;
+  }
+  const s = q as SplitQueue;
   inflight?.beforeUsed(head);
-  q.addUsed(head, len);
-  inflight?.afterUsed(head, q.nextUsed);
+  s.addUsed(head, len);
+  inflight?.afterUsed(head, s.nextUsed);
 }
 
-function run(q: SplitQueue, h: QueueHandler, chain: DescriptorChain): void {
+/** Records the chain just popped (or refused) as in flight; its token for complete(). */
+function begin(q: DeviceVirtqueue, head: number): number {
+  if (q instanceof PackedQueue) return packedInflight ? packedInflight.begin(q) : -1;
+  inflight?.begin(head);
+  return head;
+}
+
+function run(q: DeviceVirtqueue, h: QueueHandler, chain: DescriptorChain, token: number): void {
   let r: number | Promise<number>;
   try {
     r = h.process(chain);
@@ -92,25 +117,26 @@ function run(q: SplitQueue, h: QueueHandler, chain: DescriptorChain): void {
     r = 0;
   }
   if (typeof r === "number") {
-    complete(q, chain.head, r);
+    complete(q, chain.head, r, chain.slots, token);
     return;
   }
   inFlight++;
   const head = chain.head;
+  const slots = chain.slots;
   r.then(
-    (len) => completeLater(q, head, len),
+    (len) => completeLater(q, head, len, slots, token),
     (e) => {
       guestWarn(`queue ${init.queue}: request failed: ${(e as Error).message}`);
-      completeLater(q, head, 0);
+      completeLater(q, head, 0, slots, token);
     },
   );
 }
 
 /** A request whose handler finished asynchronously: publish it, and notify once per tick. */
-function completeLater(q: SplitQueue, head: number, len: number): void {
+function completeLater(q: DeviceVirtqueue, head: number, len: number, slots: number, token: number): void {
   inFlight--;
   try {
-    if (!q.broken) complete(q, head, len);
+    if (!q.broken) complete(q, head, len, slots, token);
   } catch (e) {
     event("error", `queue ${init.queue}: completing head ${head}: ${(e as Error).message}`);
   }
@@ -159,7 +185,7 @@ function drained(ms = 10_000): Promise<boolean> {
 const POLL_MAX_US = Number(process.env.VMSHIFT_POLL_US ?? 32);
 let pollUs = POLL_MAX_US > 0 ? Math.min(8, POLL_MAX_US) : 0;
 
-function pollForMore(q: SplitQueue): boolean {
+function pollForMore(q: DeviceVirtqueue): boolean {
   if (pollUs <= 0) return false;
   const until = performance.now() + pollUs / 1000;
   do {
@@ -172,13 +198,47 @@ function pollForMore(q: SplitQueue): boolean {
   return false;
 }
 
+/**
+ * Runs what the previous back-end left in flight, in its original order. A request that no
+ * longer passes the checks is returned with length 0 (the ring stays in step).
+ */
+function resubmitInflight(q: DeviceVirtqueue, h: QueueHandler): void {
+  while (resubmit.length > 0) {
+    const head = resubmit.shift() as number;
+    let chain: DescriptorChain;
+    try {
+      chain = (q as SplitQueue).chainAt(head);
+    } catch (e) {
+      if (!(e instanceof VirtqueueError) || q.broken) throw e;
+      event("warn", `queue ${init.queue}: resubmitted ${e.message}`);
+      complete(q, head, 0, 1, head);
+      continue;
+    }
+    run(q, h, chain, head);
+  }
+  while (resubmitPacked.length > 0) {
+    const r = resubmitPacked.shift() as PackedInflightRequest;
+    const last = r.descs[r.descs.length - 1] as { id: number };
+    let chain: DescriptorChain;
+    try {
+      chain = (q as PackedQueue).chainFrom(r.descs);
+    } catch (e) {
+      if (!(e instanceof VirtqueueError) || q.broken) throw e;
+      event("warn", `queue ${init.queue}: resubmitted ${e.message}`);
+      complete(q, last.id, 0, r.descs.length, r.entry);
+      continue;
+    }
+    run(q, h, chain, r.entry);
+  }
+}
+
 /** The device loop with notification suppression (see SplitQueue). */
 function processQueue(): void {
   const q = queue;
   const h = handler;
   if (!q || !h || !enabled || broken || quiescing) return;
   try {
-    while (resubmit.length > 0) run(q, h, q.chainAt(resubmit.shift() as number));
+    resubmitInflight(q, h);
     for (;;) {
       q.disableNotification();
       for (;;) {
@@ -197,16 +257,21 @@ function processQueue(): void {
           // length 0 so the driver is not left waiting; the queue goes on.
           guestWarn(`queue ${init.queue}: ${e.message}`);
           const head = e.details.head;
-          if (head !== undefined && head < q.size) {
-            complete(q, head, 0);
-            // The driver waits for that used element like for any other: notify it.
+          if (q.packed) {
+            // A packed ring cannot skip slots: the refused chain goes back by id and slot count.
+            if (head !== undefined) {
+              complete(q, head, 0, e.details.slots ?? 1, begin(q, head));
+              // The driver waits for that used element like for any other: notify it.
+              if (q.needsNotification()) signal(callFd);
+            }
+          } else if (head !== undefined && head < q.size) {
+            complete(q, head, 0, 1, -1);
             if (q.needsNotification()) signal(callFd);
           }
           continue;
         }
         if (!chain) break;
-        inflight?.begin(chain.head);
-        run(q, h, chain);
+        run(q, h, chain, begin(q, chain.head));
         // Tell the driver as soon as it asks (one load of its flag or used_event): it starts
         // collecting while the rest of the batch runs, as each completion signals in QEMU.
         if (q.needsNotification()) signal(callFd);
@@ -223,6 +288,17 @@ function processQueue(): void {
   }
 }
 
+/** Requests waiting in the ring (the handler's QueueContext.backlog). */
+function backlog(): number {
+  const q = queue;
+  if (!q || q.broken || quiescing) return 0;
+  try {
+    return q.availableCount();
+  } catch {
+    return 0;
+  }
+}
+
 function watchKick(fd: number): void {
   kick?.close();
   kick = null;
@@ -235,7 +311,7 @@ function watchKick(fd: number): void {
 
 async function setMemory(m: GuestMemory): Promise<void> {
   memory = m;
-  if (!handler) handler = await factory!({ queue: init.queue, memory: m, features, data: init.data });
+  if (!handler) handler = await factory!({ queue: init.queue, memory: m, features, data: init.data, backlog });
   else handler.setMemory?.(m);
   queue?.setMemory(m);
 }
@@ -243,23 +319,31 @@ async function setMemory(m: GuestMemory): Promise<void> {
 function start(ring: RingConfig): void {
   if (!memory) throw new Error("no memory table");
   features = ring.features;
-  queue = new SplitQueue(memory, {
+  broken = false;
+  starved = false;
+  resubmit = [];
+  resubmitPacked = [];
+  inflight = null;
+  packedInflight = null;
+  if (ring.packed) {
+    startPacked(memory, ring);
+    return;
+  }
+  const q = new SplitQueue(memory, {
     size: ring.size,
     descTable: ring.descTable,
     availRing: ring.availRing,
     usedRing: ring.usedRing,
     features: ring.features,
-    nextAvail: ring.nextAvail,
+    nextAvail: ring.nextAvail & 0xffff,
     // A stopped ring resumes where the used ring is (SET_VRING_BASE only carries the avail index).
     nextUsed: 0,
     markDirty,
     usedLogAddress: ring.logAddress ?? ring.usedRing,
   });
-  const usedIdx = queue.readUsedIdx();
-  queue.nextUsed = usedIdx;
-  broken = false;
-  starved = false;
-  resubmit = [];
+  queue = q;
+  const usedIdx = q.readUsedIdx();
+  q.nextUsed = usedIdx;
   inflight = ring.inflight ? new InflightQueue(ring.inflight) : null;
   if (inflight) {
     if (inflight.version === 0) inflight.init();
@@ -267,10 +351,50 @@ function start(ring: RingConfig): void {
       // Restarted back-end: what was in flight runs again, in its original order, and the
       // avail ring resumes after it (libvhost-user does the same).
       resubmit = inflight.recover(usedIdx);
-      queue.nextAvail = (usedIdx + resubmit.length) & 0xffff;
+      q.nextAvail = (usedIdx + resubmit.length) & 0xffff;
       if (resubmit.length) event("warn", `queue ${init.queue}: resubmitting ${resubmit.length} in-flight request(s)`);
     }
   }
+}
+
+function startPacked(mem: GuestMemory, ring: RingConfig): void {
+  // SET_VRING_BASE carries both positions for a packed ring (there is no used idx in memory).
+  const base = decodePackedVringBase(ring.nextAvail);
+  const q = new PackedQueue(mem, {
+    size: ring.size,
+    descRing: ring.descTable,
+    driverArea: ring.availRing,
+    deviceArea: ring.usedRing,
+    features: ring.features,
+    nextAvail: base.availIdx,
+    availWrap: base.availWrap,
+    nextUsed: base.usedIdx,
+    usedWrap: base.usedWrap,
+    markDirty,
+    deviceLogAddress: ring.logAddress ?? ring.usedRing,
+  });
+  queue = q;
+  if (!ring.inflight) return;
+  const tracker = new PackedInflightQueue(ring.inflight);
+  packedInflight = tracker;
+  if (tracker.version === 0) {
+    tracker.init(q.nextUsed, q.usedWrap);
+    return;
+  }
+  // Restarted back-end: the used position is the region's; the avail one follows the slots of
+  // what is still in flight, which runs again first (as for split rings).
+  const r = tracker.recover((slot) => mem.atomicLoadU16(q.descRing + 16 * slot + 14));
+  let slots = 0;
+  for (const p of r.pending) slots += p.descs.length;
+  let availIdx = r.usedIdx + slots;
+  let availWrap = r.usedWrap;
+  if (availIdx >= q.size) {
+    availIdx -= q.size;
+    availWrap = !availWrap;
+  }
+  q.setPosition({ availIdx, availWrap, usedIdx: r.usedIdx, usedWrap: r.usedWrap });
+  resubmitPacked = r.pending;
+  if (r.pending.length) event("warn", `queue ${init.queue}: resubmitting ${r.pending.length} in-flight request(s)`);
 }
 
 async function handle(m: ToWorker): Promise<void> {
@@ -296,7 +420,12 @@ async function handle(m: ToWorker): Promise<void> {
         // between publishing them and signalling the guest: the guest then waits with an old
         // used_event, and event-idx suppression would keep it waiting for ever. One spurious
         // interrupt is harmless; a lost one hangs the guest's I/O.
-        if (queue && queue.readUsedIdx() !== 0) signal(callFd);
+        if (
+          queue instanceof SplitQueue
+            ? queue.readUsedIdx() !== 0
+            : queue instanceof PackedQueue && queue.vringBase !== 0x8000_8000
+        )
+          signal(callFd);
         break;
       case "enable":
         enabled = m.enabled;
@@ -315,7 +444,9 @@ async function handle(m: ToWorker): Promise<void> {
         starved = false;
         const q = queue;
         queue = null;
-        post({ type: "done", id: m.id, nextAvail: q?.nextAvail ?? 0, nextUsed: q?.nextUsed ?? 0 });
+        // GET_VRING_BASE: a packed ring reports both positions in vhost-user's encoding.
+        const base = q instanceof PackedQueue ? q.vringBase : (q?.nextAvail ?? 0);
+        post({ type: "done", id: m.id, nextAvail: base, nextUsed: q?.nextUsed ?? 0 });
         return;
       }
       case "close": {

@@ -161,7 +161,8 @@ export class BackendSession {
   }
 
   offeredFeatures(): bigint {
-    return this.#device.info.features | PROTOCOL_FEATURES | LOG_ALL;
+    const packed = this.#device.info.packedRing ? featureMask(VirtioFeature.VIRTIO_F_RING_PACKED) : 0n;
+    return this.#device.info.features | packed | PROTOCOL_FEATURES | LOG_ALL;
   }
 
   offeredProtocolFeatures(): bigint {
@@ -329,7 +330,10 @@ export class BackendSession {
       }
       case "SET_VRING_BASE": {
         const v = this.#ring(m.payload.index, m.name);
-        v.base = m.payload.num & 0xffff;
+        // Packed rings: the whole u32 (avail index and wrap counter low, used ones high).
+        v.base = hasFeature(this.#features, VirtioFeature.VIRTIO_F_RING_PACKED)
+          ? m.payload.num >>> 0
+          : m.payload.num & 0xffff;
         return void (await this.conn.ack(m));
       }
       case "GET_VRING_BASE": {
@@ -641,10 +645,13 @@ export class BackendSession {
         value: index,
       });
     const a = v.addr;
+    // Packed rings: "available" and "used" are the driver and device event suppression areas.
+    const packed = hasFeature(this.#features, VirtioFeature.VIRTIO_F_RING_PACKED);
     const descLen = 16 * v.size;
-    const availLen = 6 + 2 * v.size;
-    const usedLen = 6 + 8 * v.size;
+    const availLen = packed ? 4 : 6 + 2 * v.size;
+    const usedLen = packed ? 4 : 6 + 8 * v.size;
     const ring = {
+      packed,
       size: v.size,
       descTable: this.#memory.uvaToGpa(a.descriptor, descLen, "descriptor table", request),
       availRing: this.#memory.uvaToGpa(a.available, availLen, "avail ring", request),

@@ -12,6 +12,8 @@ export interface WorkerInit {
 
 /** The ring as the worker needs it: guest-physical addresses, already translated and checked. */
 export interface RingConfig {
+  /** VIRTIO_F_RING_PACKED was negotiated: descTable is the descriptor ring, availRing/usedRing the driver/device areas. */
+  packed: boolean;
   size: number;
   descTable: number;
   availRing: number;
@@ -19,6 +21,7 @@ export interface RingConfig {
   /** Guest-physical address at which used-ring writes are logged, or null (no VHOST_VRING_F_LOG). */
   logAddress: number | null;
   features: bigint;
+  /** SET_VRING_BASE: split rings the avail index; packed rings both positions (packed-ring.ts encoding). */
   nextAvail: number;
   /** This queue's inflight region (INFLIGHT_SHMFD), or null. */
   inflight: SharedInflightQueue | null;

@@ -63,6 +63,8 @@ export const FRONTEND_PROTOCOL_FEATURES = featureMask(
 
 const F_PROTOCOL_FEATURES = featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES);
 const F_LOG_ALL = featureMask(VirtioFeature.VHOST_F_LOG_ALL);
+/** A fresh packed ring's vring base: both positions at slot 0 with their wrap counters at 1. */
+const PACKED_RING_START = 0x8000_8000;
 const MAX_VRINGS = 256; // the vring index is 8 bits in SET_VRING_KICK/CALL/ERR
 
 export interface FrontendOptions {
@@ -709,12 +711,14 @@ export class VhostUserFrontend implements Disposable {
   async setVringAddr(index: number, layout: VringLayout): Promise<void> {
     const v = this.vring(index);
     const s = layout.size;
+    // Packed rings: "available" and "used" are the driver and device areas (4 bytes each).
+    const packed = layout.packed === true;
     const payload = {
       index,
       flags: this.#log ? VHOST_VRING_F_LOG : 0,
       descriptor: this.userAddress(layout.descTable, 16 * s),
-      used: this.userAddress(layout.usedRing, 6 + 8 * s),
-      available: this.userAddress(layout.availRing, 6 + 2 * s),
+      used: this.userAddress(layout.usedRing, packed ? 4 : 6 + 8 * s),
+      available: this.userAddress(layout.availRing, packed ? 4 : 6 + 2 * s),
       log: BigInt(layout.usedRing),
     };
     await this.#send("SET_VRING_ADDR", payload);
@@ -771,7 +775,11 @@ export class VhostUserFrontend implements Disposable {
    * The usual ring start: SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_CALL,
    * SET_VRING_ERR, SET_VRING_KICK, then SET_VRING_ENABLE(1) when protocol features were acked.
    */
-  async startVring(index: number, layout: VringLayout, base = 0): Promise<FrontendVring> {
+  async startVring(
+    index: number,
+    layout: VringLayout,
+    base = layout.packed ? PACKED_RING_START : 0,
+  ): Promise<FrontendVring> {
     const s = layout.size;
     if (!Number.isInteger(s) || s < 1 || s > 32768 || (s & (s - 1)) !== 0)
       throw new FrontendError("BAD_ARGUMENT", `queue size ${s} is not a power of two in 1..32768`, "SET_VRING_NUM");

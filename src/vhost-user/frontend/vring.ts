@@ -6,13 +6,18 @@ import { EventFd } from "../../sys/eventfd.js";
 import type { Watch } from "../../sys/poller.js";
 import { VhostUserError } from "../protocol/errors.js";
 
-/** Guest-physical addresses of a split ring's three parts. */
+/**
+ * Guest-physical addresses of a ring's three parts. For a packed ring (`packed: true`), as in
+ * SET_VRING_ADDR: descTable is the descriptor ring, availRing the driver area, usedRing the
+ * device area.
+ */
 export interface VringLayout {
   /** Queue size (a power of two, at most 32768). */
   size: number;
   descTable: number;
   availRing: number;
   usedRing: number;
+  packed?: boolean;
 }
 
 interface CallWaiter {
