@@ -255,6 +255,7 @@ describe("FUSE session over a shared directory", () => {
     execFileSync("mkfifo", [join(share, "fifo")]);
     const fifo = FuseTestClient.entry(c.lookup(1, "fifo")).nodeid;
     assert.equal(c.open(fifo, 0).error, -EPERM, "the FIFO is not opened (it would block the queue)");
+    assert.equal(c.create(1, "fifo", 0o2).error, -EPERM, "nor by CREATE without O_EXCL (and nothing blocks)");
     const mknod = (mode: number, rdev: number) =>
       c.call(
         Op.MKNOD,

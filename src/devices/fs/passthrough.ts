@@ -626,13 +626,15 @@ export class PassthroughFs {
     const path = procPath(p.fd, name);
     // O_NOFOLLOW: an existing symlink under this name is never followed (it could point anywhere).
     // O_EXCL first, so we know whether the file is new (only a new one is given to the caller).
+    // O_NONBLOCK: an existing FIFO under this name must not block the queue (it is refused
+    // below); on a regular file the flag changes nothing.
     let fd: number;
     let isNew = true;
     try {
-      fd = openSync(path, f | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode & ~umask & 0o7777);
+      fd = openSync(path, f | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, mode & ~umask & 0o7777);
     } catch (e) {
       if ((e as { code?: string }).code !== "EEXIST" || flags & O_EXCL) throw e;
-      fd = openSync(path, f | O_NOFOLLOW | O_CLOEXEC);
+      fd = openSync(path, f | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
       isNew = false;
     }
     let inode: Inode;
@@ -915,7 +917,8 @@ export class PassthroughFs {
           fd =
             sh.kind === "dir"
               ? this.#walk(sh.path, O_PATH | O_DIRECTORY)
-              : this.#walk(sh.path, PassthroughFs.sanitizeOpenFlags(sh.flags) & ~O_TRUNC);
+              : // O_NONBLOCK: whatever the path names now, opening it must not block (a FIFO is refused below).
+                this.#walk(sh.path, (PassthroughFs.sanitizeOpenFlags(sh.flags) & ~O_TRUNC) | O_NONBLOCK);
           if (sh.kind === "file" && (Number(fstatSync(fd, { bigint: true }).mode) & S_IFMT) !== S_IFREG) {
             closeSync(fd);
             fd = -1;
