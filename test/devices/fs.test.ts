@@ -255,6 +255,7 @@ describe("FUSE session over a shared directory", () => {
     execFileSync("mkfifo", [join(share, "fifo")]);
     const fifo = FuseTestClient.entry(c.lookup(1, "fifo")).nodeid;
     assert.equal(c.open(fifo, 0).error, -EPERM, "the FIFO is not opened (it would block the queue)");
+    assert.equal(c.create(1, "fifo", 0o2).error, -EPERM, "nor by CREATE without O_EXCL (and nothing blocks)");
     const mknod = (mode: number, rdev: number) =>
       c.call(
         Op.MKNOD,
@@ -359,6 +360,61 @@ describe("FUSE session over a shared directory", () => {
     assert.equal(looked.length, 4, '"." and ".." carry no node id');
     for (const e of looked) assert.equal(fs.lookupCount(Number(e.nodeid)), 1);
     assert.equal(fs.inodeCount, 5, "root + the 4 entries returned, not one more");
+    fs.close();
+  });
+
+  test("new files, directories and links belong to the guest's caller (uid/gid); an existing file keeps its owner", {
+    skip: process.geteuid?.() !== 0 ? "needs root (chown)" : false,
+  }, () => {
+    const { c, fs, share } = setup();
+    const as = (b: Uint8Array, uid: number, gid: number) => {
+      const v = new DataView(b.buffer);
+      v.setUint32(24, uid, true);
+      v.setUint32(28, gid, true);
+      return b;
+    };
+    writeFileSync(join(share, "old"), "");
+    const create = (name: string) =>
+      as(
+        request(
+          Op.CREATE,
+          1,
+          struct(16, (v) => {
+            v.setUint32(0, 0o102, true);
+            v.setUint32(4, 0o644, true);
+          }),
+          cstr(name),
+        ),
+        1234,
+        5678,
+      );
+    assert.equal(c.send(create("new")).error, 0);
+    assert.equal(c.send(create("old")).error, 0);
+    assert.equal(
+      c.send(
+        as(
+          request(
+            Op.MKDIR,
+            1,
+            struct(8, (v) => v.setUint32(0, 0o755, true)),
+            cstr("d"),
+          ),
+          42,
+          43,
+        ),
+      ).error,
+      0,
+    );
+    assert.equal(c.send(as(request(Op.SYMLINK, 1, cstr("l"), cstr("new")), 7, 8)).error, 0);
+    const owner = (n: string) => {
+      const st = lstatSync(join(share, n));
+      return [st.uid, st.gid];
+    };
+    assert.deepEqual(owner("new"), [1234, 5678]);
+    assert.deepEqual(owner("old"), [0, 0], "opening an existing file does not change its owner");
+    assert.deepEqual(owner("d"), [42, 43]);
+    assert.deepEqual(owner("l"), [7, 8], "the link itself, not its target");
+    assert.deepEqual(owner("new"), [1234, 5678]);
     fs.close();
   });
 

@@ -58,7 +58,13 @@ async function scenario(
   backends.push(a, b);
   const [src, dst] = await Promise.all([
     rig.startVm({ name: `src-${tag}`, extraArgs: fsDeviceArgs(a.socket, "share"), append: "init_on_alloc=0" }),
-    rig.startVm({ name: `dst-${tag}`, extraArgs: fsDeviceArgs(b.socket, "share"), incoming: true }),
+    rig.startVm({
+      name: `dst-${tag}`,
+      extraArgs: fsDeviceArgs(b.socket, "share"),
+      incoming: true,
+      // Faults our back-end's userfaultfd reported to QEMU (postcopy).
+      trace: mig.postcopy ? ["vhost_user_postcopy_fault_handler*"] : [],
+    }),
   ]);
   await src.guest.ready();
   await src.guest.runOk("rig_fs_mount share /mnt; mkdir -p /mnt/loop; rig_fhold /mnt/held.txt");
@@ -124,11 +130,22 @@ async function scenario(
   assert.equal(loaded.length, 1, "one load on the destination");
   assert.ok((saved[0]?.handles ?? 0) >= 2, `the two held fds travelled: ${JSON.stringify(saved)}`);
   assert.deepEqual(loaded[0], saved[0], "everything saved was loaded, nothing stale");
+  let faults = 0;
+  if (mig.postcopy) {
+    const names = rb.map((r) => r.name);
+    assert.ok(names.indexOf("POSTCOPY_ADVISE") >= 0, "POSTCOPY_ADVISE");
+    assert.ok(names.indexOf("POSTCOPY_LISTEN") > names.indexOf("POSTCOPY_ADVISE"), "POSTCOPY_LISTEN after ADVISE");
+    assert.ok(names.indexOf("POSTCOPY_END") > names.indexOf("POSTCOPY_LISTEN"), "POSTCOPY_END");
+    faults = (await readFile(rig.path(`dst-${tag}.stderr.log`), "utf8"))
+      .split("\n")
+      .filter((l) => l.includes("vhost_user_postcopy_fault_handler_found")).length;
+  }
   assert.deepEqual((await a.log()).match(/error: .*/g) ?? [], []);
   assert.deepEqual((await b.log()).match(/error: .*/g) ?? [], []);
   process.stderr.write(
     `fs ${tag}: ${result.statuses.join(" → ")} total ${result.totalTimeMs} ms, downtime ${result.downtimeMs} ms, ` +
-      `postcopy requests ${result.ram.postcopyRequests ?? 0}; state ${JSON.stringify(saved[0])}; ` +
+      `postcopy requests ${result.ram.postcopyRequests ?? 0}, faults on the dst back-end's uffd ${faults}; ` +
+      `state ${JSON.stringify(saved[0])}; ` +
       `file loop n ${lastSrc} on src → ${maxN(dst.console.lines)} on dst\n`,
   );
   await Promise.all([src.close(), dst.close()]);

@@ -102,6 +102,14 @@ export const S_IFLNK = 0o120000;
 /** The guest's open flags we pass on (access mode, append, truncate, sync); the rest is dropped. */
 const OPEN_FLAGS_KEPT = O_ACCMODE | O_APPEND | O_TRUNC | O_SYNC | O_DSYNC;
 
+/** The guest process a request came from (fuse_in_header uid/gid). */
+export interface Owner {
+  uid: number;
+  gid: number;
+}
+
+const RUNS_AS_ROOT = process.geteuid?.() === 0;
+
 /** A failed file-system operation: the errno the guest gets. */
 export class FsError extends Error {
   override readonly name = "FsError";
@@ -502,15 +510,28 @@ export class PassthroughFs {
     return target;
   }
 
-  mkdir(parent: bigint, name: Uint8Array, mode: number, umask: number): EntryOut {
+  /**
+   * Gives a new file to the guest process that created it (the request's uid/gid), as virtiofsd
+   * does by switching its fsuid: only when we run as root and the caller is someone else.
+   * `path` names the new object in its parent; lchown never follows it.
+   */
+  #own(path: Buffer | number, owner: Owner | undefined): void {
+    if (!owner || !RUNS_AS_ROOT || (owner.uid === 0 && owner.gid === 0)) return;
+    if (typeof path === "number") fchownSync(path, owner.uid, owner.gid);
+    else lchownSync(path, owner.uid, owner.gid);
+  }
+
+  mkdir(parent: bigint, name: Uint8Array, mode: number, umask: number, owner?: Owner): EntryOut {
     this.#writable();
     const p = this.#dir(parent);
-    mkdirSync(procPath(p.fd, name), { mode: mode & ~umask & 0o7777 });
+    const path = procPath(p.fd, name);
+    mkdirSync(path, { mode: mode & ~umask & 0o7777 });
+    this.#own(path, owner);
     return this.lookup(parent, name);
   }
 
   /** Regular files only: FIFOs and sockets need mknodat, device nodes would reach outside. */
-  mknod(parent: bigint, name: Uint8Array, mode: number, umask: number): EntryOut {
+  mknod(parent: bigint, name: Uint8Array, mode: number, umask: number, owner?: Owner): EntryOut {
     this.#writable();
     if ((mode & S_IFMT) !== S_IFREG && (mode & S_IFMT) !== 0) throw new FsError(EPERM, "only regular files");
     const p = this.#dir(parent);
@@ -519,14 +540,20 @@ export class PassthroughFs {
       O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC,
       mode & ~umask & 0o7777,
     );
-    closeSync(fd);
+    try {
+      this.#own(fd, owner);
+    } finally {
+      closeSync(fd);
+    }
     return this.lookup(parent, name);
   }
 
-  symlink(parent: bigint, name: Uint8Array, target: Uint8Array): EntryOut {
+  symlink(parent: bigint, name: Uint8Array, target: Uint8Array, owner?: Owner): EntryOut {
     this.#writable();
     const p = this.#dir(parent);
-    symlinkSync(Buffer.from(target), procPath(p.fd, name));
+    const path = procPath(p.fd, name);
+    symlinkSync(Buffer.from(target), path);
+    this.#own(path, owner);
     return this.lookup(parent, name);
   }
 
@@ -591,21 +618,31 @@ export class PassthroughFs {
     flags: number,
     mode: number,
     umask: number,
+    owner?: Owner,
   ): { entry: EntryOut; fh: number } {
     this.#writable();
     const p = this.#dir(parent);
     const f = PassthroughFs.sanitizeOpenFlags(flags);
+    const path = procPath(p.fd, name);
     // O_NOFOLLOW: an existing symlink under this name is never followed (it could point anywhere).
-    const fd = openSync(
-      procPath(p.fd, name),
-      f | O_CREAT | (flags & O_EXCL) | O_NOFOLLOW | O_CLOEXEC,
-      mode & ~umask & 0o7777,
-    );
+    // O_EXCL first, so we know whether the file is new (only a new one is given to the caller).
+    // O_NONBLOCK: an existing FIFO under this name must not block the queue (it is refused
+    // below); on a regular file the flag changes nothing.
+    let fd: number;
+    let isNew = true;
+    try {
+      fd = openSync(path, f | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, mode & ~umask & 0o7777);
+    } catch (e) {
+      if ((e as { code?: string }).code !== "EEXIST" || flags & O_EXCL) throw e;
+      fd = openSync(path, f | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+      isNew = false;
+    }
     let inode: Inode;
     let created: BigIntStats;
     try {
       const st = fstatSync(fd, { bigint: true });
       if ((Number(st.mode) & S_IFMT) !== S_IFREG) throw new FsError(EPERM, "not a regular file");
+      if (isNew) this.#own(fd, owner);
       ({ inode, st: created } = this.#adopt(openSync(procPath(fd), O_PATH | O_CLOEXEC)));
     } catch (e) {
       closeSync(fd);
@@ -880,7 +917,8 @@ export class PassthroughFs {
           fd =
             sh.kind === "dir"
               ? this.#walk(sh.path, O_PATH | O_DIRECTORY)
-              : this.#walk(sh.path, PassthroughFs.sanitizeOpenFlags(sh.flags) & ~O_TRUNC);
+              : // O_NONBLOCK: whatever the path names now, opening it must not block (a FIFO is refused below).
+                this.#walk(sh.path, (PassthroughFs.sanitizeOpenFlags(sh.flags) & ~O_TRUNC) | O_NONBLOCK);
           if (sh.kind === "file" && (Number(fstatSync(fd, { bigint: true }).mode) & S_IFMT) !== S_IFREG) {
             closeSync(fd);
             fd = -1;

@@ -19,7 +19,7 @@ import {
   type FuseRequest,
   MAX_BATCH_FORGET,
 } from "./decode.js";
-import { errnoOf, FsError, type PassthroughFs } from "./passthrough.js";
+import { errnoOf, FsError, type Owner, type PassthroughFs } from "./passthrough.js";
 import {
   encodeAttrOut,
   encodeEntryOut,
@@ -126,7 +126,7 @@ export class FuseServer {
     }
     if (!this.fs.initialized && request.op !== Opcode.INIT) return this.#replyError(chain, unique, EIO);
     try {
-      return this.#dispatch(chain, header.nodeid, unique, request);
+      return this.#dispatch(chain, header.nodeid, unique, request, { uid: header.uid, gid: header.gid });
     } catch (e) {
       this.stats.errors++;
       const errno = errnoOf(e);
@@ -193,7 +193,7 @@ export class FuseServer {
     return len;
   }
 
-  #dispatch(chain: FuseChain, nodeid: bigint, unique: bigint, r: FuseRequest): number {
+  #dispatch(chain: FuseChain, nodeid: bigint, unique: bigint, r: FuseRequest, owner: Owner): number {
     const fs = this.fs;
     switch (r.op) {
       case Opcode.INIT:
@@ -212,11 +212,11 @@ export class FuseServer {
       case Opcode.READLINK:
         return this.#reply(chain, unique, fs.readlink(nodeid));
       case Opcode.SYMLINK:
-        return this.#reply(chain, unique, encodeEntryOut(fs.symlink(nodeid, r.name, r.target)));
+        return this.#reply(chain, unique, encodeEntryOut(fs.symlink(nodeid, r.name, r.target, owner)));
       case Opcode.MKNOD:
-        return this.#reply(chain, unique, encodeEntryOut(fs.mknod(nodeid, r.name, r.mode, r.umask)));
+        return this.#reply(chain, unique, encodeEntryOut(fs.mknod(nodeid, r.name, r.mode, r.umask, owner)));
       case Opcode.MKDIR:
-        return this.#reply(chain, unique, encodeEntryOut(fs.mkdir(nodeid, r.name, r.mode, r.umask)));
+        return this.#reply(chain, unique, encodeEntryOut(fs.mkdir(nodeid, r.name, r.mode, r.umask, owner)));
       case Opcode.LINK:
         return this.#reply(chain, unique, encodeEntryOut(fs.link(r.oldnodeid, nodeid, r.name)));
       case Opcode.UNLINK:
@@ -233,7 +233,7 @@ export class FuseServer {
       case Opcode.OPENDIR:
         return this.#reply(chain, unique, encodeOpenOut(fs.opendir(nodeid), 0));
       case Opcode.CREATE: {
-        const { entry, fh } = fs.create(nodeid, r.name, r.flags, r.mode, r.umask);
+        const { entry, fh } = fs.create(nodeid, r.name, r.flags, r.mode, r.umask, owner);
         return this.#reply(chain, unique, encodeEntryOut(entry), encodeOpenOut(fh, 0));
       }
       case Opcode.READ:
