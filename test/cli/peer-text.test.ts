@@ -13,7 +13,6 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
-import { printable, safeJson } from "../../src/cli/printable.js";
 import { encodeRecord, RecordType } from "../../src/migration/format.js";
 
 const dir = mkdtempSync(join(tmpdir(), "vmshift-peer-text-"));
@@ -62,14 +61,6 @@ async function migrateAgainstHostilePeer(json: boolean): Promise<{ code: number 
 
 const RAW = [0x1b, 0x07];
 const rawIn = (b: Buffer) => RAW.filter((c) => b.includes(c));
-
-test("printable() and safeJson() escape what a terminal acts on and cut long text", () => {
-  assert.equal(printable("a\x1b[2Jb\u009b\u202e\n"), "a\\x1b[2Jb\\x9b\\u202e\\n");
-  assert.match(printable("x".repeat(5000)), /^x{2000}… \(3000 more characters\)$/);
-  const j = safeJson({ m: "\x1b\u009b\u202e" });
-  assert.equal(j, '{"m":"\\u001b\\u009b\\u202e"}');
-  assert.deepEqual(JSON.parse(j), { m: "\x1b\u009b\u202e" });
-});
 
 test("a destination's FAIL text with escape sequences and 8 MiB: escaped and bounded on stderr", async () => {
   const r = await migrateAgainstHostilePeer(false);

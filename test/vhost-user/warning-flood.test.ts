@@ -13,7 +13,6 @@ import { echoDevice } from "../../src/devices/examples/echo.js";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
 import { VhostUserDaemon } from "../../src/vhost-user/backend/daemon.js";
-import { WarningLimiter } from "../../src/vhost-user/backend/warning-limiter.js";
 import { VhostUserFrontend } from "../../src/vhost-user/frontend/frontend.js";
 import { featureMask, VirtioFeature } from "../../src/vhost-user/protocol/constants.js";
 import { SplitQueueDriver } from "../../src/virtio/driver.js";
@@ -23,18 +22,6 @@ const QUEUE = 1024;
 const RING = { size: QUEUE, descTable: 0x10000, availRing: 0x14000, usedRing: 0x15000 };
 const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
 const FLOOD = 1000;
-
-test("WarningLimiter: a burst, then the refill rate; the next warning counts what was dropped", () => {
-  let t = 0;
-  const l = new WarningLimiter({ burst: 3, perSecond: 2, now: () => t });
-  const out = Array.from({ length: 10 }, (_, i) => l.admit(`w${i}`));
-  assert.deepEqual(out.slice(0, 3), ["w0", "w1", "w2"]);
-  assert.ok(out.slice(3).every((m) => m === null));
-  t += 500; // one token back
-  assert.equal(l.admit("w10"), "w10 (7 similar warnings suppressed before this one)");
-  assert.equal(l.admit("w11"), null);
-  assert.equal(l.suppressedTotal, 8);
-});
 
 test(`${FLOOD} malformed chains: every one returned, the log stays a handful of lines`, async () => {
   const dir = mkdtempSync(join(tmpdir(), "vmshift-flood-"));

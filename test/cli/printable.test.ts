@@ -1,0 +1,12 @@
+/** printable() and safeJson(): peer text made safe for a terminal (issue 12, item 7). */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { printable, safeJson } from "../../src/cli/printable.js";
+
+test("printable() and safeJson() escape what a terminal acts on and cut long text", () => {
+  assert.equal(printable("a\x1b[2Jb\u009b\u202e\n"), "a\\x1b[2Jb\\x9b\\u202e\\n");
+  assert.match(printable("x".repeat(5000)), /^x{2000}… \(3000 more characters\)$/);
+  const j = safeJson({ m: "\x1b\u009b\u202e" });
+  assert.equal(j, '{"m":"\\u001b\\u009b\\u202e"}');
+  assert.deepEqual(JSON.parse(j), { m: "\x1b\u009b\u202e" });
+});
