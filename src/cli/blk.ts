@@ -26,9 +26,12 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
   --queues N             virtqueues, each served by its own thread (default 1)
   --direct               open the image with O_DIRECT
-  --io auto|sync|async   async: reads and writes on libuv's thread pool (UV_THREADPOOL_SIZE
+  --io auto|sync|async|adaptive
+                         async: reads and writes on libuv's thread pool (UV_THREADPOOL_SIZE
                          threads), several requests of a queue in flight; sync: one at a time
-                         in the queue's thread; auto (default): async with --direct, else sync
+                         in the queue's thread; adaptive: inline, except a request that has
+                         others waiting behind it and is worth the hop (any with --direct,
+                         64 KiB and more on the page cache); auto (default): adaptive
   --serial ID            GET_ID answer (default: the image file name)
   --print-capabilities   print the back-end capabilities JSON and exit
 signals: SIGINT/SIGTERM stop it cleanly; SIGHUP reads the image's size again (online resize)

@@ -141,8 +141,8 @@ describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
   }, async () => {
     const rig = fx.rig();
     const img = await rig.createRawImage("mq.img", 32 * MiB);
-    // --direct selects --io async (auto): several requests of each queue in flight at once.
-    const be = await startBlk(rig, { name: "blk-mq", image: img, queues: 2, direct: true });
+    // --io async: several requests of each queue in flight at once, both queues on one pool.
+    const be = await startBlk(rig, { name: "blk-mq", image: img, queues: 2, direct: true, io: "async" });
     backends.push(be);
     const vm = await rig.startVm({ name: "vm-mq", smp: 2, vhostUserBlk: [{ socket: be.socket, numQueues: 2 }] });
     await vm.guest.ready();

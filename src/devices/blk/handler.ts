@@ -276,7 +276,9 @@ export class BlkQueueHandler implements QueueHandler {
       }
       return ok(written);
     }
-    const direct = this.#policy.offload(len) ? this.#views(chain, chain.readableCount, chain.count, 0, len) : null;
+    const direct = this.#policy.offload(len, false)
+      ? this.#views(chain, chain.readableCount, chain.count, 0, len)
+      : null;
     if (direct) {
       const [views, gpas] = direct;
       return this.#image.readvAtAsync(views, pos).then(() => {
@@ -339,7 +341,7 @@ export class BlkQueueHandler implements QueueHandler {
       }
       return ok();
     }
-    const direct = this.#policy.offload(len)
+    const direct = this.#policy.offload(len, true)
       ? this.#views(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len)
       : null;
     if (direct) return this.#image.writevAtAsync(direct[0], pos).then(() => ok());

@@ -66,8 +66,9 @@ export interface QueueContext {
   /** The device's workerData(queue). */
   data: unknown;
   /**
-   * Requests of this queue waiting in the ring behind the one being processed (packed rings:
-   * 0 or 1, whether another is there): a handler may overlap work when more is coming.
+   * Other requests of this queue besides the one being processed: those the handler still has
+   * in flight (promises not settled) plus those waiting in the ring (a packed ring counts 0 or 1
+   * there, whether another is available). A handler may overlap work when this is not 0.
    */
   backlog?: () => number;
 }

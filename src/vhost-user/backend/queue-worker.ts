@@ -288,14 +288,14 @@ function processQueue(): void {
   }
 }
 
-/** Requests waiting in the ring (the handler's QueueContext.backlog). */
+/** Other requests of this queue: in flight in the handler, or waiting in the ring (QueueContext.backlog). */
 function backlog(): number {
   const q = queue;
-  if (!q || q.broken || quiescing) return 0;
+  if (!q || q.broken || quiescing) return inFlight;
   try {
-    return q.availableCount();
+    return inFlight + q.availableCount();
   } catch {
-    return 0;
+    return inFlight;
   }
 }
 
