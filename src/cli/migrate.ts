@@ -112,8 +112,8 @@ export async function migrateCommand(argv: string[]): Promise<number> {
         // lost connection, a new one (recovery).
         ...(l
           ? {
-              acceptPreempt: () => l.accept(),
-              postcopyRecovery: { accept: () => l.accept(), timeoutMs: recoveryMs || 60_000 },
+              acceptPreempt: () => l.accept("preempt"),
+              postcopyRecovery: { accept: () => l.accept("recover"), timeoutMs: recoveryMs || 60_000 },
             }
           : {}),
         hooks: {

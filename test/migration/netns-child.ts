@@ -89,7 +89,7 @@ async function main(): Promise<number> {
       const dest = new MigrationDestination({
         memory,
         // A postcopy source may open a second connection (the preempt channel).
-        acceptPreempt: () => l.accept(),
+        acceptPreempt: () => l.accept("preempt"),
         hooks: {
           resume: () => guest.resume(),
         },
