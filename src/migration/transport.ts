@@ -18,8 +18,7 @@
  */
 import { X509Certificate } from "node:crypto";
 import { readFileSync, unlinkSync } from "node:fs";
-import { isIP } from "node:net";
-import { createServer, type Server, Socket } from "node:net";
+import { createServer, isIP, type Server, Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import tls, { type TLSSocket } from "node:tls";
 import { asMigrationError, MigrationError } from "./errors.js";
@@ -167,7 +166,7 @@ export function loadPskFile(file: string): Map<string, Buffer> {
 
 /** Who is at the other end, as TLS proved it. */
 export type PeerIdentity =
-  | { kind: "x509"; /** subject CN */ name: string; /** the leaf certificate's SHA-256 */ fingerprint: string }
+  | { kind: "x509" /** subject CN */; name: string /** the leaf certificate's SHA-256 */; fingerprint: string }
   | { kind: "psk"; name: string };
 
 const peers = new WeakMap<Duplex, PeerIdentity>();
@@ -190,7 +189,7 @@ export function describePeer(p: PeerIdentity | null): string {
 
 function x509Identity(s: TLSSocket): PeerIdentity | null {
   const c = s.getPeerCertificate();
-  if (!c || !c.fingerprint256) return null;
+  if (!c?.fingerprint256) return null;
   const cn = c.subject?.CN;
   return { kind: "x509", name: Array.isArray(cn) ? cn.join(",") : (cn ?? ""), fingerprint: c.fingerprint256 };
 }
@@ -234,6 +233,8 @@ function checkPlain(e: Endpoint, s: Socket | null, insecure: boolean | undefined
  */
 export async function connectEndpoint(e: Endpoint, o: ConnectOptions = {}): Promise<Socket> {
   const timeoutMs = o.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
+  // Refused before a byte goes out (an fd is checked below, by its peer's address).
+  if (!o.tls && e.kind === "tcp") checkPlain(e, null, o.insecure, "a plain migration connection");
   let raw: Socket;
   if (e.kind === "fd") raw = new Socket({ fd: e.fd, readable: true, writable: true });
   else
@@ -309,7 +310,8 @@ function secureClient(raw: Socket, e: Endpoint, t: ClientTls, timeoutMs: number)
       s.off("error", fail);
       let peer: PeerIdentity | null;
       if (t.kind === "psk") {
-        if (s.getPeerCertificate()?.fingerprint256) return fail(new Error("the server presented a certificate in PSK mode"));
+        if (s.getPeerCertificate()?.fingerprint256)
+          return fail(new Error("the server presented a certificate in PSK mode"));
         peer = { kind: "psk", name: t.identity };
       } else {
         if (!s.authorized) return fail(new Error(String(s.authorizationError ?? "server certificate not trusted")));
@@ -395,7 +397,6 @@ export class MigrationListener {
   readonly #queues: Record<ChannelKind, Socket[]> = { main: [], preempt: [], recover: [] };
   readonly #waiters: Record<ChannelKind, ((s: Socket | Error) => void)[]> = { main: [], preempt: [], recover: [] };
   readonly #stats = { accepted: 0, unauthenticated: 0, timedOut: 0, garbage: 0, overflow: 0 };
-  readonly #context: tls.SecureContext | null;
   #closed = false;
   readonly endpoint: Endpoint;
   /** Called for every connection turned away, with why (for logs and tests). */
@@ -405,17 +406,6 @@ export class MigrationListener {
     this.#server = server;
     this.endpoint = endpoint;
     this.#o = o;
-    this.#context =
-      o.tls?.kind === "x509"
-        ? tls.createSecureContext({
-            ca: o.tls.ca,
-            cert: o.tls.cert,
-            key: o.tls.key,
-            ciphers: CIPHERS,
-            minVersion: "TLSv1.3",
-            maxVersion: "TLSv1.3",
-          })
-        : null;
     server?.on("connection", (s: Socket) => this.#candidate(s));
   }
 
@@ -501,7 +491,11 @@ export class MigrationListener {
     });
   }
 
-  #reject(c: Candidate, why: Exclude<keyof ListenerStats, "pending" | "accepted"> | null, reason: MigrationError): void {
+  #reject(
+    c: Candidate,
+    why: Exclude<keyof ListenerStats, "pending" | "accepted"> | null,
+    reason: MigrationError,
+  ): void {
     if (c.done) return;
     c.done = true;
     clearTimeout(c.timer);
@@ -527,7 +521,11 @@ export class MigrationListener {
       done: false,
       timer: setTimeout(() => {
         const what = c.tls || !this.#o.tls ? "send its first record" : "complete TLS and send its first record";
-        this.#reject(c, "timedOut", new MigrationError("CONNECTION_LOST", `a connection did not ${what} within ${limit} ms`));
+        this.#reject(
+          c,
+          "timedOut",
+          new MigrationError("CONNECTION_LOST", `a connection did not ${what} within ${limit} ms`),
+        );
       }, limit),
       onClose: () =>
         this.#reject(c, "garbage", new MigrationError("TRUNCATED", "a connection closed before its first record")),
@@ -554,7 +552,10 @@ export class MigrationListener {
       t.kind === "x509"
         ? tls.createServer({
             ...base,
-            secureContext: this.#context as tls.SecureContext,
+            ca: t.ca,
+            cert: t.cert,
+            key: t.key,
+            ciphers: CIPHERS,
             requestCert: true,
             rejectUnauthorized: true,
           })

@@ -4,7 +4,6 @@
  */
 import assert from "node:assert/strict";
 import { once } from "node:events";
-import type { Socket } from "node:net";
 import { test } from "node:test";
 import { MigrationDestination } from "../../src/migration/destination.js";
 import type { MigrationError } from "../../src/migration/errors.js";

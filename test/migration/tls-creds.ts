@@ -39,7 +39,10 @@ function key(dir: string, name: string): void {
 
 function ca(dir: string, cn: string): void {
   key(dir, "ca-key.pem");
-  openssl(["req", "-x509", "-new", "-key", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", `/CN=${cn}`], dir);
+  openssl(
+    ["req", "-x509", "-new", "-key", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", `/CN=${cn}`],
+    dir,
+  );
 }
 
 function issue(dir: string, caDir: string, who: "server" | "client", cn: string, ext: string): void {
@@ -73,7 +76,11 @@ function issue(dir: string, caDir: string, who: "server" | "client", cn: string,
 /** One credentials directory under `caDir`'s CA (made there when `ownCa`). */
 function layout(dir: string, caDir: string, clientCn: string, serverNames: string[]): void {
   mkdirSync(dir, { recursive: true });
-  const san = ["DNS:localhost", "IP:127.0.0.1", ...serverNames.map((n) => (/^[\d.]+$/.test(n) ? `IP:${n}` : `DNS:${n}`))];
+  const san = [
+    "DNS:localhost",
+    "IP:127.0.0.1",
+    ...serverNames.map((n) => (/^[\d.]+$/.test(n) ? `IP:${n}` : `DNS:${n}`)),
+  ];
   issue(dir, caDir, "server", "localhost", `subjectAltName=${san.join(",")}\nextendedKeyUsage=serverAuth\n`);
   issue(dir, caDir, "client", clientCn, "extendedKeyUsage=clientAuth\n");
   if (dir !== caDir) copyFileSync(join(caDir, "ca-cert.pem"), join(dir, "ca-cert.pem"));
@@ -97,7 +104,15 @@ export function makeTestCreds(o: { serverNames?: string[] } = {}): TestCreds {
     writeFileSync(psk, `${CLIENT_CN}:${randomBytes(32).toString("hex")}\n`, { mode: 0o600 });
     const intruderPsk = join(root, "intruder.psk");
     writeFileSync(intruderPsk, `${CLIENT_CN}:${randomBytes(32).toString("hex")}\n`, { mode: 0o600 });
-    return { root, good, foreign, intruder, psk, intruderPsk, close: () => rmSync(root, { recursive: true, force: true }) };
+    return {
+      root,
+      good,
+      foreign,
+      intruder,
+      psk,
+      intruderPsk,
+      close: () => rmSync(root, { recursive: true, force: true }),
+    };
   } catch (e) {
     rmSync(root, { recursive: true, force: true });
     throw e;
