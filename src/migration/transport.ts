@@ -557,7 +557,9 @@ export class MigrationListener {
             key: t.key,
             ciphers: CIPHERS,
             requestCert: true,
-            rejectUnauthorized: true,
+            // Checked below, before a byte is read: node:tls would otherwise drop a certificate
+            // of another CA silently, and the listener could not say why.
+            rejectUnauthorized: false,
           })
         : tls.createServer({
             ...base,
