@@ -25,6 +25,7 @@ import {
 } from "../../src/migration/format.js";
 import { MAX_REQUEST_PAGES, MigrationSource, REQUEST_QUEUE_BYTES } from "../../src/migration/source.js";
 import {
+  acceptEndpoint,
   type ClientTls,
   connectEndpoint,
   type Endpoint,
@@ -34,6 +35,7 @@ import {
   MigrationListener,
   peerIdentity,
 } from "../../src/migration/transport.js";
+import { native } from "../../src/sys/native.js";
 import { countFds, fillPattern, hooks, MiB, makeMemory, rawDigest, recordOffsets, socketPair } from "./helpers.js";
 import { JsonLines } from "./netns.js";
 import { CLIENT_CN, makeTestCreds } from "./tls-creds.js";
@@ -434,6 +436,31 @@ test("a destination that never says RESUMED: the source gives up at its deadline
   assert.equal(h.resumed, 1, "the source resumed its writers");
   b.destroy();
   src.close();
+});
+
+test("an inherited fd (`--listen fd:N` / `--to fd:N`) gets the same TLS, authorization and first-record check", async () => {
+  for (const who of [creds.intruder, creds.good]) {
+    const [fa, fb] = native.socketpair();
+    const src = makeMemory();
+    const dst = makeMemory();
+    fillPattern(src);
+    const accepted = acceptEndpoint({ kind: "fd", fd: fb }, { tls: server(creds.good, CLIENT_CN) });
+    const s = await connectEndpoint({ kind: "fd", fd: fa }, { tls: client(who, "localhost") });
+    const sourceRun = new MigrationSource({ memory: src }).run(s);
+    if (who === creds.intruder) {
+      await assert.rejects(accepted, (e: MigrationError) => e.code === "AUTH_FAILED" && /intruder/.test(e.message));
+      await assert.rejects(sourceRun, (e: unknown) => e instanceof MigrationError);
+    } else {
+      const [rs] = await Promise.all([
+        sourceRun,
+        accepted.then((d) => new MigrationDestination({ memory: dst }).run(d)),
+      ]);
+      assert.ok(rs.digests.every((d) => d.match));
+      assert.deepEqual(rawDigest(dst), rawDigest(src));
+    }
+    src.close();
+    dst.close();
+  }
 });
 
 const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
