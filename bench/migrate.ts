@@ -18,13 +18,27 @@
  * the first round's rate of each against the link's capacity. Then postcopy remote-fault
  * latency (destination side: fault read -> page placed) against bench/c/uffd-resolver.c doing
  * the same round trip over TCP loopback in C, for the same number of pages.
+ *
+ * TLS rows: the same precopy runs over mutual TLS 1.3 (vmshift: --tls-creds, x509 credentials
+ * made with openssl in QEMU's layout; QEMU: tls-creds-x509 objects with verify-peer and an
+ * authz-simple on the client's CN, the same credentials directory), alternating with the plain
+ * runs so that drift hits both; against QEMU's TLS migration, and against our own plain TCP.
  */
 import { execFile } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { migrate, probeInterop, Rig, repoRoot, type Vm } from "../test/interop/rig.js";
-import { JsonLines, migrateBetween, NetnsLink, netnsUnavailable, type Side } from "../test/migration/netns.js";
+import {
+  ADDR_A,
+  ADDR_B,
+  JsonLines,
+  migrateBetween,
+  NetnsLink,
+  netnsUnavailable,
+  type Side,
+} from "../test/migration/netns.js";
+import { CLIENT_CN, makeTestCreds, type TestCreds } from "../test/migration/tls-creds.js";
 import { type Figure, figure, median } from "./report.js";
 
 const execFileP = promisify(execFile);
@@ -46,7 +60,8 @@ interface Run {
   round1Mbps: number;
 }
 
-async function ours(link: NetnsLink, loopback: Side | undefined): Promise<Run> {
+async function ours(link: NetnsLink, loopback: Side | undefined, creds: TestCreds | null): Promise<Run> {
+  const security = creds ? ["--tls-creds", creds.good] : ["--insecure"];
   const r = await migrateBetween(link, {
     sourceArgs: [
       "--size",
@@ -61,8 +76,9 @@ async function ours(link: NetnsLink, loopback: Side | undefined): Promise<Run> {
       String(4 / SIZE_MIB),
       "--downtime",
       "300",
+      ...security,
     ],
-    destinationArgs: ["--size", String(SIZE_MIB)],
+    destinationArgs: ["--size", String(SIZE_MIB), ...security, ...(creds ? ["--tls-authz", CLIENT_CN] : [])],
     ...(loopback ? { loopback } : {}),
     timeoutMs: 120_000,
   });
@@ -102,9 +118,10 @@ class QemuPair {
     readonly link: NetnsLink,
     readonly rigs: Record<Side, Rig>,
     readonly loopback: boolean,
+    readonly tlsArgs: string[],
   ) {}
 
-  static async create(link: NetnsLink, loopback: boolean): Promise<QemuPair> {
+  static async create(link: NetnsLink, loopback: boolean, creds: TestCreds): Promise<QemuPair> {
     const dir = join(repoRoot(), ".tmp", "bench-migrate");
     mkdirSync(dir, { recursive: true });
     const saved = process.env.VMSHIFT_QEMU;
@@ -125,12 +142,26 @@ class QemuPair {
       if (saved === undefined) delete process.env.VMSHIFT_QEMU;
       else process.env.VMSHIFT_QEMU = saved;
     }
-    return new QemuPair(link, rigs as Record<Side, Rig>, loopback);
+    // Every VM can be either end: both credentials objects, and the client identity to accept.
+    const tlsArgs = [
+      "-object",
+      `tls-creds-x509,id=tlsS,dir=${creds.good},endpoint=server,verify-peer=on`,
+      "-object",
+      `tls-creds-x509,id=tlsC,dir=${creds.good},endpoint=client`,
+      "-object",
+      `authz-simple,id=auth0,identity=CN=${CLIENT_CN}`,
+    ];
+    return new QemuPair(link, rigs as Record<Side, Rig>, loopback, tlsArgs);
   }
 
   /** Boots the source guest and fills its memory; starts its writer. */
   async boot(): Promise<void> {
-    const vm = await this.rigs.a.startVm({ name: "src0", memMiB: SIZE_MIB, lifetimeMs: 600_000 });
+    const vm = await this.rigs.a.startVm({
+      name: "src0",
+      memMiB: SIZE_MIB,
+      lifetimeMs: 1_200_000,
+      extraArgs: this.tlsArgs,
+    });
     this.src = vm;
     await vm.guest.ready(120_000);
     const t = performance.now();
@@ -150,7 +181,7 @@ class QemuPair {
   }
 
   /** One migration from the current source to a fresh incoming QEMU; the destination becomes the source. */
-  async migrateOnce(): Promise<Run & { dirtyPagesRate: number; syncs: number }> {
+  async migrateOnce(tls: boolean): Promise<Run & { dirtyPagesRate: number; syncs: number }> {
     const src = this.src as Vm;
     const dside: Side = this.loopback ? "a" : this.#srcSide === "a" ? "b" : "a";
     const host = this.loopback ? "127.0.0.1" : this.link.addr(dside);
@@ -158,13 +189,19 @@ class QemuPair {
       name: `dst${this.#port}`,
       memMiB: SIZE_MIB,
       incoming: true,
-      lifetimeMs: 600_000,
+      lifetimeMs: 1_200_000,
+      extraArgs: this.tlsArgs,
     });
+    // Set both ways every time: a VM that was a TLS destination is a plain source next.
     const r = await migrate(src, dst, {
       uri: `tcp:${host}:${++this.#port}`,
       maxBandwidth: 1e12,
       downtimeLimitMs: 300,
       timeoutMs: 180_000,
+      parameters: {
+        source: { "tls-creds": tls ? "tlsC" : "", "tls-hostname": tls ? "localhost" : "", "tls-authz": "" },
+        destination: { "tls-creds": tls ? "tlsS" : "", "tls-hostname": "", "tls-authz": tls ? "auth0" : "" },
+      },
     });
     await src.close();
     this.src = dst;
@@ -192,36 +229,49 @@ function med(runs: Run[], k: keyof Run): number {
   return median(runs.map((r) => r[k]));
 }
 
-async function precopyFigures(name: string, link: NetnsLink, loopback: boolean, cap: number | null): Promise<Figure[]> {
+async function precopyFigures(
+  name: string,
+  link: NetnsLink,
+  loopback: boolean,
+  cap: number | null,
+  creds: TestCreds,
+): Promise<Figure[]> {
   const mine: Run[] = [];
   const theirs: Run[] = [];
+  const mineTls: Run[] = [];
+  const theirsTls: Run[] = [];
   // vmshift's runs first, then QEMU's, so that each migrates with only its own memory resident:
   // on this nested-virtualised machine a resident 1 GiB QEMU guest makes the kernel's copies
   // into fresh memory ~3x slower (measured with perf), which QEMU's own runs never suffer
-  // because our processes have exited by then.
+  // because our processes have exited by then. Plain and TLS alternate.
   for (let i = 0; i < RUNS; i++) {
-    const o = await ours(link, loopback ? "a" : undefined);
-    mine.push(o);
-    log(
-      `${name} run ${i + 1}: vmshift ${o.mbps.toFixed(0)} MB/s, downtime ${o.downtimeMs.toFixed(0)} ms ` +
-        `(verified ${o.verifiedMs.toFixed(0)} ms after the stop), round 1 ${o.round1Mbps.toFixed(0)} MB/s`,
-    );
+    for (const tls of [false, true]) {
+      const o = await ours(link, loopback ? "a" : undefined, tls ? creds : null);
+      (tls ? mineTls : mine).push(o);
+      log(
+        `${name} run ${i + 1}${tls ? " TLS" : ""}: vmshift ${o.mbps.toFixed(0)} MB/s, downtime ${o.downtimeMs.toFixed(0)} ms ` +
+          `(verified ${o.verifiedMs.toFixed(0)} ms after the stop), round 1 ${o.round1Mbps.toFixed(0)} MB/s`,
+      );
+    }
   }
-  const qemu = await QemuPair.create(link, loopback);
+  const qemu = await QemuPair.create(link, loopback, creds);
   try {
     await qemu.boot();
     for (let i = 0; i < RUNS; i++) {
-      const q = await qemu.migrateOnce();
-      theirs.push(q);
-      log(
-        `${name} run ${i + 1}: qemu ${q.mbps.toFixed(0)} MB/s, downtime ${q.downtimeMs} ms, ` +
-          `dirty ${q.dirtyPagesRate} pages/s, ${q.syncs} syncs`,
-      );
+      for (const tls of [false, true]) {
+        const q = await qemu.migrateOnce(tls);
+        (tls ? theirsTls : theirs).push(q);
+        log(
+          `${name} run ${i + 1}${tls ? " TLS" : ""}: qemu ${q.mbps.toFixed(0)} MB/s, downtime ${q.downtimeMs} ms, ` +
+            `dirty ${q.dirtyPagesRate} pages/s, ${q.syncs} syncs`,
+        );
+      }
     }
   } finally {
     await qemu.close();
   }
   const ref = `QEMU ${loopback ? "" : "over the same link "}precopy, 1 GiB TCG guest, same run`;
+  const refTls = `QEMU ${loopback ? "" : "over the same link "}precopy over TLS (tls-creds-x509), same run`;
   const out = [
     figure(
       "migrate",
@@ -259,6 +309,51 @@ async function precopyFigures(name: string, link: NetnsLink, loopback: boolean, 
       ref,
       med(theirs, "downtimeMs"),
     ),
+    figure(
+      "migrate",
+      `${name}: TLS throughput (wire bytes / total time)`,
+      "MB/s",
+      "higher",
+      med(mineTls, "mbps"),
+      refTls,
+      med(theirsTls, "mbps"),
+    ),
+    figure(
+      "migrate",
+      `${name}: TLS throughput without digest verification`,
+      "MB/s",
+      "higher",
+      med(mineTls, "mbpsUnverified"),
+      refTls,
+      med(theirsTls, "mbps"),
+    ),
+    figure(
+      "migrate",
+      `${name}: TLS downtime (stop -> destination running)`,
+      "ms",
+      "lower",
+      med(mineTls, "downtimeMs"),
+      refTls,
+      med(theirsTls, "downtimeMs"),
+    ),
+    figure(
+      "migrate",
+      `${name}: vmshift TLS throughput vs vmshift plain TCP`,
+      "MB/s",
+      "higher",
+      med(mineTls, "mbps"),
+      "vmshift plain TCP, same run",
+      med(mine, "mbps"),
+    ),
+    figure(
+      "migrate",
+      `${name}: QEMU TLS throughput vs QEMU plain TCP (value = QEMU TLS)`,
+      "MB/s",
+      "higher",
+      med(theirsTls, "mbps"),
+      "QEMU plain TCP, same run",
+      med(theirs, "mbps"),
+    ),
   ];
   if (cap !== null) {
     const capRef = `link capacity (tbf 1 Gbit/s, TCP stream measured in this run)`;
@@ -269,6 +364,17 @@ async function precopyFigures(name: string, link: NetnsLink, loopback: boolean, 
         "MB/s",
         "higher",
         med(mine, "round1Mbps"),
+        capRef,
+        cap,
+      ),
+    );
+    out.push(
+      figure(
+        "migrate",
+        `${name}: vmshift TLS round-1 rate vs capacity`,
+        "MB/s",
+        "higher",
+        med(mineTls, "round1Mbps"),
         capRef,
         cap,
       ),
@@ -384,6 +490,18 @@ export async function run(): Promise<Figure[]> {
   }
   const probe = await probeInterop({ needQsd: false });
   const figures: Figure[] = [];
+  // The server certificate names both veth addresses and localhost (QEMU's tls-hostname).
+  const creds = makeTestCreds({ serverNames: [ADDR_A, ADDR_B] });
+  try {
+    figures.push(...(await runLinks(probe, creds)));
+  } finally {
+    creds.close();
+  }
+  return figures;
+}
+
+async function runLinks(probe: Awaited<ReturnType<typeof probeInterop>>, creds: TestCreds): Promise<Figure[]> {
+  const figures: Figure[] = [];
   const loop = await NetnsLink.create();
   try {
     if (!process.env.VMSHIFT_BENCH_ONLY || process.env.VMSHIFT_BENCH_ONLY === "faults")
@@ -393,7 +511,7 @@ export async function run(): Promise<Figure[]> {
       return figures;
     }
     if (!process.env.VMSHIFT_BENCH_ONLY || process.env.VMSHIFT_BENCH_ONLY === "loopback")
-      figures.push(...(await precopyFigures("loopback", loop, true, null)));
+      figures.push(...(await precopyFigures("loopback", loop, true, null, creds)));
   } finally {
     await loop.close();
   }
@@ -402,7 +520,7 @@ export async function run(): Promise<Figure[]> {
     try {
       const cap = await capacity(shaped);
       log(`shaped link capacity: ${cap.toFixed(1)} MB/s`);
-      figures.push(...(await precopyFigures("veth 1 Gbit/s (tbf)", shaped, false, cap)));
+      figures.push(...(await precopyFigures("veth 1 Gbit/s (tbf)", shaped, false, cap, creds)));
     } finally {
       await shaped.close();
     }

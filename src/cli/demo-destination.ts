@@ -61,7 +61,7 @@ export async function demoDestinationCommand(argv: string[]): Promise<number> {
     const dest = new MigrationDestination({
       memory,
       // A postcopy source opens a second connection: the preempt channel.
-      acceptPreempt: () => l.accept(),
+      acceptPreempt: () => l.accept("preempt"),
       hooks: vmDest
         ? vmDest.hooks()
         : {

@@ -206,6 +206,16 @@ export class RecordWriter {
   #limitStart = 0;
   #limitBytes = 0;
   #closed: Error | null = null;
+  /**
+   * Writes whose callback has not run yet. 'drain' comes only after a write() that returned
+   * false: a TLS socket encrypts and writes asynchronously, so it can hold a few KiB below its
+   * high-water mark with no 'drain' ever to come; the last callback says those went out.
+   */
+  #outstanding = 0;
+  #flushed: (() => void)[] = [];
+  readonly #onWritten = () => {
+    if (--this.#outstanding === 0) for (const f of this.#flushed.splice(0)) f();
+  };
 
   constructor(stream: Duplex, options: WriterOptions = {}) {
     this.#stream = stream;
@@ -232,7 +242,8 @@ export class RecordWriter {
     if (this.#closed instanceof MigrationError) throw this.#closed;
     if (this.#closed || this.#stream.destroyed || this.#stream.writableEnded)
       throw new MigrationError("CONNECTION_LOST", `write after the connection closed: ${this.#closed?.message ?? ""}`);
-    this.#stream.write(buf);
+    this.#outstanding++;
+    this.#stream.write(buf, this.#onWritten);
     this.#bytes += buf.length;
     if (this.#stream.writableLength > this.#highWater) await this.drain();
     if (this.#limit > 0) await this.#throttle(buf.length);
@@ -241,7 +252,8 @@ export class RecordWriter {
   /** Writes without waiting (return-path replies, small records). */
   writeNow(buf: Uint8Array): void {
     if (this.#closed || this.#stream.destroyed || this.#stream.writableEnded) return;
-    this.#stream.write(buf);
+    this.#outstanding++;
+    this.#stream.write(buf, this.#onWritten);
     this.#bytes += buf.length;
   }
 
@@ -255,13 +267,15 @@ export class RecordWriter {
 
   drain(): Promise<void> {
     if (this.#closed) return Promise.reject(this.#closed);
-    if (this.#stream.writableLength === 0) return Promise.resolve();
+    if (this.#stream.writableLength === 0 || this.#outstanding === 0) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const cleanup = () => {
         this.#stream.off("drain", done);
         this.#stream.off("close", gone);
         const i = this.#waiters.indexOf(aborted);
         if (i >= 0) this.#waiters.splice(i, 1);
+        const j = this.#flushed.indexOf(done);
+        if (j >= 0) this.#flushed.splice(j, 1);
       };
       const done = () => {
         cleanup();
@@ -278,6 +292,7 @@ export class RecordWriter {
       this.#stream.on("drain", done);
       this.#stream.once("close", gone);
       this.#waiters.push(aborted);
+      this.#flushed.push(done);
     });
   }
 

@@ -64,6 +64,7 @@ import {
 } from "./format.js";
 import { writeRegionPages } from "./pages.js";
 import type { DeviceState } from "./source.js";
+import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
 const PAGE = 4096;
 
@@ -106,6 +107,31 @@ export interface DestinationOptions {
 
 /** How long the source's preempt connection may take to arrive once announced. */
 const PREEMPT_ACCEPT_MS = 10_000;
+
+/**
+ * `accept()` within `deadline` (or until `aborted`); a connection that comes after that is
+ * closed, not left open with nobody owning it.
+ */
+async function acceptWithin(
+  accept: () => Promise<Duplex>,
+  deadline: number,
+  aborted: Promise<never>,
+  message: string,
+): Promise<Duplex> {
+  const got = accept();
+  let taken = false;
+  try {
+    const s = await withDeadline(Promise.race([got, aborted]), deadline, message);
+    taken = true;
+    return s;
+  } finally {
+    if (!taken)
+      got.then(
+        (s) => s.destroy(),
+        () => undefined,
+      );
+  }
+}
 
 /** One guest-physical range mapped at a host address under some userfaultfd. */
 export interface FaultRange {
@@ -233,6 +259,8 @@ export class MigrationDestination {
     if (this.#used) throw new Error("a MigrationDestination runs once");
     this.#used = true;
     this.#t0 = performance.now();
+    // The preempt and recovery connections must come from the peer the main stream came from.
+    const peer = peerIdentity(stream);
     // Every record is applied (or its payload copied) before the next one is read.
     let reader = new RecordReader(stream, { reuseBuffer: true });
     let writer = new RecordWriter(stream);
@@ -263,7 +291,7 @@ export class MigrationDestination {
         preempt = null;
       }
       const rec = this.#o.postcopyRecovery as NonNullable<DestinationOptions["postcopyRecovery"]>;
-      const got = await this.#acceptRecovery(rec, nonce, cause, aborted);
+      const got = await this.#acceptRecovery(rec, nonce, cause, aborted, peer);
       ({ stream, reader, writer } = got);
       this.#writer = writer;
       // The source sends its digests again after the rest of the pages.
@@ -296,7 +324,7 @@ export class MigrationDestination {
         const r = await next();
         if (!(caps & Capability.POSTCOPY) || r.type !== RecordType.Preempt)
           throw r.payload.error(`expected PREEMPT (with the postcopy capability), got ${recordName(r.type)}`);
-        const ch = await this.#acceptPreempt(decodePreempt(r.payload), aborted);
+        const ch = await this.#acceptPreempt(decodePreempt(r.payload), aborted, peer);
         // A failure on the preempt channel fails the migration: it wakes the main loop. In a
         // recoverable postcopy it pauses it instead, like a lost main connection.
         const done = this.#preemptLoop(ch.reader);
@@ -447,6 +475,7 @@ export class MigrationDestination {
     nonce: bigint,
     cause: MigrationError,
     aborted: Promise<never>,
+    peer: PeerIdentity | null,
   ): Promise<{ stream: Duplex; reader: RecordReader; writer: RecordWriter }> {
     const limit = rec.timeoutMs ?? 60_000;
     const deadline = performance.now() + limit;
@@ -454,13 +483,20 @@ export class MigrationDestination {
       withDeadline(Promise.race([p, aborted]), deadline, "recovery timed out");
     while (performance.now() < deadline) {
       let s: Duplex | null = null;
+      let r: RecordReader | null = null;
       try {
-        s = await within(rec.accept());
-        const r = new RecordReader(s, { reuseBuffer: true });
+        s = await acceptWithin(() => rec.accept(), deadline, aborted, "recovery timed out");
+        r = new RecordReader(s, { reuseBuffer: true });
         await within(r.readStreamHeader());
         const first = await within(r.next());
         if (first.type !== RecordType.Recover || decodeNonce(first.payload) !== nonce)
           throw first.payload.error("not a recovery connection of this migration");
+        const theirs = peerIdentity(s);
+        if (!samePeer(peer, theirs))
+          throw new MigrationError(
+            "AUTH_FAILED",
+            `a recovery connection from ${describePeer(theirs)}, the migration's source is ${describePeer(peer)}`,
+          );
         const w = new RecordWriter(s);
         // What is here is not sent again; what threads wait on is asked for again.
         for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present));
@@ -469,9 +505,11 @@ export class MigrationDestination {
         r.setReadAhead(POSTCOPY_READ_AHEAD);
         return { stream: s, reader: r, writer: w };
       } catch (e) {
-        if (e instanceof MigrationError && e.code === "ABORTED") throw e;
-        // A stray or broken connection: wait for the next one.
+        r?.detach();
         s?.destroy();
+        if (e instanceof MigrationError && e.code === "ABORTED") throw e;
+        // A stray, foreign or broken connection: wait for the next one.
+        this.events.emit("refused", asMigrationError(e));
       }
     }
     throw new MigrationError(
@@ -482,39 +520,61 @@ export class MigrationDestination {
     );
   }
 
-  async #acceptPreempt(nonce: bigint, aborted: Promise<never>): Promise<{ stream: Duplex; reader: RecordReader }> {
+  /**
+   * The source's preempt connection: the next one that names this migration (nonce) and comes
+   * from the main stream's peer; anything else is closed and the wait goes on, within
+   * PREEMPT_ACCEPT_MS.
+   */
+  async #acceptPreempt(
+    nonce: bigint,
+    aborted: Promise<never>,
+    peer: PeerIdentity | null,
+  ): Promise<{ stream: Duplex; reader: RecordReader }> {
     const accept = this.#o.acceptPreempt;
     if (!accept)
       throw new MigrationError(
         "UNSUPPORTED",
         "the source opened a postcopy preempt channel and this destination cannot accept one (no acceptPreempt)",
       );
-    const stream = await withDeadline(
-      Promise.race([accept(), aborted]),
-      performance.now() + PREEMPT_ACCEPT_MS,
-      `the preempt channel did not connect within ${PREEMPT_ACCEPT_MS} ms`,
-    );
-    const reader = new RecordReader(stream, { reuseBuffer: true });
-    try {
-      const first = await Promise.race([reader.readStreamHeader().then(() => reader.next()), aborted]);
-      if (first.type !== RecordType.Preempt)
-        throw first.payload.error(`preempt channel: expected PREEMPT, got ${recordName(first.type)}`);
-      const theirs = decodePreempt(first.payload);
-      if (theirs !== nonce)
-        throw new MigrationError(
-          "BAD_RECORD",
-          "the preempt channel belongs to another migration (nonce)",
-          first.offset,
-          {
-            channel: "preempt",
-          },
+    const deadline = performance.now() + PREEMPT_ACCEPT_MS;
+    const message = `the preempt channel did not connect within ${PREEMPT_ACCEPT_MS} ms`;
+    for (;;) {
+      const stream = await acceptWithin(accept, deadline, aborted, message);
+      const reader = new RecordReader(stream, { reuseBuffer: true });
+      try {
+        const first = await withDeadline(
+          Promise.race([reader.readStreamHeader().then(() => reader.next()), aborted]),
+          deadline,
+          message,
         );
-    } catch (e) {
-      reader.detach();
-      stream.destroy();
-      throw e;
+        if (first.type !== RecordType.Preempt)
+          throw first.payload.error(`preempt channel: expected PREEMPT, got ${recordName(first.type)}`);
+        const theirs = decodePreempt(first.payload);
+        if (theirs !== nonce)
+          throw new MigrationError(
+            "BAD_RECORD",
+            "the preempt channel belongs to another migration (nonce)",
+            first.offset,
+            {
+              channel: "preempt",
+            },
+          );
+        const from = peerIdentity(stream);
+        if (!samePeer(peer, from))
+          throw new MigrationError(
+            "AUTH_FAILED",
+            `a preempt connection from ${describePeer(from)}, the migration's source is ${describePeer(peer)}`,
+          );
+        return { stream, reader };
+      } catch (e) {
+        reader.detach();
+        stream.destroy();
+        const err = asMigrationError(e);
+        if (err.code === "ABORTED" || performance.now() >= deadline) throw err;
+        // Not ours: it neither takes the channel nor fails the migration.
+        this.events.emit("refused", err);
+      }
     }
-    return { stream, reader };
   }
 
   /** Applies the pages the preempt channel carries, until its end marker. */

@@ -10,7 +10,10 @@ export type MigrationErrorCode =
   | "PEER_FAILED" // the peer reported a failure on its side
   | "NOT_CONVERGED" // precopy hit its round limit with the predicted downtime still over the limit
   | "UNSUPPORTED" // a capability this side or this kernel lacks
-  | "ABORTED"; // cancelled by the caller
+  | "ABORTED" // cancelled by the caller
+  | "AUTH_FAILED" // TLS: the peer's certificate, identity or key was rejected, or credentials are unusable
+  | "INSECURE" // plain TCP beyond loopback without the operator's explicit --insecure
+  | "REQUEST_REFUSED"; // a page request over the source's bounds (served never, or later)
 
 /**
  * A migration that failed. `offset` is the byte offset in the incoming stream where the bad
@@ -37,17 +40,38 @@ export function asMigrationError(e: unknown, fallback: MigrationErrorCode = "CON
   });
 }
 
-/** `p`, or a CONNECTION_LOST with `message` when `deadline` (a performance.now() time) comes first. */
-export async function withDeadline<T>(p: Promise<T>, deadline: number, message: string): Promise<T> {
+/**
+ * `p`, or a CONNECTION_LOST with `message` when `deadline` (a performance.now() time) comes
+ * first. `dispose` gets what `p` yields if it comes after that (a connection nobody waits for).
+ */
+export async function withDeadline<T>(
+  p: Promise<T>,
+  deadline: number,
+  message: string,
+  dispose?: (late: T) => void,
+): Promise<T> {
   let t: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, rej) => {
+  let late = false;
+  const timeout = new Promise<never>((_, rej) => {
     t = setTimeout(
-      () => rej(new MigrationError("CONNECTION_LOST", message)),
+      () => {
+        late = true;
+        rej(new MigrationError("CONNECTION_LOST", message));
+      },
       Math.max(0, deadline - performance.now()),
     );
   });
   try {
-    return await Promise.race([p, late]);
+    return await Promise.race([p, timeout]);
+  } catch (e) {
+    if (dispose)
+      p.then(
+        (v) => {
+          if (late) dispose(v);
+        },
+        () => undefined,
+      );
+    throw e;
   } finally {
     clearTimeout(t);
   }

@@ -88,6 +88,28 @@ export interface MigrationResult {
   /** Postcopy: requested pages travelled on a separate preempt connection. */
   preempt?: boolean;
   deviceStates: string[];
+  /** Source, postcopy: how the destination's page requests were handled (see RequestStats). */
+  requests?: RequestStats;
+}
+
+/**
+ * The source's page-request bounds at work: a page already sent is not queued again (outside
+ * recovery), a request over the page cap is refused, and requested pages wait in a queue of
+ * page numbers (at most one entry per page) while the serving socket holds more than its bound.
+ */
+export interface RequestStats {
+  /** PAGE_REQUEST records read. */
+  requests: number;
+  /** Pages queued for sending (each page at most once per connection). */
+  pagesQueued: number;
+  /** Of those, pages outside the postcopy set (sent in precopy, e.g. zero pages never populated). */
+  outsideSet: number;
+  /** Pages asked for again after they were sent or queued: not queued again. */
+  duplicates: number;
+  /** Requests refused whole (over the page cap, or before postcopy). */
+  refused: number;
+  /** The most bytes the serving socket held in user space after a requested page was queued. */
+  maxQueuedBytes: number;
 }
 
 export interface MigrationEventMap {
@@ -99,6 +121,8 @@ export interface MigrationEventMap {
   throttle: [{ level: number; round: number }];
   complete: [MigrationResult];
   failed: [Error];
+  /** Something the peer did was refused without failing the migration (REQUEST_REFUSED ...). */
+  refused: [Error];
 }
 
 export class MigrationEvents extends EventEmitter<MigrationEventMap> {}

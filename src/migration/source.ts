@@ -16,9 +16,17 @@ import { isZero } from "../sys/bulk.js";
 import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
 import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
-import { MigrationEvents, type MigrationResult, type Phase, type RegionDigest, type RoundStats } from "./events.js";
+import {
+  MigrationEvents,
+  type MigrationResult,
+  type Phase,
+  type RegionDigest,
+  type RequestStats,
+  type RoundStats,
+} from "./events.js";
 import {
   bitmapFromPages,
+  bitmapHas,
   Capability,
   decodeComplete,
   decodeFail,
@@ -41,6 +49,7 @@ import {
   recordName,
 } from "./format.js";
 import { copyRegionPages } from "./pages.js";
+import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
 const GiB = 1024 ** 3;
 
@@ -96,7 +105,19 @@ export interface SourceOptions {
    * 60 s) passes; the destination then says which pages it holds and the rest are sent again.
    */
   postcopyRecovery?: { reconnect(): Promise<Duplex>; timeoutMs?: number };
+  /**
+   * How long to wait for the destination's answers: RESUMED after SWITCHOVER or POSTCOPY_RUN
+   * (default 30 s; includes its resume hook) and COMPLETE after END (default 60 s, counted
+   * from END; includes its digest of all memory). Past one, the destination counts as lost
+   * (CONNECTION_LOST: in postcopy with recovery, the migration pauses and reconnects).
+   */
+  deadlines?: { resumedMs?: number; completeMs?: number };
 }
+
+/** A page request for more pages than this (one 2 MiB huge page) is refused whole. */
+export const MAX_REQUEST_PAGES = 512;
+/** Requested pages are only written while the serving socket holds less than this. */
+export const REQUEST_QUEUE_BYTES = 1024 * 1024;
 
 export interface RunOptions {
   /**
@@ -133,6 +154,14 @@ export class MigrationSource {
   #plugEpochAtSync = 0;
   /** Postcopy with a preempt channel: the background loop yields after every record. */
   #yieldEachRecord = false;
+  readonly #requests: RequestStats = {
+    requests: 0,
+    pagesQueued: 0,
+    outsideSet: 0,
+    duplicates: 0,
+    refused: 0,
+    maxQueuedBytes: 0,
+  };
 
   constructor(options: SourceOptions) {
     this.#o = options;
@@ -174,7 +203,11 @@ export class MigrationSource {
     const hadPreempt = preempt !== null;
     this.#yieldEachRecord = preemptWriter !== null;
     preempt?.on("data", () => undefined);
-    let rp = new ReturnPath(new RecordReader(stream), this.#regions);
+    // Preempt and recovery connections must reach the peer the main connection reached.
+    const peer = peerIdentity(stream);
+    const preemptPeer = preempt ? peerIdentity(preempt) : null;
+    const onRefused = (e: MigrationError) => this.events.emit("refused", e);
+    let rp = new ReturnPath(new RecordReader(stream), this.#regions, this.#requests, onRefused);
     const recovery = postcopy ? (o.postcopyRecovery ?? null) : null;
     const nonce = randomBytes(8).readBigUInt64LE(0);
     const aborted = () => rp.fail(new MigrationError("ABORTED", "migration cancelled"));
@@ -188,9 +221,16 @@ export class MigrationSource {
     let bytesBefore = 0;
     let recoveryFailure: MigrationError | null = null;
     let postcopyRunSent = false;
+    let postcopySet: Uint8Array[] = [];
     const unsubscribe: (() => void)[] = [];
+    const deadline = (ms: number | undefined, fallback: number) => performance.now() + (ms ?? fallback);
     try {
       this.#phase("setup");
+      if (preempt && !samePeer(peer, preemptPeer))
+        throw new MigrationError(
+          "AUTH_FAILED",
+          `the preempt channel reached ${describePeer(preemptPeer)}, the main stream ${describePeer(peer)}`,
+        );
       await writer.write(encodeStreamHeader());
       const caps =
         Capability.ZERO_PAGES |
@@ -259,7 +299,11 @@ export class MigrationSource {
         // The destination resumes on SWITCHOVER with the digest of what it received, known
         // from per-page hashes taken as pages arrived; the comparison comes after it runs.
         await writer.write(encodeRecord(RecordType.Switchover));
-        await rp.resumed;
+        await withDeadline(
+          rp.resumed,
+          deadline(o.deadlines?.resumedMs, 30_000),
+          "the destination did not report RESUMED in time after SWITCHOVER",
+        );
         this.#destinationRunning = true;
         downtimeMs = performance.now() - downtimeStart;
       } else {
@@ -271,8 +315,11 @@ export class MigrationSource {
         await this.#sync(tracker, true);
         this.#sendPlugChanges(writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
+        const set = this.#regions.map((ri, i) => bitmapFromPages(todo[i] as Uint32Array, ri.pages));
+        postcopySet = set;
+        rp.setPostcopySet(set);
         for (const [i, ri] of this.#regions.entries())
-          await writer.write(encodePostcopyAdvise(i, ri.pages, bitmapFromPages(todo[i] as Uint32Array, ri.pages)));
+          await writer.write(encodePostcopyAdvise(i, ri.pages, set[i] as Uint8Array));
         await this.#sendDeviceStates(writer);
         await writer.write(encodeRecord(RecordType.PostcopyRun));
         // From here the destination may be running: until it says otherwise (FAIL before
@@ -283,7 +330,11 @@ export class MigrationSource {
         for (;;) {
           try {
             if (!this.#destinationRunning) {
-              await rp.resumed;
+              await withDeadline(
+                rp.resumed,
+                deadline(o.deadlines?.resumedMs, 30_000),
+                "the destination did not report RESUMED in time after POSTCOPY_RUN",
+              );
               this.#destinationRunning = true;
               downtimeMs = performance.now() - downtimeStart;
             }
@@ -313,7 +364,7 @@ export class MigrationSource {
             preemptWriter = null;
             bytesBefore += writer.bytesWritten;
             try {
-              ({ stream, writer, rp } = await this.#recover(recovery, nonce, err));
+              ({ stream, writer, rp } = await this.#recover(recovery, nonce, err, peer, postcopySet));
             } catch (re) {
               recoveryFailure = asMigrationError(re);
               throw re;
@@ -352,7 +403,7 @@ export class MigrationSource {
         converged,
         digests: cmp,
         roundStats: this.#stats,
-        ...(postcopy ? { preempt: hadPreempt } : {}),
+        ...(postcopy ? { preempt: hadPreempt, requests: { ...this.#requests } } : {}),
         deviceStates: [],
       };
       await tracker.stop();
@@ -575,7 +626,11 @@ export class MigrationSource {
     const digests = this.#regions.map((ri) => regionDigest(ri.region, ri.discard));
     for (const [i, d] of digests.entries()) writer.writeNow(encodeDigest(i, d));
     await writer.write(encodeRecord(RecordType.End));
-    const complete = await rp.complete;
+    const complete = await withDeadline(
+      rp.complete,
+      performance.now() + (this.#o.deadlines?.completeMs ?? 60_000),
+      "the destination did not report COMPLETE in time after END",
+    );
     return { digests, complete, verifyStart };
   }
 
@@ -589,6 +644,8 @@ export class MigrationSource {
     recovery: NonNullable<SourceOptions["postcopyRecovery"]>,
     nonce: bigint,
     cause: MigrationError,
+    peer: PeerIdentity | null,
+    postcopySet: Uint8Array[],
   ): Promise<{ stream: Duplex; writer: RecordWriter; rp: ReturnPath }> {
     this.#phase("postcopy-paused");
     const limit = recovery.timeoutMs ?? 60_000;
@@ -599,6 +656,13 @@ export class MigrationSource {
       let s: Duplex | null = null;
       try {
         s = await withDeadline(recovery.reconnect(), deadline, "timed out waiting for reconnect");
+        const theirs = peerIdentity(s);
+        // Another peer (a different certificate): not the destination that runs the guest.
+        if (!samePeer(peer, theirs))
+          throw new MigrationError(
+            "AUTH_FAILED",
+            `a recovery connection reached ${describePeer(theirs)}, not ${describePeer(peer)}`,
+          );
         const w = new RecordWriter(s, { highWater: 256 * 1024 });
         const r = new RecordReader(s);
         await w.write(encodeStreamHeader());
@@ -624,7 +688,8 @@ export class MigrationSource {
           held.push(d.bitmap);
         }
         boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
-        const rp = new ReturnPath(r, this.#regions);
+        const rp = new ReturnPath(r, this.#regions, this.#requests, (e) => this.events.emit("refused", e));
+        rp.setPostcopySet(postcopySet);
         rp.setSent(held);
         rp.start(w);
         rp.servePages(w, (i, p) => this.#pageView(i, p));
@@ -689,6 +754,13 @@ export class MigrationSource {
 /**
  * The source's end of the return path: page requests (postcopy), the final COMPLETE, or the
  * destination's FAIL. Any failure here fails the migration at the next check().
+ *
+ * Page requests are bounded: a request for more than MAX_REQUEST_PAGES is refused whole; a page
+ * already sent (or queued) on this connection is not queued again, so whatever the destination
+ * asks, each page is queued at most once (recovery starts a new ReturnPath from what the
+ * destination holds); and queued pages are written only while the serving socket holds less than
+ * REQUEST_QUEUE_BYTES, the rest wait as page numbers. So a flood of requests costs at most one
+ * entry per page of guest memory, never copies of pages.
  */
 class ReturnPath {
   failure: MigrationError | null = null;
@@ -698,13 +770,21 @@ class ReturnPath {
   #rejectComplete!: (e: MigrationError) => void;
   #resolveResumed!: () => void;
   #rejectResumed!: (e: MigrationError) => void;
-  #serve: ((region: number, page: number) => void) | null = null;
+  #serveWriter: RecordWriter | null = null;
+  #view: ((region: number, page: number) => Uint8Array) | null = null;
   readonly #sent: Uint8Array[];
+  #set: Uint8Array[] = [];
+  /** Requested pages not written yet: region * 2^32 + page, each at most once. */
+  #queue: number[] = [];
+  #queueHead = 0;
+  #waitingDrain = false;
   #closed = false;
 
   constructor(
     readonly reader: RecordReader,
     readonly regions: RegionInfo[],
+    readonly stats: RequestStats,
+    readonly onRefused: (e: MigrationError) => void,
   ) {
     this.complete = new Promise((res, rej) => {
       this.#resolveComplete = res;
@@ -734,18 +814,17 @@ class ReturnPath {
     return Promise.race([this.#done, new Promise<void>((r) => setTimeout(r, ms))]);
   }
 
+  /** Requested pages go to `writer` from now on (queued ones too). */
   servePages(writer: RecordWriter, view: (region: number, page: number) => Uint8Array): void {
-    this.#serve = (region, page) => {
-      const rec = encodePages(
-        region,
-        [page],
-        4096,
-        (p) => view(region, p),
-        (p) => isZero(view(region, p)),
-      );
-      this.markSent(region, page);
-      writer.writeNow(rec.record);
-    };
+    this.#serveWriter = writer;
+    this.#view = view;
+    this.#waitingDrain = false;
+    this.#pump();
+  }
+
+  /** The pages the source still had to send when postcopy started (bitmaps per region). */
+  setPostcopySet(bitmaps: Uint8Array[]): void {
+    this.#set = bitmaps;
   }
 
   /** Postcopy recovery: what the destination holds counts as sent. */
@@ -776,7 +855,78 @@ class ReturnPath {
 
   close(): void {
     this.#closed = true;
+    this.#queue = [];
+    this.#queueHead = 0;
     this.reader.detach();
+  }
+
+  #request(region: number, page: number, count: number): void {
+    const st = this.stats;
+    st.requests++;
+    const ri = this.regions[region] as RegionInfo;
+    if (count > MAX_REQUEST_PAGES || !this.#serveWriter) {
+      st.refused++;
+      this.onRefused(
+        new MigrationError(
+          "REQUEST_REFUSED",
+          this.#serveWriter
+            ? `a page request for ${count} pages (at most ${MAX_REQUEST_PAGES})`
+            : "a page request before postcopy",
+          undefined,
+          { region, page, count },
+        ),
+      );
+      return;
+    }
+    const set = this.#set[region];
+    for (let p = page; p < page + count; p++) {
+      if (ri.discard?.isDiscarded(p * 4096)) continue;
+      if (this.wasSent(region, p)) {
+        st.duplicates++;
+        continue;
+      }
+      this.markSent(region, p);
+      if (set && !bitmapHas(set, p)) st.outsideSet++;
+      st.pagesQueued++;
+      this.#queue.push(region * 2 ** 32 + p);
+    }
+    this.#pump();
+  }
+
+  /** Writes queued pages while the serving socket holds less than REQUEST_QUEUE_BYTES. */
+  #pump(): void {
+    const w = this.#serveWriter;
+    const view = this.#view;
+    if (!w || !view || this.#closed) return;
+    while (this.#queueHead < this.#queue.length && w.pending < REQUEST_QUEUE_BYTES) {
+      const key = this.#queue[this.#queueHead++] as number;
+      const region = Math.floor(key / 2 ** 32);
+      const page = key % 2 ** 32;
+      const rec = encodePages(
+        region,
+        [page],
+        4096,
+        (p) => view(region, p),
+        (p) => isZero(view(region, p)),
+      );
+      w.writeNow(rec.record);
+      if (w.pending > this.stats.maxQueuedBytes) this.stats.maxQueuedBytes = w.pending;
+    }
+    if (this.#queueHead === this.#queue.length) {
+      this.#queue = [];
+      this.#queueHead = 0;
+      return;
+    }
+    if (this.#waitingDrain) return;
+    this.#waitingDrain = true;
+    w.drain().then(
+      () => {
+        if (this.#serveWriter !== w) return;
+        this.#waitingDrain = false;
+        this.#pump();
+      },
+      () => undefined,
+    );
   }
 
   async #loop(): Promise<void> {
@@ -789,10 +939,7 @@ class ReturnPath {
             const ri = this.regions[q.region];
             if (!ri || q.count === 0 || q.page + q.count > ri.pages)
               throw r.payload.error(`request for pages [${q.page}, +${q.count}) of region ${q.region}`, q);
-            for (let p = q.page; p < q.page + q.count; p++) {
-              if (ri.discard?.isDiscarded(p * 4096)) continue;
-              this.#serve?.(q.region, p);
-            }
+            this.#request(q.region, q.page, q.count);
             break;
           }
           case RecordType.Resumed:

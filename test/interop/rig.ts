@@ -505,6 +505,8 @@ export interface MigrateOptions {
   timeoutMs?: number;
   /** How long the destination may take to reach "running" after completion. */
   resumeTimeoutMs?: number;
+  /** Extra migrate-set-parameters per side (e.g. tls-creds, tls-hostname, tls-authz). */
+  parameters?: { source?: Record<string, unknown>; destination?: Record<string, unknown> };
 }
 
 export interface MigrationResult {
@@ -573,7 +575,8 @@ export async function migrate(src: Vm, dst: Vm, o: MigrateOptions): Promise<Migr
   await setCapabilities(dst, caps);
   const params: Record<string, unknown> = { "max-bandwidth": o.maxBandwidth ?? 10_000_000_000 };
   if (o.downtimeLimitMs !== undefined) params["downtime-limit"] = o.downtimeLimitMs;
-  await src.qmp.execute("migrate-set-parameters", params);
+  await src.qmp.execute("migrate-set-parameters", { ...params, ...o.parameters?.source });
+  if (o.parameters?.destination) await dst.qmp.execute("migrate-set-parameters", o.parameters.destination);
   await dst.qmp.execute("migrate-incoming", { uri: o.uri });
   const t0 = Date.now();
   await src.qmp.execute("migrate", { uri: o.uri });

@@ -5,7 +5,6 @@ import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
 import { MigrationError } from "../../src/migration/errors.js";
 import type { SourceHooks } from "../../src/migration/source.js";
-import { MigrationListener } from "../../src/migration/transport.js";
 
 export const MiB = 1024 * 1024;
 
@@ -44,12 +43,19 @@ export function rawDigest(mem: GuestMemory, skip?: (gpa: number) => boolean): st
   });
 }
 
-/** A connected TCP pair on localhost: [source side, destination side]. */
+/**
+ * A connected TCP pair on localhost: [source side, destination side]. A raw node:net pair:
+ * MigrationListener only hands out connections that already sent their first record.
+ */
 export async function socketPair(): Promise<[Socket, Socket]> {
-  const l = await MigrationListener.listen({ kind: "tcp", host: "127.0.0.1", port: 0 });
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+  const port = (server.address() as { port: number }).port;
+  const accepted = new Promise<Socket>((r) => server.once("connection", r));
   const { connectEndpoint } = await import("../../src/migration/transport.js");
-  const [a, b] = await Promise.all([connectEndpoint(l.endpoint), l.accept()]);
-  await l.close();
+  const [a, b] = await Promise.all([connectEndpoint({ kind: "tcp", host: "127.0.0.1", port }), accepted]);
+  b.setNoDelay(true);
+  server.close();
   return [a, b];
 }
 

@@ -10,6 +10,8 @@
  *   source --to HOST:PORT --size MiB [--fill FRACTION] [--rate PAGES/s] [--pattern P]
  *          [--hot FRACTION] [--mode precopy|postcopy] [--downtime MS] [--postcopy-after N]
  *          [--preempt]   (postcopy: requested pages on a second connection)
+ *   both: [--tls-creds DIR [--tls-authz CN]] (mutual TLS, QEMU's layout) or [--insecure] (plain
+ *         TCP beyond loopback)
  * The source fills the first FRACTION of its memory with non-zero pages before the workload
  * starts, so the stream carries real data (a fresh memfd is all zero pages).
  */
@@ -19,7 +21,7 @@ import { GuestMemoryRegion } from "../../src/memory/region.js";
 import { MigrationDestination } from "../../src/migration/destination.js";
 import type { MigrationEvents } from "../../src/migration/events.js";
 import { MigrationSource } from "../../src/migration/source.js";
-import { connectEndpoint, MigrationListener } from "../../src/migration/transport.js";
+import { connectEndpoint, loadX509Credentials, MigrationListener } from "../../src/migration/transport.js";
 import { Workload } from "../../src/migration/workload.js";
 
 const MiB = 1024 * 1024;
@@ -66,14 +68,24 @@ async function main(): Promise<number> {
       "postcopy-after": { type: "string", default: "1" },
       "guest-threads": { type: "string", default: "1" },
       preempt: { type: "boolean", default: false },
+      "tls-creds": { type: "string" },
+      "tls-authz": { type: "string" },
+      insecure: { type: "boolean", default: false },
     },
   });
+  const dir = values["tls-creds"];
+  const authz = values["tls-authz"];
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, Number(values.size) * MiB, { name: "netns-child" })]);
   let workload: Workload | null = null;
   const pattern = values.pattern as "sequential" | "random" | "hotset";
   try {
     if (role === "destination") {
-      const l = await MigrationListener.listen({ kind: "tcp", ...hostPort(values.listen as string) });
+      const l = await MigrationListener.listen(
+        { kind: "tcp", ...hostPort(values.listen as string) },
+        dir
+          ? { tls: { ...loadX509Credentials(dir, "server"), ...(authz ? { authz } : {}) } }
+          : { insecure: values.insecure },
+      );
       out({ event: "listening", port: l.endpoint.kind === "tcp" ? l.endpoint.port : 0 });
       const s = await l.accept();
       // The destination's guest exists before the migration and is only woken at resume, as
@@ -89,7 +101,7 @@ async function main(): Promise<number> {
       const dest = new MigrationDestination({
         memory,
         // A postcopy source may open a second connection (the preempt channel).
-        acceptPreempt: () => l.accept(),
+        acceptPreempt: () => l.accept("preempt"),
         hooks: {
           resume: () => guest.resume(),
         },
@@ -111,10 +123,11 @@ async function main(): Promise<number> {
       pagesPerSecond: Number(values.rate),
       threads: 1,
     });
-    const s = await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) });
+    const conn = dir ? { tls: loadX509Credentials(dir, "client") } : { insecure: values.insecure };
+    const s = await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) }, conn);
     const preempt =
       values.preempt && values.mode === "postcopy"
-        ? await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) })
+        ? await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) }, conn)
         : undefined;
     const source = new MigrationSource({
       memory,

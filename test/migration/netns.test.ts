@@ -5,8 +5,9 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { test } from "node:test";
+import { after, test } from "node:test";
 import { JsonLines, listOwnNamespaces, migrateBetween, NetnsLink, netnsUnavailable } from "./netns.js";
+import { CLIENT_CN, makeTestCreds } from "./tls-creds.js";
 
 const reason = netnsUnavailable();
 if (reason) process.stderr.write(`\n*** SKIPPING test/migration/netns.test.ts: ${reason} ***\n\n`);
@@ -55,10 +56,10 @@ test("namespaces: leftovers of a crashed run are removed by prefix, and close() 
 
 const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
 
-/** `vmshift migrate --listen EP --size 64 --json` in namespace b, once it listens (it says so on stderr). */
-async function cliDestination(link: NetnsLink, ep: string): Promise<JsonLines> {
+/** `vmshift migrate --listen EP --size 64 --json ...extra` in namespace b, once it listens (it says so on stderr). */
+async function cliDestination(link: NetnsLink, ep: string, extra: string[]): Promise<JsonLines> {
   const dst = new JsonLines(
-    link.spawn("b", process.execPath, [cli, "migrate", "--listen", ep, "--size", "64", "--json"]),
+    link.spawn("b", process.execPath, [cli, "migrate", "--listen", ep, "--size", "64", "--json", ...extra]),
   );
   const deadline = Date.now() + 10_000;
   while (!dst.stderr.includes("listening") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
@@ -66,12 +67,14 @@ async function cliDestination(link: NetnsLink, ep: string): Promise<JsonLines> {
   return dst;
 }
 
-test("precopy with `vmshift migrate` across a veth link: destination's memory equals the source's", {
+test("precopy with `vmshift migrate` over mutual TLS across a veth link: destination's memory equals the source's", {
   skip,
 }, async () => {
   await using link = await NetnsLink.create();
+  const creds = makeTestCreds({ serverNames: [link.addr("a"), link.addr("b")] });
+  after(() => creds.close());
   const ep = `tcp:${link.addr("b")}:7411`;
-  const dst = await cliDestination(link, ep);
+  const dst = await cliDestination(link, ep, ["--tls-creds", creds.good, "--tls-authz", CLIENT_CN]);
   const src = new JsonLines(
     link.spawn("a", process.execPath, [
       cli,
@@ -87,6 +90,8 @@ test("precopy with `vmshift migrate` across a veth link: destination's memory eq
       "--downtime",
       "50",
       "--json",
+      "--tls-creds",
+      creds.good,
     ]),
   );
   const tx0 = link.stats("a").txBytes;
@@ -106,7 +111,7 @@ test("postcopy with `vmshift migrate` across a veth link: requested pages take t
 }, async () => {
   await using link = await NetnsLink.create();
   const ep = `tcp:${link.addr("b")}:7412`;
-  const dst = await cliDestination(link, ep);
+  const dst = await cliDestination(link, ep, ["--insecure"]);
   const src = new JsonLines(
     link.spawn("a", process.execPath, [
       cli,
@@ -120,6 +125,7 @@ test("postcopy with `vmshift migrate` across a veth link: requested pages take t
       "--postcopy-after",
       "0",
       "--json",
+      "--insecure",
     ]),
   );
   assert.equal(await src.exit(30_000), 0, src.tail());
@@ -139,8 +145,20 @@ test("postcopy across a tbf-shaped 1 Gbit/s link: the destination runs first, fa
 }, async () => {
   await using link = await NetnsLink.create({ rate: "1gbit" });
   const r = await migrateBetween(link, {
-    sourceArgs: ["--size", "96", "--fill", "0.75", "--rate", "5000", "--mode", "postcopy", "--postcopy-after", "1"],
-    destinationArgs: ["--size", "96", "--guest-threads", "2"],
+    sourceArgs: [
+      "--size",
+      "96",
+      "--fill",
+      "0.75",
+      "--rate",
+      "5000",
+      "--mode",
+      "postcopy",
+      "--postcopy-after",
+      "1",
+      "--insecure",
+    ],
+    destinationArgs: ["--size", "96", "--guest-threads", "2", "--insecure"],
     timeoutMs: 40_000,
   });
   assertSameMemory(r.source, r.destination);
@@ -167,8 +185,20 @@ test("postcopy across a tbf-shaped 1 Gbit/s link: the destination runs first, fa
 test("precopy across a tbf-shaped 1 Gbit/s link with a steady writer: converges, memory equal", { skip }, async () => {
   await using link = await NetnsLink.create({ rate: "1gbit" });
   const r = await migrateBetween(link, {
-    sourceArgs: ["--size", "96", "--fill", "0.75", "--rate", "5000", "--pattern", "random", "--downtime", "30"],
-    destinationArgs: ["--size", "96"],
+    sourceArgs: [
+      "--size",
+      "96",
+      "--fill",
+      "0.75",
+      "--rate",
+      "5000",
+      "--pattern",
+      "random",
+      "--downtime",
+      "30",
+      "--insecure",
+    ],
+    destinationArgs: ["--size", "96", "--insecure"],
     timeoutMs: 40_000,
   });
   assertSameMemory(r.source, r.destination);

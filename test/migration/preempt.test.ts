@@ -3,9 +3,10 @@
  * destination asked for, so they never queue behind the background stream. Real TCP sockets.
  */
 import assert from "node:assert/strict";
-import type { Socket } from "node:net";
+import { once } from "node:events";
 import { test } from "node:test";
 import { MigrationDestination } from "../../src/migration/destination.js";
+import type { MigrationError } from "../../src/migration/errors.js";
 import { encodePreempt, encodeStreamHeader } from "../../src/migration/format.js";
 import { MigrationSource } from "../../src/migration/source.js";
 import { Workload } from "../../src/migration/workload.js";
@@ -108,27 +109,37 @@ test("a destination that cannot accept a preempt channel refuses it up front; th
   dst.close();
 });
 
-test("a preempt connection from another migration (wrong nonce) is BAD_RECORD; the source carries on", async () => {
+test("a preempt connection from another migration (wrong nonce) is refused, the real one taken: both complete", async () => {
   const src = makeMemory();
   const dst = makeMemory();
   fillPattern(src);
   const [a, b] = await socketPair();
   const [pa, pb] = await socketPair();
   const [xa, xb] = await socketPair();
-  pb.resume();
-  // What the destination accepts is somebody else's channel.
+  // The first connection the destination is offered is somebody else's channel.
   xa.write(encodeStreamHeader());
   xa.write(encodePreempt(12345n));
-  const h = hooks();
-  const [se, de] = await expectBoth(
-    new MigrationSource({ memory: src, mode: "postcopy", hooks: h }).run(a, { preempt: pa }),
-    new MigrationDestination({ memory: dst, acceptPreempt: async () => xb }).run(b),
-  );
-  assert.equal(de.code, "BAD_RECORD");
-  assert.match(de.message, /another migration/);
-  assert.equal(se.code, "PEER_FAILED");
-  assert.equal(h.resumed, h.stopped);
-  for (const s of [pb, xa] as Socket[]) s.destroy();
+  const offered = [xb, pb];
+  const destination = new MigrationDestination({
+    memory: dst,
+    acceptPreempt: async () => offered.shift() ?? assert.fail("asked for a third preempt connection"),
+  });
+  const refused: Error[] = [];
+  destination.events.on("refused", (e) => refused.push(e));
+  const [rs, rd] = await Promise.all([
+    new MigrationSource({ memory: src, mode: "postcopy", postcopyAfterRounds: 0 }).run(a, { preempt: pa }),
+    destination.run(b),
+  ]);
+  assert.equal(rd.preempt, true);
+  assert.ok(rs.digests.every((d) => d.match));
+  assert.deepEqual(rawDigest(dst), rawDigest(src));
+  assert.equal(refused.length, 1);
+  assert.equal((refused[0] as MigrationError).code, "BAD_RECORD");
+  assert.match((refused[0] as Error).message, /another migration/);
+  assert.ok(xb.destroyed, "the stray connection is closed");
+  xa.destroy();
+  // Both ends close once the FIN exchange is done: wait for it, the next test counts fds.
+  await Promise.all([a, b, pa, pb].map((s) => (s.closed ? null : once(s, "close"))));
   src.close();
   dst.close();
 });

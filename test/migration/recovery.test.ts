@@ -46,7 +46,7 @@ test("postcopy connection cut mid-stream: both sides pause, a new connection res
   });
   const destination = new MigrationDestination({
     memory: dst,
-    postcopyRecovery: { accept: () => listener.accept(), timeoutMs: 10_000 },
+    postcopyRecovery: { accept: () => listener.accept("recover"), timeoutMs: 10_000 },
     hooks: {
       resume: async () => {
         guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 2 });
@@ -94,7 +94,7 @@ test("the preempt channel lost with recovery on: the migration pauses, resumes o
   const destination = new MigrationDestination({
     memory: dst,
     acceptPreempt: async () => pb,
-    postcopyRecovery: { accept: () => listener.accept(), timeoutMs: 10_000 },
+    postcopyRecovery: { accept: () => listener.accept("recover"), timeoutMs: 10_000 },
     hooks: {
       resume: async () => {
         guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 2 });
@@ -266,7 +266,7 @@ for (const withRecovery of [true, false]) {
     });
     const destination = new MigrationDestination({
       memory: dst,
-      ...(withRecovery ? { postcopyRecovery: { accept: () => listener.accept(), timeoutMs: 10_000 } } : {}),
+      ...(withRecovery ? { postcopyRecovery: { accept: () => listener.accept("recover"), timeoutMs: 10_000 } } : {}),
       // The guest starts here, and the link goes before RESUMED can tell the source.
       hooks: { resume: () => void b.destroy() },
     });
