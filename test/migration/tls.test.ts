@@ -35,7 +35,7 @@ import {
   MigrationListener,
   peerIdentity,
 } from "../../src/migration/transport.js";
-import { native } from "../../src/sys/native.js";
+import { UnixSocket } from "../../src/sys/unix-socket.js";
 import { countFds, fillPattern, hooks, MiB, makeMemory, rawDigest, recordOffsets, socketPair } from "./helpers.js";
 import { JsonLines } from "./netns.js";
 import { CLIENT_CN, makeTestCreds } from "./tls-creds.js";
@@ -440,7 +440,9 @@ test("a destination that never says RESUMED: the source gives up at its deadline
 
 test("an inherited fd (`--listen fd:N` / `--to fd:N`) gets the same TLS, authorization and first-record check", async () => {
   for (const who of [creds.intruder, creds.good]) {
-    const [fa, fb] = native.socketpair();
+    const [ua, ub] = UnixSocket.pair();
+    const fa = ua.fd.release();
+    const fb = ub.fd.release();
     const src = makeMemory();
     const dst = makeMemory();
     fillPattern(src);
