@@ -28,10 +28,10 @@ test("unix: a live listener keeps its path (EADDRINUSE for the second); mode 060
     const ino = lstatSync(path).ino;
     await assert.rejects(MigrationListener.listen({ kind: "unix", path }), { code: "EADDRINUSE" });
     assert.equal(lstatSync(path).ino, ino);
+    // The path answers (accept() would wait for a connection that proves itself with a
+    // migration stream's first record; a bare connect is enough here).
     const c = await connectEndpoint({ kind: "unix", path });
-    const s = await first.accept();
     c.destroy();
-    s.destroy();
   } finally {
     await first.close();
   }
