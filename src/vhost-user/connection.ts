@@ -14,6 +14,7 @@ import {
   HEADER_SIZE,
   hasFeature,
   ProtocolFeature,
+  VHOST_USER_MAX_FDS,
   VHOST_USER_REPLY_MASK,
   VHOST_USER_VERSION,
 } from "./protocol/constants.js";
@@ -71,7 +72,9 @@ interface Partial {
  * that sendmsg's bytes (it never glues data *after* an fd-carrying send). Senders put the fds on
  * the sendmsg that starts the message, so: the fds of a chunk belong to the last message whose
  * header starts in that chunk, or, when no header starts in it, to the message being assembled.
- * In the usual case (one message per chunk) that is the message starting the chunk.
+ * In the usual case (one message per chunk) that is the message starting the chunk. Fds on a
+ * chunk in which no message starts, or more than VHOST_USER_MAX_FDS on one message, are a
+ * framing error: the fds are closed and the framer refuses further input.
  */
 export class MessageFramer {
   readonly maxPayloadSize: number;
@@ -156,13 +159,30 @@ export class MessageFramer {
       throw e;
     }
     if (fds.length > 0 || fdsTruncated) {
-      const owner = lastStarted ?? continued;
-      if (owner) {
-        owner.fds.push(...fds);
-        owner.fdsTruncated ||= fdsTruncated;
-      } else {
-        for (const f of fds) f.close(); // fds with no bytes to belong to
+      // Fds ride only on the bytes that start a message: fds arriving with the middle of one
+      // (a peer feeding a message byte by byte, each byte with fds) would be held for as long
+      // as it cares to leave the message incomplete. That and more than 8 fds on one message
+      // end the stream.
+      const owner = lastStarted;
+      const why =
+        owner === null
+          ? "fds sent with the middle of a message (only its first bytes may carry fds)"
+          : owner.fds.length + fds.length > VHOST_USER_MAX_FDS
+            ? `more than ${VHOST_USER_MAX_FDS} fds on one message`
+            : null;
+      if (why !== null) {
+        const err = new VhostUserError("BAD_FD_COUNT", why, {
+          request: `request ${(owner ?? continued)?.header.request ?? "?"}`,
+          value: (owner?.fds.length ?? 0) + fds.length,
+          expected: `<= ${VHOST_USER_MAX_FDS}, with the message's first bytes`,
+        });
+        for (const f of fds) f.close();
+        for (const m of done) for (const f of m.fds) f.close();
+        this.close();
+        throw err;
       }
+      (owner as RawMessage).fds.push(...fds);
+      (owner as RawMessage).fdsTruncated ||= fdsTruncated;
     }
     return done;
   }
@@ -233,6 +253,7 @@ export class Connection<T extends RequestTable> extends EventEmitter<ConnectionE
   /** Requests whose wait timed out, per code: their late replies are dropped quietly. */
   #abandoned = new Map<number, number>();
   #closed = false;
+  #paused = false;
 
   constructor(socket: UnixSocket, index: RequestIndex<T>, options: ConnectionOptions = {}) {
     super();
@@ -241,10 +262,31 @@ export class Connection<T extends RequestTable> extends EventEmitter<ConnectionE
     this.label = options.label ?? "vhost-user";
     this.timeoutMs = options.timeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS;
     this.#framer = new MessageFramer(options.maxPayloadSize ?? DEFAULT_MAX_PAYLOAD_SIZE);
-    socket.startReceiving(
+    this.#receive();
+  }
+
+  #receive(): void {
+    this.socket.startReceiving(
       (chunk) => this.#onChunk(chunk),
       (error) => this.#shutdown(error ? this.#error("DISCONNECTED", "socket failed", error) : undefined),
     );
+  }
+
+  /**
+   * Stops reading the socket (back-pressure: the server is busy with a request). Messages of a
+   * chunk already read are still delivered; the peer's further bytes and fds stay in the
+   * kernel, charged to it.
+   */
+  pause(): void {
+    if (this.#paused || this.#closed) return;
+    this.#paused = true;
+    this.socket.stopReceiving();
+  }
+
+  resume(): void {
+    if (!this.#paused || this.#closed) return;
+    this.#paused = false;
+    this.#receive();
   }
 
   /** The main socket: front-end requests, back-end replies. */

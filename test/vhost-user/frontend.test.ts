@@ -56,7 +56,7 @@ function fakePeer(script: PeerScript) {
       case "GET_VRING_BASE":
         return done(peer.reply(m, { index: m.payload.index, num: 7 }));
       case "SET_LOG_BASE":
-        return done(peer.reply(m, 0n));
+        return done(peer.reply(m, { kind: "u64", value: 0n }));
       default:
         return done(peer.ack(m));
     }

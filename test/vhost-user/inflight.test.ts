@@ -172,6 +172,7 @@ test("the vmshift front-end drives the restart itself (getInflight / setInflight
     const fe = await life();
     assert.ok(fe.hasProtocolFeature(ProtocolFeature.INFLIGHT_SHMFD));
     const inflight = await fe.getInflight(1, 64);
+    assert.ok(inflight, "the blk back-end tracks inflight I/O");
     await fe.setInflight(inflight);
     const q = SplitQueueDriver.at(memory, 0x1000, 64, { features: VERSION_1 });
     await fe.startVring(0, q.layout);

@@ -9,7 +9,7 @@ import { Fd } from "../../sys/fd.js";
 import { native } from "../../sys/native.js";
 import { UnixListener, UnixSocket } from "../../sys/unix-socket.js";
 import type { VhostUserDevice } from "./device.js";
-import { BackendSession } from "./session.js";
+import { BackendSession, type SessionOptions } from "./session.js";
 
 const EINVAL = 22;
 
@@ -21,6 +21,8 @@ export type DaemonEvents = {
 export interface DaemonOptions {
   /** Serve this many connections, then stop (0 = until close()). */
   maxSessions?: number;
+  /** Per-connection choices (SET_LOG_BASE reply form, device-state bounds). */
+  session?: SessionOptions;
 }
 
 export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
@@ -81,7 +83,12 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
         socket = await this.#accept();
         if (!socket) break;
       }
-      const s = new BackendSession(socket, this.device, { log: (level, msg) => this.emit("log", level, msg) });
+      const s = new BackendSession(
+        socket,
+        this.device,
+        { log: (level, msg) => this.emit("log", level, msg) },
+        options.session,
+      );
       this.#session = s;
       this.emit("log", "info", "front-end connected");
       this.emit("session", s);

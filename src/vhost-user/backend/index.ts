@@ -7,4 +7,12 @@
 export * from "./daemon.js";
 export * from "./device.js";
 export { BackendMemoryTable, type MappedRegion } from "./memory-table.js";
-export { BackendSession, FRAMEWORK_PROTOCOL_FEATURES, MAX_MEM_SLOTS } from "./session.js";
+export {
+  BackendSession,
+  FRAMEWORK_PROTOCOL_FEATURES,
+  HANDLERS,
+  MAX_MEM_SLOTS,
+  type SessionEvents,
+  type SessionOptions,
+} from "./session.js";
+export type { LogBaseReply } from "./state.js";
