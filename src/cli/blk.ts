@@ -24,7 +24,9 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --io auto|sync|async   async: reads and writes on libuv's thread pool (UV_THREADPOOL_SIZE
                          threads), several requests of a queue in flight; sync: one at a time
                          in the queue's thread; auto (default): async with --direct, else sync
-  --serial ID            GET_ID answer (default: the image file name)
+  --serial ID            GET_ID answer, printable ASCII (default: the image file name)
+  --queue-size N         the queue size the front-end uses (QEMU queue-size=N, default 128):
+                         seg_max is N - 2
   --print-capabilities   print the back-end capabilities JSON and exit (other arguments ignored)
   --write-descriptor DIR write DIR/50-vmshift-blk.json, the vhost-user descriptor libvirt finds
                          (DIR: /etc/qemu/vhost-user, or $XDG_CONFIG_HOME/qemu/vhost-user), and exit
@@ -86,6 +88,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
         direct: { type: "boolean", default: false },
         io: { type: "string", default: "auto" },
         serial: { type: "string" },
+        "queue-size": { type: "string" },
         "write-descriptor": { type: "string" },
         help: { type: "boolean", default: false },
       },
@@ -133,6 +136,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       direct: !!values.direct,
       io: values.io as "auto" | "sync" | "async",
       ...(values.serial ? { serial: values.serial as string } : {}),
+      ...(values["queue-size"] ? { queueSize: Number(values["queue-size"]) } : {}),
       debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
     });
     daemon = socketPath ? VhostUserDaemon.listen(device, socketPath) : VhostUserDaemon.fromFd(device, fd);
