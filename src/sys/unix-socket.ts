@@ -183,6 +183,10 @@ export class UnixSocket implements Disposable {
         return;
       }
       onChunk(chunk);
+      // A short read drained what was there: skip the recvmsg that would only say EAGAIN (one
+      // syscall per control message). libuv's poll is level-triggered: bytes that arrive
+      // meanwhile wake us again.
+      if (chunk.data.length < this.#recvBuf.length) return;
     }
   }
 

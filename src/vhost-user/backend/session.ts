@@ -95,14 +95,18 @@ export class BackendSession {
       this.#paused = true;
       this.conn.pause();
     }
-    this.#queue = this.#queue.then(work).finally(() => {
-      this.#inFlight--;
-      if (this.#inFlight === 0 && this.#paused) {
-        this.#paused = false;
-        this.conn.resume();
-      }
-    });
+    // Nothing before it: start now (no hop through the chain; the common case).
+    const started = this.#inFlight === 1 ? work() : this.#queue.then(work);
+    this.#queue = started.then(this.#finished, this.#finished);
   }
+
+  readonly #finished = (): void => {
+    this.#inFlight--;
+    if (this.#inFlight === 0 && this.#paused) {
+      this.#paused = false;
+      this.conn.resume();
+    }
+  };
 
   /** Resolves when the connection is gone and everything it held is released. */
   get closed(): Promise<void> {
