@@ -75,12 +75,8 @@ async function serve(
   const serving = daemon.serve();
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
   const fe = VhostUserFrontend.connect(sock, { timeoutMs: 5000, backendChannel: !!backendChannel });
-  await fe.negotiate();
-  await fe.setOwner();
-  await fe.setFeatures(acked ?? VERSION_1);
-  await fe.setMemTable(mem);
+  await fe.start({ memory: mem, features: acked ?? VERSION_1, rings: [RING] });
   const queue = new SplitQueueDriver(mem, { ...RING, features: VERSION_1 });
-  await fe.startVring(0, RING);
   const blk = new VirtioBlkDriver(fe, 0, queue, mem, SCRATCH);
   return {
     device,

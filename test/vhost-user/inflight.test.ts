@@ -162,10 +162,7 @@ test("the vmshift front-end drives the restart itself (getInflight / setInflight
   let second: ChildProcess | null = null;
   const life = async () => {
     const fe = VhostUserFrontend.connect(path, { timeoutMs: 5000 });
-    await fe.negotiate();
-    await fe.setOwner();
-    await fe.setFeatures(VERSION_1);
-    await fe.setMemTable(memory);
+    await fe.start({ memory, features: VERSION_1 });
     return fe;
   };
   try {

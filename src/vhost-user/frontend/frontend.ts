@@ -19,7 +19,7 @@ import type { EventFd } from "../../sys/eventfd.js";
 import type { Fd } from "../../sys/fd.js";
 import { UnixSocket } from "../../sys/unix-socket.js";
 import type { Userfaultfd } from "../../sys/userfaultfd.js";
-import { isPowerOfTwo, MAX_QUEUE_SIZE } from "../../virtio/ring.js";
+import { availRingSize, descTableSize, isPowerOfTwo, MAX_QUEUE_SIZE, usedRingSize } from "../../virtio/ring.js";
 import { Connection, type ConnectionOptions, DEFAULT_REPLY_TIMEOUT_MS } from "../connection.js";
 import type { BackendRequests } from "../protocol/backend-requests.js";
 import {
@@ -597,9 +597,9 @@ export class VhostUserFrontend implements Disposable {
     const payload = {
       index,
       flags: this.logging ? VHOST_VRING_F_LOG : 0,
-      descriptor: this.userAddress(layout.descTable, 16 * s),
-      used: this.userAddress(layout.usedRing, 6 + 8 * s),
-      available: this.userAddress(layout.availRing, 6 + 2 * s),
+      descriptor: this.userAddress(layout.descTable, descTableSize(s)),
+      used: this.userAddress(layout.usedRing, usedRingSize(s)),
+      available: this.userAddress(layout.availRing, availRingSize(s)),
       log: BigInt(layout.usedRing),
     };
     await this.#send("SET_VRING_ADDR", payload);
