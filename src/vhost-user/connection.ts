@@ -92,7 +92,7 @@ export class MessageFramer {
   }
 
   /**
-   * Feeds one chunk; returns the messages it completed. Throws VhostUserError("PAYLOAD_TOO_LARGE")
+   * Feeds one chunk (kept: payloads may be views of it); returns the messages it completed. Throws VhostUserError("PAYLOAD_TOO_LARGE")
    * when a header announces more than maxPayloadSize: the stream cannot be trusted after that, every
    * fd of the chunk and of the partial message is closed, and the framer refuses further input.
    */
@@ -100,6 +100,13 @@ export class MessageFramer {
     if (this.#dead) {
       for (const f of fds) f.close();
       throw new VhostUserError("CLOSED", "framer already failed or closed");
+    }
+    // The usual chunk: exactly one whole message (a sendmsg per message, read at once). Its
+    // payload is a view of `data` (which the caller hands over), nothing is copied.
+    if (this.#partial === null && data.length >= HEADER_SIZE && fds.length <= VHOST_USER_MAX_FDS) {
+      const header = decodeHeader(data);
+      if (header.size <= this.maxPayloadSize && data.length === HEADER_SIZE + header.size)
+        return [{ header, payload: data.subarray(HEADER_SIZE), fds, fdsTruncated }];
     }
     const done: RawMessage[] = [];
     let lastStarted: RawMessage | null = null;
