@@ -46,6 +46,8 @@ import { U64 } from "./protocol/payloads.js";
  */
 export const DEFAULT_MAX_PAYLOAD_SIZE = 0x1000;
 export const DEFAULT_REPLY_TIMEOUT_MS = 10_000;
+const NOT_ACKED: Promise<boolean> = Promise.resolve(false);
+const acked = (): boolean => true;
 
 /** One framed message, before decoding: the fds are owned by whoever takes it. */
 export interface RawMessage {
@@ -376,30 +378,41 @@ export class Connection<T extends RequestTable> extends EventEmitter<ConnectionE
   }
 
   /** Sends the explicit reply to `msg` (GET_FEATURES → u64, GET_VRING_BASE → vring state, ...). */
-  async reply<K extends RequestName<T>>(
+  reply<K extends RequestName<T>>(
     msg: { readonly name: K },
     payload: ReplyPayload<T, K>,
     fds: readonly (Fd | number)[] = [],
   ): Promise<void> {
-    if (this.#closed) throw this.#error("CLOSED", "connection closed", undefined, msg.name);
-    const encoded = encodeReply(this.index, msg.name, payload, fds);
-    await this.socket.send(encoded.bytes, encoded.fds);
+    // Not async: on the control path a reply that goes out at once costs no promise of its own.
+    if (this.#closed) return Promise.reject(this.#error("CLOSED", "connection closed", undefined, msg.name));
+    let encoded: ReturnType<typeof encodeReply>;
+    try {
+      encoded = encodeReply(this.index, msg.name, payload, fds);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.socket.send(encoded.bytes, encoded.fds);
   }
 
   /**
    * REPLY_ACK: answers `msg` with a u64 status (0 = success) when it carried NEED_REPLY and has no
-   * explicit reply of its own; does nothing otherwise. Returns whether an ack went out.
+   * explicit reply of its own; does nothing otherwise. Resolves with whether an ack went out.
    */
-  async ack(msg: { readonly code: number; readonly needReply: boolean; readonly name: string }, status = 0n) {
+  ack(
+    msg: { readonly code: number; readonly needReply: boolean; readonly name: string },
+    status = 0n,
+  ): Promise<boolean> {
     const spec = this.index.byCode(msg.code);
-    if (!msg.needReply || !spec || spec.replies === "always") return false;
-    if (this.#closed) throw this.#error("CLOSED", "connection closed", undefined, msg.name);
-    const payload = U64.encode(status, msg.name);
+    if (!msg.needReply || !spec || spec.replies === "always") return NOT_ACKED;
+    if (this.#closed) return Promise.reject(this.#error("CLOSED", "connection closed", undefined, msg.name));
     const bytes = new Uint8Array(HEADER_SIZE + 8);
     encodeHeader({ request: msg.code, flags: VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, size: 8 }, bytes);
-    bytes.set(payload, HEADER_SIZE);
-    await this.socket.send(bytes);
-    return true;
+    try {
+      bytes.set(U64.encode(status, msg.name), HEADER_SIZE);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.socket.send(bytes).then(acked);
   }
 
   close(): void {
