@@ -12,6 +12,9 @@ import type { VhostUserDevice } from "./device.js";
 import { BackendSession, type SessionOptions } from "./session.js";
 
 const EINVAL = 22;
+/** accept(2) failures that pass: fd or memory exhaustion, a connection reset before it was taken. */
+const TRANSIENT_ACCEPT = new Set(["EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "ECONNABORTED", "EPROTO"]);
+const ACCEPT_RETRY_MS = 100;
 
 export type DaemonEvents = {
   log: [level: "info" | "warn" | "error", message: string];
@@ -113,6 +116,18 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
           } else resolve(s);
         },
         (e: Error) => {
+          this.#wake = null;
+          // Out of fds or memory is a moment, not the end: keep serving once some are free.
+          const code = (e as { code?: string }).code ?? "";
+          if (!this.#closed && TRANSIENT_ACCEPT.has(code)) {
+            this.emit("log", "warn", `accept failed (${code}); retrying in ${ACCEPT_RETRY_MS} ms`);
+            const t = setTimeout(() => resolve(this.#accept()), ACCEPT_RETRY_MS);
+            this.#wake = () => {
+              clearTimeout(t);
+              resolve(null);
+            };
+            return;
+          }
           this.emit("log", "error", `accept failed: ${e.message}`);
           resolve(null);
         },

@@ -10,6 +10,7 @@
  * - Only started, enabled rings are processed.
  */
 
+import type { Fd } from "../../../sys/fd.js";
 import { availRingSize, descTableSize, isPowerOfTwo, usedRingSize } from "../../../virtio/ring.js";
 import { VHOST_VRING_F_LOG } from "../../protocol/constants.js";
 import { VhostUserError } from "../../protocol/errors.js";
@@ -194,7 +195,7 @@ export const ringHandlers: HandlerTable = {
 async function setNotifier(
   s: SessionState,
   index: number,
-  fd: import("../../../sys/fd.js").Fd | null,
+  fd: Fd | null,
   which: "call" | "err",
   m: { readonly code: number; readonly needReply: boolean; readonly name: string },
 ): Promise<void> {
