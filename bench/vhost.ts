@@ -16,7 +16,6 @@ import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { setFlagsFromString } from "node:v8";
 import { nullDevice } from "../src/devices/examples/echo.js";
 import { GuestMemory } from "../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../src/memory/region.js";
@@ -45,8 +44,6 @@ const DATA_LEN = 512;
 
 if (process.argv[2] === "--serve-null" && process.argv[1] === fileURLToPath(import.meta.url)) {
   const path = process.argv[3] as string;
-  // As `vmshift blk` runs: GC on the main thread only (see src/cli/blk.ts).
-  setFlagsFromString("--single-threaded-gc");
   const daemon = VhostUserDaemon.listen(nullDevice({ maxQueueSize: 1024 }), path);
   process.stdout.write("ready\n");
   process.on("SIGTERM", () => {

@@ -9,7 +9,6 @@
  * holds every request N ms in its worker. SIGINT/SIGTERM stop it cleanly.
  */
 import { parseArgs } from "node:util";
-import { setFlagsFromString } from "node:v8";
 import { blkDevice } from "../devices/blk/device.js";
 import { VhostUserDaemon } from "../vhost-user/backend/daemon.js";
 import type { BackendSession } from "../vhost-user/backend/session.js";
@@ -126,9 +125,6 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
   const fd = fdArg === undefined ? -1 : Number(fdArg);
   if (fdArg !== undefined && !(Number.isInteger(fd) && fd >= 0)) return usage("--fd must be a file descriptor number");
 
-  // A daemon's control replies must not wait for GC helper threads the scheduler has not run
-  // (on a busy host a parallel scavenge turned into a multi-ms stall): collect on the main thread.
-  setFlagsFromString("--single-threaded-gc");
   const log = (level: string, msg: string) => io.err(`vmshift blk: ${level}: ${msg}`);
   let daemon: VhostUserDaemon;
   let device: ReturnType<typeof blkDevice>;
