@@ -107,7 +107,13 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
     const l = this.#listener as UnixListener;
     return new Promise((resolve) => {
       this.#wake = () => resolve(null);
-      l.accept().then(
+      let next: Promise<UnixSocket>;
+      try {
+        next = l.accept();
+      } catch (e) {
+        next = Promise.reject(e); // accept(2) failed at once (EMFILE with a connection waiting)
+      }
+      next.then(
         (s) => {
           this.#wake = null;
           if (this.#closed) {
