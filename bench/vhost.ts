@@ -69,13 +69,9 @@ async function openSession(socket: string): Promise<Session> {
     memory.close();
   };
   try {
-    await fe.negotiate();
-    await fe.setOwner();
-    const features = VERSION_1 | ((fe.backendFeatures ?? 0n) & EVENT_IDX);
-    await fe.setFeatures(features);
-    await fe.setMemTable(memory);
-    const queue = SplitQueueDriver.at(memory, 0x1000, QUEUE_SIZE, { features });
-    await fe.startVring(0, queue.layout);
+    const layout = SplitQueueDriver.at(memory, 0x1000, QUEUE_SIZE).layout;
+    const { acked } = await fe.start({ memory, features: VERSION_1, optionalFeatures: EVENT_IDX, rings: [layout] });
+    const queue = SplitQueueDriver.at(memory, 0x1000, QUEUE_SIZE, { features: acked });
     for (let slot = 0; slot < QUEUE_SIZE; slot++) {
       memory.writeU32(HEADERS + 16 * slot, 0); // VIRTIO_BLK_T_IN
       memory.writeU32(HEADERS + 16 * slot + 4, 0);

@@ -3,7 +3,7 @@
  *  [--serial ID] [--print-capabilities]`: a vhost-user-blk back-end over a raw image file.
  *
  * Follows the vhost-user spec's "Backend program conventions": `--socket-path`/`--fd`,
- * `--print-capabilities` (type "block-device"), and the vhost-user-blk options `--blk-file`
+ * `--print-capabilities` (type "block"), `--write-descriptor DIR` (the JSON descriptor), and the vhost-user-blk options `--blk-file`
  * (alias of --image) and `--read-only` (alias of --readonly). Logs go to stderr;
  * VMSHIFT_BLK_TRACE=1 also logs every vhost-user request received; VMSHIFT_BLK_DELAY_MS=N (tests)
  * holds every request N ms in its worker. SIGINT/SIGTERM stop it cleanly.
@@ -13,6 +13,7 @@ import { blkDevice } from "../devices/blk/device.js";
 import { parseSocketMode, resolveGroup, type SocketPathOptions } from "../sys/unix-path.js";
 import { VhostUserDaemon } from "../vhost-user/backend/daemon.js";
 import type { BackendSession } from "../vhost-user/backend/session.js";
+import { BLK_CAPABILITIES, writeBlkDescriptor } from "./blk-descriptor.js";
 
 export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --image FILE [options]
   --socket-path PATH     listen on this unix socket (the front-end connects)
@@ -32,8 +33,12 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
                          in the queue's thread; adaptive: inline, except a request that has
                          others waiting behind it and is worth the hop (any with --direct,
                          64 KiB and more on the page cache); auto (default): adaptive
-  --serial ID            GET_ID answer (default: the image file name)
-  --print-capabilities   print the back-end capabilities JSON and exit
+  --serial ID            GET_ID answer, printable ASCII (default: the image file name)
+  --queue-size N         the queue size the front-end uses (QEMU queue-size=N, default 128):
+                         seg_max is N - 2
+  --print-capabilities   print the back-end capabilities JSON and exit (other arguments ignored)
+  --write-descriptor DIR write DIR/50-vmshift-blk.json, the vhost-user descriptor libvirt finds
+                         (DIR: /etc/qemu/vhost-user, or $XDG_CONFIG_HOME/qemu/vhost-user), and exit
 signals: SIGINT/SIGTERM stop it cleanly; SIGHUP reads the image's size again (online resize)
   and tells the front-end (CONFIG_CHANGE_MSG: QEMU passes the new capacity to the guest).
 environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
@@ -41,8 +46,7 @@ environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
                          (tests: keeps requests in flight, so a kill can catch one)
 `;
 
-/** The spec's capabilities object (VHostUserBackendCapabilities, type block-device). */
-export const BLK_CAPABILITIES = { type: "block-device", features: ["read-only", "blk-file"] } as const;
+export { BLK_CAPABILITIES } from "./blk-descriptor.js";
 
 export interface BlkCommandIo {
   out(line: string): void;
@@ -73,6 +77,11 @@ function describe(m: { name: string; payload: unknown; fds: readonly unknown[] }
 }
 
 export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): Promise<number> {
+  // "--print-capabilities": print and exit 0, whatever else is on the command line.
+  if (argv.includes("--print-capabilities")) {
+    io.out(JSON.stringify(BLK_CAPABILITIES));
+    return 0;
+  }
   let values: Record<string, string | boolean | undefined>;
   try {
     values = parseArgs({
@@ -90,7 +99,8 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
         direct: { type: "boolean", default: false },
         io: { type: "string", default: "auto" },
         serial: { type: "string" },
-        "print-capabilities": { type: "boolean", default: false },
+        "queue-size": { type: "string" },
+        "write-descriptor": { type: "string" },
         help: { type: "boolean", default: false },
       },
     }).values;
@@ -102,9 +112,14 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
     io.out(BLK_USAGE);
     return 0;
   }
-  if (values["print-capabilities"]) {
-    io.out(JSON.stringify(BLK_CAPABILITIES));
-    return 0;
+  if (values["write-descriptor"] !== undefined) {
+    try {
+      io.out(writeBlkDescriptor(values["write-descriptor"] as string));
+      return 0;
+    } catch (e) {
+      io.err(`vmshift blk: --write-descriptor: ${(e as Error).message}`);
+      return 1;
+    }
   }
   const image = (values.image ?? values["blk-file"]) as string | undefined;
   const socketPath = values["socket-path"] as string | undefined;
@@ -142,6 +157,7 @@ export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): 
       direct: !!values.direct,
       io: values.io as "auto" | "sync" | "async" | "adaptive",
       ...(values.serial ? { serial: values.serial as string } : {}),
+      ...(values["queue-size"] ? { queueSize: Number(values["queue-size"]) } : {}),
       debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
     });
     daemon = socketPath ? VhostUserDaemon.listen(device, socketPath, socket) : VhostUserDaemon.fromFd(device, fd);

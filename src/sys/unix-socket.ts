@@ -5,6 +5,8 @@ import { READABLE, Watch, WRITABLE } from "./poller.js";
 import { listenUnixPath, type OwnedSocketPath, removeOwnedSocket, type SocketPathOptions } from "./unix-path.js";
 
 export const MAX_FDS_PER_MESSAGE = 8;
+/** What send() returns when the bytes went out at once. */
+const SENT: Promise<void> = Promise.resolve();
 const RECV_BUFFER = 64 * 1024;
 
 /** What one recvmsg() got: bytes, the fds that rode on them, and whether fds were dropped. */
@@ -76,6 +78,22 @@ export class UnixSocket implements Disposable {
     if (this.fd.closed) return Promise.reject(new SysError("sendmsg", 9 /* EBADF */, "socket closed"));
     if (fds.length > MAX_FDS_PER_MESSAGE)
       return Promise.reject(new RangeError(`at most ${MAX_FDS_PER_MESSAGE} fds per message`));
+    if (this.#queue.length === 0) {
+      // Nothing queued: one sendmsg now. Whole (the usual case for a control message) means
+      // done, with no promise, closure or queue entry made for it.
+      let n: number;
+      try {
+        n = native.sendmsg(this.fd.fd, data, fds.length ? fds.map(toNum) : null);
+      } catch {
+        n = -9; // EBADF, as #flush reports it
+      }
+      if (n === data.length) return SENT;
+      if (n < 0 && n !== -EAGAIN) return Promise.reject(new SysError("sendmsg", -n));
+      if (n > 0) {
+        data = data.subarray(n);
+        fds = []; // delivered with the first byte
+      }
+    }
     return new Promise((resolve, reject) => {
       this.#queue.push({ data, fds: fds.length ? fds.map(toNum) : null, resolve, reject });
       if (this.#queue.length === 1) this.#flush();
@@ -183,6 +201,10 @@ export class UnixSocket implements Disposable {
         return;
       }
       onChunk(chunk);
+      // A short read drained what was there: skip the recvmsg that would only say EAGAIN (one
+      // syscall per control message). libuv's poll is level-triggered: bytes that arrive
+      // meanwhile wake us again.
+      if (chunk.data.length < this.#recvBuf.length) return;
     }
   }
 

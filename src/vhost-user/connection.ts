@@ -14,6 +14,7 @@ import {
   HEADER_SIZE,
   hasFeature,
   ProtocolFeature,
+  VHOST_USER_MAX_FDS,
   VHOST_USER_REPLY_MASK,
   VHOST_USER_VERSION,
 } from "./protocol/constants.js";
@@ -45,6 +46,8 @@ import { U64 } from "./protocol/payloads.js";
  */
 export const DEFAULT_MAX_PAYLOAD_SIZE = 0x1000;
 export const DEFAULT_REPLY_TIMEOUT_MS = 10_000;
+const NOT_ACKED: Promise<boolean> = Promise.resolve(false);
+const acked = (): boolean => true;
 
 /** One framed message, before decoding: the fds are owned by whoever takes it. */
 export interface RawMessage {
@@ -71,7 +74,9 @@ interface Partial {
  * that sendmsg's bytes (it never glues data *after* an fd-carrying send). Senders put the fds on
  * the sendmsg that starts the message, so: the fds of a chunk belong to the last message whose
  * header starts in that chunk, or, when no header starts in it, to the message being assembled.
- * In the usual case (one message per chunk) that is the message starting the chunk.
+ * In the usual case (one message per chunk) that is the message starting the chunk. Fds on a
+ * chunk in which no message starts, or more than VHOST_USER_MAX_FDS on one message, are a
+ * framing error: the fds are closed and the framer refuses further input.
  */
 export class MessageFramer {
   readonly maxPayloadSize: number;
@@ -89,7 +94,7 @@ export class MessageFramer {
   }
 
   /**
-   * Feeds one chunk; returns the messages it completed. Throws VhostUserError("PAYLOAD_TOO_LARGE")
+   * Feeds one chunk (kept: payloads may be views of it); returns the messages it completed. Throws VhostUserError("PAYLOAD_TOO_LARGE")
    * when a header announces more than maxPayloadSize: the stream cannot be trusted after that, every
    * fd of the chunk and of the partial message is closed, and the framer refuses further input.
    */
@@ -97,6 +102,13 @@ export class MessageFramer {
     if (this.#dead) {
       for (const f of fds) f.close();
       throw new VhostUserError("CLOSED", "framer already failed or closed");
+    }
+    // The usual chunk: exactly one whole message (a sendmsg per message, read at once). Its
+    // payload is a view of `data` (which the caller hands over), nothing is copied.
+    if (this.#partial === null && data.length >= HEADER_SIZE && fds.length <= VHOST_USER_MAX_FDS) {
+      const header = decodeHeader(data);
+      if (header.size <= this.maxPayloadSize && data.length === HEADER_SIZE + header.size)
+        return [{ header, payload: data.subarray(HEADER_SIZE), fds, fdsTruncated }];
     }
     const done: RawMessage[] = [];
     let lastStarted: RawMessage | null = null;
@@ -156,13 +168,30 @@ export class MessageFramer {
       throw e;
     }
     if (fds.length > 0 || fdsTruncated) {
-      const owner = lastStarted ?? continued;
-      if (owner) {
-        owner.fds.push(...fds);
-        owner.fdsTruncated ||= fdsTruncated;
-      } else {
-        for (const f of fds) f.close(); // fds with no bytes to belong to
+      // Fds ride only on the bytes that start a message: fds arriving with the middle of one
+      // (a peer feeding a message byte by byte, each byte with fds) would be held for as long
+      // as it cares to leave the message incomplete. That and more than 8 fds on one message
+      // end the stream.
+      const owner = lastStarted;
+      const why =
+        owner === null
+          ? "fds sent with the middle of a message (only its first bytes may carry fds)"
+          : owner.fds.length + fds.length > VHOST_USER_MAX_FDS
+            ? `more than ${VHOST_USER_MAX_FDS} fds on one message`
+            : null;
+      if (why !== null) {
+        const err = new VhostUserError("BAD_FD_COUNT", why, {
+          request: `request ${(owner ?? continued)?.header.request ?? "?"}`,
+          value: (owner?.fds.length ?? 0) + fds.length,
+          expected: `<= ${VHOST_USER_MAX_FDS}, with the message's first bytes`,
+        });
+        for (const f of fds) f.close();
+        for (const m of done) for (const f of m.fds) f.close();
+        this.close();
+        throw err;
       }
+      (owner as RawMessage).fds.push(...fds);
+      (owner as RawMessage).fdsTruncated ||= fdsTruncated;
     }
     return done;
   }
@@ -233,6 +262,7 @@ export class Connection<T extends RequestTable> extends EventEmitter<ConnectionE
   /** Requests whose wait timed out, per code: their late replies are dropped quietly. */
   #abandoned = new Map<number, number>();
   #closed = false;
+  #paused = false;
 
   constructor(socket: UnixSocket, index: RequestIndex<T>, options: ConnectionOptions = {}) {
     super();
@@ -241,10 +271,31 @@ export class Connection<T extends RequestTable> extends EventEmitter<ConnectionE
     this.label = options.label ?? "vhost-user";
     this.timeoutMs = options.timeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS;
     this.#framer = new MessageFramer(options.maxPayloadSize ?? DEFAULT_MAX_PAYLOAD_SIZE);
-    socket.startReceiving(
+    this.#receive();
+  }
+
+  #receive(): void {
+    this.socket.startReceiving(
       (chunk) => this.#onChunk(chunk),
       (error) => this.#shutdown(error ? this.#error("DISCONNECTED", "socket failed", error) : undefined),
     );
+  }
+
+  /**
+   * Stops reading the socket (back-pressure: the server is busy with a request). Messages of a
+   * chunk already read are still delivered; the peer's further bytes and fds stay in the
+   * kernel, charged to it.
+   */
+  pause(): void {
+    if (this.#paused || this.#closed) return;
+    this.#paused = true;
+    this.socket.stopReceiving();
+  }
+
+  resume(): void {
+    if (!this.#paused || this.#closed) return;
+    this.#paused = false;
+    this.#receive();
   }
 
   /** The main socket: front-end requests, back-end replies. */
@@ -327,30 +378,41 @@ export class Connection<T extends RequestTable> extends EventEmitter<ConnectionE
   }
 
   /** Sends the explicit reply to `msg` (GET_FEATURES → u64, GET_VRING_BASE → vring state, ...). */
-  async reply<K extends RequestName<T>>(
+  reply<K extends RequestName<T>>(
     msg: { readonly name: K },
     payload: ReplyPayload<T, K>,
     fds: readonly (Fd | number)[] = [],
   ): Promise<void> {
-    if (this.#closed) throw this.#error("CLOSED", "connection closed", undefined, msg.name);
-    const encoded = encodeReply(this.index, msg.name, payload, fds);
-    await this.socket.send(encoded.bytes, encoded.fds);
+    // Not async: on the control path a reply that goes out at once costs no promise of its own.
+    if (this.#closed) return Promise.reject(this.#error("CLOSED", "connection closed", undefined, msg.name));
+    let encoded: ReturnType<typeof encodeReply>;
+    try {
+      encoded = encodeReply(this.index, msg.name, payload, fds);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.socket.send(encoded.bytes, encoded.fds);
   }
 
   /**
    * REPLY_ACK: answers `msg` with a u64 status (0 = success) when it carried NEED_REPLY and has no
-   * explicit reply of its own; does nothing otherwise. Returns whether an ack went out.
+   * explicit reply of its own; does nothing otherwise. Resolves with whether an ack went out.
    */
-  async ack(msg: { readonly code: number; readonly needReply: boolean; readonly name: string }, status = 0n) {
+  ack(
+    msg: { readonly code: number; readonly needReply: boolean; readonly name: string },
+    status = 0n,
+  ): Promise<boolean> {
     const spec = this.index.byCode(msg.code);
-    if (!msg.needReply || !spec || spec.replies === "always") return false;
-    if (this.#closed) throw this.#error("CLOSED", "connection closed", undefined, msg.name);
-    const payload = U64.encode(status, msg.name);
+    if (!msg.needReply || !spec || spec.replies === "always") return NOT_ACKED;
+    if (this.#closed) return Promise.reject(this.#error("CLOSED", "connection closed", undefined, msg.name));
     const bytes = new Uint8Array(HEADER_SIZE + 8);
     encodeHeader({ request: msg.code, flags: VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, size: 8 }, bytes);
-    bytes.set(payload, HEADER_SIZE);
-    await this.socket.send(bytes);
-    return true;
+    try {
+      bytes.set(U64.encode(status, msg.name), HEADER_SIZE);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.socket.send(bytes).then(acked);
   }
 
   close(): void {

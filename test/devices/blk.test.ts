@@ -59,6 +59,7 @@ async function serve(
     io?: "sync" | "async" | "adaptive";
     path?: string;
     backendChannel?: boolean;
+    features?: bigint;
   } = {},
 ): Promise<Served> {
   let image = o.path;
@@ -67,19 +68,15 @@ async function serve(
     writeFileSync(image, pattern(4 * MiB));
   }
   const sock = join(dir, `${name}.sock`);
-  const { path: _p, backendChannel, ...opts } = o;
+  const { path: _p, backendChannel, features: acked, ...opts } = o;
   const device = blkDevice({ path: image, ...opts });
   const daemon = VhostUserDaemon.listen(device, sock);
   daemon.on("log", (l, m) => logs.push(`${l}: ${m}`));
   const serving = daemon.serve();
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
   const fe = VhostUserFrontend.connect(sock, { timeoutMs: 5000, backendChannel: !!backendChannel });
-  await fe.negotiate();
-  await fe.setOwner();
-  await fe.setFeatures(VERSION_1);
-  await fe.setMemTable(mem);
+  await fe.start({ memory: mem, features: acked ?? VERSION_1, rings: [RING] });
   const queue = new SplitQueueDriver(mem, { ...RING, features: VERSION_1 });
-  await fe.startVring(0, RING);
   const blk = new VirtioBlkDriver(fe, 0, queue, mem, SCRATCH);
   return {
     device,
@@ -374,7 +371,8 @@ test("online resize: a grown image, resize(), CONFIG_CHANGE_MSG: the front-end r
 
 for (const io of ["sync", "async"] as const)
   test(`cache mode (CONFIG_WCE, ${io} I/O): writethrough flushes every write on its own, writeback does not`, async () => {
-    const s = await serve(`wce-${io}`, { io });
+    // FLUSH negotiated: the device starts in writeback.
+    const s = await serve(`wce-${io}`, { io, features: VERSION_1 | featureMask(9, 11) });
     try {
       const { blk, fe, device, mem } = s;
       assert.ok(((fe.backendFeatures ?? 0n) >> 11n) & 1n, "VIRTIO_BLK_F_CONFIG_WCE offered");

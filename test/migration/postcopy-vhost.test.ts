@@ -346,10 +346,7 @@ test("a back-end without PAGEFAULT: postcopy refused up front with the reason; p
     // its dirty log tells the migration which pages it wrote.
     const srcView = new GuestMemory([...src.regions, scratch]);
     fe = VhostUserFrontend.connect(backend.path, { timeoutMs: 5000 });
-    await fe.negotiate();
-    await fe.setOwner();
-    await fe.setFeatures(VERSION_1);
-    await fe.setMemTable(srcView);
+    await fe.start({ memory: srcView, features: VERSION_1 });
     queue = await EchoQueue.start(fe, srcView);
     const log = await fe.startLogging();
     const q = queue;

@@ -92,14 +92,36 @@ test("framer: several messages in one chunk; fds go to the last message starting
   closeFds(rest);
 });
 
-test("framer: fds in a chunk where no header starts belong to the message being assembled", () => {
+test("framer: fds in a chunk where no message starts are a framing error; they are closed (issue 12: fd hoarding)", () => {
   const bytes = encodeRequest(FRONTEND_INDEX, "SET_VRING_CALL", { index: 0, noFd: false }, { fds: [0] }).bytes;
   const framer = new MessageFramer();
   assert.equal(framer.push(bytes.subarray(0, 4)).length, 0);
   const fd = memfds(1);
-  const out = framer.push(bytes.subarray(4), fd);
-  assert.equal(out[0]?.fds.length, 1);
-  closeFds(out);
+  const raw = (fd[0] as Fd).fd;
+  assert.throws(
+    () => framer.push(bytes.subarray(4), fd),
+    (e: unknown) => e instanceof VhostUserError && e.code === "BAD_FD_COUNT" && /middle of a message/.test(e.message),
+  );
+  assert.equal(isOpenFd(raw), false, "the fd is closed");
+  assert.throws(
+    () => framer.push(bytes),
+    (e: unknown) => e instanceof VhostUserError && e.code === "CLOSED",
+  );
+});
+
+test("framer: more than 8 fds on one message is a framing error; every fd is closed", () => {
+  const bytes = encodeRequest(FRONTEND_INDEX, "SET_VRING_CALL", { index: 0, noFd: false }, { fds: [0] }).bytes;
+  const framer = new MessageFramer();
+  const fds = memfds(9);
+  const raws = fds.map((f) => f.fd);
+  assert.throws(
+    () => framer.push(bytes, fds),
+    (e: unknown) => e instanceof VhostUserError && e.code === "BAD_FD_COUNT" && e.value === 9,
+  );
+  assert.ok(
+    raws.every((r) => !isOpenFd(r)),
+    "all 9 closed",
+  );
 });
 
 test("framer: a header announcing more than the limit is fatal and closes every fd", () => {
@@ -290,7 +312,7 @@ test("malformed messages become protocolError events; the connection goes on", a
   await front.socket.send(hex(`${header(9, 1, 39)} ${"00".repeat(39)}`)); // short SET_VRING_ADDR
   await front.socket.send(hex(`${header(45, 1, 0)}`)); // unknown request
   await front.socket.send(hex(`${header(2, 0, 8)} ${le64(0n)}`)); // version 0
-  await front.socket.send(hex(`${header(6, 1, 16)} ${le64(4096n)} ${le64(0n)}`)); // SET_LOG_BASE without fd
+  await front.socket.send(hex(`${header(13, 1, 8)} ${le64(0n)}`)); // SET_VRING_CALL without its fd
   await front.socket.send(hex(`${header(3, 1, 0)}`), fd); // SET_OWNER with a stray fd
   await front.request("SET_OWNER", undefined);
   const [ok] = await got;

@@ -85,17 +85,22 @@ test("BAD_SIZE: GET_SHMEM_CONFIG reply truncated to nregions", () => {
   expectError(() => decodeReply(FRONTEND_INDEX, "GET_SHMEM_CONFIG", decodeHeader(h), payload, []), "BAD_SIZE");
 });
 
-test("BAD_FD_COUNT: SET_MEM_TABLE 2 regions with 1 fd, SET_LOG_BASE without fd, no-fd kick with an fd", () => {
+test("BAD_FD_COUNT: SET_MEM_TABLE 2 regions with 1 fd, SET_LOG_BASE u64 with an fd, no-fd kick with an fd", () => {
   const table = `${header(5, 1, 72)} 02000000 00000000 ${"00".repeat(64)}`;
   const one = memfds(1);
   const raw = rawFds(one);
   expectError(() => decodeFront(hex(table), one), "BAD_FD_COUNT", "SET_MEM_TABLE", 1);
   assert.ok(!isOpenFd(raw[0] as number));
+  // SET_LOG_BASE: the log description with its fd (LOG_SHMFD) or without (QEMU, no LOG_SHMFD);
+  // the bare u64 address (rust-vmm, no LOG_SHMFD) never has one.
+  const withoutFd = decodeFront(hex(`${header(6, 1, 16)} ${le64(4096n)} ${le64(0n)}`));
+  assert.deepEqual(withoutFd.payload, { mmapSize: 4096n, mmapOffset: 0n });
+  assert.deepEqual(decodeFront(hex(`${header(6, 1, 8)} ${le64(0x1000n)}`)).payload, { address: 0x1000n });
   expectError(
-    () => decodeFront(hex(`${header(6, 1, 16)} ${le64(4096n)} ${le64(0n)}`)),
+    () => decodeFront(hex(`${header(6, 1, 8)} ${le64(0x1000n)}`), memfds(1)),
     "BAD_FD_COUNT",
     "SET_LOG_BASE",
-    0,
+    1,
   );
   expectError(
     () => decodeFront(hex(`${header(12, 1, 8)} ${le64(0x100n)}`), memfds(1)),
@@ -204,7 +209,7 @@ test("encoding refuses what decoding would reject", () => {
     (e: unknown) => e instanceof VhostUserError && e.code === "TOO_MANY_REGIONS",
   );
   assert.throws(
-    () => encodeRequest(FRONTEND_INDEX, "SET_LOG_BASE", { mmapSize: 4096n, mmapOffset: 0n }),
+    () => encodeRequest(FRONTEND_INDEX, "SET_LOG_BASE", { address: 4096n }, { fds: [0] }),
     (e: unknown) => e instanceof VhostUserError && e.code === "BAD_FD_COUNT",
   );
   assert.throws(

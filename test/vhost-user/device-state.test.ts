@@ -27,12 +27,8 @@ async function backend(name: string) {
   const serving = daemon.serve();
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
   const fe = VhostUserFrontend.connect(path, { timeoutMs: 5000 });
-  await fe.negotiate();
-  await fe.setOwner();
-  await fe.setFeatures(VERSION_1);
-  await fe.setMemTable(memory);
   const q = SplitQueueDriver.at(memory, 0x1000, 64, { features: VERSION_1 });
-  await fe.startVring(0, q.layout);
+  await fe.start({ memory, features: VERSION_1, rings: [q.layout] });
   const echo = async (n: number) => {
     for (let i = 0; i < n; i++) {
       memory.write(0x100000, Uint8Array.of(i, 1, 2));

@@ -89,12 +89,8 @@ async function openSession(
     memory.close();
   };
   try {
-    await fe.negotiate();
-    await fe.setOwner();
-    await fe.setFeatures(VERSION_1);
-    await fe.setMemTable(memory);
+    await fe.start({ memory, features: VERSION_1, rings: [RING] });
     const queue = new SplitQueueDriver(memory, { ...RING, features: VERSION_1 });
-    await fe.startVring(0, RING);
     return { fe, memory, blk: new VirtioBlkDriver(fe, 0, queue, memory, SCRATCH), close };
   } catch (e) {
     close();

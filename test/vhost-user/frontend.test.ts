@@ -56,7 +56,10 @@ function fakePeer(script: PeerScript) {
       case "GET_VRING_BASE":
         return done(peer.reply(m, { index: m.payload.index, num: 7 }));
       case "SET_LOG_BASE":
-        return done(peer.reply(m, 0n));
+        return done(peer.reply(m, { kind: "u64", value: 0n }));
+      case "GET_INFLIGHT_FD":
+        // QEMU's reading of mmap size 0: this back-end has nothing in flight to track.
+        return done(peer.reply(m, { ...m.payload, mmapSize: 0n }));
       default:
         return done(peer.ack(m));
     }
@@ -242,4 +245,40 @@ test("memory without an fd, or a ring outside the table, is refused before anyth
     shared.close();
   }
   assert.equal(openFdCount(), before);
+});
+
+test('GET_INFLIGHT_FD answered with mmap size 0 is "no inflight" (null), not an error', async () => {
+  const { fe, peer } = fakePeer({
+    features: LOGGING_FEATURES,
+    protocol: featureMask(ProtocolFeature.INFLIGHT_SHMFD, ProtocolFeature.REPLY_ACK),
+  });
+  try {
+    await fe.negotiate();
+    assert.equal(await fe.getInflight(1, 64), null);
+  } finally {
+    fe.close();
+    peer.close();
+  }
+});
+
+test("reset() without RESET_DEVICE stops the started rings (SET_VRING_ENABLE 0, GET_VRING_BASE), never the deprecated RESET_OWNER", async () => {
+  const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 1 << 20)]);
+  const { fe, peer, seen } = fakePeer({
+    features: LOGGING_FEATURES,
+    protocol: featureMask(ProtocolFeature.REPLY_ACK),
+  });
+  try {
+    await started(fe, memory);
+    seen.length = 0;
+    await fe.reset();
+    assert.deepEqual(
+      seen.map((x) => x.name),
+      ["SET_VRING_ENABLE", "GET_VRING_BASE"],
+    );
+    assert.equal(fe.vring(0).started, false);
+  } finally {
+    fe.close();
+    peer.close();
+    memory.close();
+  }
 });

@@ -82,7 +82,7 @@ function hostileBackend(protocol: bigint, advise?: () => Fd | number) {
       case "GET_PROTOCOL_FEATURES":
         return done(peer.reply(m, protocol));
       case "SET_LOG_BASE":
-        return done(peer.reply(m, 0n));
+        return done(peer.reply(m, { kind: "u64", value: 0n }));
       case "POSTCOPY_ADVISE":
         return done(peer.reply(m, undefined as never, advise ? [advise()] : []));
       default:

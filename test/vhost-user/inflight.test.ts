@@ -162,16 +162,14 @@ test("the vmshift front-end drives the restart itself (getInflight / setInflight
   let second: ChildProcess | null = null;
   const life = async () => {
     const fe = VhostUserFrontend.connect(path, { timeoutMs: 5000 });
-    await fe.negotiate();
-    await fe.setOwner();
-    await fe.setFeatures(VERSION_1);
-    await fe.setMemTable(memory);
+    await fe.start({ memory, features: VERSION_1 });
     return fe;
   };
   try {
     const fe = await life();
     assert.ok(fe.hasProtocolFeature(ProtocolFeature.INFLIGHT_SHMFD));
     const inflight = await fe.getInflight(1, 64);
+    assert.ok(inflight, "the blk back-end tracks inflight I/O");
     await fe.setInflight(inflight);
     const q = SplitQueueDriver.at(memory, 0x1000, 64, { features: VERSION_1 });
     await fe.startVring(0, q.layout);

@@ -301,7 +301,8 @@ const MUTATIONS: Mutation[] = [
   },
   {
     what: "one fd too few",
-    applies: (w) => w.fds.length > 0,
+    // SET_LOG_BASE without its fd is legal (a front-end without LOG_SHMFD sends it so).
+    applies: (w, name) => w.fds.length > 0 && name !== "SET_LOG_BASE",
     mutate: (w) => {
       for (const f of w.fds) f.close();
       return { bytes: w.bytes, fds: [] };

@@ -127,6 +127,7 @@ test("packed inflight: a back-end killed with a request in flight; the next one 
     const fe = await life(path, memory, f);
     assert.ok(fe.hasProtocolFeature(ProtocolFeature.INFLIGHT_SHMFD));
     const inflight = await fe.getInflight(1, 16);
+    assert.ok(inflight, "the back-end offers an inflight region");
     await fe.setInflight(inflight);
     const q = PackedQueueDriver.at(memory, 0x1000, 16, { features: f });
     await fe.startVring(0, q.layout);

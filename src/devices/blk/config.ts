@@ -1,5 +1,5 @@
 /** The virtio-blk config space (virtio 1.2, 5.2.4) of one image, as GET_CONFIG returns it. */
-import { Config, SECTOR_SIZE } from "./constants.js";
+import { Config } from "./constants.js";
 
 export interface BlkGeometry {
   /** Image size in 512-byte sectors. */
@@ -28,7 +28,8 @@ export function encodeConfig(g: BlkGeometry): Uint8Array {
   v.setUint32(Config.blkSize, g.blkSize, true);
   // physical_block_exp: log2(physical block / logical block); we have no better knowledge.
   v.setUint8(Config.topology, 0);
-  v.setUint16(Config.topology + 2, g.blkSize / SECTOR_SIZE, true);
+  // min_io_size is in logical blocks (blk_size units): one block.
+  v.setUint16(Config.topology + 2, 1, true);
   v.setUint8(Config.writeback, g.writeback ? 1 : 0);
   v.setUint16(Config.numQueues, g.numQueues, true);
   v.setUint32(Config.maxDiscardSectors, g.maxDiscardSectors, true);

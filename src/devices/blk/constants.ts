@@ -3,21 +3,24 @@
  * types, status values, the request header and the config space. One place, next to the codec.
  */
 
+import { VirtioBlkFeature } from "../../virtio/blk-features.js";
+
 /** Device id of a block device (virtio 1.2, 5 "Device Types"). */
 export const VIRTIO_ID_BLOCK = 2;
 
-// Feature bits (5.2.3).
-export const VIRTIO_BLK_F_SIZE_MAX = 1;
-export const VIRTIO_BLK_F_SEG_MAX = 2;
-export const VIRTIO_BLK_F_GEOMETRY = 4;
-export const VIRTIO_BLK_F_RO = 5;
-export const VIRTIO_BLK_F_BLK_SIZE = 6;
-export const VIRTIO_BLK_F_FLUSH = 9;
-export const VIRTIO_BLK_F_TOPOLOGY = 10;
-export const VIRTIO_BLK_F_CONFIG_WCE = 11;
-export const VIRTIO_BLK_F_MQ = 12;
-export const VIRTIO_BLK_F_DISCARD = 13;
-export const VIRTIO_BLK_F_WRITE_ZEROES = 14;
+// Feature bits (5.2.3): the one table is src/virtio/blk-features.ts.
+const B = VirtioBlkFeature;
+export const VIRTIO_BLK_F_SIZE_MAX = B.VIRTIO_BLK_F_SIZE_MAX;
+export const VIRTIO_BLK_F_SEG_MAX = B.VIRTIO_BLK_F_SEG_MAX;
+export const VIRTIO_BLK_F_GEOMETRY = B.VIRTIO_BLK_F_GEOMETRY;
+export const VIRTIO_BLK_F_RO = B.VIRTIO_BLK_F_RO;
+export const VIRTIO_BLK_F_BLK_SIZE = B.VIRTIO_BLK_F_BLK_SIZE;
+export const VIRTIO_BLK_F_FLUSH = B.VIRTIO_BLK_F_FLUSH;
+export const VIRTIO_BLK_F_TOPOLOGY = B.VIRTIO_BLK_F_TOPOLOGY;
+export const VIRTIO_BLK_F_CONFIG_WCE = B.VIRTIO_BLK_F_CONFIG_WCE;
+export const VIRTIO_BLK_F_MQ = B.VIRTIO_BLK_F_MQ;
+export const VIRTIO_BLK_F_DISCARD = B.VIRTIO_BLK_F_DISCARD;
+export const VIRTIO_BLK_F_WRITE_ZEROES = B.VIRTIO_BLK_F_WRITE_ZEROES;
 
 // Request types (5.2.6).
 export const VIRTIO_BLK_T_IN = 0;

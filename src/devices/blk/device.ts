@@ -40,8 +40,16 @@ export interface BlkOptions {
   direct?: boolean;
   /** Largest queue size accepted (default 1024). */
   maxQueueSize?: number;
-  /** GET_ID answer (default: the image's file name, cut to 20 bytes). */
+  /**
+   * GET_ID answer: printable ASCII, at most 20 bytes, NUL-padded on the wire. Default: the
+   * image's file name, other characters replaced by '_', cut to 20.
+   */
   serial?: string;
+  /**
+   * The queue size the front-end will use (QEMU's -device vhost-user-blk-pci,queue-size=N;
+   * default 128): seg_max is this minus 2, as QEMU's own virtio-blk has it.
+   */
+  queueSize?: number;
   /** Extra protocol features on top of INFLIGHT_SHMFD (which the blk device always offers). */
   protocolFeatures?: bigint;
   /** Test knob: each request waits this long in its worker before completing (0 = none). */
@@ -62,8 +70,10 @@ export function ioMode(o: Pick<BlkOptions, "io">): IoMode {
   return io === "auto" ? "adaptive" : io;
 }
 
-/** Segments per request the driver may use: a chain of header + segments + status must fit a 128-entry queue. */
+/** Segments per request in a 128-entry queue (header + segments + status fit it), QEMU's default queue size. */
 export const SEG_MAX = 126;
+/** The queue size seg_max is computed for unless told (QEMU's vhost-user-blk default queue-size). */
+export const DEFAULT_QUEUE_SIZE = 128;
 /** Largest segment (config size_max). */
 export const SIZE_MAX = 1 << 20;
 /** Discard / write-zeroes limits: 16 MiB, one segment per request (as QEMU's own virtio-blk). */
@@ -90,6 +100,26 @@ export interface BlkDevice extends VhostUserDevice {
   readonly writeThroughFlushes: number;
 }
 
+/**
+ * The GET_ID answer: "The string is NUL-padded ASCII" of VIRTIO_BLK_ID_BYTES. An explicit serial
+ * must be printable ASCII; a file name gets its other characters replaced by '_'.
+ */
+export function blkId(serial: string | undefined, path: string): Uint8Array {
+  let text: string;
+  if (serial !== undefined) {
+    if (!/^[\x20-\x7e]*$/.test(serial) || serial.length > VIRTIO_BLK_ID_BYTES)
+      throw new RangeError(`serial ${JSON.stringify(serial)}: up to ${VIRTIO_BLK_ID_BYTES} printable ASCII characters`);
+    text = serial;
+  } else {
+    text = basename(path)
+      .replace(/[^\x20-\x7e]/g, "_")
+      .slice(0, VIRTIO_BLK_ID_BYTES);
+  }
+  const id = new Uint8Array(VIRTIO_BLK_ID_BYTES);
+  for (let i = 0; i < text.length; i++) id[i] = text.charCodeAt(i);
+  return id;
+}
+
 export function blkDevice(o: BlkOptions): BlkDevice {
   const queues = o.queues ?? 1;
   if (!Number.isInteger(queues) || queues < 1 || queues > 64) throw new RangeError(`queues ${queues}: 1..64`);
@@ -103,6 +133,10 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     probe.close();
   }
   const capacitySectors = Math.floor(size / SECTOR_SIZE);
+  const maxQueueSize = o.maxQueueSize ?? 1024;
+  const queueSize = Math.min(o.queueSize ?? DEFAULT_QUEUE_SIZE, maxQueueSize);
+  if (!Number.isInteger(queueSize) || queueSize < 4) throw new RangeError(`queue size ${queueSize}: at least 4`);
+  const segMax = queueSize - 2;
   if (capacitySectors === 0) throw new RangeError(`${o.path}: image smaller than one sector (${size} bytes)`);
 
   let f = features(
@@ -120,8 +154,14 @@ export function blkDevice(o: BlkOptions): BlkDevice {
   else f |= features(VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_F_CONFIG_WCE);
 
   // The cache mode and its flush count, shared with every queue worker: [writeback 0/1, flushes].
+  // Writeback exactly when the driver can flush (QEMU's virtio-blk: write cache iff FLUSH):
+  // "If VIRTIO_BLK_F_CONFIG_WCE is negotiated but VIRTIO_BLK_F_FLUSH is not, the device MUST
+  // initialize writeback to 0." Until features are negotiated the config shows writeback.
   const cache = new Int32Array(new SharedArrayBuffer(8));
   cache[0] = 1;
+  /** Device feature bits last negotiated (null: none since the last reset). */
+  let negotiated: bigint | null = null;
+  const DEVICE_BITS = features(VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_CONFIG_WCE);
   // The capacity in force, shared with every queue worker (online resize).
   const capacity = new BigInt64Array(new SharedArrayBuffer(8));
   capacity[0] = BigInt(capacitySectors);
@@ -130,7 +170,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     writeback: Atomics.load(cache, 0) === 1,
     blkSize: SECTOR_SIZE,
     sizeMax: SIZE_MAX,
-    segMax: SEG_MAX,
+    segMax,
     numQueues: queues,
     maxDiscardSectors: MAX_DISCARD_SECTORS,
     maxDiscardSeg: MAX_DISCARD_SEG,
@@ -140,7 +180,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     writeZeroesMayUnmap: true,
   });
   let config = encodeConfig(geometry(capacitySectors));
-  const id = new TextEncoder().encode(o.serial ?? basename(o.path)).subarray(0, VIRTIO_BLK_ID_BYTES);
+  const id = blkId(o.serial, o.path);
   const data: BlkWorkerData = {
     path: o.path,
     readonly,
@@ -156,6 +196,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxDiscardSeg: MAX_DISCARD_SEG,
     maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
+    segMax,
     debugDelayMs: o.debugDelayMs ?? 0,
     io: ioMode(o),
   };
@@ -189,7 +230,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     options: { ...o },
     info: {
       numQueues: queues,
-      maxQueueSize: o.maxQueueSize ?? 1024,
+      maxQueueSize,
       features: f,
       // The handler only sees DescriptorChains: split or packed rings, whichever the driver takes.
       packedRing: true,
@@ -200,6 +241,18 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     queueWorker: new URL("./handler.js", import.meta.url),
     workerData: () => data,
     getConfig: (offset, size) => configSlice(config, offset, size),
+    setFeatures(f) {
+      // Only a change of the device's own bits re-initializes the cache mode: SET_FEATURES also
+      // toggles VHOST_F_LOG_ALL during a migration, which must not undo the driver's choice.
+      const bits = f & DEVICE_BITS;
+      if (bits === negotiated) return;
+      negotiated = bits;
+      Atomics.store(cache, 0, (bits & features(VIRTIO_BLK_F_FLUSH)) !== 0n ? 1 : 0);
+      config = encodeConfig(geometry(Number(Atomics.load(capacity, 0))));
+    },
+    reset() {
+      negotiated = null;
+    },
     // The one writable field: the cache mode (virtio 1.2 5.2.6.3, VIRTIO_BLK_F_CONFIG_WCE).
     setConfig: (offset, data) => {
       if (readonly || offset !== Config.writeback || data.length !== 1 || (data[0] as number) > 1)

@@ -34,7 +34,7 @@ import {
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 } from "./constants.js";
-import { SEG_MAX, SIZE_MAX } from "./device.js";
+import { SIZE_MAX } from "./device.js";
 import { AlignedBuffer, BlockImage, isDirectAligned } from "./image.js";
 import { type IoMode, IoPolicy } from "./io-policy.js";
 
@@ -63,6 +63,8 @@ export interface BlkWorkerData {
   maxDiscardSeg: number;
   maxWriteZeroesSectors: number;
   maxWriteZeroesSeg: number;
+  /** The seg_max the config space advertises (queue size - 2): enforced per request. */
+  segMax: number;
   /** Test knob: sleep this long before completing each request. */
   debugDelayMs: number;
   /** Where reads and writes run: inline, on libuv's thread pool, or adaptive (io-policy.ts). */
@@ -383,7 +385,7 @@ export class BlkQueueHandler implements QueueHandler {
   /**
    * seg_max and size_max, as advertised (virtio 1.2 5.2.4: "size_max: maximum size of any single
    * segment", "seg_max: maximum number of segments in a request"): the data bytes [skip,
-   * skip+len) of buffers [first, last) lie in at most SEG_MAX buffers of at most SIZE_MAX bytes.
+   * skip+len) of buffers [first, last) lie in at most segMax buffers of at most SIZE_MAX bytes.
    * A driver that goes past them gets IOERR before anything is allocated or transferred.
    */
   #segmentsWithinLimits(
@@ -408,8 +410,8 @@ export class BlkQueueHandler implements QueueHandler {
         this.#warn(`${what} with a segment of ${n} bytes (size_max ${SIZE_MAX})`);
         return false;
       }
-      if (++segments > SEG_MAX) {
-        this.#warn(`${what} with more than ${SEG_MAX} segments (seg_max)`);
+      if (++segments > this.#d.segMax) {
+        this.#warn(`${what} with more than ${this.#d.segMax} segments (seg_max)`);
         return false;
       }
       off += n;

@@ -10,9 +10,12 @@ import { acceptRaw } from "../../sys/io.js";
 import type { SocketPathOptions } from "../../sys/unix-path.js";
 import { UnixListener, UnixSocket } from "../../sys/unix-socket.js";
 import type { VhostUserDevice } from "./device.js";
-import { BackendSession } from "./session.js";
+import { BackendSession, type SessionOptions } from "./session.js";
 
 const EINVAL = 22;
+/** accept(2) failures that pass: fd or memory exhaustion, a connection reset before it was taken. */
+const TRANSIENT_ACCEPT = new Set(["EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "ECONNABORTED", "EPROTO"]);
+const ACCEPT_RETRY_MS = 100;
 
 export type DaemonEvents = {
   log: [level: "info" | "warn" | "error", message: string];
@@ -22,6 +25,8 @@ export type DaemonEvents = {
 export interface DaemonOptions {
   /** Serve this many connections, then stop (0 = until close()). */
   maxSessions?: number;
+  /** Per-connection choices (SET_LOG_BASE reply form, device-state bounds). */
+  session?: SessionOptions;
 }
 
 export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
@@ -85,7 +90,12 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
         socket = await this.#accept();
         if (!socket) break;
       }
-      const s = new BackendSession(socket, this.device, { log: (level, msg) => this.emit("log", level, msg) });
+      const s = new BackendSession(
+        socket,
+        this.device,
+        { log: (level, msg) => this.emit("log", level, msg) },
+        options.session,
+      );
       this.#session = s;
       this.emit("log", "info", "front-end connected");
       this.emit("session", s);
@@ -101,7 +111,13 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
     const l = this.#listener as UnixListener;
     return new Promise((resolve) => {
       this.#wake = () => resolve(null);
-      l.accept().then(
+      let next: Promise<UnixSocket>;
+      try {
+        next = l.accept();
+      } catch (e) {
+        next = Promise.reject(e); // accept(2) failed at once (EMFILE with a connection waiting)
+      }
+      next.then(
         (s) => {
           this.#wake = null;
           if (this.#closed) {
@@ -110,6 +126,18 @@ export class VhostUserDaemon extends EventEmitter<DaemonEvents> {
           } else resolve(s);
         },
         (e: Error) => {
+          this.#wake = null;
+          // Out of fds or memory is a moment, not the end: keep serving once some are free.
+          const code = (e as { code?: string }).code ?? "";
+          if (!this.#closed && TRANSIENT_ACCEPT.has(code)) {
+            this.emit("log", "warn", `accept failed (${code}); retrying in ${ACCEPT_RETRY_MS} ms`);
+            const t = setTimeout(() => resolve(this.#accept()), ACCEPT_RETRY_MS);
+            this.#wake = () => {
+              clearTimeout(t);
+              resolve(null);
+            };
+            return;
+          }
           this.emit("log", "error", `accept failed: ${e.message}`);
           resolve(null);
         },

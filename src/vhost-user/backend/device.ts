@@ -42,10 +42,16 @@ export interface VhostUserDevice {
   readonly queueWorker: URL;
   /** Data handed to the queue worker of `queue` (structured-clone; SharedArrayBuffers are shared). */
   workerData?(queue: number): unknown;
-  /** Config space bytes [offset, offset+size) (GET_CONFIG). */
-  getConfig?(offset: number, size: number): Uint8Array;
-  /** A front-end write to the config space (SET_CONFIG). Throw to refuse. */
-  setConfig?(offset: number, data: Uint8Array): void;
+  /**
+   * Config space bytes [offset, offset+size) (GET_CONFIG). Throw (or return another size) when
+   * they cannot be served: the front-end gets the spec's error, an empty reply.
+   */
+  getConfig?(offset: number, size: number, flags?: number): Uint8Array;
+  /**
+   * A front-end write to the config space (SET_CONFIG). Throw to refuse. `flags` is the
+   * message's (ConfigFlags: 0 a driver write, 1 live migration restoring read-only fields).
+   */
+  setConfig?(offset: number, data: Uint8Array, flags?: number): void;
   /** The features the front-end acknowledged (device bits only matter to the device). */
   setFeatures?(features: bigint): void;
   /** Device state for live migration (SET_DEVICE_STATE_FD, save direction). */

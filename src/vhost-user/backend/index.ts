@@ -17,4 +17,12 @@ export type {
   VhostUserDevice,
 } from "./device.js";
 export { BackendMemoryTable, type MappedRegion } from "./memory-table.js";
-export { BackendSession, FRAMEWORK_PROTOCOL_FEATURES, MAX_MEM_SLOTS } from "./session.js";
+export {
+  BackendSession,
+  FRAMEWORK_PROTOCOL_FEATURES,
+  HANDLERS,
+  MAX_MEM_SLOTS,
+  type SessionEvents,
+  type SessionOptions,
+} from "./session.js";
+export type { LogBaseReply } from "./state.js";

@@ -1,40 +1,31 @@
 /**
- * VhostUserFrontend: the VMM's side of vhost-user, driving any backend over its socket.
+ * VhostUserFrontend: the VMM's side of vhost-user, driving any backend over its socket. One
+ * thin method per message; what spans several messages lives in its own module: the memory
+ * table (memory-sync.ts), dirty logging (logging.ts), postcopy (postcopy.ts) and the
+ * device-state transfer (device-state.ts). `start()` runs the usual set-up in QEMU's order.
  *
  * Replies: a reply is awaited exactly when the spec says one comes — always for GET_* (and
  * GET_CONFIG), for SET_LOG_BASE when LOG_SHMFD is negotiated ("Here is a list of the ones that
  * do [require replies]: ... VHOST_USER_SET_LOG_BASE (if VHOST_USER_PROTOCOL_F_LOG_SHMFD)"), and
- * for everything else only when REPLY_ACK is negotiated (NEED_REPLY is then set). SET_LOG_BASE
- * goes out without NEED_REPLY: it already solicits a reply, and "the presence of REPLY_ACK or
- * need_reply bit being set brings no behavioural change" — so its u64 is not a status (libvhost-user
- * echoes the log size there). Every wait has the connection's deadline and fails with a
- * VhostUserError naming the request (TIMEOUT, NACK, DISCONNECTED, CLOSED).
- *
- * Addresses: SET_MEM_TABLE / ADD_MEM_REG carry each region's host address in this process as the
- * "user address", and SET_VRING_ADDR translates ring guest addresses into that same space.
- *
- * Postcopy (PAGEFAULT): postcopyAdvise → postcopyListen → setMemTable (its postcopy form, which
- * keeps the back-end's own region addresses) → postcopyEnd, in QEMU's order; serving the
- * back-end's faults is the caller's (src/vm/vhost-postcopy.ts). Without PAGEFAULT it is refused
- * before anything is sent (postcopyRefusal says why).
+ * for everything else only when REPLY_ACK is negotiated (NEED_REPLY is then set). Every wait
+ * has the connection's deadline and fails with a VhostUserError naming the request (TIMEOUT,
+ * NACK, DISCONNECTED, CLOSED).
  */
 import { EventEmitter } from "node:events";
 import type { DirtySink } from "../../memory/dirty-source.js";
 import type { GuestMemory } from "../../memory/guest-memory.js";
-import type { GuestMemoryRegion } from "../../memory/region.js";
-import { DirtyLogArea, SharedLogDirtySource } from "../../memory/shared-dirty-log.js";
+import type { SharedLogDirtySource } from "../../memory/shared-dirty-log.js";
 import type { EventFd } from "../../sys/eventfd.js";
 import type { Fd } from "../../sys/fd.js";
-import { isSizeSealed } from "../../sys/memfd.js";
 import { UnixSocket } from "../../sys/unix-socket.js";
-import { Userfaultfd } from "../../sys/userfaultfd.js";
+import type { Userfaultfd } from "../../sys/userfaultfd.js";
+import { availRingSize, descTableSize, isPowerOfTwo, MAX_QUEUE_SIZE, usedRingSize } from "../../virtio/ring.js";
 import { Connection, type ConnectionOptions, DEFAULT_REPLY_TIMEOUT_MS } from "../connection.js";
 import type { BackendRequests } from "../protocol/backend-requests.js";
 import {
   featureMask,
   hasFeature,
   ProtocolFeature,
-  VHOST_MEMORY_BASELINE_NREGIONS,
   VHOST_USER_MAX_CONFIG_SIZE,
   VHOST_VRING_F_LOG,
   VirtioFeature,
@@ -42,9 +33,16 @@ import {
 import { VhostUserError } from "../protocol/errors.js";
 import type { FrontendRequests } from "../protocol/frontend-requests.js";
 import type { RequestPayload } from "../protocol/message.js";
-import type { InflightDescription, MemoryRegion } from "../protocol/payloads.js";
+import type { InflightDescription } from "../protocol/payloads.js";
+import { DEFAULT_MAX_DEVICE_STATE, type DeviceStateLimits, readState, writeState } from "./device-state.js";
 import { FrontendError } from "./errors.js";
+import { FrontendLogging, type LoggingHost } from "./logging.js";
+import { type BackendRegionBase, MemoryTableSync, type MemTableOptions } from "./memory-sync.js";
+import { FrontendPostcopy, postcopyRefusal } from "./postcopy.js";
 import { FrontendVring, type VringLayout } from "./vring.js";
+
+export type { DeviceStateLimits } from "./device-state.js";
+export type { BackendRegionBase, MemTableOptions } from "./memory-sync.js";
 
 /** Protocol features this frontend knows how to use. */
 export const FRONTEND_PROTOCOL_FEATURES = featureMask(
@@ -81,6 +79,8 @@ export interface FrontendOptions {
    */
   backendChannel?: boolean;
   maxPayloadSize?: number;
+  /** Largest device state accepted from the back-end (saveDeviceState; default 16 MiB). */
+  maxDeviceStateBytes?: number;
   /**
    * Share memory whose fd is not size-sealed (a file or hugetlbfs region). Off by default: a
    * back-end that ftruncates such a file makes our next access to guest memory a SIGBUS, so
@@ -98,38 +98,29 @@ export interface Negotiated {
   protocolFeatures: bigint;
 }
 
-/** One entry of the memory table as sent to the backend. */
-interface SentRegion {
-  desc: MemoryRegion;
-  region: GuestMemoryRegion;
-  /** Postcopy: where the back-end mapped this region (from its SET_MEM_TABLE / ADD_MEM_REG reply). */
-  backendAddress?: bigint;
+/** One ring for start(): its layout, and where it resumes (SET_VRING_BASE; default 0, or the fresh-ring position for a packed ring). */
+export interface StartRing {
+  index?: number;
+  layout: VringLayout;
+  base?: number;
 }
 
-/**
- * One region of the back-end's address table (postcopy): the back-end registered
- * [backendAddress, +size) with its userfaultfd, and it holds guest-physical [guestAddress, +size).
- */
-export interface BackendRegionBase {
-  guestAddress: number;
-  size: number;
-  /** The region's address in the back-end's process (its reply's user address). */
-  backendAddress: bigint;
-  /** The same region in this process. */
-  frontendAddress: bigint;
+export interface StartOptions {
+  /** Guest memory for the back-end (setMemTable). */
+  memory: GuestMemory;
+  /** Virtio features to acknowledge; a bit the back-end does not offer is refused. */
+  features: bigint;
+  /** Features acknowledged only when offered (e.g. VIRTIO_RING_F_EVENT_IDX). */
+  optionalFeatures?: bigint;
+  /** Rings to start, in order (index defaults to the position in the list). */
+  rings?: readonly (VringLayout | StartRing)[];
 }
 
-export interface MemTableOptions {
-  /**
-   * Postcopy (after POSTCOPY_LISTEN): called with the back-end's address table once its replies
-   * are in and before the acknowledgement that lets it register its mappings, so whoever
-   * serves its faults is ready before the first one can happen (QEMU registers the client
-   * bases with its postcopy code at the same point).
-   */
-  beforePostcopyAck?(bases: readonly BackendRegionBase[]): void | Promise<void>;
+export interface Started extends Negotiated {
+  /** The features SET_FEATURES acknowledged. */
+  acked: bigint;
+  vrings: FrontendVring[];
 }
-
-type PostcopyState = "none" | "advised" | "listening" | "ended";
 
 /** What the back-end tells us on its request channel. */
 export type BackendChannelEvents = {
@@ -139,12 +130,15 @@ export type BackendChannelEvents = {
   request: [name: string];
 };
 
+type U64Request = "GET_FEATURES" | "GET_PROTOCOL_FEATURES" | "GET_QUEUE_NUM" | "GET_MAX_MEM_SLOTS" | "GET_STATUS";
+
 export class VhostUserFrontend implements Disposable {
   readonly connection: Connection<FrontendRequests>;
   /** Events of the back-end request channel (see FrontendOptions.backendChannel). */
   readonly backendEvents = new EventEmitter<BackendChannelEvents>();
-  #backendChannel: Connection<BackendRequests> | null = null;
   readonly timeoutMs: number;
+  readonly #maxDeviceState: number;
+  #backendChannel: Connection<BackendRequests> | null = null;
   #wantedProtocol: bigint;
   #backendFeatures: bigint | null = null;
   #offeredProtocol: bigint | null = null;
@@ -152,24 +146,21 @@ export class VhostUserFrontend implements Disposable {
   /** The last SET_FEATURES value, without VHOST_F_LOG_ALL (added while logging). */
   #acked: bigint | null = null;
   #maxMemSlots: number | null = null;
-  #memory: GuestMemory | null = null;
-  #table: SentRegion[] = [];
+  readonly #table: MemoryTableSync;
+  readonly #logging = new FrontendLogging();
+  readonly #postcopy = new FrontendPostcopy();
   #vrings = new Map<number, FrontendVring>();
-  #log: SharedLogDirtySource | null = null;
   #closed = false;
-  #postcopy: PostcopyState = "none";
-  /** The back-end's userfaultfd (POSTCOPY_ADVISE), owned here until POSTCOPY_END or close(). */
-  #uffd: Userfaultfd | null = null;
-  readonly #allowUnsealed: boolean;
 
   constructor(socket: UnixSocket, options: FrontendOptions = {}) {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_REPLY_TIMEOUT_MS;
-    this.#allowUnsealed = options.allowUnsealedMemory ?? false;
+    this.#maxDeviceState = options.maxDeviceStateBytes ?? DEFAULT_MAX_DEVICE_STATE;
     this.#wantedProtocol = (options.protocolFeatures ?? FRONTEND_PROTOCOL_FEATURES) & FRONTEND_PROTOCOL_FEATURES;
     if (!options.backendChannel) this.#wantedProtocol &= ~featureMask(ProtocolFeature.BACKEND_REQ);
     const co: ConnectionOptions = { timeoutMs: this.timeoutMs, label: options.label ?? "vhost-user backend" };
     if (options.maxPayloadSize !== undefined) co.maxPayloadSize = options.maxPayloadSize;
     this.connection = Connection.frontend(socket, co);
+    this.#table = new MemoryTableSync(this.connection, options.allowUnsealedMemory ?? false);
     // The backend never sends requests on the main socket; a stray one is dropped by the connection.
     this.connection.on("protocolError", () => {});
     this.connection.on("close", (error) => {
@@ -213,16 +204,16 @@ export class VhostUserFrontend implements Disposable {
 
   /** The memory last handed to the backend (null before setMemTable). */
   get memory(): GuestMemory | null {
-    return this.#memory;
+    return this.#table.memory;
   }
 
   get logging(): boolean {
-    return this.#log !== null;
+    return this.#logging.source !== null;
   }
 
   /** The current dirty log read back as a DirtySource (null while logging is off). */
   get log(): SharedLogDirtySource | null {
-    return this.#log;
+    return this.#logging.source;
   }
 
   hasProtocolFeature(bit: number): boolean {
@@ -236,7 +227,11 @@ export class VhostUserFrontend implements Disposable {
     }
   }
 
-  async #u64(name: "GET_FEATURES" | "GET_PROTOCOL_FEATURES" | "GET_QUEUE_NUM" | "GET_MAX_MEM_SLOTS" | "GET_STATUS") {
+  get #protocolAcked(): boolean {
+    return this.#acked !== null && (this.#acked & F_PROTOCOL_FEATURES) !== 0n;
+  }
+
+  async #u64(name: U64Request): Promise<bigint> {
     const r = await this.connection.request(name, undefined);
     if (!r) throw new VhostUserError("UNEXPECTED_REPLY", "no reply", { request: name });
     return r.payload as bigint;
@@ -249,6 +244,26 @@ export class VhostUserFrontend implements Disposable {
     fds: readonly (Fd | number)[] = [],
   ): Promise<void> {
     await this.connection.request(name, payload, { fds });
+  }
+
+  // ---- the usual set-up --------------------------------------------------------------------------
+
+  /**
+   * negotiate -> SET_OWNER -> SET_FEATURES -> memory table -> every ring started (and enabled),
+   * the sequence QEMU sends at vhost_dev_start.
+   */
+  async start(o: StartOptions): Promise<Started> {
+    const n = await this.negotiate();
+    await this.setOwner();
+    const acked = o.features | ((o.optionalFeatures ?? 0n) & n.features);
+    await this.setFeatures(acked);
+    await this.setMemTable(o.memory);
+    const vrings: FrontendVring[] = [];
+    for (const [i, r] of (o.rings ?? []).entries()) {
+      const ring: StartRing = "layout" in r ? r : { layout: r };
+      vrings.push(await this.startVring(ring.index ?? i, ring.layout, ring.base));
+    }
+    return { ...n, acked: this.#acked as bigint, vrings };
   }
 
   // ---- negotiation ---------------------------------------------------------------------------
@@ -354,8 +369,10 @@ export class VhostUserFrontend implements Disposable {
         `features 0x${(f & ~offered).toString(16)} are not offered`,
         "SET_FEATURES",
       );
-    await this.#send("SET_FEATURES", this.#log ? f | F_LOG_ALL : f);
+    await this.#send("SET_FEATURES", this.logging ? f | F_LOG_ALL : f);
     this.#acked = f;
+    // Without protocol features the back-end enabled every ring at SET_FEATURES.
+    if ((f & F_PROTOCOL_FEATURES) === 0n) for (const v of this.#vrings.values()) v.enabled = true;
   }
 
   async getQueueNum(): Promise<number> {
@@ -369,7 +386,10 @@ export class VhostUserFrontend implements Disposable {
     return this.#maxMemSlots;
   }
 
-  /** GET_CONFIG of `size` bytes at `offset`; an empty reply (the backend's error) is a NACK. */
+  /**
+   * GET_CONFIG of `size` bytes at `offset`. The back-end's error — an empty reply (the spec), or
+   * a config header of size 0 (rust-vmm back-ends) — is a NACK.
+   */
   async getConfig(offset: number, size: number, flags = 0): Promise<Uint8Array> {
     this.#need(ProtocolFeature.CONFIG, "GET_CONFIG");
     if (!Number.isInteger(size) || size < 1 || size > VHOST_USER_MAX_CONFIG_SIZE)
@@ -380,9 +400,10 @@ export class VhostUserFrontend implements Disposable {
       );
     const r = await this.connection.request("GET_CONFIG", { offset, flags, data: new Uint8Array(size) });
     const cfg = r?.payload ?? null;
-    if (cfg === null)
-      throw new VhostUserError("NACK", "the backend answered with an empty config (its error)", {
+    if (cfg === null || cfg.data.length === 0)
+      throw new VhostUserError("NACK", "the backend refused the config read (empty reply)", {
         request: "GET_CONFIG",
+        value: size,
       });
     if (cfg.data.length !== size)
       throw new VhostUserError("BAD_SIZE", "config reply size differs from the request", {
@@ -402,14 +423,19 @@ export class VhostUserFrontend implements Disposable {
 
   /**
    * GET_INFLIGHT_FD: the back-end's inflight region for `numQueues` queues of `queueSize`
-   * entries. The caller owns `fd` and keeps it across back-end restarts: handing it to the next
-   * back-end life with setInflight() before its rings start lets it resubmit what was in flight.
+   * entries, or null when it answers with mmap size 0 ("no inflight", as QEMU reads it). The
+   * caller owns `fd` and keeps it across back-end restarts: handing it to the next back-end
+   * life with setInflight() before its rings start lets it resubmit what was in flight.
    */
-  async getInflight(numQueues: number, queueSize: number): Promise<InflightDescription & { fd: Fd }> {
+  async getInflight(numQueues: number, queueSize: number): Promise<(InflightDescription & { fd: Fd }) | null> {
     this.#need(ProtocolFeature.INFLIGHT_SHMFD, "GET_INFLIGHT_FD");
     const r = await this.connection.request("GET_INFLIGHT_FD", { mmapSize: 0n, mmapOffset: 0n, numQueues, queueSize });
     if (!r) throw new VhostUserError("UNEXPECTED_REPLY", "no reply", { request: "GET_INFLIGHT_FD" });
     const d = r.payload as InflightDescription;
+    if (d.mmapSize === 0n) {
+      for (const f of r.fds) f.close();
+      return null;
+    }
     const fd = r.fds[0];
     for (const f of r.fds.slice(1)) f.close();
     if (!fd) throw new VhostUserError("BAD_FD_COUNT", "no inflight fd in the reply", { request: "GET_INFLIGHT_FD" });
@@ -428,37 +454,21 @@ export class VhostUserFrontend implements Disposable {
   /**
    * The back-end's internal device state, for migration (SET_DEVICE_STATE_FD, save, phase
    * "stopped"; the rings should be stopped first), read to EOF and confirmed with
-   * CHECK_DEVICE_STATE. A failure on the back-end's side is a VhostUserError NACK.
+   * CHECK_DEVICE_STATE. A failure on the back-end's side is a VhostUserError NACK; more than
+   * `maxBytes` (default FrontendOptions.maxDeviceStateBytes) is PAYLOAD_TOO_LARGE, a transfer
+   * longer than `timeoutMs` (default the reply deadline) TIMEOUT.
    */
-  async saveDeviceState(): Promise<Uint8Array> {
+  async saveDeviceState(limits: DeviceStateLimits = {}): Promise<Uint8Array> {
     const fd = await this.#deviceStateFd(0);
-    const { Socket } = await import("node:net");
-    const parts: Buffer[] = [];
-    await new Promise<void>((resolve, reject) => {
-      const input = new Socket({ fd, readable: true, writable: false });
-      input.on("data", (b) => parts.push(b as Buffer));
-      input.on("error", reject);
-      input.on("end", () => {
-        input.destroy();
-        resolve();
-      });
-    });
+    const state = await readState(fd, limits.maxBytes ?? this.#maxDeviceState, limits.timeoutMs ?? this.timeoutMs);
     await this.#checkDeviceState("save");
-    return new Uint8Array(Buffer.concat(parts));
+    return state;
   }
 
   /** Hands the back-end a state saved by saveDeviceState() on another one (SET_DEVICE_STATE_FD, load). */
-  async loadDeviceState(state: Uint8Array): Promise<void> {
+  async loadDeviceState(state: Uint8Array, limits: DeviceStateLimits = {}): Promise<void> {
     const fd = await this.#deviceStateFd(1);
-    const { Socket } = await import("node:net");
-    await new Promise<void>((resolve, reject) => {
-      const out = new Socket({ fd, readable: false, writable: true });
-      out.on("error", reject);
-      out.end(state, () => {
-        out.destroy();
-        resolve();
-      });
-    });
+    await writeState(fd, state, limits.timeoutMs ?? this.timeoutMs);
     await this.#checkDeviceState("load");
   }
 
@@ -511,179 +521,60 @@ export class VhostUserFrontend implements Disposable {
     return Number(await this.#u64("GET_STATUS"));
   }
 
-  /**
-   * RESET_DEVICE when negotiated, else the deprecated RESET_OWNER. Local ring state is dropped
-   * (the eventfds stay until close or the next setup).
-   */
-  async reset(): Promise<void> {
-    if (this.hasProtocolFeature(ProtocolFeature.RESET_DEVICE)) await this.#send("RESET_DEVICE", undefined);
-    else await this.#send("RESET_OWNER", undefined);
+  /** RESET_DEVICE: the back-end disables every ring and resets its device state. */
+  async resetDevice(): Promise<void> {
+    this.#need(ProtocolFeature.RESET_DEVICE, "RESET_DEVICE");
+    await this.#send("RESET_DEVICE", undefined);
     for (const v of this.#vrings.values()) {
       v.started = false;
       v.enabled = false;
     }
   }
 
-  // ---- memory ----------------------------------------------------------------------------------
-
-  #describe(r: GuestMemoryRegion, request: string): MemoryRegion {
-    if (!r.backing.fd || r.backing.fd.closed)
-      throw new FrontendError(
-        "NO_FD",
-        `region at 0x${r.guestBase.toString(16)} (${r.backing.kind}) has no fd to share`,
-        request,
-      );
-    if (!this.#allowUnsealed && !isSizeSealed(r.backing.fd))
-      throw new FrontendError(
-        "UNSEALED",
-        `region at 0x${r.guestBase.toString(16)} (${r.backing.kind}) is not size-sealed: the back-end could truncate it under us (allowUnsealedMemory to share it anyway)`,
-        request,
-      );
-    return {
-      guestAddress: BigInt(r.guestBase),
-      size: BigInt(r.size),
-      userAddress: r.hostAddress,
-      mmapOffset: BigInt(r.backing.offset),
-    };
+  /** RESET_OWNER, deprecated by the spec ("should not be used"); here only to test back-ends. */
+  async resetOwner(): Promise<void> {
+    await this.#send("RESET_OWNER", undefined);
   }
 
   /**
-   * Hands the backend `memory`: ADD_MEM_REG / REM_MEM_REG for what changed when
-   * CONFIGURE_MEM_SLOTS is negotiated, else one SET_MEM_TABLE (at most 8 regions). Every region
-   * needs an fd. The memory stays owned by the caller and must outlive the frontend's use of it.
-   *
-   * After POSTCOPY_LISTEN this is the postcopy variant QEMU sends: the back-end answers each
-   * region with the address it mapped it at (kept: `backendRegionBases`), and only our
-   * acknowledgement — an empty SET_MEM_TABLE, or one fd-less ADD_MEM_REG carrying u64 0 — lets
-   * it register the mappings with its userfaultfd. Neither message carries NEED_REPLY.
+   * Resets the device: RESET_DEVICE when negotiated. Without it (as QEMU, which never falls
+   * back to the deprecated RESET_OWNER) every started ring is stopped (SET_VRING_ENABLE(0) when
+   * it applies, GET_VRING_BASE) and the status cleared when STATUS is negotiated.
+   */
+  async reset(): Promise<void> {
+    if (this.hasProtocolFeature(ProtocolFeature.RESET_DEVICE)) return this.resetDevice();
+    if (this.hasProtocolFeature(ProtocolFeature.STATUS)) await this.setStatus(0);
+    for (const v of this.#vrings.values()) if (v.started) await this.stopVring(v.index);
+  }
+
+  // ---- memory ----------------------------------------------------------------------------------
+
+  /**
+   * Hands the backend `memory` (see memory-sync.ts): ADD_MEM_REG / REM_MEM_REG for what changed
+   * when CONFIGURE_MEM_SLOTS is negotiated, else one SET_MEM_TABLE; the postcopy form after
+   * POSTCOPY_LISTEN. Every region needs an fd. The memory stays owned by the caller and must
+   * outlive the frontend's use of it.
    */
   async setMemTable(memory: GuestMemory, options: MemTableOptions = {}): Promise<void> {
-    const slots = this.hasProtocolFeature(ProtocolFeature.CONFIGURE_MEM_SLOTS);
-    const request = slots ? "ADD_MEM_REG" : "SET_MEM_TABLE";
-    const postcopy = this.#postcopy === "listening";
-    const next: SentRegion[] = memory.regions.map((region) => ({ region, desc: this.#describe(region, request) }));
-    if (!slots) {
-      if (next.length > VHOST_MEMORY_BASELINE_NREGIONS)
-        throw new FrontendError(
-          "TOO_MANY_REGIONS",
-          `${next.length} regions, SET_MEM_TABLE carries at most ${VHOST_MEMORY_BASELINE_NREGIONS} (CONFIGURE_MEM_SLOTS not negotiated)`,
-          request,
-        );
-      const fds = next.map((s) => s.region.backing.fd as Fd);
-      if (!postcopy) {
-        await this.connection.request("SET_MEM_TABLE", { regions: next.map((s) => s.desc) }, { fds });
-        this.#table = next;
-        this.#memory = memory;
-        return;
-      }
-      const r = await this.connection.request(
-        "SET_MEM_TABLE",
-        { regions: next.map((s) => s.desc) },
-        { fds, needReply: false, expectReply: true },
-      );
-      const reply = r?.payload;
-      if (reply?.kind !== "table")
-        throw new VhostUserError("BAD_VALUE", "postcopy: the back-end answered without its memory table", {
-          request,
-          value: reply?.kind === "ack" ? reply.value : "nothing",
-        });
-      if (reply.table.regions.length !== next.length)
-        throw new VhostUserError("BAD_VALUE", "postcopy: the reply's table has another region count", {
-          request,
-          value: reply.table.regions.length,
-          expected: next.length,
-        });
-      for (const [i, s] of next.entries())
-        s.backendAddress = checkBase(s, reply.table.regions[i] as MemoryRegion, request);
-      this.#table = next;
-      this.#memory = memory;
-      await options.beforePostcopyAck?.(this.backendRegionBases);
-      // The acknowledgement: a table of 0 regions (byte-identical to a u64 0), no reply.
-      await this.connection.request("SET_MEM_TABLE", { regions: [] }, { needReply: false });
-      return;
-    }
-    const max = this.#maxMemSlots ?? (await this.getMaxMemSlots());
-    if (next.length > max)
-      throw new FrontendError("TOO_MANY_REGIONS", `${next.length} regions, the backend has ${max} slots`, request);
-    const same = (a: MemoryRegion, b: MemoryRegion) =>
-      a.guestAddress === b.guestAddress &&
-      a.size === b.size &&
-      a.userAddress === b.userAddress &&
-      a.mmapOffset === b.mmapOffset;
-    // In postcopy a region sent before LISTEN has no known back-end address: send it again.
-    const keep = this.#table.filter(
-      (o) =>
-        next.some((n) => same(n.desc, o.desc) && n.region === o.region) &&
-        (!postcopy || o.backendAddress !== undefined),
+    await this.#table.sync(
+      memory,
+      {
+        slots: this.hasProtocolFeature(ProtocolFeature.CONFIGURE_MEM_SLOTS),
+        maxSlots: async () => this.#maxMemSlots ?? (await this.getMaxMemSlots()),
+        postcopy: this.#postcopy.listening,
+      },
+      options,
     );
-    for (const old of this.#table) {
-      if (keep.includes(old)) continue;
-      await this.connection.request("REM_MEM_REG", old.desc);
-      this.#table = this.#table.filter((x) => x !== old);
-    }
-    let added = 0;
-    for (const n of next) {
-      const kept = keep.find((k) => k.region === n.region);
-      if (kept) {
-        if (kept.backendAddress !== undefined) n.backendAddress = kept.backendAddress;
-        continue;
-      }
-      const fds = [n.region.backing.fd as Fd];
-      if (!postcopy) {
-        await this.connection.request("ADD_MEM_REG", { kind: "region", region: n.desc }, { fds });
-      } else {
-        const r = await this.connection.request(
-          "ADD_MEM_REG",
-          { kind: "region", region: n.desc },
-          { fds, needReply: false, expectReply: true },
-        );
-        const reply = r?.payload;
-        if (reply?.kind !== "region")
-          throw new VhostUserError("BAD_VALUE", "postcopy: the back-end answered without its mapping address", {
-            request,
-            value: reply?.kind === "ack" ? reply.value : "nothing",
-          });
-        n.backendAddress = checkBase(n, reply.region, request);
-        added++;
-      }
-      this.#table.push(n);
-    }
-    this.#table = next.filter((n) => this.#table.some((t) => t.region === n.region));
-    this.#memory = memory;
-    if (!postcopy) return;
-    await options.beforePostcopyAck?.(this.backendRegionBases);
-    // QEMU acks even when nothing was added; a back-end with nothing to acknowledge may take
-    // that as a protocol error (ours hangs up), so the ack goes only after new regions.
-    if (added > 0) await this.connection.request("ADD_MEM_REG", { kind: "ack", value: 0n }, { needReply: false });
   }
 
   /** Postcopy: the back-end's address for each region of the table, as its replies gave them. */
   get backendRegionBases(): BackendRegionBase[] {
-    const out: BackendRegionBase[] = [];
-    for (const s of this.#table)
-      if (s.backendAddress !== undefined)
-        out.push({
-          guestAddress: s.region.guestBase,
-          size: s.region.size,
-          backendAddress: s.backendAddress,
-          frontendAddress: s.region.hostAddress,
-        });
-    return out;
+    return this.#table.backendRegionBases;
   }
 
   /** The host (user) address of `[gpa, gpa+len)`, which must lie in one region of the table. */
   userAddress(gpa: number, len: number, request = "SET_VRING_ADDR"): bigint {
-    for (const { region } of this.#table) {
-      if (gpa >= region.guestBase && gpa + len <= region.end)
-        return region.hostAddress + BigInt(gpa - region.guestBase);
-    }
-    throw new FrontendError(
-      this.#table.length === 0 ? "BAD_STATE" : "BAD_ADDRESS",
-      this.#table.length === 0
-        ? "no memory table was sent"
-        : `[0x${gpa.toString(16)}, +${len}) is not inside one region of the memory table`,
-      request,
-    );
+    return this.#table.userAddress(gpa, len, request);
   }
 
   // ---- vrings ------------------------------------------------------------------------------------
@@ -715,10 +606,10 @@ export class VhostUserFrontend implements Disposable {
     const packed = layout.packed === true;
     const payload = {
       index,
-      flags: this.#log ? VHOST_VRING_F_LOG : 0,
-      descriptor: this.userAddress(layout.descTable, 16 * s),
-      used: this.userAddress(layout.usedRing, packed ? 4 : 6 + 8 * s),
-      available: this.userAddress(layout.availRing, packed ? 4 : 6 + 2 * s),
+      flags: this.logging ? VHOST_VRING_F_LOG : 0,
+      descriptor: this.userAddress(layout.descTable, descTableSize(s)),
+      used: this.userAddress(layout.usedRing, packed ? 4 : usedRingSize(s)),
+      available: this.userAddress(layout.availRing, packed ? 4 : availRingSize(s)),
       log: BigInt(layout.usedRing),
     };
     await this.#send("SET_VRING_ADDR", payload);
@@ -752,7 +643,7 @@ export class VhostUserFrontend implements Disposable {
    * been negotiated"; without it the backend enabled every ring at SET_FEATURES.
    */
   async setVringEnable(index: number, enable: boolean): Promise<void> {
-    if (this.#acked === null || (this.#acked & F_PROTOCOL_FEATURES) === 0n)
+    if (!this.#protocolAcked)
       throw new FrontendError(
         "NOT_NEGOTIATED",
         "VHOST_USER_F_PROTOCOL_FEATURES was not acked by SET_FEATURES (rings are enabled at SET_FEATURES)",
@@ -766,8 +657,7 @@ export class VhostUserFrontend implements Disposable {
   async getVringBase(index: number): Promise<number> {
     const r = await this.connection.request("GET_VRING_BASE", { index, num: 0 });
     if (!r) throw new VhostUserError("UNEXPECTED_REPLY", "no reply", { request: "GET_VRING_BASE" });
-    const v = this.vring(index);
-    v.started = false;
+    this.vring(index).started = false;
     return r.payload.num;
   }
 
@@ -781,7 +671,7 @@ export class VhostUserFrontend implements Disposable {
     base = layout.packed ? PACKED_RING_START : 0,
   ): Promise<FrontendVring> {
     const s = layout.size;
-    if (!Number.isInteger(s) || s < 1 || s > 32768 || (s & (s - 1)) !== 0)
+    if (!Number.isInteger(s) || s < 1 || s > MAX_QUEUE_SIZE || !isPowerOfTwo(s))
       throw new FrontendError("BAD_ARGUMENT", `queue size ${s} is not a power of two in 1..32768`, "SET_VRING_NUM");
     await this.setVringNum(index, s);
     await this.setVringBase(index, base);
@@ -790,14 +680,14 @@ export class VhostUserFrontend implements Disposable {
     await this.setVringErr(index);
     await this.setVringKick(index);
     const v = this.vring(index);
-    if (this.#acked !== null && (this.#acked & F_PROTOCOL_FEATURES) !== 0n) await this.setVringEnable(index, true);
+    if (this.#protocolAcked) await this.setVringEnable(index, true);
     else v.enabled = true;
     return v;
   }
 
   /** SET_VRING_ENABLE(0) (when it applies), then GET_VRING_BASE; returns the base. */
   async stopVring(index: number): Promise<number> {
-    if (this.#acked !== null && (this.#acked & F_PROTOCOL_FEATURES) !== 0n) await this.setVringEnable(index, false);
+    if (this.#protocolAcked) await this.setVringEnable(index, false);
     return this.getVringBase(index);
   }
 
@@ -821,36 +711,26 @@ export class VhostUserFrontend implements Disposable {
 
   // ---- dirty logging ---------------------------------------------------------------------------
 
-  #logBytes(guestBytes: number | undefined, request: string): number {
-    if (guestBytes !== undefined) {
-      if (!Number.isSafeInteger(guestBytes) || guestBytes <= 0)
-        throw new FrontendError("BAD_ARGUMENT", `log coverage ${guestBytes} bytes`, request);
-      return guestBytes;
-    }
-    if (this.#table.length === 0) throw new FrontendError("BAD_STATE", "no memory table was sent", request);
-    let end = 0;
-    for (const { region } of this.#table) end = Math.max(end, region.end);
-    return end;
-  }
-
-  /** SET_LOG_BASE with `area`'s fd; waits for the reply LOG_SHMFD promises. */
-  async #setLogBase(area: DirtyLogArea): Promise<void> {
-    if (!area.fd) throw new FrontendError("BAD_ARGUMENT", "a log without an fd cannot be shared", "SET_LOG_BASE");
-    if (!isSizeSealed(area.fd))
-      throw new FrontendError("UNSEALED", "the dirty log's memfd is not size-sealed", "SET_LOG_BASE");
-    await this.connection.request(
-      "SET_LOG_BASE",
-      { mmapSize: BigInt(area.size), mmapOffset: BigInt(area.offset) },
-      { fds: [area.fd], needReply: false, expectReply: true },
-    );
-  }
-
-  #checkLogging(request: string): void {
+  #loggingHost(request: string): LoggingHost {
     const f = this.#backendFeatures ?? 0n;
     if ((f & F_LOG_ALL) === 0n)
       throw new FrontendError("NOT_NEGOTIATED", "the backend does not offer VHOST_F_LOG_ALL", request);
     this.#need(ProtocolFeature.LOG_SHMFD, request);
     if (this.#acked === null) throw new FrontendError("BAD_STATE", "SET_FEATURES was not sent yet", request);
+    return {
+      connection: this.connection,
+      closed: this.closed,
+      logBytes: (guestBytes, req) => {
+        if (guestBytes === undefined) return this.#table.end(req);
+        if (!Number.isSafeInteger(guestBytes) || guestBytes <= 0)
+          throw new FrontendError("BAD_ARGUMENT", `log coverage ${guestBytes} bytes`, req);
+        return guestBytes;
+      },
+      sendFeatures: (logAll) => this.#send("SET_FEATURES", (this.#acked as bigint) | (logAll ? F_LOG_ALL : 0n)),
+      resendRingAddresses: async () => {
+        for (const v of this.#vrings.values()) if (v.layout) await this.setVringAddr(v.index, v.layout);
+      },
+    };
   }
 
   /**
@@ -859,20 +739,8 @@ export class VhostUserFrontend implements Disposable {
    * with VHOST_VRING_F_LOG for every ring with addresses. Returns the log as a DirtySource.
    */
   async startLogging(guestBytes?: number): Promise<SharedLogDirtySource> {
-    if (this.#log) throw new FrontendError("BAD_STATE", "logging is already on", "SET_LOG_BASE");
-    this.#checkLogging("SET_LOG_BASE");
-    const area = DirtyLogArea.create(this.#logBytes(guestBytes, "SET_LOG_BASE"));
-    try {
-      await this.#setLogBase(area);
-      this.#log = new SharedLogDirtySource(area);
-      await this.#send("SET_FEATURES", (this.#acked as bigint) | F_LOG_ALL);
-      for (const v of this.#vrings.values()) if (v.layout) await this.setVringAddr(v.index, v.layout);
-    } catch (e) {
-      this.#log = null;
-      area.close();
-      throw e;
-    }
-    return this.#log;
+    if (this.logging) throw new FrontendError("BAD_STATE", "logging is already on", "SET_LOG_BASE");
+    return this.#logging.start(this.#loggingHost("SET_LOG_BASE"), guestBytes);
   }
 
   /**
@@ -882,17 +750,8 @@ export class VhostUserFrontend implements Disposable {
    * the backend is unknown: treat all memory as dirty.
    */
   async replaceLog(guestBytes: number, sink: DirtySink): Promise<SharedLogDirtySource> {
-    const log = this.#log;
-    if (!log) throw new FrontendError("BAD_STATE", "logging is off", "SET_LOG_BASE");
-    const next = DirtyLogArea.create(this.#logBytes(guestBytes, "SET_LOG_BASE"));
-    try {
-      await this.#setLogBase(next);
-    } catch (e) {
-      next.close();
-      throw e;
-    }
-    log.swap(next, sink);
-    return log;
+    if (!this.logging) throw new FrontendError("BAD_STATE", "logging is off", "SET_LOG_BASE");
+    return this.#logging.replace(this.#loggingHost("SET_LOG_BASE"), guestBytes, sink);
   }
 
   /**
@@ -900,18 +759,19 @@ export class VhostUserFrontend implements Disposable {
    * then what is still in the log goes to `sink` (if given) and the log is closed.
    */
   async stopLogging(sink?: DirtySink): Promise<void> {
-    const log = this.#log;
-    if (!log) return;
-    try {
-      this.#log = null;
-      if (!this.closed) {
-        await this.#send("SET_FEATURES", this.#acked as bigint);
-        for (const v of this.#vrings.values()) if (v.layout) await this.setVringAddr(v.index, v.layout);
-      }
-    } finally {
-      if (sink) log.sync(sink);
-      log.area.close();
-    }
+    if (!this.logging) return;
+    await this.#logging.stop(
+      {
+        connection: this.connection,
+        closed: this.closed,
+        logBytes: () => 0,
+        sendFeatures: (logAll) => this.#send("SET_FEATURES", (this.#acked as bigint) | (logAll ? F_LOG_ALL : 0n)),
+        resendRingAddresses: async () => {
+          for (const v of this.#vrings.values()) if (v.layout) await this.setVringAddr(v.index, v.layout);
+        },
+      },
+      sink,
+    );
   }
 
   // ---- postcopy ------------------------------------------------------------------------------------
@@ -922,20 +782,12 @@ export class VhostUserFrontend implements Disposable {
    * anyone: postcopy must be refused before it starts, precopy still works.
    */
   postcopyRefusal(): string | null {
-    const offered = this.#offeredProtocol;
-    if (this.#backendFeatures === null) return "features were not negotiated yet";
-    if (offered === null)
-      return "the back-end does not offer VHOST_USER_F_PROTOCOL_FEATURES, hence no VHOST_USER_PROTOCOL_F_PAGEFAULT";
-    if (!hasFeature(offered, ProtocolFeature.PAGEFAULT))
-      return "the back-end does not offer VHOST_USER_PROTOCOL_F_PAGEFAULT: it cannot have its faults on guest pages that have not arrived served";
-    if (!this.hasProtocolFeature(ProtocolFeature.PAGEFAULT))
-      return "VHOST_USER_PROTOCOL_F_PAGEFAULT is offered but was not enabled by SET_PROTOCOL_FEATURES";
-    return null;
+    return postcopyRefusal(this.#backendFeatures, this.#offeredProtocol, this.#protocol);
   }
 
   /** The back-end's userfaultfd while postcopy is advised (owned by the frontend). */
   get postcopyUserfaultfd(): Userfaultfd | null {
-    return this.#uffd;
+    return this.#postcopy.uffd;
   }
 
   /**
@@ -945,33 +797,7 @@ export class VhostUserFrontend implements Disposable {
    * close()); use it to serve and wake the back-end's faults.
    */
   async postcopyAdvise(): Promise<Userfaultfd> {
-    const why = this.postcopyRefusal();
-    if (why) throw new FrontendError("NOT_NEGOTIATED", `postcopy refused: ${why}`, "POSTCOPY_ADVISE");
-    if (this.#postcopy === "advised" || this.#postcopy === "listening")
-      throw new FrontendError("BAD_STATE", `postcopy is already ${this.#postcopy}`, "POSTCOPY_ADVISE");
-    const r = await this.connection.request("POSTCOPY_ADVISE", undefined);
-    const fd = r?.fds[0];
-    for (const extra of r?.fds.slice(1) ?? []) extra.close();
-    if (!fd)
-      throw new VhostUserError("NACK", "the back-end sent no userfaultfd (it could not open one)", {
-        request: "POSTCOPY_ADVISE",
-      });
-    // A back-end that sends something else (a pipe with made-up fault records) must not get
-    // as far as a postcopy whose guest already runs here: check what the fd is first.
-    try {
-      this.#uffd = Userfaultfd.adopt(fd);
-    } catch (e) {
-      throw new VhostUserError(
-        "BAD_FD",
-        `the back-end's POSTCOPY_ADVISE fd is not a userfaultfd: ${(e as Error).message}`,
-        {
-          request: "POSTCOPY_ADVISE",
-          cause: e,
-        },
-      );
-    }
-    this.#postcopy = "advised";
-    return this.#uffd;
+    return this.#postcopy.advise(this.connection, this.postcopyRefusal());
   }
 
   /**
@@ -979,10 +805,7 @@ export class VhostUserFrontend implements Disposable {
    * table goes out in its postcopy form (setMemTable).
    */
   async postcopyListen(): Promise<void> {
-    if (this.#postcopy !== "advised")
-      throw new FrontendError("BAD_STATE", `POSTCOPY_LISTEN needs POSTCOPY_ADVISE first (state ${this.#postcopy})`);
-    await this.#send("POSTCOPY_LISTEN", undefined);
-    this.#postcopy = "listening";
+    await this.#postcopy.listen(this.connection);
   }
 
   /**
@@ -991,21 +814,10 @@ export class VhostUserFrontend implements Disposable {
    * is a NACK.
    */
   async postcopyEnd(): Promise<void> {
-    if (this.#postcopy !== "advised" && this.#postcopy !== "listening")
-      throw new FrontendError("BAD_STATE", `POSTCOPY_END without postcopy (state ${this.#postcopy})`);
     try {
-      const r = await this.connection.request("POSTCOPY_END", undefined);
-      const status = r?.payload ?? 0n;
-      if (status !== 0n)
-        throw new VhostUserError("NACK", "the back-end reported a failure ending postcopy", {
-          request: "POSTCOPY_END",
-          value: status,
-        });
+      await this.#postcopy.end(this.connection);
     } finally {
-      this.#postcopy = "ended";
-      for (const s of this.#table) delete s.backendAddress;
-      this.#uffd?.close();
-      this.#uffd = null;
+      if (this.#postcopy.phase === "ended") this.#table.forgetBackendAddresses();
     }
   }
 
@@ -1021,28 +833,12 @@ export class VhostUserFrontend implements Disposable {
     const e = new VhostUserError("CLOSED", `frontend closed (${this.connection.label})`);
     for (const v of this.#vrings.values()) v.close(e);
     this.#vrings.clear();
-    this.#log?.area.close();
-    this.#log = null;
-    this.#uffd?.close();
-    this.#uffd = null;
-    this.#table = [];
-    this.#memory = null;
+    this.#logging.close();
+    this.#postcopy.close();
+    this.#table.clear();
   }
 
   [Symbol.dispose](): void {
     this.close();
   }
-}
-
-/** The back-end's reply for one region must describe that region; its address is kept. */
-function checkBase(sent: SentRegion, reply: MemoryRegion, request: string): bigint {
-  if (reply.guestAddress !== sent.desc.guestAddress || reply.size !== sent.desc.size)
-    throw new VhostUserError("BAD_VALUE", "postcopy: the reply describes another region", {
-      request,
-      value: `[0x${reply.guestAddress.toString(16)}, +0x${reply.size.toString(16)})`,
-      expected: `[0x${sent.desc.guestAddress.toString(16)}, +0x${sent.desc.size.toString(16)})`,
-    });
-  if (reply.userAddress === 0n)
-    throw new VhostUserError("BAD_VALUE", "postcopy: the back-end mapped the region at address 0", { request });
-  return reply.userAddress;
 }

@@ -25,8 +25,8 @@ export const VHOST_USER_MAX_CONFIG_SIZE = 256;
 export const VIRTIO_MAX_SHMEM_REGIONS = 256;
 /** At most 8 fds ride on one message (SCM_RIGHTS limit used by QEMU and libvhost-user). */
 export const VHOST_USER_MAX_FDS = 8;
-/** Dirty log granularity: one bit per 4 KiB page. */
-export const VHOST_LOG_PAGE = 0x1000;
+/** Dirty log granularity: one bit per 4 KiB page (the shared log's layout lives in src/memory). */
+export { VHOST_LOG_PAGE } from "../../memory/shared-dirty-log.js";
 
 /** SET_VRING_KICK/CALL/ERR and VRING_HOST_NOTIFIER_MSG u64: bits 0-7 vring index, bit 8 "no fd". */
 export const VHOST_USER_VRING_IDX_MASK = 0xffn;
@@ -35,30 +35,33 @@ export const VHOST_USER_VRING_NOFD_MASK = 0x100n;
 /** vring address flags: log writes to the used ring. */
 export const VHOST_VRING_F_LOG = 0x1;
 
+import * as V from "../../virtio/features.js";
+
 /**
- * Virtio and vhost feature bits (bit numbers) that matter on a vhost-user connection.
+ * Virtio and vhost feature bits (bit numbers) that matter on a vhost-user connection: the virtio
+ * ones are src/virtio/features.ts's (one copy), plus vhost's own two.
  * Feature masks are u64 on the wire and bigint here: bits above 31 are common (VERSION_1 = 32).
  */
 export const VirtioFeature = {
-  VIRTIO_F_NOTIFY_ON_EMPTY: 24,
+  VIRTIO_F_NOTIFY_ON_EMPTY: V.VIRTIO_F_NOTIFY_ON_EMPTY,
   /** vhost: the front-end logs; the back-end must mark what it writes. */
   VHOST_F_LOG_ALL: 26,
-  VIRTIO_F_ANY_LAYOUT: 27,
-  VIRTIO_RING_F_INDIRECT_DESC: 28,
-  VIRTIO_RING_F_EVENT_IDX: 29,
+  VIRTIO_F_ANY_LAYOUT: V.VIRTIO_F_ANY_LAYOUT,
+  VIRTIO_RING_F_INDIRECT_DESC: V.VIRTIO_RING_F_INDIRECT_DESC,
+  VIRTIO_RING_F_EVENT_IDX: V.VIRTIO_RING_F_EVENT_IDX,
   /** The reserved virtio bit 30, reused to announce GET/SET_PROTOCOL_FEATURES. */
   VHOST_USER_F_PROTOCOL_FEATURES: 30,
-  VIRTIO_F_VERSION_1: 32,
+  VIRTIO_F_VERSION_1: V.VIRTIO_F_VERSION_1,
   /** a.k.a. VIRTIO_F_IOMMU_PLATFORM: ring addresses are IOVAs, IOTLB messages in play. */
-  VIRTIO_F_ACCESS_PLATFORM: 33,
-  VIRTIO_F_RING_PACKED: 34,
-  VIRTIO_F_IN_ORDER: 35,
-  VIRTIO_F_ORDER_PLATFORM: 36,
-  VIRTIO_F_SR_IOV: 37,
-  VIRTIO_F_NOTIFICATION_DATA: 38,
-  VIRTIO_F_NOTIF_CONFIG_DATA: 39,
-  VIRTIO_F_RING_RESET: 40,
-  VIRTIO_F_ADMIN_VQ: 41,
+  VIRTIO_F_ACCESS_PLATFORM: V.VIRTIO_F_ACCESS_PLATFORM,
+  VIRTIO_F_RING_PACKED: V.VIRTIO_F_RING_PACKED,
+  VIRTIO_F_IN_ORDER: V.VIRTIO_F_IN_ORDER,
+  VIRTIO_F_ORDER_PLATFORM: V.VIRTIO_F_ORDER_PLATFORM,
+  VIRTIO_F_SR_IOV: V.VIRTIO_F_SR_IOV,
+  VIRTIO_F_NOTIFICATION_DATA: V.VIRTIO_F_NOTIFICATION_DATA,
+  VIRTIO_F_NOTIF_CONFIG_DATA: V.VIRTIO_F_NOTIF_CONFIG_DATA,
+  VIRTIO_F_RING_RESET: V.VIRTIO_F_RING_RESET,
+  VIRTIO_F_ADMIN_VQ: V.VIRTIO_F_ADMIN_VQ,
 } as const;
 export type VirtioFeatureName = keyof typeof VirtioFeature;
 /** Spec alias. */

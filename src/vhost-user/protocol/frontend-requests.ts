@@ -8,7 +8,7 @@
  * | 3  | SET_OWNER             | -                        | (ack u64)                     | need-reply  | 0 / 0                    |
  * | 4  | RESET_OWNER           | -                        | (ack u64)                     | need-reply  | 0 / 0                    |
  * | 5  | SET_MEM_TABLE         | memory regions (≤ 8)     | memory regions (postcopy)/ack | conditional | = num regions / 0        |
- * | 6  | SET_LOG_BASE          | log description          | u64                           | conditional | 1 / 0                    |
+ * | 6  | SET_LOG_BASE          | log description (or u64) | u64 or log description        | conditional | 0..1 / 0                 |
  * | 7  | SET_LOG_FD            | -                        | (ack u64)                     | need-reply  | 1 / 0                    |
  * | 8  | SET_VRING_NUM         | vring state              | (ack u64)                     | need-reply  | 0 / 0                    |
  * | 9  | SET_VRING_ADDR        | vring address            | (ack u64)                     | need-reply  | 0 / 0                    |
@@ -50,7 +50,9 @@
  *
  * Notes where the table reads the spec rather than copies it:
  * - SET_LOG_BASE: the message list says "u64" but the text and every implementation carry the
- *   16-byte log description with the log fd; a u64 reply comes when LOG_SHMFD is negotiated.
+ *   16-byte log description with the log fd (QEMU sends it without the fd when LOG_SHMFD is off;
+ *   rust-vmm then sends a bare u64 address). The reply under LOG_SHMFD is undefined: libvhost-user
+ *   sends a u64, rust-vmm echoes the 16-byte log description; both decode.
  * - SET_MEM_TABLE / ADD_MEM_REG in postcopy: QEMU acknowledges the back-end's reply with the same
  *   request carrying a bare u64 0 and no fd (for SET_MEM_TABLE that is byte-identical to a table of 0 regions).
  * - REM_MEM_REG: "the back-end MAY accept messages with one file descriptor ... MUST close it" —
@@ -65,7 +67,8 @@ import {
   Empty,
   InflightCodec,
   IotlbCodec,
-  LogCodec,
+  LogBaseCodec,
+  LogBaseReplyCodec,
   MemoryTableCodec,
   MemoryTableOrAckCodec,
   MemRegionOrAckCodec,
@@ -103,10 +106,11 @@ export const FRONTEND_REQUESTS = {
   }),
   SET_LOG_BASE: defineRequest("SET_LOG_BASE", {
     code: F.SET_LOG_BASE,
-    request: LogCodec,
-    reply: U64,
+    request: LogBaseCodec,
+    reply: LogBaseReplyCodec,
     replies: "conditional",
-    fds: 1,
+    fds: (p) => ("address" in p ? 0 : [0, 1]),
+    fdsText: "1 (LOG_SHMFD), else 0",
   }),
   SET_LOG_FD: defineRequest("SET_LOG_FD", { code: F.SET_LOG_FD, request: Empty, ...ack, fds: 1 }),
   SET_VRING_NUM: defineRequest("SET_VRING_NUM", { code: F.SET_VRING_NUM, request: VringStateCodec, ...ack }),

@@ -68,6 +68,19 @@ export interface LogDescription {
   mmapOffset: bigint;
 }
 
+/**
+ * SET_LOG_BASE payload: the log description (with the log fd under LOG_SHMFD), or the bare u64
+ * log address a front-end without LOG_SHMFD may send (kernel vhost's form; no fd).
+ */
+export type LogBase = LogDescription | { address: bigint };
+
+/**
+ * SET_LOG_BASE reply (LOG_SHMFD), whose payload the spec leaves undefined: a u64
+ * (libvhost-user) or the log description echoed back (rust-vmm's back-ends; rust-vmm's
+ * front-end reads exactly that).
+ */
+export type LogBaseReply = { kind: "u64"; value: bigint } | { kind: "log"; log: LogDescription };
+
 /** "An IOTLB message" (struct vhost_iotlb_msg). */
 export interface IotlbMessage {
   iova: bigint;
@@ -335,6 +348,33 @@ export const LogCodec: PayloadCodec<LogDescription> = {
     putU64(dv, 0, v.mmapSize, request, "log size");
     putU64(dv, 8, v.mmapOffset, request, "log offset");
     return b;
+  },
+};
+
+export const LogBaseCodec: PayloadCodec<LogBase> = {
+  name: "log description (or u64 log address)",
+  decode(bytes, request) {
+    if (bytes.byteLength === 8) return { address: U64.decode(bytes, request) };
+    return LogCodec.decode(bytes, request);
+  },
+  encode(v, request) {
+    return "address" in v ? U64.encode(v.address, request) : LogCodec.encode(v, request);
+  },
+};
+
+export const LogBaseReplyCodec: PayloadCodec<LogBaseReply> = {
+  name: "u64 (or the log description echoed)",
+  decode(bytes, request) {
+    if (bytes.byteLength === 8) return { kind: "u64", value: U64.decode(bytes, request) };
+    if (bytes.byteLength === LOG_SIZE) return { kind: "log", log: LogCodec.decode(bytes, request) };
+    throw new VhostUserError("BAD_SIZE", "SET_LOG_BASE reply", {
+      request,
+      value: bytes.byteLength,
+      expected: `8 or ${LOG_SIZE}`,
+    });
+  },
+  encode(v, request) {
+    return v.kind === "u64" ? U64.encode(v.value, request) : LogCodec.encode(v.log, request);
   },
 };
 
