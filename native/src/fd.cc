@@ -181,15 +181,17 @@ bool IovecArg(const Args& a, size_t i, iovec* iov, size_t* n) {
     ThrowType(a.env, "at most 1024 views per call");
     return false;
   }
+  // All elements first (their getters may run JS, which could resize or detach a buffer),
+  // then the pointers, with no JS running in between.
+  napi_value vals[kMaxIov];
   for (uint32_t k = 0; k < len; k++) {
-    napi_value v;
+    if (napi_get_element(a.env, a[i], k, &vals[k]) != napi_ok) return false;  // a getter threw
+  }
+  for (uint32_t k = 0; k < len; k++) {
     char* p;
     size_t vlen;
-    if (napi_get_element(a.env, a[i], k, &v) != napi_ok || !View(a.env, v, &p, &vlen)) {
-      // A throwing getter leaves its exception pending; only add ours when there is none.
-      bool pending = false;
-      napi_is_exception_pending(a.env, &pending);
-      if (!pending) ThrowType(a.env, "expected an array of views");
+    if (!View(a.env, vals[k], &p, &vlen)) {
+      ThrowType(a.env, "expected an array of views");
       return false;
     }
     iov[k] = {p, vlen};

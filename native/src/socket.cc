@@ -114,9 +114,7 @@ napi_value Setsockopt(napi_env env, napi_callback_info info) {
 napi_value Sendmsg(napi_env env, napi_callback_info info) {
   Args a(env, info);
   int fd;
-  char* p;
-  size_t len;
-  if (!ArgFd(a, 0, &fd) || !ArgView(a, 1, &p, &len)) return nullptr;
+  if (!ArgFd(a, 0, &fd)) return nullptr;
   int fds[kMaxFdsPerMessage];
   uint32_t nfds = 0;
   bool is_array = false;
@@ -136,6 +134,10 @@ napi_value Sendmsg(napi_env env, napi_callback_info info) {
       fds[i] = (int)d;
     }
   }
+  // The view last: the fd list's getters (JS) ran above and cannot move it any more.
+  char* p;
+  size_t len;
+  if (!ArgView(a, 1, &p, &len)) return nullptr;
   iovec iov = {p, len};
   msghdr m = {};
   m.msg_iov = &iov;

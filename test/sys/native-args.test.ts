@@ -45,6 +45,25 @@ test("preadv: an array whose element getter grows it past 1024 is walked only to
   }
 });
 
+test("preadv: a getter that shrinks an earlier view's buffer is seen before any pointer is taken", () => {
+  const fd = createMemfd("vmshift-preadv-shrink", 4096);
+  try {
+    const ab = Reflect.construct(ArrayBuffer, [64, { maxByteLength: 4096 }]) as ArrayBuffer & {
+      resize(n: number): void;
+    };
+    const views: Uint8Array[] = [new Uint8Array(ab), new Uint8Array(16)];
+    Object.defineProperty(views, 1, {
+      get() {
+        ab.resize(0); // the first view (length-tracking) is now empty
+        return new Uint8Array(16);
+      },
+    });
+    assert.equal(native.preadv(fd.fd, views, 0), 16, "the shrunk view counts as 0 bytes, not 64");
+  } finally {
+    fd.close();
+  }
+});
+
 test("preadv / pwritev: more than 1024 views is a TypeError; non-views are a TypeError", () => {
   const fd = createMemfd("vmshift-preadv-many", 4096);
   try {
