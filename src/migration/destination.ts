@@ -274,6 +274,8 @@ export class MigrationDestination {
     this.#o.signal?.addEventListener("abort", onAbort, { once: true });
     let preempt: { stream: Duplex; reader: RecordReader; done: Promise<void> } | null = null;
     const digests = new Map<number, Uint8Array>();
+    /** The record being applied: what fails meanwhile is its failure (recordFailure). */
+    let applying: Record | null = null;
     /** Postcopy recovery: offered by the source, accepted here; and this migration's nonce. */
     let canRecover = false;
     let nonce = 0n;
@@ -343,98 +345,92 @@ export class MigrationDestination {
       this.#phase("precopy");
       // Discard maps first: the plug state must be known before any page.
       while (r.type === RecordType.Discard) {
-        try {
-          this.#applyDiscard(r);
-        } catch (e) {
-          throw recordFailure(e, r);
-        }
+        applying = r;
+        this.#applyDiscard(r);
+        applying = null;
         r = await next();
       }
       for (;;) {
         if (this.#faultError) throw this.#faultError;
         if (this.#resumedWith && r.type !== RecordType.Digest && r.type !== RecordType.End)
           throw r.payload.error(`${recordName(r.type)} after SWITCHOVER`);
-        if (r.type === RecordType.End) {
-          r.payload.end();
-          // Pages the preempt channel carried may still be on their way: its end marker
-          // comes after the last of them.
-          if (preempt) {
-            await Promise.race([preempt.done, aborted]);
-            preempt.reader.detach();
-            preempt.stream.end();
+        // END's work is the end of the migration (preempt channel, digests), not a record's.
+        applying = r.type === RecordType.End ? null : r;
+        switch (r.type) {
+          case RecordType.Discard:
+            // Blocks (un)plugged on the source while it runs (virtio-mem).
+            this.#applyDiscard(r);
+            break;
+          case RecordType.Pages:
+            this.#applyPages(r);
+            // With a deep read-ahead, records are read without returning to the event loop:
+            // let the preempt channel and the fault watches in between.
+            if (preempt && this.#postcopy) await new Promise((res) => setImmediate(res));
+            break;
+          case RecordType.Round:
+            this.#rounds = decodeRound(r.payload).round;
+            break;
+          case RecordType.Switchover: {
+            r.payload.end();
+            if (caps & Capability.POSTCOPY) throw r.payload.error("SWITCHOVER in a postcopy stream");
+            this.#resumedWith = this.#regions.map((st) => st.hashes?.digest(st.discard) ?? new Uint8Array(32));
+            await this.#o.hooks?.resume?.();
+            this.#resumedAt = performance.now();
+            writer.writeNow(encodeRecord(RecordType.Resumed));
+            this.#phase("verify");
+            break;
           }
-          return await this.#finish(digests, writer, stream);
-        }
-        // Whatever fails while a record is applied (its checks, the kernel, a hook) is that
-        // record's failure: BAD_RECORD at its offset unless it is already a typed one.
-        try {
-          switch (r.type) {
-            case RecordType.Discard:
-              // Blocks (un)plugged on the source while it runs (virtio-mem).
-              this.#applyDiscard(r);
-              break;
-            case RecordType.Pages:
-              this.#applyPages(r);
-              // With a deep read-ahead, records are read without returning to the event loop:
-              // let the preempt channel and the fault watches in between.
-              if (preempt && this.#postcopy) await new Promise((res) => setImmediate(res));
-              break;
-            case RecordType.Round:
-              this.#rounds = decodeRound(r.payload).round;
-              break;
-            case RecordType.Switchover: {
-              r.payload.end();
-              if (caps & Capability.POSTCOPY) throw r.payload.error("SWITCHOVER in a postcopy stream");
-              this.#resumedWith = this.#regions.map((st) => st.hashes?.digest(st.discard) ?? new Uint8Array(32));
-              await this.#o.hooks?.resume?.();
-              this.#resumedAt = performance.now();
-              writer.writeNow(encodeRecord(RecordType.Resumed));
-              this.#phase("verify");
-              break;
-            }
-            case RecordType.DeviceState: {
-              const s = decodeDeviceState(r.payload);
-              await this.#o.hooks?.loadDeviceState?.(s);
-              this.#deviceStates.push(s.name);
-              break;
-            }
-            case RecordType.PostcopyAdvise:
-              if (!(caps & Capability.POSTCOPY) || this.#postcopy)
-                throw r.payload.error("POSTCOPY_ADVISE without the postcopy capability or after POSTCOPY_RUN");
-              this.#applyAdvise(r.payload);
-              break;
-            case RecordType.PostcopyRun:
-              r.payload.end();
-              if (!(caps & Capability.POSTCOPY) || this.#postcopy) throw r.payload.error("unexpected POSTCOPY_RUN");
-              this.#phase("postcopy");
-              // Without a preempt channel, a faulting page's answer queues behind whatever
-              // background stream is already in the kernel's buffers and our read-ahead: keep
-              // both small from now on.
-              if (!preempt) {
-                boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
-                reader.setReadAhead(POSTCOPY_READ_AHEAD);
-              }
-              this.#startPostcopy();
-              await this.#o.hooks?.resume?.();
-              writer.writeNow(encodeRecord(RecordType.Resumed));
-              break;
-            case RecordType.Digest: {
-              const d = decodeDigest(r.payload);
-              if (d.region >= this.#regions.length || digests.has(d.region))
-                throw r.payload.error(`digest for region ${d.region}`, { region: d.region });
-              digests.set(d.region, d.sha256);
-              break;
-            }
-            default:
-              throw r.payload.error(`unexpected ${recordName(r.type)} record`);
+          case RecordType.DeviceState: {
+            const s = decodeDeviceState(r.payload);
+            await this.#o.hooks?.loadDeviceState?.(s);
+            this.#deviceStates.push(s.name);
+            break;
           }
-        } catch (e) {
-          throw recordFailure(e, r);
+          case RecordType.PostcopyAdvise:
+            if (!(caps & Capability.POSTCOPY) || this.#postcopy)
+              throw r.payload.error("POSTCOPY_ADVISE without the postcopy capability or after POSTCOPY_RUN");
+            this.#applyAdvise(r.payload);
+            break;
+          case RecordType.PostcopyRun:
+            r.payload.end();
+            if (!(caps & Capability.POSTCOPY) || this.#postcopy) throw r.payload.error("unexpected POSTCOPY_RUN");
+            this.#phase("postcopy");
+            // Without a preempt channel, a faulting page's answer queues behind whatever
+            // background stream is already in the kernel's buffers and our read-ahead: keep
+            // both small from now on.
+            if (!preempt) {
+              boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
+              reader.setReadAhead(POSTCOPY_READ_AHEAD);
+            }
+            this.#startPostcopy();
+            await this.#o.hooks?.resume?.();
+            writer.writeNow(encodeRecord(RecordType.Resumed));
+            break;
+          case RecordType.Digest: {
+            const d = decodeDigest(r.payload);
+            if (d.region >= this.#regions.length || digests.has(d.region))
+              throw r.payload.error(`digest for region ${d.region}`, { region: d.region });
+            digests.set(d.region, d.sha256);
+            break;
+          }
+          case RecordType.End:
+            r.payload.end();
+            // Pages the preempt channel carried may still be on their way: its end marker
+            // comes after the last of them.
+            if (preempt) {
+              await Promise.race([preempt.done, aborted]);
+              preempt.reader.detach();
+              preempt.stream.end();
+            }
+            return await this.#finish(digests, writer, stream);
+          default:
+            throw r.payload.error(`unexpected ${recordName(r.type)} record`);
         }
+        applying = null;
         r = await next();
       }
     } catch (e) {
-      let err = asMigrationError(e);
+      let err = applying ? recordFailure(e, applying) : asMigrationError(e);
       if (err.code === "TRUNCATED" && !(stream.readable && !stream.destroyed))
         err = new MigrationError("TRUNCATED", err.message.replace(/ \(at stream offset \d+\)$/, ""), err.offset, {
           ...err.details,
