@@ -93,9 +93,10 @@ export interface MigrationResult {
 }
 
 /**
- * The source's page-request bounds at work: a page already sent is not queued again (outside
- * recovery), a request over the page cap is refused, and requested pages wait in a queue of
- * page numbers (at most one entry per page) while the serving socket holds more than its bound.
+ * The source's page-request bounds at work: a page is queued at most once per connection (one
+ * already sent on the stream the answer would take is not queued at all), a request over the
+ * page cap is refused, and requested pages wait in a queue of page numbers (at most one entry
+ * per page) while the serving socket holds more than its bound.
  */
 export interface RequestStats {
   /** PAGE_REQUEST records read. */
@@ -104,6 +105,8 @@ export interface RequestStats {
   pagesQueued: number;
   /** Of those, pages outside the postcopy set (sent in precopy, e.g. zero pages never populated). */
   outsideSet: number;
+  /** Of those, pages the background stream had sent, sent once more ahead of it on the preempt channel. */
+  resentAhead: number;
   /** Pages asked for again after they were sent or queued: not queued again. */
   duplicates: number;
   /** Requests refused whole (over the page cap, or before postcopy). */

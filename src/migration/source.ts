@@ -158,6 +158,7 @@ export class MigrationSource {
     requests: 0,
     pagesQueued: 0,
     outsideSet: 0,
+    resentAhead: 0,
     duplicates: 0,
     refused: 0,
     maxQueuedBytes: 0,
@@ -325,7 +326,7 @@ export class MigrationSource {
         // From here the destination may be running: until it says otherwise (FAIL before
         // RESUMED), the source must not run the guest again.
         postcopyRunSent = true;
-        rp.servePages(preemptWriter ?? writer, (i, p) => this.#pageView(i, p));
+        rp.servePages(preemptWriter ?? writer, (i, p) => this.#pageView(i, p), preemptWriter !== null);
         downtimeMs = 0;
         for (;;) {
           try {
@@ -751,14 +752,25 @@ export class MigrationSource {
   }
 }
 
+function hasBit(b: Uint8Array[], i: number, p: number): boolean {
+  return ((((b[i] as Uint8Array)[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
+}
+
+function setBitIn(b: Uint8Array[], i: number, p: number): void {
+  const m = b[i] as Uint8Array;
+  m[p >>> 3] = (m[p >>> 3] as number) | (1 << (p & 7));
+}
+
 /**
  * The source's end of the return path: page requests (postcopy), the final COMPLETE, or the
  * destination's FAIL. Any failure here fails the migration at the next check().
  *
  * Page requests are bounded: a request for more than MAX_REQUEST_PAGES is refused whole; a page
- * already sent (or queued) on this connection is not queued again, so whatever the destination
- * asks, each page is queued at most once (recovery starts a new ReturnPath from what the
- * destination holds); and queued pages are written only while the serving socket holds less than
+ * asked for before on this connection is not queued again, nor is one already sent on the same
+ * stream the answer would take (with a preempt channel, a page the background stream sent may
+ * still be megabytes behind it, so a fault gets it once on the preempt channel); so whatever the
+ * destination asks, each page is queued at most once per connection (recovery starts a new
+ * ReturnPath from what the destination holds); and queued pages are written only while the serving socket holds less than
  * REQUEST_QUEUE_BYTES, the rest wait as page numbers. So a flood of requests costs at most one
  * entry per page of guest memory, never copies of pages.
  */
@@ -773,6 +785,10 @@ class ReturnPath {
   #serveWriter: RecordWriter | null = null;
   #view: ((region: number, page: number) => Uint8Array) | null = null;
   readonly #sent: Uint8Array[];
+  /** Pages queued because they were asked for (each at most once per connection). */
+  readonly #requested: Uint8Array[];
+  /** The serving socket is a channel of its own (preempt), not the main stream. */
+  #preempt = false;
   #set: Uint8Array[] = [];
   /** Requested pages not written yet: region * 2^32 + page, each at most once. */
   #queue: number[] = [];
@@ -798,6 +814,7 @@ class ReturnPath {
     this.complete.catch(() => undefined);
     this.resumed.catch(() => undefined);
     this.#sent = regions.map((r) => new Uint8Array(Math.ceil(r.pages / 8)));
+    this.#requested = regions.map((r) => new Uint8Array(Math.ceil(r.pages / 8)));
   }
 
   #writer: RecordWriter | null = null;
@@ -814,8 +831,12 @@ class ReturnPath {
     return Promise.race([this.#done, new Promise<void>((r) => setTimeout(r, ms))]);
   }
 
-  /** Requested pages go to `writer` from now on (queued ones too). */
-  servePages(writer: RecordWriter, view: (region: number, page: number) => Uint8Array): void {
+  /**
+   * Requested pages go to `writer` from now on (queued ones too); `preempt`: it is a channel of
+   * its own, ahead of the background stream.
+   */
+  servePages(writer: RecordWriter, view: (region: number, page: number) => Uint8Array, preempt = false): void {
+    this.#preempt = preempt;
     this.#serveWriter = writer;
     this.#view = view;
     this.#waitingDrain = false;
@@ -838,7 +859,7 @@ class ReturnPath {
   }
 
   wasSent(i: number, p: number): boolean {
-    return ((((this.#sent[i] as Uint8Array)[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
+    return hasBit(this.#sent, i, p);
   }
 
   fail(e: MigrationError): void {
@@ -881,10 +902,14 @@ class ReturnPath {
     const set = this.#set[region];
     for (let p = page; p < page + count; p++) {
       if (ri.discard?.isDiscarded(p * 4096)) continue;
-      if (this.wasSent(region, p)) {
+      // Asked for before on this connection: never queued twice. Sent by the background stream
+      // only: it may still be megabytes away behind it, so a fault gets it once more ahead.
+      if (hasBit(this.#requested, region, p) || (this.wasSent(region, p) && !this.#preempt)) {
         st.duplicates++;
         continue;
       }
+      setBitIn(this.#requested, region, p);
+      if (this.wasSent(region, p)) st.resentAhead++;
       this.markSent(region, p);
       if (set && !bitmapHas(set, p)) st.outsideSet++;
       st.pagesQueued++;

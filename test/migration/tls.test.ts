@@ -323,51 +323,55 @@ test("postcopy over TLS: an intruder of our CA with the right nonce offers itsel
   dst.close();
 });
 
-test("a page-request flood: each page is queued at most once, the serving socket's queue stays bounded, oversized requests are refused; the migration completes", async () => {
-  const src = makeMemory([32 * MiB, 8 * MiB]);
-  const dst = makeMemory([32 * MiB, 8 * MiB]);
-  fillPattern(src);
-  const [a, b] = await socketPair();
-  const pages0 = (32 * MiB) / 4096;
-  const source = new MigrationSource({ memory: src, mode: "postcopy", postcopyAfterRounds: 0 });
-  const refused: MigrationError[] = [];
-  source.events.on("refused", (e) => refused.push(e as MigrationError));
-  let flooded = 0;
-  const destination = new MigrationDestination({
-    memory: dst,
-    hooks: {
-      // The guest "runs" here: the attacker (on the destination's socket) asks for everything,
-      // again and again. Whole records, written between the destination's own.
-      resume: () => {
-        // The issue's attack: 8 requests for the whole 32 MiB region (192 bytes on the wire).
-        for (let i = 0; i < 8; i++) b.write(encodePageRequest(0, 0, pages0));
-        for (let round = 0; round < 8; round++)
-          for (let p = 0; p < pages0; p += MAX_REQUEST_PAGES) {
-            b.write(encodePageRequest(0, p, MAX_REQUEST_PAGES));
-            flooded++;
-          }
+for (const preempt of [false, true])
+  test(`a page-request flood${preempt ? " (preempt channel)" : ""}: each page is queued at most once, the serving socket's queue stays bounded, oversized requests are refused; the migration completes`, async () => {
+    const src = makeMemory([32 * MiB, 8 * MiB]);
+    const dst = makeMemory([32 * MiB, 8 * MiB]);
+    fillPattern(src);
+    const [a, b] = await socketPair();
+    const [pa, pb] = preempt ? await socketPair() : [undefined, undefined];
+    const pages0 = (32 * MiB) / 4096;
+    const source = new MigrationSource({ memory: src, mode: "postcopy", postcopyAfterRounds: 0 });
+    const refused: MigrationError[] = [];
+    source.events.on("refused", (e) => refused.push(e as MigrationError));
+    let flooded = 0;
+    const destination = new MigrationDestination({
+      memory: dst,
+      ...(pb ? { acceptPreempt: async () => pb } : {}),
+      hooks: {
+        // The guest "runs" here: the attacker (on the destination's socket) asks for everything,
+        // again and again. Whole records, written between the destination's own.
+        resume: () => {
+          // The issue's attack: 8 requests for the whole 32 MiB region (192 bytes on the wire).
+          for (let i = 0; i < 8; i++) b.write(encodePageRequest(0, 0, pages0));
+          for (let round = 0; round < 8; round++)
+            for (let p = 0; p < pages0; p += MAX_REQUEST_PAGES) {
+              b.write(encodePageRequest(0, p, MAX_REQUEST_PAGES));
+              flooded++;
+            }
+        },
       },
-    },
+    });
+    const rss0 = process.memoryUsage().rss;
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
+    assert.equal(rd.preempt ?? false, preempt);
+    const rss1 = process.memoryUsage().rss;
+    assert.ok(rs.digests.every((d) => d.match) && rd.digests.every((d) => d.match));
+    assert.deepEqual(rawDigest(dst), rawDigest(src));
+    const q = rs.requests as NonNullable<typeof rs.requests>;
+    assert.equal(q.refused, 8, "the 8 whole-region requests are refused");
+    assert.ok(refused.length === 8 && refused.every((e) => e.code === "REQUEST_REFUSED"));
+    assert.ok(q.requests >= flooded + 8);
+    assert.ok(q.pagesQueued <= pages0 + (8 * MiB) / 4096, `each page at most once: ${q.pagesQueued}`);
+    assert.ok(q.duplicates >= 7 * pages0, `asked again, not queued again: ${q.duplicates}`);
+    // The serving socket never held more than the bound plus the one page record that crossed it.
+    assert.ok(q.maxQueuedBytes <= REQUEST_QUEUE_BYTES + 4096 + 64, `queued ${q.maxQueuedBytes}`);
+    // Unbounded, the same flood queued 8 x 8 x 32 MiB of page copies; the destination's own
+    // 40 MiB of memory is most of what grows here.
+    assert.ok(rss1 - rss0 < 160 * MiB, `rss grew ${((rss1 - rss0) / MiB).toFixed(0)} MiB`);
+    src.close();
+    dst.close();
   });
-  const rss0 = process.memoryUsage().rss;
-  const [rs, rd] = await Promise.all([source.run(a), destination.run(b)]);
-  const rss1 = process.memoryUsage().rss;
-  assert.ok(rs.digests.every((d) => d.match) && rd.digests.every((d) => d.match));
-  assert.deepEqual(rawDigest(dst), rawDigest(src));
-  const q = rs.requests as NonNullable<typeof rs.requests>;
-  assert.equal(q.refused, 8, "the 8 whole-region requests are refused");
-  assert.ok(refused.length === 8 && refused.every((e) => e.code === "REQUEST_REFUSED"));
-  assert.ok(q.requests >= flooded + 8);
-  assert.ok(q.pagesQueued <= pages0 + (8 * MiB) / 4096, `each page at most once: ${q.pagesQueued}`);
-  assert.ok(q.duplicates >= 7 * pages0, `asked again, not queued again: ${q.duplicates}`);
-  // The serving socket never held more than the bound plus the one page record that crossed it.
-  assert.ok(q.maxQueuedBytes <= REQUEST_QUEUE_BYTES + 4096 + 64, `queued ${q.maxQueuedBytes}`);
-  // Unbounded, the same flood queued 8 x 8 x 32 MiB of page copies; the destination's own
-  // 40 MiB of memory is most of what grows here.
-  assert.ok(rss1 - rss0 < 160 * MiB, `rss grew ${((rss1 - rss0) / MiB).toFixed(0)} MiB`);
-  src.close();
-  dst.close();
-});
 
 test("the source checks the destination: another CA's server, a wrong name, a unix endpoint without a name: AUTH_FAILED, nothing sent", async () => {
   const foreign = await MigrationListener.listen(loopback, { tls: server(creds.foreign) });
