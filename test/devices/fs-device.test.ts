@@ -239,5 +239,25 @@ describe("fs device through the framework (in-process daemon, real socket)", { t
     } finally {
       await b.close();
     }
+    // A back-end whose request worker already runs (rings started, a session of its own) takes
+    // the state through the worker: its own tables are replaced by the migrated ones.
+    const c = await serve("state-c", share);
+    try {
+      await init(c);
+      await c.fe.stopVring(0);
+      await c.fe.stopVring(1);
+      await c.fe.loadDeviceState(saved);
+      assert.deepEqual(c.device.lastLoad, { staleInodes: 0, staleHandles: 0 });
+      // Fresh rings, as a driver that starts over would lay them out.
+      c.mem.fill(RINGS[0]!.descTable, 0x6000, 0);
+      c.queues[0] = new SplitQueueDriver(c.mem, { ...RINGS[0]!, features: VERSION_1 });
+      c.queues[1] = new SplitQueueDriver(c.mem, { ...RINGS[1]!, features: VERSION_1 });
+      await c.fe.startVring(0, RINGS[0]!);
+      await c.fe.startVring(1, RINGS[1]!);
+      const r = await fuse(c, request(Op.READ, file.nodeid, rw(file.fh, 0, 100)));
+      assert.equal(new TextDecoder().decode(r.reply.subarray(16)), "held open\n");
+    } finally {
+      await c.close();
+    }
   });
 });
