@@ -169,7 +169,8 @@ test("postcopy across a tbf-shaped 1 Gbit/s link: the destination runs first, fa
   const r1 = (r.source.roundStats as Round[])[0] as Round;
   assert.ok(r1.bytesSent > 64 * 2 ** 20, `round 1 carried the filled memory (${r1.bytesSent} bytes)`);
   assert.ok(r1.bandwidth < 135e6, `round 1 at ${(r1.bandwidth / 1e6).toFixed(0)} MB/s: shaped to 1 Gbit/s`);
-  assert.ok(r1.bandwidth > 50e6, `round 1 at ${(r1.bandwidth / 1e6).toFixed(0)} MB/s: close to the link's capacity`);
+  // How close it comes to the link's capacity is a benchmark figure (npm run bench -- migrate),
+  // not an assertion: on a loaded machine the sender, not the link, can be the limit.
   console.log(
     JSON.stringify({
       link: "veth tbf 1gbit",
@@ -205,7 +206,7 @@ test("precopy across a tbf-shaped 1 Gbit/s link with a steady writer: converges,
   const rounds = r.source.roundStats as Round[];
   assert.ok((r.source.rounds as number) >= 2, "the writer's pages went in later rounds");
   const r1 = rounds[0] as Round;
-  assert.ok(r1.bandwidth < 135e6 && r1.bandwidth > 50e6, `round 1 at ${(r1.bandwidth / 1e6).toFixed(0)} MB/s`);
+  assert.ok(r1.bandwidth < 135e6, `round 1 at ${(r1.bandwidth / 1e6).toFixed(0)} MB/s: shaped to 1 Gbit/s`);
   console.log(
     JSON.stringify({
       link: "veth tbf 1gbit",
