@@ -2,7 +2,8 @@
  * vhost-user with packed rings, end to end between the vmshift front-end (PackedQueueDriver) and
  * a framework back-end in a child process: VIRTIO_F_RING_PACKED offered and negotiated,
  * requests through several laps of the ring, GET_VRING_BASE in vhost-user's packed encoding
- * (avail index and wrap counter low, used ones high) and a restart from it; and a back-end
+ * (avail index and wrap counter low, used ones high) and a restart from it; dirty logging (the
+ * used descriptor's page, the device area's, the written buffer's; not what is only read); and a back-end
  * killed with a request in flight, whose successor resubmits it from the packed inflight region.
  */
 import assert from "node:assert/strict";
@@ -110,6 +111,51 @@ test("a packed ring through several laps, GET_VRING_BASE in the packed encoding,
       assert.equal(u?.len, 2);
       assert.deepEqual([...memory.read(0x200000, 2)], [9, i]);
     }
+    fe.close();
+  } finally {
+    backend.kill("SIGKILL");
+    memory.close();
+  }
+});
+
+test("dirty logging on a packed ring: the used descriptor's page, the device area's page and the buffer, not the driver area", async () => {
+  const path = join(tmpdir(), `vmshift-packed-log-${process.pid}.sock`);
+  const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * 1024 * 1024)]);
+  const backend = await startBackend(path, false);
+  try {
+    const f = VERSION_1 | PACKED | EVENT_IDX;
+    const fe = await life(path, memory, f);
+    // The three parts on pages of their own: 3 (ring), 5 (driver area), 6 (device area).
+    const q = new PackedQueueDriver(memory, {
+      size: 16,
+      descRing: 0x3000,
+      driverArea: 0x5000,
+      deviceArea: 0x6000,
+      features: f,
+    });
+    await fe.startVring(0, q.layout);
+    await fe.startLogging();
+    memory.write(0x100000, Uint8Array.of(1, 2, 3));
+    q.add([{ addr: 0x100000, len: 3 }], [{ addr: 0x240000, len: 3 }]);
+    if (q.publish()) fe.kick(0);
+    assert.deepEqual(
+      (await collect(q, 1)).map((u) => u.len),
+      [3],
+    );
+    const frames = new Set<number>();
+    await fe.stopLogging({
+      markRange: (gpa, len) => {
+        for (let p = Math.floor(gpa / 4096); p * 4096 < gpa + len; p++) frames.add(p);
+      },
+      markFrames: (fr) => {
+        for (const x of Array.from(fr)) frames.add(x);
+      },
+    });
+    assert.ok(frames.has(0x240), `the buffer's page: ${[...frames]}`);
+    assert.ok(frames.has(3), `the used descriptor's page of the ring: ${[...frames]}`);
+    assert.ok(frames.has(6), `the device area's page: ${[...frames]}`);
+    assert.ok(!frames.has(5), "the driver area is only read");
+    assert.ok(!frames.has(0x100), "the readable buffer is only read");
     fe.close();
   } finally {
     backend.kill("SIGKILL");
