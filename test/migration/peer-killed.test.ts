@@ -48,14 +48,16 @@ test("the destination process is killed mid-precopy: the source fails typed and 
   const res = await done;
   assert.equal(res.signal, "SIGKILL");
   assert.equal(stopped, resumed);
+  // The source's writers keep running: wait for the condition, not for a time.
   const w0 = wl.pagesWritten;
-  await settle();
-  assert.ok(wl.pagesWritten > w0, "the source's writers keep running");
+  while (wl.pagesWritten <= w0) await settle();
   await wl.close();
   const before = rawDigest(mem);
   assert.equal(before.length, 1);
   mem.close();
   rmSync(dir, { recursive: true, force: true });
   await settle();
-  assert.equal(countFds(), fds, "no fd leaked");
+  // A leak is growth; the runtime may have closed one of its own fds meanwhile.
+  const after = countFds();
+  assert.ok(after <= fds, `no fd leaked (${after} open, ${fds} before)`);
 });

@@ -38,7 +38,7 @@ test("--version, --help, help blk and blk --print-capabilities need no addon", (
   assert.match(hb.stdout, /^usage: vmshift blk/);
   const c = run([MAIN, "blk", "--print-capabilities"]);
   assert.equal(c.status, 0, c.stderr);
-  assert.deepEqual(JSON.parse(c.stdout), { type: "block-device", features: ["read-only", "blk-file"] });
+  assert.deepEqual(JSON.parse(c.stdout), { type: "block", features: ["read-only", "blk-file"] });
 });
 
 test("importing the package loads nothing native; the first native call throws NativeLoadError", () => {
