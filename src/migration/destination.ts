@@ -40,7 +40,6 @@ import { hex, PageHashes, regionDigest } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
 import {
-  bitmapHas,
   Capability,
   decodeCapabilities,
   decodeDeviceState,
@@ -62,11 +61,10 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
+import { PAGE, PageSet } from "./page-set.js";
 import { writeRegionPages } from "./pages.js";
 import type { DeviceState } from "./source.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
-
-const PAGE = 4096;
 
 export interface DestinationHooks {
   /**
@@ -170,16 +168,9 @@ interface RegionState {
   pages: number;
   discard: DiscardMap | undefined;
   /** Pages present here (written in precopy or placed in postcopy). */
-  present: Uint8Array;
+  present: PageSet;
   /** Precopy with verification: the hash of every page as written here (zero where never written). */
   hashes: PageHashes | null;
-}
-
-function setBit(b: Uint8Array, p: number): void {
-  b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
-}
-function clearBit(b: Uint8Array, p: number): void {
-  b[p >>> 3] = (b[p >>> 3] as number) & ~(1 << (p & 7));
 }
 
 export class MigrationDestination {
@@ -216,7 +207,7 @@ export class MigrationDestination {
       region,
       pages: region.size / PAGE,
       discard: options.discard?.get(region),
-      present: new Uint8Array(Math.ceil(region.size / PAGE / 8)),
+      present: new PageSet(region.size / PAGE),
       hashes: null,
     }));
   }
@@ -495,7 +486,7 @@ export class MigrationDestination {
           );
         const w = new RecordWriter(s);
         // What is here is not sent again; what threads wait on is asked for again.
-        for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present));
+        for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present.bytes));
         for (const key of this.#pending.keys()) w.writeNow(encodePageRequest(Math.floor(key / 2 ** 32), key % 2 ** 32));
         boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
         r.setReadAhead(POSTCOPY_READ_AHEAD);
@@ -674,7 +665,7 @@ export class MigrationDestination {
       if (states[b] !== 0 || !map.isPlugged(b * blockSize)) continue;
       mapping?.advise(b * blockSize, blockSize, advice);
       for (let p = b * per; p < (b + 1) * per; p++) {
-        clearBit(st.present, p);
+        st.present.clear(p);
         st.hashes?.setZero(p);
       }
     }
@@ -713,11 +704,11 @@ export class MigrationDestination {
         this.#zero++;
         st.hashes?.setZero(p);
         // Fresh memory is zero: a zero page never written here stays unpopulated.
-        if (bitmapHas(st.present, p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
+        if (st.present.has(p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
         continue;
       }
       full[n++] = p;
-      setBit(st.present, p);
+      st.present.set(p);
     }
     writeRegionPages(st.region, full, n, rec.data);
     st.hashes?.setFromData(full, n, rec.data);
@@ -732,7 +723,7 @@ export class MigrationDestination {
       for (let k = 0; k < rec.pages.length; k++) {
         const p = rec.pages[k] as number;
         const at = rec.dataOffsets[k] as number;
-        if (bitmapHas(st.present, p)) continue;
+        if (st.present.has(p)) continue;
         this.#install(st.region.guestBase + p * PAGE, at < 0 ? null : rec.data.subarray(at, at + PAGE));
         this.#placed(st, ri, p, at < 0);
       }
@@ -741,7 +732,7 @@ export class MigrationDestination {
 
   /** Bookkeeping for a page just placed: present, counters, the latency of a request for it. */
   #placed(st: RegionState, ri: number, p: number, zero: boolean): void {
-    setBit(st.present, p);
+    st.present.set(p);
     if (zero) this.#zero++;
     else this.#pages++;
     const key = ri * 2 ** 32 + p;
@@ -761,7 +752,7 @@ export class MigrationDestination {
     while (k < n) {
       const p = pages[k] as number;
       const at = offs[k] as number;
-      if (bitmapHas(st.present, p)) {
+      if (st.present.has(p)) {
         k++;
         continue;
       }
@@ -771,7 +762,7 @@ export class MigrationDestination {
       while (e < n) {
         const q = pages[e] as number;
         const qa = offs[e] as number;
-        if (q !== p + (e - k) || bitmapHas(st.present, q) || (zero ? qa >= 0 : qa !== at + (e - k) * PAGE)) break;
+        if (q !== p + (e - k) || st.present.has(q) || (zero ? qa >= 0 : qa !== at + (e - k) * PAGE)) break;
         e++;
       }
       const len = (e - k) * PAGE;
@@ -827,6 +818,7 @@ export class MigrationDestination {
     const a = decodePostcopyAdvise(p);
     const st = this.#regions[a.region];
     if (!st || a.pages !== st.pages) throw p.error(`advise for region ${a.region} of ${a.pages} pages`);
+    const drop = PageSet.wrap(a.bitmap, a.pages);
     const mapping = st.region.mapping;
     if (!mapping) throw new MigrationError("UNSUPPORTED", "postcopy needs regions with an owned mapping");
     const advice = st.region.backing.kind === "anonymous" ? MADV_DONTNEED : MADV_REMOVE;
@@ -836,8 +828,8 @@ export class MigrationDestination {
       run = -1;
     };
     for (let pg = 0; pg < st.pages; pg++) {
-      if (bitmapHas(a.bitmap, pg) && bitmapHas(st.present, pg)) {
-        clearBit(st.present, pg);
+      if (drop.has(pg) && st.present.has(pg)) {
+        st.present.clear(pg);
         if (run < 0) run = pg;
       } else flush(pg);
     }
@@ -901,7 +893,7 @@ export class MigrationDestination {
     const p = Math.floor(off / PAGE);
     this.#faults++;
     d.stats.faults++;
-    if (bitmapHas(st.present, p)) {
+    if (st.present.has(p)) {
       d.uffd.wake(addr, PAGE);
       d.stats.wakes++;
       return;

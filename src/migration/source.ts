@@ -25,8 +25,6 @@ import {
   type RoundStats,
 } from "./events.js";
 import {
-  bitmapFromPages,
-  bitmapHas,
   Capability,
   decodeComplete,
   decodeFail,
@@ -48,6 +46,7 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
+import { PAGE, PageSet } from "./page-set.js";
 import { copyRegionPages } from "./pages.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
@@ -138,7 +137,7 @@ export class MigrationSource {
   readonly events = new MigrationEvents();
   readonly #o: SourceOptions;
   readonly #regions: RegionInfo[];
-  readonly #ps = 4096;
+  readonly #ps = PAGE;
   #t0 = 0;
   #stats: RoundStats[] = [];
   #pages = 0;
@@ -167,10 +166,10 @@ export class MigrationSource {
   constructor(options: SourceOptions) {
     this.#o = options;
     for (const r of options.memory.regions)
-      if (r.pageSize !== 4096) throw new MigrationError("UNSUPPORTED", `region page size ${r.pageSize} (only 4096)`);
+      if (r.pageSize !== PAGE) throw new MigrationError("UNSUPPORTED", `region page size ${r.pageSize} (only ${PAGE})`);
     this.#regions = options.memory.regions.map((region) => ({
       region,
-      pages: region.size / 4096,
+      pages: region.size / PAGE,
       discard: options.discard?.get(region),
     }));
   }
@@ -222,7 +221,7 @@ export class MigrationSource {
     let bytesBefore = 0;
     let recoveryFailure: MigrationError | null = null;
     let postcopyRunSent = false;
-    let postcopySet: Uint8Array[] = [];
+    let postcopySet: PageSet[] = [];
     const unsubscribe: (() => void)[] = [];
     const deadline = (ms: number | undefined, fallback: number) => performance.now() + (ms ?? fallback);
     try {
@@ -316,11 +315,11 @@ export class MigrationSource {
         await this.#sync(tracker, true);
         this.#sendPlugChanges(writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
-        const set = this.#regions.map((ri, i) => bitmapFromPages(todo[i] as Uint32Array, ri.pages));
+        const set = this.#regions.map((ri, i) => PageSet.of(todo[i] as Uint32Array, ri.pages));
         postcopySet = set;
         rp.setPostcopySet(set);
         for (const [i, ri] of this.#regions.entries())
-          await writer.write(encodePostcopyAdvise(i, ri.pages, set[i] as Uint8Array));
+          await writer.write(encodePostcopyAdvise(i, ri.pages, (set[i] as PageSet).bytes));
         await this.#sendDeviceStates(writer);
         await writer.write(encodeRecord(RecordType.PostcopyRun));
         // From here the destination may be running: until it says otherwise (FAIL before
@@ -646,7 +645,7 @@ export class MigrationSource {
     nonce: bigint,
     cause: MigrationError,
     peer: PeerIdentity | null,
-    postcopySet: Uint8Array[],
+    postcopySet: PageSet[],
   ): Promise<{ stream: Duplex; writer: RecordWriter; rp: ReturnPath }> {
     this.#phase("postcopy-paused");
     const limit = recovery.timeoutMs ?? 60_000;
@@ -668,7 +667,7 @@ export class MigrationSource {
         const r = new RecordReader(s);
         await w.write(encodeStreamHeader());
         await w.write(encodeNonce(RecordType.Recover, nonce));
-        const held: Uint8Array[] = [];
+        const held: PageSet[] = [];
         for (const [i, ri] of this.#regions.entries()) {
           const rec = await withDeadline(
             r.next(),
@@ -686,7 +685,7 @@ export class MigrationSource {
           const d = decodeReceived(rec.payload);
           if (d.region !== i || d.pages !== ri.pages)
             throw rec.payload.error(`RECEIVED for region ${d.region} of ${d.pages} pages`);
-          held.push(d.bitmap);
+          held.push(PageSet.wrap(d.bitmap, d.pages));
         }
         boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
         const rp = new ReturnPath(r, this.#regions, this.#requests, (e) => this.events.emit("refused", e));
@@ -752,15 +751,6 @@ export class MigrationSource {
   }
 }
 
-function hasBit(b: Uint8Array[], i: number, p: number): boolean {
-  return ((((b[i] as Uint8Array)[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
-}
-
-function setBitIn(b: Uint8Array[], i: number, p: number): void {
-  const m = b[i] as Uint8Array;
-  m[p >>> 3] = (m[p >>> 3] as number) | (1 << (p & 7));
-}
-
 /**
  * The source's end of the return path: page requests (postcopy), the final COMPLETE, or the
  * destination's FAIL. Any failure here fails the migration at the next check().
@@ -784,12 +774,12 @@ class ReturnPath {
   #rejectResumed!: (e: MigrationError) => void;
   #serveWriter: RecordWriter | null = null;
   #view: ((region: number, page: number) => Uint8Array) | null = null;
-  readonly #sent: Uint8Array[];
+  readonly #sent: PageSet[];
   /** Pages queued because they were asked for (each at most once per connection). */
-  readonly #requested: Uint8Array[];
+  readonly #requested: PageSet[];
   /** The serving socket is a channel of its own (preempt), not the main stream. */
   #preempt = false;
-  #set: Uint8Array[] = [];
+  #set: PageSet[] = [];
   /** Requested pages not written yet: region * 2^32 + page, each at most once. */
   #queue: number[] = [];
   #queueHead = 0;
@@ -813,8 +803,8 @@ class ReturnPath {
     // Either may never be awaited (a failure before switchover).
     this.complete.catch(() => undefined);
     this.resumed.catch(() => undefined);
-    this.#sent = regions.map((r) => new Uint8Array(Math.ceil(r.pages / 8)));
-    this.#requested = regions.map((r) => new Uint8Array(Math.ceil(r.pages / 8)));
+    this.#sent = regions.map((r) => new PageSet(r.pages));
+    this.#requested = regions.map((r) => new PageSet(r.pages));
   }
 
   #writer: RecordWriter | null = null;
@@ -844,22 +834,21 @@ class ReturnPath {
   }
 
   /** The pages the source still had to send when postcopy started (bitmaps per region). */
-  setPostcopySet(bitmaps: Uint8Array[]): void {
-    this.#set = bitmaps;
+  setPostcopySet(sets: PageSet[]): void {
+    this.#set = sets;
   }
 
   /** Postcopy recovery: what the destination holds counts as sent. */
-  setSent(bitmaps: Uint8Array[]): void {
-    for (const [i, b] of bitmaps.entries()) (this.#sent[i] as Uint8Array).set(b);
+  setSent(sets: PageSet[]): void {
+    for (const [i, b] of sets.entries()) (this.#sent[i] as PageSet).addAll(b);
   }
 
   markSent(i: number, p: number): void {
-    const b = this.#sent[i] as Uint8Array;
-    b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
+    (this.#sent[i] as PageSet).set(p);
   }
 
   wasSent(i: number, p: number): boolean {
-    return hasBit(this.#sent, i, p);
+    return (this.#sent[i] as PageSet).has(p);
   }
 
   fail(e: MigrationError): void {
@@ -901,17 +890,17 @@ class ReturnPath {
     }
     const set = this.#set[region];
     for (let p = page; p < page + count; p++) {
-      if (ri.discard?.isDiscarded(p * 4096)) continue;
+      if (ri.discard?.isDiscarded(p * PAGE)) continue;
       // Asked for before on this connection: never queued twice. Sent by the background stream
       // only: it may still be megabytes away behind it, so a fault gets it once more ahead.
-      if (hasBit(this.#requested, region, p) || (this.wasSent(region, p) && !this.#preempt)) {
+      if ((this.#requested[region] as PageSet).has(p) || (this.wasSent(region, p) && !this.#preempt)) {
         st.duplicates++;
         continue;
       }
-      setBitIn(this.#requested, region, p);
+      (this.#requested[region] as PageSet).set(p);
       if (this.wasSent(region, p)) st.resentAhead++;
       this.markSent(region, p);
-      if (set && !bitmapHas(set, p)) st.outsideSet++;
+      if (set && !set.has(p)) st.outsideSet++;
       st.pagesQueued++;
       this.#queue.push(region * 2 ** 32 + p);
     }
@@ -930,7 +919,7 @@ class ReturnPath {
       const rec = encodePages(
         region,
         [page],
-        4096,
+        PAGE,
         (p) => view(region, p),
         (p) => isZero(view(region, p)),
       );
