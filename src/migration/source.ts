@@ -14,6 +14,7 @@ import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { isZero } from "../sys/bulk.js";
 import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
+import { convergence, convergenceLimits, predictDowntimeMs } from "./convergence.js";
 import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import {
@@ -71,11 +72,13 @@ export interface SourceHooks {
   saveDeviceState?(): DeviceState[] | Promise<DeviceState[]>;
 }
 
+/** Auto-converge settings; each one left out takes its default (CONVERGENCE_DEFAULTS in convergence.ts). */
 export interface AutoConvergeOptions {
-  /** First round that may throttle (default 2). */
+  /** First round that may throttle. */
   startRound?: number;
-  /** Throttle when a round's dirty bytes exceed this fraction of the bytes it sent (default 0.5). */
+  /** Throttle when a round's dirty bytes exceed this fraction of the bytes it sent. */
   threshold?: number;
+  /** The highest throttle level. */
   maxLevel?: number;
 }
 
@@ -85,11 +88,14 @@ export interface SourceOptions {
   sources?: DirtySource[];
   discard?: ReadonlyMap<GuestMemoryRegion, DiscardMap>;
   mode?: "precopy" | "postcopy";
-  /** Postcopy: precopy rounds before the destination starts (0 = at once). Default 1. */
+  // When precopy stops: see convergence.ts, which holds the defaults of these five options.
+  /** Postcopy: precopy rounds before the destination starts (0 = at once). */
   postcopyAfterRounds?: number;
+  /** The longest predicted switchover pause precopy aims for. */
   downtimeLimitMs?: number;
+  /** Precopy rounds before giving up (or stopping anyway, see whenNotConverged). */
   maxRounds?: number;
-  /** What to do when maxRounds is reached over the limit: fail (default) or stop anyway. */
+  /** What to do when maxRounds is reached over the limit: fail (NOT_CONVERGED) or stop anyway. */
   whenNotConverged?: "fail" | "switchover";
   /** Bytes per second, 0 = unlimited. */
   bandwidthLimit?: number;
@@ -479,11 +485,8 @@ export class MigrationSource {
     rp: ReturnPath,
   ): Promise<{ rounds: number; converged: boolean }> {
     const o = this.#o;
-    const limit = o.downtimeLimitMs ?? 300;
-    const maxRounds = o.maxRounds ?? 30;
+    const limits = convergenceLimits(o);
     const postcopy = o.mode === "postcopy";
-    const pcRounds = o.postcopyAfterRounds ?? 1;
-    const ac = o.autoConverge === false ? null : { startRound: 2, threshold: 0.5, maxLevel: 8, ...o.autoConverge };
     const gib = o.memory.size / GiB;
     let prev: RoundStats | null = null;
     let prevEnd = performance.now();
@@ -497,38 +500,37 @@ export class MigrationSource {
         const elapsed = (performance.now() - prevEnd + prev.durationMs) / 1000;
         prev.remainingBytes = remaining;
         prev.dirtyRate = elapsed > 0 ? remaining / elapsed : 0;
-        prev.predictedDowntimeMs = prev.bandwidth > 0 ? (remaining / prev.bandwidth) * 1000 : Number.POSITIVE_INFINITY;
+        prev.predictedDowntimeMs = predictDowntimeMs(remaining, prev.bandwidth);
         prev.syncMsPerGiB = rep.totalMs / gib;
         prev.syncMsPerGiBBySource = Object.fromEntries(Object.entries(rep.perSource).map(([k, v]) => [k, v / gib]));
         this.#stats.push(prev);
         this.events.emit("round", prev);
-        if (postcopy && round >= pcRounds) return { rounds: round, converged: true };
-        if (!postcopy && prev.predictedDowntimeMs <= limit) return { rounds: round, converged: true };
-        if (round >= maxRounds) {
-          if (postcopy) return { rounds: round, converged: true };
-          if ((o.whenNotConverged ?? "fail") === "switchover") return { rounds: round, converged: false };
-          throw new MigrationError(
-            "NOT_CONVERGED",
-            `precopy did not converge in ${round} rounds: predicted downtime ${prev.predictedDowntimeMs.toFixed(1)} ms > limit ${limit} ms`,
-            undefined,
-            {
-              rounds: round,
-              predictedDowntimeMs: prev.predictedDowntimeMs,
-              limitMs: limit,
-              remainingBytes: remaining,
-              dirtyRate: prev.dirtyRate,
-              bandwidth: prev.bandwidth,
-              throttle: this.#throttle,
-            },
-          );
-        }
-        if (ac && round >= ac.startRound && remaining > ac.threshold * prev.bytesSent && this.#throttle < ac.maxLevel) {
-          this.#throttle++;
-          await o.hooks?.throttle?.(this.#throttle);
-          this.events.emit("throttle", { level: this.#throttle, round });
-        }
-      } else if (postcopy && pcRounds === 0) {
-        return { rounds: 0, converged: true };
+      }
+      const d = convergence(
+        { round, last: prev, remainingBytes: remaining, throttle: this.#throttle, postcopy },
+        limits,
+      );
+      if (d.kind === "postcopy") return { rounds: round, converged: true };
+      if (d.kind === "switchover") return { rounds: round, converged: d.converged };
+      if (d.kind === "not-converged")
+        throw new MigrationError(
+          "NOT_CONVERGED",
+          `precopy did not converge in ${round} rounds: predicted downtime ${d.predictedDowntimeMs.toFixed(1)} ms > limit ${d.limitMs} ms`,
+          undefined,
+          {
+            rounds: round,
+            predictedDowntimeMs: d.predictedDowntimeMs,
+            limitMs: d.limitMs,
+            remainingBytes: remaining,
+            dirtyRate: prev?.dirtyRate ?? 0,
+            bandwidth: prev?.bandwidth ?? 0,
+            throttle: this.#throttle,
+          },
+        );
+      if (d.kind === "throttle") {
+        this.#throttle = d.level;
+        await o.hooks?.throttle?.(this.#throttle);
+        this.events.emit("throttle", { level: this.#throttle, round });
       }
       round++;
       await writer.write(encodeRound(round, remaining));
