@@ -22,7 +22,7 @@
  * fails with ENOENT while the back-end has not registered that range yet.
  */
 import type { Duplex } from "node:stream";
-import { DiscardMap } from "../memory/discard-map.js";
+import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { MADV_DONTNEED, MADV_REMOVE } from "../sys/mapping.js";
@@ -36,7 +36,7 @@ import {
   RecordReader,
   RecordWriter,
 } from "./channel.js";
-import { hex, PageHashes, regionDigest } from "./digest.js";
+import { hex } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
 import {
@@ -63,6 +63,7 @@ import {
 } from "./format.js";
 import { PAGE, PageSet } from "./page-set.js";
 import { writeRegionPages } from "./pages.js";
+import { ReceivedMemory, type ReceivedRegion } from "./received-memory.js";
 import type { DeviceState } from "./source.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
@@ -163,20 +164,11 @@ interface FaultDomain {
   waiting: Set<number>;
 }
 
-interface RegionState {
-  region: GuestMemoryRegion;
-  pages: number;
-  discard: DiscardMap | undefined;
-  /** Pages present here (written in precopy or placed in postcopy). */
-  present: PageSet;
-  /** Precopy with verification: the hash of every page as written here (zero where never written). */
-  hashes: PageHashes | null;
-}
-
 export class MigrationDestination {
   readonly events = new MigrationEvents();
   readonly #o: DestinationOptions;
-  readonly #regions: RegionState[];
+  readonly #mem: ReceivedMemory;
+  readonly #regions: readonly ReceivedRegion[];
   readonly #domains: FaultDomain[] = [];
   #writer: RecordWriter | null = null;
   #postcopy = false;
@@ -203,13 +195,8 @@ export class MigrationDestination {
 
   constructor(options: DestinationOptions) {
     this.#o = options;
-    this.#regions = options.memory.regions.map((region) => ({
-      region,
-      pages: region.size / PAGE,
-      discard: options.discard?.get(region),
-      present: new PageSet(region.size / PAGE),
-      hashes: null,
-    }));
+    this.#mem = new ReceivedMemory(options.memory.regions, options.discard);
+    this.#regions = this.#mem.regions;
   }
 
   /**
@@ -330,8 +317,7 @@ export class MigrationDestination {
       }
       // Precopy keeps a hash of each page as it is written, so the digest of the memory the
       // guest resumes with is ready at SWITCHOVER. Postcopy hashes its memory after END.
-      if ((this.#o.verify ?? true) && !(caps & Capability.POSTCOPY))
-        for (const st of this.#regions) st.hashes = new PageHashes(st.pages);
+      if ((this.#o.verify ?? true) && !(caps & Capability.POSTCOPY)) this.#mem.startHashing();
       let r = await next();
       this.#phase("precopy");
       // Discard maps first: the plug state must be known before any page.
@@ -364,7 +350,7 @@ export class MigrationDestination {
           case RecordType.Switchover: {
             r.payload.end();
             if (caps & Capability.POSTCOPY) throw r.payload.error("SWITCHOVER in a postcopy stream");
-            this.#resumedWith = this.#regions.map((st) => st.hashes?.digest(st.discard) ?? new Uint8Array(32));
+            this.#resumedWith = this.#mem.hashDigests();
             await this.#o.hooks?.resume?.();
             this.#resumedAt = performance.now();
             writer.writeNow(encodeRecord(RecordType.Resumed));
@@ -601,7 +587,7 @@ export class MigrationDestination {
       const rr = await next();
       if (rr.type !== RecordType.Region) throw rr.payload.error(`expected REGION ${i}, got ${recordName(rr.type)}`);
       const d = decodeRegion(rr.payload);
-      const mine = (this.#regions[i] as RegionState).region;
+      const mine = (this.#regions[i] as ReceivedRegion).region;
       if (d.index !== i || d.guestBase !== mine.guestBase || d.size !== mine.size || d.pageSize !== mine.pageSize)
         throw new MigrationError(
           "REGION_MISMATCH",
@@ -641,60 +627,23 @@ export class MigrationDestination {
         },
       );
     for (const v of d.states) if (v > 1) throw r.payload.error(`bad block state ${v}`);
-    const fresh = !st.discard;
-    if (!st.discard) st.discard = new DiscardMap(st.region.size, d.blockSize, true);
-    if (st.discard.blockSize !== d.blockSize)
-      throw new MigrationError(
-        "REGION_MISMATCH",
-        `discard block size ${d.blockSize}, destination ${st.discard.blockSize}`,
-        r.offset,
-        { region: d.region },
-      );
     // Blocks discarded since the last map: what was sent into them is gone, and they are not
     // populated here any more (pages of a later plug arrive as dirty pages, or stay zero).
-    if (!fresh) this.#dropBlocks(st, d.blockSize, d.states);
-    st.discard.applyBytes(d.states);
-  }
-
-  #dropBlocks(st: RegionState, blockSize: number, states: Uint8Array): void {
-    const map = st.discard as DiscardMap;
-    const mapping = st.region.mapping;
     const advice = st.region.backing.kind === "anonymous" ? MADV_DONTNEED : MADV_REMOVE;
-    const per = blockSize / PAGE;
-    for (let b = 0; b < states.length; b++) {
-      if (states[b] !== 0 || !map.isPlugged(b * blockSize)) continue;
-      mapping?.advise(b * blockSize, blockSize, advice);
-      for (let p = b * per; p < (b + 1) * per; p++) {
-        st.present.clear(p);
-        st.hashes?.setZero(p);
-      }
-    }
+    for (const b of this.#mem.applyDiscard(st, d.blockSize, d.states, r.offset))
+      st.region.mapping?.advise(b * d.blockSize, d.blockSize, advice);
   }
 
   /** Validates a whole PAGES record, then applies it. Returns its page count. */
   #applyPages(r: Record): number {
     const rec = decodePages(r.payload, PAGE);
-    const st = this.#regions[rec.region];
-    if (!st) throw new MigrationError("BAD_PAGE", `pages for region ${rec.region}`, r.offset, { region: rec.region });
-    for (let k = 0; k < rec.pages.length; k++) {
-      const p = rec.pages[k] as number;
-      if (p >= st.pages)
-        throw new MigrationError("BAD_PAGE", `page ${p} outside region ${rec.region} (${st.pages} pages)`, r.offset, {
-          region: rec.region,
-          page: p,
-        });
-      if (st.discard?.isDiscarded(p * PAGE))
-        throw new MigrationError("BAD_PAGE", `page ${p} of region ${rec.region} is in a discarded block`, r.offset, {
-          region: rec.region,
-          page: p,
-        });
-    }
+    const st = this.#mem.checkPages(rec.region, rec.pages, r.offset);
     if (this.#postcopy) this.#placePages(st, rec);
     else this.#writePages(st, rec);
     return rec.pages.length;
   }
 
-  #writePages(st: RegionState, rec: PagesRecord): void {
+  #writePages(st: ReceivedRegion, rec: PagesRecord): void {
     // Full pages' data lies in record order: gather their indices and copy them in bulk.
     const full = new Uint32Array(rec.pages.length);
     let n = 0;
@@ -702,20 +651,19 @@ export class MigrationDestination {
       const p = rec.pages[k] as number;
       if ((rec.dataOffsets[k] as number) < 0) {
         this.#zero++;
-        st.hashes?.setZero(p);
         // Fresh memory is zero: a zero page never written here stays unpopulated.
-        if (st.present.has(p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
+        if (this.#mem.receivedZero(st, p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
         continue;
       }
       full[n++] = p;
-      st.present.set(p);
+      this.#mem.received(st, p);
     }
     writeRegionPages(st.region, full, n, rec.data);
     st.hashes?.setFromData(full, n, rec.data);
     this.#pages += n;
   }
 
-  #placePages(st: RegionState, rec: PagesRecord): void {
+  #placePages(st: ReceivedRegion, rec: PagesRecord): void {
     const ri = this.#regions.indexOf(st);
     // Only our own userfaultfd: runs of consecutive pages go in one UFFDIO_COPY / ZEROPAGE.
     if (this.#domains.length === 1) this.#placeRuns(st, ri, rec, this.#domains[0] as FaultDomain);
@@ -731,7 +679,7 @@ export class MigrationDestination {
   }
 
   /** Bookkeeping for a page just placed: present, counters, the latency of a request for it. */
-  #placed(st: RegionState, ri: number, p: number, zero: boolean): void {
+  #placed(st: ReceivedRegion, ri: number, p: number, zero: boolean): void {
     st.present.set(p);
     if (zero) this.#zero++;
     else this.#pages++;
@@ -743,7 +691,7 @@ export class MigrationDestination {
     }
   }
 
-  #placeRuns(st: RegionState, ri: number, rec: PagesRecord, d: FaultDomain): void {
+  #placeRuns(st: ReceivedRegion, ri: number, rec: PagesRecord, d: FaultDomain): void {
     const pages = rec.pages;
     const offs = rec.dataOffsets;
     const n = pages.length;
@@ -822,18 +770,8 @@ export class MigrationDestination {
     const mapping = st.region.mapping;
     if (!mapping) throw new MigrationError("UNSUPPORTED", "postcopy needs regions with an owned mapping");
     const advice = st.region.backing.kind === "anonymous" ? MADV_DONTNEED : MADV_REMOVE;
-    let run = -1;
-    const flush = (end: number) => {
-      if (run >= 0) mapping.advise(run * PAGE, (end - run) * PAGE, advice);
-      run = -1;
-    };
-    for (let pg = 0; pg < st.pages; pg++) {
-      if (drop.has(pg) && st.present.has(pg)) {
-        st.present.clear(pg);
-        if (run < 0) run = pg;
-      } else flush(pg);
-    }
-    flush(st.pages);
+    for (const [first, end] of this.#mem.dropAdvised(st, drop))
+      mapping.advise(first * PAGE, (end - first) * PAGE, advice);
   }
 
   #startPostcopy(): void {
@@ -888,7 +826,7 @@ export class MigrationDestination {
         { address: `0x${addr.toString(16)}` },
       );
     const ri = mem.regions.indexOf(region);
-    const st = this.#regions[ri] as RegionState;
+    const st = this.#regions[ri] as ReceivedRegion;
     const off = gpa - region.guestBase;
     const p = Math.floor(off / PAGE);
     this.#faults++;
@@ -963,11 +901,11 @@ export class MigrationDestination {
     if (postcopy) this.#phase("verify");
     const verifyStart = postcopy ? performance.now() : this.#resumedAt;
     const verify = this.#o.verify ?? true;
-    const cmp = this.#regions.map((st, i) => {
+    const cmp = this.#regions.map((_, i) => {
       // Precopy: the digest as of SWITCHOVER, from the hashes of the pages as they were written.
       // Postcopy: pages never written here are still the fresh memory's zeros: hashed without
       // reading them.
-      const mine = !verify ? new Uint8Array(32) : (resumedWith?.[i] ?? regionDigest(st.region, st.discard, st.present));
+      const mine = !verify ? new Uint8Array(32) : (resumedWith?.[i] ?? this.#mem.memoryDigest(i));
       const theirs = digests.get(i);
       const source = theirs ? hex(theirs) : "";
       return { region: i, source, destination: verify ? hex(mine) : "", match: !verify || source === hex(mine), mine };
