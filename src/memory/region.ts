@@ -1,3 +1,4 @@
+import { copyBytes } from "../sys/bulk.js";
 import type { Fd } from "../sys/fd.js";
 import { Mapping, WINDOW_SHIFT, WINDOW_SIZE } from "../sys/mapping.js";
 import { createMemfd, fileSize, O_CREAT, O_RDONLY, O_RDWR, openFile, truncate } from "../sys/memfd.js";
@@ -252,7 +253,7 @@ export class GuestMemoryRegion implements Disposable {
       const w = Math.floor(pos / WINDOW_SIZE);
       const off = pos - w * WINDOW_SIZE;
       const n = Math.min(into.length - done, WINDOW_SIZE - off);
-      into.set((this.#u8[w] as Uint8Array).subarray(off, off + n), done);
+      copyBytes(into, (this.#u8[w] as Uint8Array).subarray(off, off + n), done);
       done += n;
     }
   }
@@ -265,7 +266,7 @@ export class GuestMemoryRegion implements Disposable {
       const w = Math.floor(pos / WINDOW_SIZE);
       const off = pos - w * WINDOW_SIZE;
       const n = Math.min(data.length - done, WINDOW_SIZE - off);
-      (this.#u8[w] as Uint8Array).set(data.subarray(done, done + n), off);
+      copyBytes(this.#u8[w] as Uint8Array, data.subarray(done, done + n), off);
       done += n;
     }
     this.dirty?.markRange(offset, data.length);

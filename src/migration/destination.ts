@@ -22,7 +22,7 @@
  * fails with ENOENT while the back-end has not registered that range yet.
  */
 import type { Duplex } from "node:stream";
-import { DiscardMap } from "../memory/discard-map.js";
+import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { MADV_DONTNEED, MADV_REMOVE } from "../sys/mapping.js";
@@ -36,11 +36,10 @@ import {
   RecordReader,
   RecordWriter,
 } from "./channel.js";
-import { hex, PageHashes, regionDigest } from "./digest.js";
+import { hex } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
 import {
-  bitmapHas,
   Capability,
   decodeCapabilities,
   decodeDeviceState,
@@ -62,11 +61,11 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
+import { PAGE, PageSet } from "./page-set.js";
 import { writeRegionPages } from "./pages.js";
+import { ReceivedMemory, type ReceivedRegion } from "./received-memory.js";
 import type { DeviceState } from "./source.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
-
-const PAGE = 4096;
 
 export interface DestinationHooks {
   /**
@@ -165,27 +164,11 @@ interface FaultDomain {
   waiting: Set<number>;
 }
 
-interface RegionState {
-  region: GuestMemoryRegion;
-  pages: number;
-  discard: DiscardMap | undefined;
-  /** Pages present here (written in precopy or placed in postcopy). */
-  present: Uint8Array;
-  /** Precopy with verification: the hash of every page as written here (zero where never written). */
-  hashes: PageHashes | null;
-}
-
-function setBit(b: Uint8Array, p: number): void {
-  b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
-}
-function clearBit(b: Uint8Array, p: number): void {
-  b[p >>> 3] = (b[p >>> 3] as number) & ~(1 << (p & 7));
-}
-
 export class MigrationDestination {
   readonly events = new MigrationEvents();
   readonly #o: DestinationOptions;
-  readonly #regions: RegionState[];
+  readonly #mem: ReceivedMemory;
+  readonly #regions: readonly ReceivedRegion[];
   readonly #domains: FaultDomain[] = [];
   #writer: RecordWriter | null = null;
   #postcopy = false;
@@ -212,13 +195,8 @@ export class MigrationDestination {
 
   constructor(options: DestinationOptions) {
     this.#o = options;
-    this.#regions = options.memory.regions.map((region) => ({
-      region,
-      pages: region.size / PAGE,
-      discard: options.discard?.get(region),
-      present: new Uint8Array(Math.ceil(region.size / PAGE / 8)),
-      hashes: null,
-    }));
+    this.#mem = new ReceivedMemory(options.memory.regions, options.discard);
+    this.#regions = this.#mem.regions;
   }
 
   /**
@@ -339,8 +317,7 @@ export class MigrationDestination {
       }
       // Precopy keeps a hash of each page as it is written, so the digest of the memory the
       // guest resumes with is ready at SWITCHOVER. Postcopy hashes its memory after END.
-      if ((this.#o.verify ?? true) && !(caps & Capability.POSTCOPY))
-        for (const st of this.#regions) st.hashes = new PageHashes(st.pages);
+      if ((this.#o.verify ?? true) && !(caps & Capability.POSTCOPY)) this.#mem.startHashing();
       let r = await next();
       this.#phase("precopy");
       // Discard maps first: the plug state must be known before any page.
@@ -373,7 +350,7 @@ export class MigrationDestination {
           case RecordType.Switchover: {
             r.payload.end();
             if (caps & Capability.POSTCOPY) throw r.payload.error("SWITCHOVER in a postcopy stream");
-            this.#resumedWith = this.#regions.map((st) => st.hashes?.digest(st.discard) ?? new Uint8Array(32));
+            this.#resumedWith = this.#mem.hashDigests();
             await this.#o.hooks?.resume?.();
             this.#resumedAt = performance.now();
             writer.writeNow(encodeRecord(RecordType.Resumed));
@@ -495,7 +472,7 @@ export class MigrationDestination {
           );
         const w = new RecordWriter(s);
         // What is here is not sent again; what threads wait on is asked for again.
-        for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present));
+        for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present.bytes));
         for (const key of this.#pending.keys()) w.writeNow(encodePageRequest(Math.floor(key / 2 ** 32), key % 2 ** 32));
         boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
         r.setReadAhead(POSTCOPY_READ_AHEAD);
@@ -610,7 +587,7 @@ export class MigrationDestination {
       const rr = await next();
       if (rr.type !== RecordType.Region) throw rr.payload.error(`expected REGION ${i}, got ${recordName(rr.type)}`);
       const d = decodeRegion(rr.payload);
-      const mine = (this.#regions[i] as RegionState).region;
+      const mine = (this.#regions[i] as ReceivedRegion).region;
       if (d.index !== i || d.guestBase !== mine.guestBase || d.size !== mine.size || d.pageSize !== mine.pageSize)
         throw new MigrationError(
           "REGION_MISMATCH",
@@ -650,60 +627,23 @@ export class MigrationDestination {
         },
       );
     for (const v of d.states) if (v > 1) throw r.payload.error(`bad block state ${v}`);
-    const fresh = !st.discard;
-    if (!st.discard) st.discard = new DiscardMap(st.region.size, d.blockSize, true);
-    if (st.discard.blockSize !== d.blockSize)
-      throw new MigrationError(
-        "REGION_MISMATCH",
-        `discard block size ${d.blockSize}, destination ${st.discard.blockSize}`,
-        r.offset,
-        { region: d.region },
-      );
     // Blocks discarded since the last map: what was sent into them is gone, and they are not
     // populated here any more (pages of a later plug arrive as dirty pages, or stay zero).
-    if (!fresh) this.#dropBlocks(st, d.blockSize, d.states);
-    st.discard.applyBytes(d.states);
-  }
-
-  #dropBlocks(st: RegionState, blockSize: number, states: Uint8Array): void {
-    const map = st.discard as DiscardMap;
-    const mapping = st.region.mapping;
     const advice = st.region.backing.kind === "anonymous" ? MADV_DONTNEED : MADV_REMOVE;
-    const per = blockSize / PAGE;
-    for (let b = 0; b < states.length; b++) {
-      if (states[b] !== 0 || !map.isPlugged(b * blockSize)) continue;
-      mapping?.advise(b * blockSize, blockSize, advice);
-      for (let p = b * per; p < (b + 1) * per; p++) {
-        clearBit(st.present, p);
-        st.hashes?.setZero(p);
-      }
-    }
+    for (const b of this.#mem.applyDiscard(st, d.blockSize, d.states, r.offset))
+      st.region.mapping?.advise(b * d.blockSize, d.blockSize, advice);
   }
 
   /** Validates a whole PAGES record, then applies it. Returns its page count. */
   #applyPages(r: Record): number {
     const rec = decodePages(r.payload, PAGE);
-    const st = this.#regions[rec.region];
-    if (!st) throw new MigrationError("BAD_PAGE", `pages for region ${rec.region}`, r.offset, { region: rec.region });
-    for (let k = 0; k < rec.pages.length; k++) {
-      const p = rec.pages[k] as number;
-      if (p >= st.pages)
-        throw new MigrationError("BAD_PAGE", `page ${p} outside region ${rec.region} (${st.pages} pages)`, r.offset, {
-          region: rec.region,
-          page: p,
-        });
-      if (st.discard?.isDiscarded(p * PAGE))
-        throw new MigrationError("BAD_PAGE", `page ${p} of region ${rec.region} is in a discarded block`, r.offset, {
-          region: rec.region,
-          page: p,
-        });
-    }
+    const st = this.#mem.checkPages(rec.region, rec.pages, r.offset);
     if (this.#postcopy) this.#placePages(st, rec);
     else this.#writePages(st, rec);
     return rec.pages.length;
   }
 
-  #writePages(st: RegionState, rec: PagesRecord): void {
+  #writePages(st: ReceivedRegion, rec: PagesRecord): void {
     // Full pages' data lies in record order: gather their indices and copy them in bulk.
     const full = new Uint32Array(rec.pages.length);
     let n = 0;
@@ -711,20 +651,19 @@ export class MigrationDestination {
       const p = rec.pages[k] as number;
       if ((rec.dataOffsets[k] as number) < 0) {
         this.#zero++;
-        st.hashes?.setZero(p);
         // Fresh memory is zero: a zero page never written here stays unpopulated.
-        if (bitmapHas(st.present, p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
+        if (this.#mem.receivedZero(st, p)) (st.region.bytes(p * PAGE, PAGE) as Uint8Array).fill(0);
         continue;
       }
       full[n++] = p;
-      setBit(st.present, p);
+      this.#mem.received(st, p);
     }
     writeRegionPages(st.region, full, n, rec.data);
     st.hashes?.setFromData(full, n, rec.data);
     this.#pages += n;
   }
 
-  #placePages(st: RegionState, rec: PagesRecord): void {
+  #placePages(st: ReceivedRegion, rec: PagesRecord): void {
     const ri = this.#regions.indexOf(st);
     // Only our own userfaultfd: runs of consecutive pages go in one UFFDIO_COPY / ZEROPAGE.
     if (this.#domains.length === 1) this.#placeRuns(st, ri, rec, this.#domains[0] as FaultDomain);
@@ -732,7 +671,7 @@ export class MigrationDestination {
       for (let k = 0; k < rec.pages.length; k++) {
         const p = rec.pages[k] as number;
         const at = rec.dataOffsets[k] as number;
-        if (bitmapHas(st.present, p)) continue;
+        if (st.present.has(p)) continue;
         this.#install(st.region.guestBase + p * PAGE, at < 0 ? null : rec.data.subarray(at, at + PAGE));
         this.#placed(st, ri, p, at < 0);
       }
@@ -740,8 +679,8 @@ export class MigrationDestination {
   }
 
   /** Bookkeeping for a page just placed: present, counters, the latency of a request for it. */
-  #placed(st: RegionState, ri: number, p: number, zero: boolean): void {
-    setBit(st.present, p);
+  #placed(st: ReceivedRegion, ri: number, p: number, zero: boolean): void {
+    st.present.set(p);
     if (zero) this.#zero++;
     else this.#pages++;
     const key = ri * 2 ** 32 + p;
@@ -752,7 +691,7 @@ export class MigrationDestination {
     }
   }
 
-  #placeRuns(st: RegionState, ri: number, rec: PagesRecord, d: FaultDomain): void {
+  #placeRuns(st: ReceivedRegion, ri: number, rec: PagesRecord, d: FaultDomain): void {
     const pages = rec.pages;
     const offs = rec.dataOffsets;
     const n = pages.length;
@@ -761,7 +700,7 @@ export class MigrationDestination {
     while (k < n) {
       const p = pages[k] as number;
       const at = offs[k] as number;
-      if (bitmapHas(st.present, p)) {
+      if (st.present.has(p)) {
         k++;
         continue;
       }
@@ -771,7 +710,7 @@ export class MigrationDestination {
       while (e < n) {
         const q = pages[e] as number;
         const qa = offs[e] as number;
-        if (q !== p + (e - k) || bitmapHas(st.present, q) || (zero ? qa >= 0 : qa !== at + (e - k) * PAGE)) break;
+        if (q !== p + (e - k) || st.present.has(q) || (zero ? qa >= 0 : qa !== at + (e - k) * PAGE)) break;
         e++;
       }
       const len = (e - k) * PAGE;
@@ -827,21 +766,12 @@ export class MigrationDestination {
     const a = decodePostcopyAdvise(p);
     const st = this.#regions[a.region];
     if (!st || a.pages !== st.pages) throw p.error(`advise for region ${a.region} of ${a.pages} pages`);
+    const drop = PageSet.wrap(a.bitmap, a.pages);
     const mapping = st.region.mapping;
     if (!mapping) throw new MigrationError("UNSUPPORTED", "postcopy needs regions with an owned mapping");
     const advice = st.region.backing.kind === "anonymous" ? MADV_DONTNEED : MADV_REMOVE;
-    let run = -1;
-    const flush = (end: number) => {
-      if (run >= 0) mapping.advise(run * PAGE, (end - run) * PAGE, advice);
-      run = -1;
-    };
-    for (let pg = 0; pg < st.pages; pg++) {
-      if (bitmapHas(a.bitmap, pg) && bitmapHas(st.present, pg)) {
-        clearBit(st.present, pg);
-        if (run < 0) run = pg;
-      } else flush(pg);
-    }
-    flush(st.pages);
+    for (const [first, end] of this.#mem.dropAdvised(st, drop))
+      mapping.advise(first * PAGE, (end - first) * PAGE, advice);
   }
 
   #startPostcopy(): void {
@@ -896,12 +826,12 @@ export class MigrationDestination {
         { address: `0x${addr.toString(16)}` },
       );
     const ri = mem.regions.indexOf(region);
-    const st = this.#regions[ri] as RegionState;
+    const st = this.#regions[ri] as ReceivedRegion;
     const off = gpa - region.guestBase;
     const p = Math.floor(off / PAGE);
     this.#faults++;
     d.stats.faults++;
-    if (bitmapHas(st.present, p)) {
+    if (st.present.has(p)) {
       d.uffd.wake(addr, PAGE);
       d.stats.wakes++;
       return;
@@ -971,11 +901,11 @@ export class MigrationDestination {
     if (postcopy) this.#phase("verify");
     const verifyStart = postcopy ? performance.now() : this.#resumedAt;
     const verify = this.#o.verify ?? true;
-    const cmp = this.#regions.map((st, i) => {
+    const cmp = this.#regions.map((_, i) => {
       // Precopy: the digest as of SWITCHOVER, from the hashes of the pages as they were written.
       // Postcopy: pages never written here are still the fresh memory's zeros: hashed without
       // reading them.
-      const mine = !verify ? new Uint8Array(32) : (resumedWith?.[i] ?? regionDigest(st.region, st.discard, st.present));
+      const mine = !verify ? new Uint8Array(32) : (resumedWith?.[i] ?? this.#mem.memoryDigest(i));
       const theirs = digests.get(i);
       const source = theirs ? hex(theirs) : "";
       return { region: i, source, destination: verify ? hex(mine) : "", match: !verify || source === hex(mine), mine };

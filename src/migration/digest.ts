@@ -14,8 +14,8 @@ import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { hashPages } from "../sys/bulk.js";
 import { WINDOW_SIZE } from "../sys/mapping.js";
+import { PAGE, type PageSet } from "./page-set.js";
 
-const PAGE = 4096;
 const PAGES_PER_WINDOW = WINDOW_SIZE / PAGE;
 
 /**
@@ -94,12 +94,12 @@ export function residencyImpliesZero(region: GuestMemoryRegion): boolean {
  * (destination: fresh memory never written here); otherwise pages that are not resident where
  * `residencyImpliesZero` holds (source: reading them would fault new zero pages in).
  */
-export function regionDigest(region: GuestMemoryRegion, discard?: DiscardMap, written?: Uint8Array): Uint8Array {
+export function regionDigest(region: GuestMemoryRegion, discard?: DiscardMap, written?: PageSet): Uint8Array {
   const pages = region.size / PAGE;
   const table = new Uint32Array(pages * 2);
   const resident = !written && residencyImpliesZero(region) ? region.mapping?.residency(0, region.size) : undefined;
   const must = (p: number): boolean =>
-    written ? bit(written, p) : resident ? ((resident[p] as number) & 1) === 1 : true;
+    written ? written.has(p) : resident ? ((resident[p] as number) & 1) === 1 : true;
   const ranges: Iterable<[number, number]> = discard ? discard.ranges(true) : [[0, region.size]];
   const idx = new Uint32Array(Math.min(PAGES_PER_WINDOW, 65536));
   const [zlo, zhi] = ZERO_PAGE_HASH;
@@ -130,10 +130,6 @@ export function regionDigest(region: GuestMemoryRegion, discard?: DiscardMap, wr
     }
   }
   return digestOfTable(table, pages, discard);
-}
-
-function bit(b: Uint8Array, p: number): boolean {
-  return (((b[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
 }
 
 export function hex(b: Uint8Array): string {

@@ -507,19 +507,6 @@ export function decodePostcopyAdvise(p: PayloadReader): { region: number; pages:
   return { region, pages, bitmap };
 }
 
-export function bitmapFromPages(pages: ArrayLike<number>, total: number): Uint8Array {
-  const b = new Uint8Array(Math.ceil(total / 8));
-  for (let i = 0; i < pages.length; i++) {
-    const p = pages[i] as number;
-    b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
-  }
-  return b;
-}
-
-export function bitmapHas(b: Uint8Array, p: number): boolean {
-  return (((b[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
-}
-
 // ---- PREEMPT: u64 nonce (pairs the second connection with this stream)
 
 export function encodePreempt(nonce: bigint): Buffer {

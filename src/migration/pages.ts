@@ -8,8 +8,8 @@ import type { GuestMemoryRegion } from "../memory/region.js";
 import { copyPages } from "../sys/bulk.js";
 import { pwrite } from "../sys/fd.js";
 import { WINDOW_SIZE } from "../sys/mapping.js";
+import { PAGE } from "./page-set.js";
 
-const PAGE = 4096;
 const PAGES_PER_WINDOW = WINDOW_SIZE / PAGE;
 
 let scratch = new Uint32Array(1024);

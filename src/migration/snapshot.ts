@@ -39,7 +39,6 @@ import { hex } from "./digest.js";
 import { MigrationError } from "./errors.js";
 import { MigrationEvents, percentile } from "./events.js";
 import {
-  bitmapHas,
   Capability,
   checkRecordCrc,
   checkStreamHeader,
@@ -68,9 +67,8 @@ import {
   recordName,
   STREAM_HEADER_SIZE,
 } from "./format.js";
+import { PAGE, PageSet } from "./page-set.js";
 import type { DeviceState } from "./source.js";
-
-const PAGE = 4096;
 
 export interface SnapshotHooks {
   /** Around the snapshot point: writers stop, protection is armed, writers resume. */
@@ -114,13 +112,9 @@ interface SaveRegion {
   pages: number;
   discard: DiscardMap | undefined;
   dataOffset: number;
-  saved: Uint8Array;
-  zero: Uint8Array;
+  saved: PageSet;
+  zero: PageSet;
   crcs: Uint32Array;
-}
-
-function setBit(b: Uint8Array, p: number): void {
-  b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
 }
 
 export function writeProtectSnapshotUnavailable(): string | null {
@@ -164,8 +158,8 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
       pages,
       discard: o.discard?.get(region),
       dataOffset: pos,
-      saved: new Uint8Array(Math.ceil(pages / 8)),
-      zero: new Uint8Array(Math.ceil(pages / 8)),
+      saved: new PageSet(pages),
+      zero: new PageSet(pages),
       crcs: new Uint32Array(pages),
     });
     pos += region.size;
@@ -199,13 +193,13 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
     const save = (sr: SaveRegion, p: number): void => {
       const view = sr.region.bytes(p * PAGE, PAGE) as Uint8Array;
       if (isZero(view)) {
-        setBit(sr.zero, p);
+        sr.zero.set(p);
         zeroPages++;
       } else {
         writeAll(fd, view, sr.dataOffset + p * PAGE);
         sr.crcs[p] = pageCrc(view);
       }
-      setBit(sr.saved, p);
+      sr.saved.set(p);
       pagesSaved++;
     };
 
@@ -235,7 +229,7 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
           );
           if (!sr) continue;
           const p = Number(addr - sr.region.hostAddress) / PAGE;
-          if (!bitmapHas(sr.saved, p) && !sr.discard?.isDiscarded(p * PAGE)) {
+          if (!sr.saved.has(p) && !sr.discard?.isDiscarded(p * PAGE)) {
             save(sr, p);
             writeFaults++;
           }
@@ -258,7 +252,7 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
         if (faultError) throw faultError;
         const n = Math.min(64, sr.pages - p);
         if (sr.discard?.isDiscarded(p * PAGE) && sr.discard.isDiscarded((p + n - 1) * PAGE)) continue;
-        for (let q = p; q < p + n; q++) if (!bitmapHas(sr.saved, q) && !sr.discard?.isDiscarded(q * PAGE)) save(sr, q);
+        for (let q = p; q < p + n; q++) if (!sr.saved.has(q) && !sr.discard?.isDiscarded(q * PAGE)) save(sr, q);
         u.writeProtect(base + BigInt(p * PAGE), n * PAGE, false);
         // Let write faults in between (they are served from this thread's event loop).
         if (++k % 16 === 0) await new Promise((r) => setImmediate(r));
@@ -272,7 +266,7 @@ export async function saveSnapshot(o: SnapshotOptions, events = new MigrationEve
     if (faultError) throw faultError;
 
     // Trailer: per-page checksums, device state, digests of the stored image.
-    const trailer: Buffer[] = regions.map((sr, i) => encodePageCrcs(i, sr.crcs, sr.zero));
+    const trailer: Buffer[] = regions.map((sr, i) => encodePageCrcs(i, sr.crcs, sr.zero.bytes));
     for (const d of devices) trailer.push(encodeDeviceState(d.name, d.blob));
     const digests = regions.map((sr) => imageDigest(fd, sr));
     digests.forEach((d, i) => {
@@ -397,8 +391,8 @@ interface RestoreRegion {
   discard: DiscardMap;
   dataOffset: number;
   crcs: Uint32Array;
-  zero: Uint8Array;
-  placed: Uint8Array;
+  zero: PageSet;
+  placed: PageSet;
 }
 
 /** A restore in progress: for a lazy one the guest may run as soon as this exists. */
@@ -443,8 +437,8 @@ export async function restoreSnapshot(o: RestoreOptions): Promise<Restore> {
         discard: o.discard?.get(mine) ?? new DiscardMap(mine.size, 2 * 1024 * 1024, true),
         dataOffset: 0,
         crcs: new Uint32Array(0),
-        zero: new Uint8Array(0),
-        placed: new Uint8Array(Math.ceil(pages / 8)),
+        zero: new PageSet(pages),
+        placed: new PageSet(pages),
       });
     }
     r = readRecordAt(fd, r.next, size);
@@ -475,7 +469,7 @@ export async function restoreSnapshot(o: RestoreOptions): Promise<Restore> {
         const rr = regions[c.region];
         if (!rr || c.crcs.length !== rr.pages) throw r.payload.error("page checksums for a bad region");
         rr.crcs = c.crcs;
-        rr.zero = c.zero;
+        rr.zero = PageSet.wrap(c.zero, rr.pages);
       } else if (r.type === RecordType.DeviceState) devices.push(decodeDeviceState(r.payload));
       else if (r.type === RecordType.Digest) {
         const d = decodeDigest(r.payload);
@@ -548,7 +542,7 @@ function eagerRestore(fd: Fd, regions: RestoreRegion[]): number {
   let n = 0;
   for (const rr of regions) {
     for (let p = 0; p < rr.pages; p++) {
-      if (bitmapHas(rr.zero, p) || rr.discard.isDiscarded(p * PAGE)) continue;
+      if (rr.zero.has(p) || rr.discard.isDiscarded(p * PAGE)) continue;
       readPage(fd, rr, p, rr.region.bytes(p * PAGE, PAGE) as Uint8Array);
       n++;
     }
@@ -598,21 +592,21 @@ class LazyRestore {
   /** Places page p (from the file, or a zero page); a page already there is left alone. */
   #place(rr: RestoreRegion, p: number, faulted: boolean): boolean {
     const addr = rr.region.hostAddress + BigInt(p * PAGE);
-    if (bitmapHas(rr.placed, p)) {
+    if (rr.placed.has(p)) {
       if (faulted) this.#uffd.wake(addr, PAGE);
       return false;
     }
     const discarded = rr.discard.isDiscarded(p * PAGE);
     // Background: discarded blocks and zero pages stay unpopulated (holes read as zero).
-    if (!faulted && (discarded || bitmapHas(rr.zero, p))) return false;
+    if (!faulted && (discarded || rr.zero.has(p))) return false;
     let placed: boolean;
-    if (discarded || bitmapHas(rr.zero, p)) placed = this.#uffd.zeropage(addr, PAGE);
+    if (discarded || rr.zero.has(p)) placed = this.#uffd.zeropage(addr, PAGE);
     else {
       readPage(this.#fd, rr, p, this.#buf);
       placed = this.#uffd.copy(addr, this.#buf);
     }
     if (!placed) this.#uffd.wake(addr, PAGE);
-    setBit(rr.placed, p);
+    rr.placed.set(p);
     return placed;
   }
 

@@ -14,6 +14,7 @@ import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { isZero } from "../sys/bulk.js";
 import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
+import { convergence, convergenceLimits, predictDowntimeMs } from "./convergence.js";
 import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import {
@@ -25,8 +26,6 @@ import {
   type RoundStats,
 } from "./events.js";
 import {
-  bitmapFromPages,
-  bitmapHas,
   Capability,
   decodeComplete,
   decodeFail,
@@ -48,6 +47,7 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
+import { PAGE, PageSet } from "./page-set.js";
 import { copyRegionPages } from "./pages.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
@@ -72,11 +72,13 @@ export interface SourceHooks {
   saveDeviceState?(): DeviceState[] | Promise<DeviceState[]>;
 }
 
+/** Auto-converge settings; each one left out takes its default (CONVERGENCE_DEFAULTS in convergence.ts). */
 export interface AutoConvergeOptions {
-  /** First round that may throttle (default 2). */
+  /** First round that may throttle. */
   startRound?: number;
-  /** Throttle when a round's dirty bytes exceed this fraction of the bytes it sent (default 0.5). */
+  /** Throttle when a round's dirty bytes exceed this fraction of the bytes it sent. */
   threshold?: number;
+  /** The highest throttle level. */
   maxLevel?: number;
 }
 
@@ -86,11 +88,14 @@ export interface SourceOptions {
   sources?: DirtySource[];
   discard?: ReadonlyMap<GuestMemoryRegion, DiscardMap>;
   mode?: "precopy" | "postcopy";
-  /** Postcopy: precopy rounds before the destination starts (0 = at once). Default 1. */
+  // When precopy stops: see convergence.ts, which holds the defaults of these five options.
+  /** Postcopy: precopy rounds before the destination starts (0 = at once). */
   postcopyAfterRounds?: number;
+  /** The longest predicted switchover pause precopy aims for. */
   downtimeLimitMs?: number;
+  /** Precopy rounds before giving up (or stopping anyway, see whenNotConverged). */
   maxRounds?: number;
-  /** What to do when maxRounds is reached over the limit: fail (default) or stop anyway. */
+  /** What to do when maxRounds is reached over the limit: fail (NOT_CONVERGED) or stop anyway. */
   whenNotConverged?: "fail" | "switchover";
   /** Bytes per second, 0 = unlimited. */
   bandwidthLimit?: number;
@@ -138,7 +143,7 @@ export class MigrationSource {
   readonly events = new MigrationEvents();
   readonly #o: SourceOptions;
   readonly #regions: RegionInfo[];
-  readonly #ps = 4096;
+  readonly #ps = PAGE;
   #t0 = 0;
   #stats: RoundStats[] = [];
   #pages = 0;
@@ -167,10 +172,10 @@ export class MigrationSource {
   constructor(options: SourceOptions) {
     this.#o = options;
     for (const r of options.memory.regions)
-      if (r.pageSize !== 4096) throw new MigrationError("UNSUPPORTED", `region page size ${r.pageSize} (only 4096)`);
+      if (r.pageSize !== PAGE) throw new MigrationError("UNSUPPORTED", `region page size ${r.pageSize} (only ${PAGE})`);
     this.#regions = options.memory.regions.map((region) => ({
       region,
-      pages: region.size / 4096,
+      pages: region.size / PAGE,
       discard: options.discard?.get(region),
     }));
   }
@@ -222,7 +227,7 @@ export class MigrationSource {
     let bytesBefore = 0;
     let recoveryFailure: MigrationError | null = null;
     let postcopyRunSent = false;
-    let postcopySet: Uint8Array[] = [];
+    let postcopySet: PageSet[] = [];
     const unsubscribe: (() => void)[] = [];
     const deadline = (ms: number | undefined, fallback: number) => performance.now() + (ms ?? fallback);
     try {
@@ -316,11 +321,11 @@ export class MigrationSource {
         await this.#sync(tracker, true);
         this.#sendPlugChanges(writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
-        const set = this.#regions.map((ri, i) => bitmapFromPages(todo[i] as Uint32Array, ri.pages));
+        const set = this.#regions.map((ri, i) => PageSet.of(todo[i] as Uint32Array, ri.pages));
         postcopySet = set;
         rp.setPostcopySet(set);
         for (const [i, ri] of this.#regions.entries())
-          await writer.write(encodePostcopyAdvise(i, ri.pages, set[i] as Uint8Array));
+          await writer.write(encodePostcopyAdvise(i, ri.pages, (set[i] as PageSet).bytes));
         await this.#sendDeviceStates(writer);
         await writer.write(encodeRecord(RecordType.PostcopyRun));
         // From here the destination may be running: until it says otherwise (FAIL before
@@ -480,11 +485,8 @@ export class MigrationSource {
     rp: ReturnPath,
   ): Promise<{ rounds: number; converged: boolean }> {
     const o = this.#o;
-    const limit = o.downtimeLimitMs ?? 300;
-    const maxRounds = o.maxRounds ?? 30;
+    const limits = convergenceLimits(o);
     const postcopy = o.mode === "postcopy";
-    const pcRounds = o.postcopyAfterRounds ?? 1;
-    const ac = o.autoConverge === false ? null : { startRound: 2, threshold: 0.5, maxLevel: 8, ...o.autoConverge };
     const gib = o.memory.size / GiB;
     let prev: RoundStats | null = null;
     let prevEnd = performance.now();
@@ -498,38 +500,37 @@ export class MigrationSource {
         const elapsed = (performance.now() - prevEnd + prev.durationMs) / 1000;
         prev.remainingBytes = remaining;
         prev.dirtyRate = elapsed > 0 ? remaining / elapsed : 0;
-        prev.predictedDowntimeMs = prev.bandwidth > 0 ? (remaining / prev.bandwidth) * 1000 : Number.POSITIVE_INFINITY;
+        prev.predictedDowntimeMs = predictDowntimeMs(remaining, prev.bandwidth);
         prev.syncMsPerGiB = rep.totalMs / gib;
         prev.syncMsPerGiBBySource = Object.fromEntries(Object.entries(rep.perSource).map(([k, v]) => [k, v / gib]));
         this.#stats.push(prev);
         this.events.emit("round", prev);
-        if (postcopy && round >= pcRounds) return { rounds: round, converged: true };
-        if (!postcopy && prev.predictedDowntimeMs <= limit) return { rounds: round, converged: true };
-        if (round >= maxRounds) {
-          if (postcopy) return { rounds: round, converged: true };
-          if ((o.whenNotConverged ?? "fail") === "switchover") return { rounds: round, converged: false };
-          throw new MigrationError(
-            "NOT_CONVERGED",
-            `precopy did not converge in ${round} rounds: predicted downtime ${prev.predictedDowntimeMs.toFixed(1)} ms > limit ${limit} ms`,
-            undefined,
-            {
-              rounds: round,
-              predictedDowntimeMs: prev.predictedDowntimeMs,
-              limitMs: limit,
-              remainingBytes: remaining,
-              dirtyRate: prev.dirtyRate,
-              bandwidth: prev.bandwidth,
-              throttle: this.#throttle,
-            },
-          );
-        }
-        if (ac && round >= ac.startRound && remaining > ac.threshold * prev.bytesSent && this.#throttle < ac.maxLevel) {
-          this.#throttle++;
-          await o.hooks?.throttle?.(this.#throttle);
-          this.events.emit("throttle", { level: this.#throttle, round });
-        }
-      } else if (postcopy && pcRounds === 0) {
-        return { rounds: 0, converged: true };
+      }
+      const d = convergence(
+        { round, last: prev, remainingBytes: remaining, throttle: this.#throttle, postcopy },
+        limits,
+      );
+      if (d.kind === "postcopy") return { rounds: round, converged: true };
+      if (d.kind === "switchover") return { rounds: round, converged: d.converged };
+      if (d.kind === "not-converged")
+        throw new MigrationError(
+          "NOT_CONVERGED",
+          `precopy did not converge in ${round} rounds: predicted downtime ${d.predictedDowntimeMs.toFixed(1)} ms > limit ${d.limitMs} ms`,
+          undefined,
+          {
+            rounds: round,
+            predictedDowntimeMs: d.predictedDowntimeMs,
+            limitMs: d.limitMs,
+            remainingBytes: remaining,
+            dirtyRate: prev?.dirtyRate ?? 0,
+            bandwidth: prev?.bandwidth ?? 0,
+            throttle: this.#throttle,
+          },
+        );
+      if (d.kind === "throttle") {
+        this.#throttle = d.level;
+        await o.hooks?.throttle?.(this.#throttle);
+        this.events.emit("throttle", { level: this.#throttle, round });
       }
       round++;
       await writer.write(encodeRound(round, remaining));
@@ -646,7 +647,7 @@ export class MigrationSource {
     nonce: bigint,
     cause: MigrationError,
     peer: PeerIdentity | null,
-    postcopySet: Uint8Array[],
+    postcopySet: PageSet[],
   ): Promise<{ stream: Duplex; writer: RecordWriter; rp: ReturnPath }> {
     this.#phase("postcopy-paused");
     const limit = recovery.timeoutMs ?? 60_000;
@@ -668,7 +669,7 @@ export class MigrationSource {
         const r = new RecordReader(s);
         await w.write(encodeStreamHeader());
         await w.write(encodeNonce(RecordType.Recover, nonce));
-        const held: Uint8Array[] = [];
+        const held: PageSet[] = [];
         for (const [i, ri] of this.#regions.entries()) {
           const rec = await withDeadline(
             r.next(),
@@ -686,7 +687,7 @@ export class MigrationSource {
           const d = decodeReceived(rec.payload);
           if (d.region !== i || d.pages !== ri.pages)
             throw rec.payload.error(`RECEIVED for region ${d.region} of ${d.pages} pages`);
-          held.push(d.bitmap);
+          held.push(PageSet.wrap(d.bitmap, d.pages));
         }
         boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
         const rp = new ReturnPath(r, this.#regions, this.#requests, (e) => this.events.emit("refused", e));
@@ -752,15 +753,6 @@ export class MigrationSource {
   }
 }
 
-function hasBit(b: Uint8Array[], i: number, p: number): boolean {
-  return ((((b[i] as Uint8Array)[p >>> 3] as number) >>> (p & 7)) & 1) === 1;
-}
-
-function setBitIn(b: Uint8Array[], i: number, p: number): void {
-  const m = b[i] as Uint8Array;
-  m[p >>> 3] = (m[p >>> 3] as number) | (1 << (p & 7));
-}
-
 /**
  * The source's end of the return path: page requests (postcopy), the final COMPLETE, or the
  * destination's FAIL. Any failure here fails the migration at the next check().
@@ -784,12 +776,12 @@ class ReturnPath {
   #rejectResumed!: (e: MigrationError) => void;
   #serveWriter: RecordWriter | null = null;
   #view: ((region: number, page: number) => Uint8Array) | null = null;
-  readonly #sent: Uint8Array[];
+  readonly #sent: PageSet[];
   /** Pages queued because they were asked for (each at most once per connection). */
-  readonly #requested: Uint8Array[];
+  readonly #requested: PageSet[];
   /** The serving socket is a channel of its own (preempt), not the main stream. */
   #preempt = false;
-  #set: Uint8Array[] = [];
+  #set: PageSet[] = [];
   /** Requested pages not written yet: region * 2^32 + page, each at most once. */
   #queue: number[] = [];
   #queueHead = 0;
@@ -813,8 +805,8 @@ class ReturnPath {
     // Either may never be awaited (a failure before switchover).
     this.complete.catch(() => undefined);
     this.resumed.catch(() => undefined);
-    this.#sent = regions.map((r) => new Uint8Array(Math.ceil(r.pages / 8)));
-    this.#requested = regions.map((r) => new Uint8Array(Math.ceil(r.pages / 8)));
+    this.#sent = regions.map((r) => new PageSet(r.pages));
+    this.#requested = regions.map((r) => new PageSet(r.pages));
   }
 
   #writer: RecordWriter | null = null;
@@ -844,22 +836,21 @@ class ReturnPath {
   }
 
   /** The pages the source still had to send when postcopy started (bitmaps per region). */
-  setPostcopySet(bitmaps: Uint8Array[]): void {
-    this.#set = bitmaps;
+  setPostcopySet(sets: PageSet[]): void {
+    this.#set = sets;
   }
 
   /** Postcopy recovery: what the destination holds counts as sent. */
-  setSent(bitmaps: Uint8Array[]): void {
-    for (const [i, b] of bitmaps.entries()) (this.#sent[i] as Uint8Array).set(b);
+  setSent(sets: PageSet[]): void {
+    for (const [i, b] of sets.entries()) (this.#sent[i] as PageSet).addAll(b);
   }
 
   markSent(i: number, p: number): void {
-    const b = this.#sent[i] as Uint8Array;
-    b[p >>> 3] = (b[p >>> 3] as number) | (1 << (p & 7));
+    (this.#sent[i] as PageSet).set(p);
   }
 
   wasSent(i: number, p: number): boolean {
-    return hasBit(this.#sent, i, p);
+    return (this.#sent[i] as PageSet).has(p);
   }
 
   fail(e: MigrationError): void {
@@ -901,17 +892,17 @@ class ReturnPath {
     }
     const set = this.#set[region];
     for (let p = page; p < page + count; p++) {
-      if (ri.discard?.isDiscarded(p * 4096)) continue;
+      if (ri.discard?.isDiscarded(p * PAGE)) continue;
       // Asked for before on this connection: never queued twice. Sent by the background stream
       // only: it may still be megabytes away behind it, so a fault gets it once more ahead.
-      if (hasBit(this.#requested, region, p) || (this.wasSent(region, p) && !this.#preempt)) {
+      if ((this.#requested[region] as PageSet).has(p) || (this.wasSent(region, p) && !this.#preempt)) {
         st.duplicates++;
         continue;
       }
-      setBitIn(this.#requested, region, p);
+      (this.#requested[region] as PageSet).set(p);
       if (this.wasSent(region, p)) st.resentAhead++;
       this.markSent(region, p);
-      if (set && !bitmapHas(set, p)) st.outsideSet++;
+      if (set && !set.has(p)) st.outsideSet++;
       st.pagesQueued++;
       this.#queue.push(region * 2 ** 32 + p);
     }
@@ -930,7 +921,7 @@ class ReturnPath {
       const rec = encodePages(
         region,
         [page],
-        4096,
+        PAGE,
         (p) => view(region, p),
         (p) => isZero(view(region, p)),
       );

@@ -8,6 +8,7 @@ import { Worker } from "node:worker_threads";
 import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
+import { PAGE } from "./page-set.js";
 import type { SourceHooks } from "./source.js";
 import {
   CMD_EXIT,
@@ -67,7 +68,7 @@ export class Workload {
     const all: number[] = [];
     for (const r of o.memory.regions) {
       const dm = o.discard?.get(r);
-      for (let off = 0; off < r.size; off += 4096) if (!dm?.isDiscarded(off)) all.push(r.guestBase + off);
+      for (let off = 0; off < r.size; off += PAGE) if (!dm?.isDiscarded(off)) all.push(r.guestBase + off);
     }
     const threads: Thread[] = [];
     const shared = o.memory.toShared();

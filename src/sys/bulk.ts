@@ -30,6 +30,30 @@ export function scanClear(bitmap: Uint32Array, out: Uint32Array, startWord: numb
   return native.scanClear(bitmap, out, startWord);
 }
 
+/**
+ * Copies every byte of `src` to the start of `dst` (overlap allowed) with one libc memmove.
+ * Use it for every large copy into or out of guest memory: TypedArray.set on a
+ * SharedArrayBuffer (every guest mapping) copies with relaxed atomics word by word, at about
+ * half of memcpy's speed. A TypeError when `dst` is shorter than `src` (nothing copied).
+ */
+export function memcpy(dst: View, src: View): void {
+  native.memcpy(dst, src);
+}
+
+/**
+ * Below this many bytes a TypedArray.set is cheaper than the native call (the copy is shorter
+ * than the call's fixed cost); copyBytes picks the right one.
+ */
+export const NATIVE_COPY_MIN = 1024;
+
+/** dst.set(src, at), through memcpy when the copy is long enough to pay for the call. */
+export function copyBytes(dst: Uint8Array, src: Uint8Array, at = 0): void {
+  if (src.length < NATIVE_COPY_MIN) dst.set(src, at);
+  else if (at < 0 || at + src.length > dst.length)
+    throw new RangeError(`a copy of ${src.length} bytes at ${at} into ${dst.length}`);
+  else native.memcpy(at === 0 ? dst : dst.subarray(at), src);
+}
+
 /** True when every byte of `view` is zero. */
 export function isZero(view: View): boolean {
   return native.isZero(view);

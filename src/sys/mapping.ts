@@ -1,3 +1,4 @@
+import { copyBytes } from "./bulk.js";
 import { sys } from "./errors.js";
 import type { Fd } from "./fd.js";
 import { native } from "./native.js";
@@ -102,7 +103,7 @@ export class Mapping implements Disposable {
       const w = Math.floor(pos / WINDOW_SIZE);
       const off = pos - w * WINDOW_SIZE;
       const n = Math.min(into.length - done, WINDOW_SIZE - off);
-      into.set(new Uint8Array(this.windows[w] as SharedArrayBuffer, off, n), done);
+      copyBytes(into, new Uint8Array(this.windows[w] as SharedArrayBuffer, off, n), done);
       done += n;
     }
   }
@@ -115,7 +116,7 @@ export class Mapping implements Disposable {
       const w = Math.floor(pos / WINDOW_SIZE);
       const off = pos - w * WINDOW_SIZE;
       const n = Math.min(data.length - done, WINDOW_SIZE - off);
-      new Uint8Array(this.windows[w] as SharedArrayBuffer, off, n).set(data.subarray(done, done + n));
+      copyBytes(new Uint8Array(this.windows[w] as SharedArrayBuffer, off, n), data.subarray(done, done + n));
       done += n;
     }
   }

@@ -75,6 +75,8 @@ export interface Native {
   ): void;
   scanClear(bitmap: Uint32Array, out: Uint32Array, startWord: number): [found: number, nextWord: number];
   isZero(view: View): boolean;
+  /** Copies all of `src` to the start of `dst` (memmove); returns the byte count. */
+  memcpy(dst: View, src: View): number;
   /** XXH64 (seed 0) of `count` pages (index list or consecutive), two u32 words (low, high) per page in `out`. */
   hashPages(src: View, srcIndex: Uint32Array | null, count: number, pageSize: number, out: Uint32Array): void;
 }
@@ -117,6 +119,7 @@ const FUNCTIONS = [
   "copyPages",
   "scanClear",
   "isZero",
+  "memcpy",
   "hashPages",
 ] as const satisfies readonly (keyof Native)[];
 
