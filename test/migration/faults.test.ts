@@ -43,7 +43,7 @@ test("a flipped bit is CORRUPT at the offset of its record; the source keeps all
   src.close();
   dst.close();
   await settle();
-  assert.equal(countFds(), fds, "no fd leaked");
+  assert.ok(countFds() <= fds, "no fd leaked"); // a leak is growth (the runtime may close one of its own fds meanwhile)
 });
 
 test("a truncated stream is TRUNCATED at the exact byte where it ended", async () => {
@@ -188,5 +188,5 @@ test("connection dropped during postcopy: both sides fail typed, no hang, the so
   src.close();
   dst.close();
   await settle();
-  assert.equal(countFds(), fds, "fds leaked (userfaultfd, sockets)");
+  assert.ok(countFds() <= fds, "fds leaked (userfaultfd, sockets)"); // a leak is growth (the runtime may close one of its own fds meanwhile)
 });

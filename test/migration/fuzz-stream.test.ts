@@ -226,7 +226,7 @@ test("one mutation: the destination fails with the code its class calls for, at 
     { numRuns: RUNS, seed: SEED },
   );
   await settle();
-  assert.equal(countFds(), fds, "no fd leaked");
+  assert.ok(countFds() <= fds, "no fd leaked"); // a leak is growth (the runtime may close one of its own fds meanwhile)
   console.log(JSON.stringify(Object.fromEntries(codes)));
   assert.ok((codes.get("flip:CORRUPT") ?? 0) > 0 && (codes.get("cut:TRUNCATED") ?? 0) > 0, "CRC and truncation ran");
 });
@@ -252,7 +252,7 @@ test("several mutations: a MigrationError (never CONNECTION_LOST) or completion,
     { numRuns: RUNS, seed: SEED },
   );
   await settle();
-  assert.equal(countFds(), fds, "no fd leaked");
+  assert.ok(countFds() <= fds, "no fd leaked"); // a leak is growth (the runtime may close one of its own fds meanwhile)
   console.log(JSON.stringify(Object.fromEntries(codes)));
 });
 

@@ -289,7 +289,7 @@ for (const table of ["ADD_MEM_REG", "SET_MEM_TABLE"] as const) {
       scratch.close();
     }
     await settle();
-    assert.equal(countFds(), fds, "no fd leaked (userfaultfds, sockets, eventfds, pipes)");
+    assert.ok(countFds() <= fds, "no fd leaked (userfaultfds, sockets, eventfds, pipes)"); // a leak is growth (the runtime may close one of its own fds meanwhile)
   });
 }
 

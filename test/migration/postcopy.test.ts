@@ -63,7 +63,7 @@ for (const after of [1, 0]) {
     src.close();
     dst.close();
     await settle();
-    assert.equal(countFds(), fds, "no fd leaked (uffd, sockets)");
+    assert.ok(countFds() <= fds, "no fd leaked (uffd, sockets)"); // a leak is growth (the runtime may close one of its own fds meanwhile)
   });
 }
 

@@ -60,7 +60,7 @@ for (const after of [0, 1]) {
     src.close();
     dst.close();
     await settle();
-    assert.equal(countFds(), fds, "fds leaked (sockets, userfaultfd)");
+    assert.ok(countFds() <= fds, "fds leaked (sockets, userfaultfd)"); // a leak is growth (the runtime may close one of its own fds meanwhile)
   });
 }
 
@@ -167,5 +167,5 @@ test("the preempt channel dropped while the destination runs: both sides fail ty
   src.close();
   dst.close();
   await settle();
-  assert.equal(countFds(), fds, "fds leaked");
+  assert.ok(countFds() <= fds, "fds leaked"); // a leak is growth (the runtime may close one of its own fds meanwhile)
 });

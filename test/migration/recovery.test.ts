@@ -74,7 +74,7 @@ test("postcopy connection cut mid-stream: both sides pause, a new connection res
   src.close();
   dst.close();
   await settle();
-  assert.equal(countFds(), fds, "fds leaked (sockets, userfaultfd)");
+  assert.ok(countFds() <= fds, "fds leaked (sockets, userfaultfd)"); // a leak is growth (the runtime may close one of its own fds meanwhile)
 });
 
 test("the preempt channel lost with recovery on: the migration pauses, resumes on one connection, completes", async () => {
