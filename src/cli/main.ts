@@ -2,11 +2,9 @@
 /**
  * The `vmshift` command. Each subcommand lives in its own module; this file only dispatches.
  */
-import { parseArgs } from "node:util";
 import { BLK_USAGE, blkCommand } from "./blk.js";
+import { DEMO_USAGE, demoCommand } from "./demo.js";
 import { demoDestinationCommand } from "./demo-destination.js";
-import { runMemoryDemo } from "./demo-memory.js";
-import { runVmDemo } from "./demo-vm.js";
 import { MIGRATE_USAGE, migrateCommand } from "./migrate.js";
 import { PROBE_USAGE, probeCommand } from "./probe.js";
 import { SNAPSHOT_USAGE, snapshotCommand } from "./snapshot.js";
@@ -36,60 +34,7 @@ commands:
 type Command = (argv: string[]) => Promise<number>;
 
 const commands: Record<string, Command> = {
-  async demo(argv) {
-    const { values } = parseArgs({
-      args: argv,
-      options: {
-        size: { type: "string", default: "256" },
-        "dirty-rate": { type: "string", default: "64" },
-        mode: { type: "string", default: "precopy" },
-        "dirty-tracking": { type: "string", default: "bitmap" },
-        vcpus: { type: "string", default: "2" },
-        "memory-only": { type: "boolean", default: false },
-        rounds: { type: "string", default: "10" },
-        json: { type: "boolean", default: false },
-      },
-    });
-    const sizeMiB = Number(values.size);
-    if (!Number.isInteger(sizeMiB) || sizeMiB < 16 || sizeMiB > 4096)
-      throw new UsageError("--size must be 16..4096 (MiB)");
-    const json = values.json ?? false;
-    const out = (l: string) => process.stdout.write(`${l}\n`);
-    if (values["memory-only"]) {
-      const maxRounds = Number(values.rounds);
-      if (!Number.isInteger(maxRounds) || maxRounds < 1) throw new UsageError("--rounds must be a positive integer");
-      const r = await runMemoryDemo({ sizeMiB, maxRounds, json, convergePages: 64, out });
-      return r.verified ? 0 : 1;
-    }
-    const dirtyRateMiB = Number(values["dirty-rate"]);
-    if (!Number.isFinite(dirtyRateMiB) || dirtyRateMiB < 0) throw new UsageError("--dirty-rate must be >= 0 (MiB/s)");
-    const mode = values.mode;
-    if (mode !== "precopy" && mode !== "postcopy") throw new UsageError("--mode must be precopy or postcopy");
-    const dirtyTracking = values["dirty-tracking"];
-    if (dirtyTracking !== "bitmap" && dirtyTracking !== "ring")
-      throw new UsageError("--dirty-tracking must be bitmap or ring");
-    const vcpus = Number(values.vcpus);
-    if (!Number.isInteger(vcpus) || vcpus < 1 || vcpus > 8) throw new UsageError("--vcpus must be 1..8");
-    const tty = !json && process.stdout.isTTY === true;
-    try {
-      const r = await runVmDemo({
-        sizeMiB,
-        vcpus,
-        dirtyRateMiB,
-        mode,
-        dirtyTracking,
-        json,
-        out,
-        status: tty ? (l) => process.stdout.write(`\r\x1b[2K${l}`) : null,
-      });
-      return r.verified ? 0 : 1;
-    } catch (e) {
-      const message = e instanceof Error ? e.message : String(e);
-      if (json) out(JSON.stringify({ event: "result", verified: false, mode, dirtyTracking, error: message }));
-      else process.stderr.write(`vmshift demo: migration failed: ${message}\n`);
-      return 1;
-    }
-  },
+  demo: (argv) => demoCommand(argv),
   "demo-destination": (argv) => demoDestinationCommand(argv),
   probe: (argv) => probeCommand(argv),
   blk: (argv) => blkCommand(argv),
@@ -97,6 +42,7 @@ const commands: Record<string, Command> = {
   snapshot: (argv) => snapshotCommand(argv),
   async help(argv) {
     const usage: Record<string, string> = {
+      demo: DEMO_USAGE,
       probe: PROBE_USAGE,
       blk: BLK_USAGE,
       migrate: MIGRATE_USAGE,

@@ -38,7 +38,14 @@ import {
 } from "./channel.js";
 import { hex, PageHashes, regionDigest } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
-import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
+import {
+  type FaultStats,
+  latencyHistogram,
+  MigrationEvents,
+  type MigrationResult,
+  type Phase,
+  percentile,
+} from "./events.js";
 import {
   bitmapHas,
   Capability,
@@ -849,6 +856,7 @@ export class MigrationDestination {
       latencyMedianUs: percentile(s, 50),
       latencyP99Us: percentile(s, 99),
       preemptPages: this.#preemptPages,
+      latencyHistogram: latencyHistogram(s),
     };
   }
 
