@@ -61,6 +61,7 @@ function line(points, max, color) {
   return '<path d="' + d + '" fill="none" stroke="' + color + '" stroke-width="2.5"/>' +
     points.map((v, i) => '<circle cx="' + ((i / n) * w).toFixed(1) + '" cy="' + (h - (v / max) * h + 5).toFixed(1) + '" r="3" fill="' + color + '"/>').join("");
 }
+function axis(label) { return '<text x="396" y="14" font-size="11" text-anchor="end" fill="#6b7385">' + esc(label) + "</text>"; }
 function draw() {
   const i = st.info.source || st.info.destination || {};
   const ram = i.ram || {};
@@ -77,10 +78,10 @@ function draw() {
   $("mode").textContent = i.mode || st.mode;
   const r = st.rounds;
   const rmax = Math.max(1, ...r.map((x) => Math.max(x.bandwidth, x.dirtyRate)));
-  $("rates").innerHTML = line(r.map((x) => x.bandwidth), rmax, "var(--bw)") + line(r.map((x) => x.dirtyRate), rmax, "var(--dirty)");
+  $("rates").innerHTML = axis("top: " + (rmax / 1e6).toFixed(0) + " MB/s") + line(r.map((x) => x.bandwidth), rmax, "var(--bw)") + line(r.map((x) => x.dirtyRate), rmax, "var(--dirty)");
   const remMax = Math.max(1, ...r.map((x) => x.remainingBytes / 1048576));
   const pdMax = Math.max(1, ...r.map((x) => x.predictedDowntimeMs || 0));
-  $("remaining").innerHTML = line(r.map((x) => x.remainingBytes / 1048576), remMax, "#7048e8") + line(r.map((x) => x.predictedDowntimeMs || 0), pdMax, "#0c8599");
+  $("remaining").innerHTML = axis("top: " + remMax.toFixed(1) + " MiB, " + pdMax.toFixed(0) + " ms") + line(r.map((x) => x.remainingBytes / 1048576), remMax, "#7048e8") + line(r.map((x) => x.predictedDowntimeMs || 0), pdMax, "#0c8599");
   const c = $("heat");
   const rows = Math.max(1, r.length);
   if (c.height !== rows) c.height = rows;
