@@ -149,3 +149,37 @@ test("Chromium sees the dashboard go through the phases to complete; it stays up
     await demo.kill();
   }
 });
+
+test("postcopy on the dashboard: the remote-fault latency histogram is drawn from the destination's events", {
+  skip: CHROMIUM ? false : "no Chromium",
+}, async () => {
+  const demo = new CliProcess([
+    "demo",
+    "--json",
+    "--size",
+    "32",
+    "--mode",
+    "postcopy",
+    "--dashboard",
+    "tcp:127.0.0.1:0",
+  ]);
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
+  try {
+    const { url } = (await demo.next((e) => e.event === "dashboard", "the dashboard event")) as { url: string };
+    // A browser that comes late still sees the whole run (the event stream replays it).
+    const summary = await demo.next((e) => e.event === "summary", "summary");
+    assert.equal(summary.verified, true);
+    const faults = demo.events.filter((e) => e.event === "faults");
+    assert.ok(faults.length > 0, "the destination reported remote faults");
+    const page = await browser.newPage();
+    await page.goto(url);
+    await page.waitForSelector("html[data-phase=complete]", { timeout: 30_000 });
+    assert.equal(await page.locator("#faults rect").count(), 12, "one bar per latency bucket");
+    assert.match((await page.textContent("#faultsum")) ?? "", /\d+ remote faults, median [\d.]+ µs/);
+    demo.child.kill("SIGINT");
+    assert.equal((await demo.exited).code, 0, demo.stderr);
+  } finally {
+    await browser.close();
+    await demo.kill();
+  }
+});
