@@ -28,6 +28,7 @@ import {
 } from "./constants.js";
 import type { BlkWorkerData } from "./handler.js";
 import { BlockImage } from "./image.js";
+import { type BlkQueueCounters, createBlkStats, readBlkStats } from "./stats.js";
 
 export interface BlkOptions {
   /** Raw image file. */
@@ -82,6 +83,8 @@ export interface BlkDevice extends VhostUserDevice {
   readonly writeback: boolean;
   /** Writes made durable on their own because the cache was in writethrough mode. */
   readonly writeThroughFlushes: number;
+  /** Per-queue request, byte, error and in-flight counters, as of now. */
+  stats(): BlkQueueCounters[];
 }
 
 export function blkDevice(o: BlkOptions): BlkDevice {
@@ -134,6 +137,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     writeZeroesMayUnmap: true,
   });
   let config = encodeConfig(geometry(capacitySectors));
+  const stats = createBlkStats(queues);
   const id = new TextEncoder().encode(o.serial ?? basename(o.path)).subarray(0, VIRTIO_BLK_ID_BYTES);
   const data: BlkWorkerData = {
     path: o.path,
@@ -151,6 +155,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
     debugDelayMs: o.debugDelayMs ?? 0,
+    stats,
     asyncIo: (o.io ?? "auto") === "auto" ? !!o.direct : o.io === "async",
   };
   return {
@@ -180,6 +185,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     get writeThroughFlushes() {
       return Atomics.load(cache, 1);
     },
+    stats: () => readBlkStats(stats),
     options: { ...o },
     info: {
       numQueues: queues,
