@@ -149,7 +149,10 @@ export interface ResultReport {
   rounds: number;
   converged: boolean;
   digests: { region: number; source: string; destination: string; match: boolean }[];
+  /** Postcopy: requested pages went on the preempt channel (null in precopy). */
   preempt: boolean | null;
+  /** Postcopy destination: its fault statistics (null otherwise). */
+  faults: FaultReport | null;
 }
 
 /** ms and other measures to 0.1; counts and bytes are whole already. */
@@ -314,6 +317,7 @@ export class MigrationReport {
         converged: r.converged,
         digests: r.digests.map((d) => ({ ...d })),
         preempt: r.preempt ?? null,
+        faults: r.postcopy ? faultReport(r.postcopy) : null,
       },
       info: this.info(),
     });
