@@ -106,7 +106,7 @@ test("SIGINT on the source mid-migration: one cancelled event, exit 130; the des
         terminal.map((e) => e.event),
         ["cancelled"],
       );
-      assert.equal((terminal[0]?.info as { status: string }).status, "cancelled");
+      assert.equal((terminal[0]?.info as { status?: string } | undefined)?.status, "cancelled");
       const dterminal = dst.events.filter((e) => ["cancelled", "failed", "complete"].includes(String(e.event)));
       assert.equal(dterminal.length, 1, "one failure on the destination");
       assert.equal(dterminal[0]?.event, "failed");
