@@ -1,49 +1,46 @@
 /**
- * `vmshift blk --socket-path PATH | --fd N  --image FILE [--readonly] [--queues N] [--direct]
- *  [--serial ID] [--print-capabilities]`: a vhost-user-blk back-end over a raw image file.
+ * `vmshift blk --socket-path PATH | --fd N  --image FILE [options]`: a vhost-user-blk back-end
+ * over a raw image file or a block device.
  *
  * Follows the vhost-user spec's "Backend program conventions": `--socket-path`/`--fd`,
  * `--print-capabilities` (type "block-device"), and the vhost-user-blk options `--blk-file`
- * (alias of --image) and `--read-only` (alias of --readonly). Logs go to stderr;
- * VMSHIFT_BLK_TRACE=1 also logs every vhost-user request received; VMSHIFT_BLK_DELAY_MS=N (tests)
- * holds every request N ms in its worker. SIGINT/SIGTERM stop it cleanly.
+ * (alias of --image) and `--read-only` (alias of --readonly). Logs go to stderr through the
+ * CLI's logger; `--log-level trace` (or VMSHIFT_BLK_TRACE=1) also logs every vhost-user request
+ * received; VMSHIFT_BLK_DELAY_MS=N (tests) holds every request N ms in its worker. SIGINT and
+ * SIGTERM stop it cleanly; SIGHUP re-reads the image size.
  */
-import { parseArgs } from "node:util";
 import { blkDevice } from "../devices/blk/device.js";
 import { VhostUserDaemon } from "../vhost-user/backend/daemon.js";
 import type { BackendSession } from "../vhost-user/backend/session.js";
+import { parseTcpSpec } from "./http.js";
+import { addBlkMetrics, Metrics } from "./metrics.js";
+import { exactlyOne, required, UsageError } from "./options.js";
+import { defineCommand, EXIT_FAILED, EXIT_OK } from "./runtime.js";
 
 export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --image FILE [options]
   --socket-path PATH     listen on this unix socket (the front-end connects)
   --fd N                 use this inherited socket (listening or connected)
   --image FILE           raw image: a file or a block device (also --blk-file)
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
-  --queues N             virtqueues, each served by its own thread (default 1)
+  --queues N             virtqueues, 1..64, each served by its own thread (default 1)
   --direct               open the image with O_DIRECT
   --io auto|sync|async   async: reads and writes on libuv's thread pool (UV_THREADPOOL_SIZE
                          threads), several requests of a queue in flight; sync: one at a time
                          in the queue's thread; auto (default): async with --direct, else sync
   --serial ID            GET_ID answer (default: the image file name)
+  --metrics tcp:HOST:PORT
+                         Prometheus metrics at /metrics: per-queue requests, bytes, errors and
+                         requests in flight (label queue), reconnects, dirty-log state
   --print-capabilities   print the back-end capabilities JSON and exit
 signals: SIGINT/SIGTERM stop it cleanly; SIGHUP reads the image's size again (online resize)
   and tells the front-end (CONFIG_CHANGE_MSG: QEMU passes the new capacity to the guest).
-environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
-  VMSHIFT_BLK_DELAY_MS=N holds every request N ms and logs "holding head H" / "released head H"
-                         (tests: keeps requests in flight, so a kill can catch one)
-`;
+environment: VMSHIFT_BLK_TRACE=1 is --log-level trace (every vhost-user request logged);
+  VMSHIFT_BLK_DELAY_MS=N holds every request N ms and writes "holding head H" / "released head H"
+                         to stderr (tests: keeps requests in flight, so a kill can catch one)
+exit status: 0 stopped by a signal or the front-end's end, 1 could not serve, 2 bad usage`;
 
 /** The spec's capabilities object (VHostUserBackendCapabilities, type block-device). */
 export const BLK_CAPABILITIES = { type: "block-device", features: ["read-only", "blk-file"] } as const;
-
-export interface BlkCommandIo {
-  out(line: string): void;
-  err(line: string): void;
-}
-
-const defaultIo: BlkCommandIo = {
-  out: (l) => process.stdout.write(`${l}\n`),
-  err: (l) => process.stderr.write(`${l}\n`),
-};
 
 function describe(m: { name: string; payload: unknown; fds: readonly unknown[] }): string {
   const p = m.payload;
@@ -63,123 +60,142 @@ function describe(m: { name: string; payload: unknown; fds: readonly unknown[] }
   return `${m.name} ${s}${m.fds.length ? ` fds=${m.fds.length}` : ""}`;
 }
 
-export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): Promise<number> {
-  let values: Record<string, string | boolean | undefined>;
-  try {
-    values = parseArgs({
-      args: argv,
-      options: {
-        "socket-path": { type: "string" },
-        fd: { type: "string" },
-        image: { type: "string" },
-        "blk-file": { type: "string" },
-        readonly: { type: "boolean", default: false },
-        "read-only": { type: "boolean", default: false },
-        queues: { type: "string", default: "1" },
-        direct: { type: "boolean", default: false },
-        io: { type: "string", default: "auto" },
-        serial: { type: "string" },
-        "print-capabilities": { type: "boolean", default: false },
-        help: { type: "boolean", default: false },
-      },
-    }).values;
-  } catch (e) {
-    io.err(`vmshift blk: ${(e as Error).message}\n${BLK_USAGE}`);
-    return 2;
-  }
-  if (values.help) {
-    io.out(BLK_USAGE);
-    return 0;
-  }
-  if (values["print-capabilities"]) {
-    io.out(JSON.stringify(BLK_CAPABILITIES));
-    return 0;
-  }
-  const image = (values.image ?? values["blk-file"]) as string | undefined;
-  const socketPath = values["socket-path"] as string | undefined;
-  const fdArg = values.fd as string | undefined;
-  const queues = Number(values.queues);
-  const usage = (msg: string) => {
-    io.err(`vmshift blk: ${msg}\n${BLK_USAGE}`);
-    return 2;
-  };
-  if (!image) return usage("--image FILE is required");
-  if ((socketPath === undefined) === (fdArg === undefined)) return usage("give exactly one of --socket-path and --fd");
-  if (!Number.isInteger(queues) || queues < 1 || queues > 64) return usage("--queues must be 1..64");
-  if (!["auto", "sync", "async"].includes(values.io as string)) return usage("--io must be auto, sync or async");
-  const fd = fdArg === undefined ? -1 : Number(fdArg);
-  if (fdArg !== undefined && !(Number.isInteger(fd) && fd >= 0)) return usage("--fd must be a file descriptor number");
-
-  const log = (level: string, msg: string) => io.err(`vmshift blk: ${level}: ${msg}`);
-  let daemon: VhostUserDaemon;
-  let device: ReturnType<typeof blkDevice>;
-  try {
-    device = blkDevice({
-      path: image,
-      readonly: !!(values.readonly || values["read-only"]),
-      queues,
-      direct: !!values.direct,
-      io: values.io as "auto" | "sync" | "async",
-      ...(values.serial ? { serial: values.serial as string } : {}),
-      debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
-    });
-    daemon = socketPath ? VhostUserDaemon.listen(device, socketPath) : VhostUserDaemon.fromFd(device, fd);
-    log(
-      "info",
-      `serving ${image} (${device.capacitySectors} sectors, ${queues} queue(s)` +
-        `${device.options.readonly ? ", read-only" : ""}${device.options.direct ? ", O_DIRECT" : ""}) on ` +
-        `${socketPath ?? `fd ${fd}`}`,
-    );
-  } catch (e) {
-    io.err(`vmshift blk: ${(e as Error).message}`);
-    return 1;
-  }
-  let signalled: string | null = null;
-  daemon.on("log", (level, msg) => {
-    // Closing the listener fails the pending accept: expected when we are the ones stopping.
-    if (signalled && msg.startsWith("accept failed")) return;
-    log(level, msg);
-  });
-  if (process.env.VMSHIFT_BLK_TRACE === "1") {
-    daemon.on("session", (s: BackendSession) => {
-      s.conn.on("request", (m) => log("trace", describe(m as never)));
-    });
-  }
-  const stop = (sig: string) => {
-    if (signalled) return;
-    signalled = sig;
-    log("info", `${sig}: shutting down`);
-    void daemon.close();
-  };
-  const onInt = () => stop("SIGINT");
-  const onTerm = () => stop("SIGTERM");
-  // SIGHUP: the image may have grown (or shrunk): read its size again and tell the front-end.
-  const onHup = () => {
-    try {
-      const { from, to } = device.resize();
-      if (from === to) return log("info", `SIGHUP: capacity unchanged (${to} sectors)`);
-      log("info", `SIGHUP: capacity ${from} -> ${to} sectors`);
-      const s = daemon.session;
-      if (!s) return;
-      s.notifyConfigChange().then(
-        () => log("info", "front-end told (CONFIG_CHANGE_MSG)"),
-        (e: Error) => log("warn", `could not tell the front-end of the new capacity: ${e.message}`),
-      );
-    } catch (e) {
-      log("warn", `SIGHUP: resize failed: ${(e as Error).message}`);
+const blkDef = defineCommand({
+  name: "blk",
+  usage: BLK_USAGE,
+  options: {
+    "socket-path": { type: "string" },
+    fd: { type: "integer", min: 0 },
+    image: { type: "string" },
+    "blk-file": { type: "string" },
+    readonly: { type: "boolean" },
+    "read-only": { type: "boolean" },
+    queues: { type: "integer", default: 1, min: 1, max: 64 },
+    direct: { type: "boolean" },
+    io: { type: "enum", values: ["auto", "sync", "async"], default: "auto" },
+    serial: { type: "string" },
+    metrics: { type: "string" },
+    "print-capabilities": { type: "boolean" },
+  },
+  async run(v, ctx) {
+    if (v.printCapabilities) {
+      ctx.out(JSON.stringify(BLK_CAPABILITIES));
+      return EXIT_OK;
     }
-  };
-  process.on("SIGINT", onInt);
-  process.on("SIGTERM", onTerm);
-  process.on("SIGHUP", onHup);
-  try {
-    await daemon.serve();
-  } finally {
-    process.off("SIGINT", onInt);
-    process.off("SIGTERM", onTerm);
-    process.off("SIGHUP", onHup);
-    await daemon.close();
-  }
-  log("info", "stopped");
-  return 0;
+    const image = required(v.image ?? v.blkFile, "image", "FILE");
+    exactlyOne({ "socket-path": v.socketPath, fd: v.fd });
+    const metricsSpec = v.metrics === undefined ? null : parseTcpSpec(v.metrics, "metrics");
+    if (v.serial !== undefined && new TextEncoder().encode(v.serial).length > 20)
+      throw new UsageError("--serial must be at most 20 bytes (virtio-blk's GET_ID)");
+    const log = ctx.log;
+    let daemon: VhostUserDaemon;
+    let device: ReturnType<typeof blkDevice>;
+    try {
+      device = blkDevice({
+        path: image,
+        readonly: v.readonly || v.readOnly,
+        queues: v.queues,
+        direct: v.direct,
+        io: v.io,
+        ...(v.serial ? { serial: v.serial } : {}),
+        debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
+      });
+      daemon = v.socketPath
+        ? VhostUserDaemon.listen(device, v.socketPath)
+        : VhostUserDaemon.fromFd(device, v.fd as number);
+    } catch (e) {
+      log.error(`cannot serve ${image}: ${(e as Error).message}`);
+      return EXIT_FAILED;
+    }
+    log.info(
+      `serving ${image} (${device.capacitySectors} sectors, ${v.queues} queue(s)` +
+        `${device.options.readonly ? ", read-only" : ""}${device.options.direct ? ", O_DIRECT" : ""}) on ` +
+        `${v.socketPath ?? `fd ${v.fd}`}`,
+    );
+    let sessions = 0;
+    let connected = false;
+    let metricsServer: Awaited<ReturnType<Metrics["serve"]>> | null = null;
+    const stopping = () => ctx.signal.aborted;
+    daemon.on("log", (level, msg) => {
+      // Closing the listener fails the pending accept: expected when we are the ones stopping.
+      if (stopping() && msg.startsWith("accept failed")) return;
+      if (level === "error") log.error(msg);
+      else if (level === "warn") log.warn(msg);
+      else log.info(msg);
+    });
+    const trace = process.env.VMSHIFT_BLK_TRACE === "1" || log.isLevelEnabled("trace");
+    daemon.on("session", (s: BackendSession) => {
+      sessions++;
+      connected = true;
+      s.closed.then(
+        () => {
+          connected = false;
+        },
+        () => {
+          connected = false;
+        },
+      );
+      if (trace)
+        s.conn.on("request", (m) => {
+          const line = describe(m as never);
+          if (log.isLevelEnabled("trace")) log.trace(line);
+          else log.info(`trace: ${line}`);
+        });
+    });
+    try {
+      if (metricsSpec) {
+        const m = new Metrics();
+        addBlkMetrics(m, {
+          queues: () => device.stats(),
+          reconnects: () => Math.max(0, sessions - 1),
+          connected: () => connected,
+          dirtyLogActive: () => daemon.session?.dirtyLog.area != null,
+        });
+        metricsServer = await m.serve(metricsSpec);
+        log.info(`metrics at ${metricsServer.url}/metrics`);
+      }
+    } catch (e) {
+      log.error(`--metrics: ${(e as Error).message}`);
+      await daemon.close();
+      return EXIT_FAILED;
+    }
+    const onAbort = () => {
+      log.info(`${(ctx.signal.reason as Error)?.message ?? "stopping"}: shutting down`);
+      void daemon.close();
+    };
+    ctx.signal.addEventListener("abort", onAbort, { once: true });
+    // SIGHUP: the image may have grown (or shrunk): read its size again and tell the front-end.
+    const onHup = () => {
+      try {
+        const { from, to } = device.resize();
+        if (from === to) return log.info(`SIGHUP: capacity unchanged (${to} sectors)`);
+        log.info(`SIGHUP: capacity ${from} -> ${to} sectors`);
+        const s = daemon.session;
+        if (!s) return;
+        s.notifyConfigChange().then(
+          () => log.info("front-end told (CONFIG_CHANGE_MSG)"),
+          (e: Error) => log.warn(`could not tell the front-end of the new capacity: ${e.message}`),
+        );
+      } catch (e) {
+        log.warn(`SIGHUP: resize failed: ${(e as Error).message}`);
+      }
+    };
+    process.on("SIGHUP", onHup);
+    try {
+      await daemon.serve();
+    } finally {
+      process.off("SIGHUP", onHup);
+      ctx.signal.removeEventListener("abort", onAbort);
+      await daemon.close();
+      await metricsServer?.close();
+    }
+    log.info("stopped");
+    // A daemon is stopped by a signal: that is its normal end, not a cancelled job.
+    return EXIT_OK;
+  },
+});
+
+/** `vmshift blk ARGS`. */
+export function blkCommand(argv: string[]): Promise<number> {
+  return blkDef(argv);
 }

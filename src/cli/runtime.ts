@@ -118,7 +118,7 @@ export async function runCommand(o: RunOptions, fn: (ctx: CommandContext) => Pro
     signals++;
     // A second Ctrl-C means "now": the command had its chance to clean up.
     if (signals > 1) process.exit(EXIT_CANCELLED);
-    log.info(`${sig}: cancelling`);
+    log.debug(`${sig}: cancelling`);
     ac.abort(new CancelledError(sig));
   };
   process.on("SIGINT", onSignal);
