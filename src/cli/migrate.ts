@@ -65,6 +65,18 @@ function endpointOption(name: string, s: string): Endpoint {
   }
 }
 
+/** Listens; `::` (every interface, both families) falls back to 0.0.0.0 where IPv6 is off. */
+async function listenAll(ep: Endpoint): Promise<MigrationListener> {
+  try {
+    return await MigrationListener.listen(ep);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (ep.kind === "tcp" && ep.host === "::" && (code === "EAFNOSUPPORT" || code === "EADDRNOTAVAIL"))
+      return MigrationListener.listen({ ...ep, host: "0.0.0.0" });
+    throw e;
+  }
+}
+
 /** `tcp:ADDRESS:PORT` of what a listener actually bound. */
 function boundEndpoint(l: MigrationListener): string {
   const ep = l.endpoint;
@@ -222,7 +234,7 @@ export const migrateCommand = defineCommand({
         let stream: Socket;
         if (ep.kind === "fd") stream = await connect(ep);
         else {
-          listener = await MigrationListener.listen(ep);
+          listener = await listenAll(ep);
           const bound = boundEndpoint(listener);
           ctx.log.info(`listening on ${bound}`);
           event({ event: "listening", role, endpoint: bound });

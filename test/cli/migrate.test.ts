@@ -137,3 +137,18 @@ test("the source's progress is not redrawn into a pipe: no carriage returns on s
     await dst.kill();
   }
 });
+
+test("--listen tcp::PORT listens on every interface (as QEMU means it) and says which address it bound", async () => {
+  const dst = new CliProcess(["migrate", "--listen", "tcp::0", "--size", "16", "--json"]);
+  try {
+    const ep = await listening(dst);
+    const m = /^tcp:(\[::\]|0\.0\.0\.0):(\d+)$/.exec(ep);
+    assert.ok(m, `every interface, the real port: ${ep}`);
+    // Reachable over loopback like any other address of the machine.
+    const src = await runCli(["migrate", "--to", `tcp:127.0.0.1:${m[2]}`, "--size", "16", "--json"], 60_000);
+    assert.equal(src.code, 0, src.stderr);
+    assert.equal((await dst.exited).code, 0, dst.stderr);
+  } finally {
+    await dst.kill();
+  }
+});
