@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -171,6 +171,43 @@ test("snapshot save then restore --json: versioned events, valid against the sch
     assert.equal(failed.event, "failed");
     assert.equal(assertNoStack(missing.stderr), null, missing.stderr);
   } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("`vmshift probe | head -1` against a running vmshift blk: no EPIPE stack, exit 0; blk stops on SIGINT", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "vmshift-cli-"));
+  const image = join(dir, "disk.img");
+  writeFileSync(image, Buffer.alloc(1 << 20));
+  const sock = join(dir, "blk.sock");
+  const blk = new CliProcess(["blk", "--socket-path", sock, "--image", image]);
+  try {
+    const deadline = Date.now() + 10_000;
+    while (!blk.stderr.includes("serving") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.match(blk.stderr, /^\S+Z INFO {2}blk: serving /m, "a timestamped, levelled log line");
+    const child = spawn(process.execPath, [MAIN, "probe", "--socket", sock, "--device", "blk"], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    // Read one line, then go away, as `head -1` does.
+    const first = await new Promise<string>((resolve) => {
+      child.stdout.once("data", (d: Buffer) => {
+        resolve(d.toString().split("\n")[0] as string);
+        child.stdout.destroy();
+      });
+    });
+    let stderr = "";
+    child.stderr.on("data", (d: Buffer) => {
+      stderr += d.toString();
+    });
+    const code = await new Promise<number | null>((r) => child.once("exit", (c) => r(c)));
+    assert.match(first, /^socket /);
+    assert.equal(assertNoStack(stderr), null, stderr);
+    assert.equal(code, 0, stderr);
+    blk.child.kill("SIGINT");
+    assert.equal((await blk.exited).code, 0, blk.stderr);
+    assert.match(blk.stderr, /INFO {2}blk: stopped/);
+  } finally {
+    await blk.kill();
     rmSync(dir, { recursive: true, force: true });
   }
 });
