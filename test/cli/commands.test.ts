@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
@@ -210,4 +210,27 @@ test("`vmshift probe | head -1` against a running vmshift blk: no EPIPE stack, e
     await blk.kill();
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("progress is redrawn in place on a terminal only (script(1) gives the demo a TTY)", {
+  skip: existsSync("/usr/bin/script") ? false : "no script(1)",
+}, async () => {
+  const tty = await new Promise<string>((resolve) => {
+    const child = spawn("/usr/bin/script", ["-qec", `${process.execPath} ${MAIN} demo --size 16`, "/dev/null"], {
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let out = "";
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString();
+    });
+    child.once("exit", () => resolve(out));
+  });
+  // Carriage return, then ESC [2K (erase the line), then the progress line.
+  const redraw = new RegExp(`\r${String.fromCharCode(27)}\\[2K(precopy|switchover|setup) +round`);
+  assert.match(tty, redraw, "a redrawn progress line on the terminal");
+  assert.match(tty, /verified/);
+  const piped = await runCli(["demo", "--size", "16"], 60_000);
+  assert.equal(piped.code, 0, piped.stderr);
+  assert.doesNotMatch(piped.stdout + piped.stderr, /\r/, "no carriage return into a pipe");
+  assert.doesNotMatch(piped.stdout, /\b1 rounds\b/);
 });
