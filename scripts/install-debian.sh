@@ -5,6 +5,8 @@
 #     precopy about 1 run in 10 on this kind of machine: see docs/interop-rig.md).
 #   - qemu-storage-daemon comes with qemu-system-common (a dependency of qemu-system-x86).
 #   - iproute2 (ip netns, veth, tc tbf) for the two-hosts-on-one-machine tests (test/migration/netns.ts).
+#   - chromium for the dashboard test (test/cli/dashboard.test.ts drives it headless with playwright-core;
+#     the test skips, loudly, without it).
 #   - busybox-static and cpio for the guest initramfs; the guest kernel is fetched by scripts/build-guest.sh
 #     with `apt-get download` into the cache, never installed on the host.
 # Env: VMSHIFT_SKIP_GUEST=1 skips building the guest here (the rig then builds it lazily).
@@ -16,7 +18,7 @@ command -v apt-get >/dev/null 2>&1 || { echo "install-debian.sh: no apt-get, not
 
 CODENAME=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
 PKGS="qemu-system-x86 qemu-utils"
-EXTRA="busybox-static cpio iproute2"
+EXTRA="busybox-static cpio iproute2 chromium"
 export DEBIAN_FRONTEND=noninteractive
 
 # Version of an installed package, empty when it is not installed.

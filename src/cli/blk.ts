@@ -1,31 +1,32 @@
 /**
- * `vmshift blk --socket-path PATH | --fd N  --image FILE [--readonly] [--queues N] [--direct]
- *  [--serial ID] [--print-capabilities]`: a vhost-user-blk back-end over a raw image file.
+ * `vmshift blk --socket-path PATH | --fd N  --image FILE [options]`: a vhost-user-blk back-end
+ * over a raw image file or a block device.
  *
  * Follows the vhost-user spec's "Backend program conventions": `--socket-path`/`--fd`,
- * `--print-capabilities` (type "block"), `--write-descriptor DIR` (the JSON descriptor), and the vhost-user-blk options `--blk-file`
- * (alias of --image) and `--read-only` (alias of --readonly). Logs go to stderr;
- * VMSHIFT_BLK_TRACE=1 also logs every vhost-user request received; VMSHIFT_BLK_DELAY_MS=N (tests)
- * holds every request N ms in its worker. SIGINT/SIGTERM stop it cleanly.
+ * `--print-capabilities` (type "block", whatever else is on the command line), and the vhost-user-blk options `--blk-file`
+ * (alias of --image) and `--read-only` (alias of --readonly). Logs go to stderr through the
+ * CLI's logger; `--log-level trace` (or VMSHIFT_BLK_TRACE=1) also logs every vhost-user request
+ * received; VMSHIFT_BLK_DELAY_MS=N (tests) holds every request N ms in its worker. SIGINT and
+ * SIGTERM stop it cleanly; SIGHUP re-reads the image size.
  */
-import { parseArgs } from "node:util";
 import { blkDevice } from "../devices/blk/device.js";
 import { parseSocketMode, resolveGroup, type SocketPathOptions } from "../sys/unix-path.js";
 import { VhostUserDaemon } from "../vhost-user/backend/daemon.js";
 import type { BackendSession } from "../vhost-user/backend/session.js";
 import { BLK_CAPABILITIES, writeBlkDescriptor } from "./blk-descriptor.js";
+import { parseTcpSpec } from "./http.js";
+import { addBlkMetrics, Metrics } from "./metrics.js";
+import { exactlyOne, required, UsageError } from "./options.js";
+import { defineCommand, EXIT_FAILED, EXIT_OK } from "./runtime.js";
 
 export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --image FILE [options]
   --socket-path PATH     listen on this unix socket (the front-end connects)
-  --socket-mode MODE     file mode of the socket, octal (default 0600: only this user)
-  --socket-group GROUP   group owning the socket (name or gid), e.g. QEMU's; with
-                         --socket-mode 0660 its members may connect
-                         (a socket already at PATH is replaced only if nobody answers
-                         on it; anything else there is refused and left alone)
+  --socket-mode MODE     the socket's mode, octal (default 0600: only our user may connect)
+  --socket-group GROUP   the socket's group (a name or gid we belong to), e.g. QEMU's, with 0660
   --fd N                 use this inherited socket (listening or connected)
   --image FILE           raw image: a file or a block device (also --blk-file)
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
-  --queues N             virtqueues, each served by its own thread (default 1)
+  --queues N             virtqueues, 1..64, each served by its own thread (default 1)
   --direct               open the image with O_DIRECT
   --io auto|sync|async|adaptive
                          async: reads and writes on libuv's thread pool (UV_THREADPOOL_SIZE
@@ -36,27 +37,20 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --serial ID            GET_ID answer, printable ASCII (default: the image file name)
   --queue-size N         the queue size the front-end uses (QEMU queue-size=N, default 128):
                          seg_max is N - 2
+  --metrics tcp:HOST:PORT
+                         Prometheus metrics at /metrics: per-queue requests, bytes, errors and
+                         requests in flight (label queue), reconnects, dirty-log state
   --print-capabilities   print the back-end capabilities JSON and exit (other arguments ignored)
   --write-descriptor DIR write DIR/50-vmshift-blk.json, the vhost-user descriptor libvirt finds
                          (DIR: /etc/qemu/vhost-user, or $XDG_CONFIG_HOME/qemu/vhost-user), and exit
 signals: SIGINT/SIGTERM stop it cleanly; SIGHUP reads the image's size again (online resize)
   and tells the front-end (CONFIG_CHANGE_MSG: QEMU passes the new capacity to the guest).
-environment: VMSHIFT_BLK_TRACE=1 logs every vhost-user request;
-  VMSHIFT_BLK_DELAY_MS=N holds every request N ms and logs "holding head H" / "released head H"
-                         (tests: keeps requests in flight, so a kill can catch one)
-`;
+environment: VMSHIFT_BLK_TRACE=1 is --log-level trace (every vhost-user request logged);
+  VMSHIFT_BLK_DELAY_MS=N holds every request N ms and writes "holding head H" / "released head H"
+                         to stderr (tests: keeps requests in flight, so a kill can catch one)
+exit status: 0 stopped by a signal or the front-end's end, 1 could not serve, 2 bad usage`;
 
 export { BLK_CAPABILITIES } from "./blk-descriptor.js";
-
-export interface BlkCommandIo {
-  out(line: string): void;
-  err(line: string): void;
-}
-
-const defaultIo: BlkCommandIo = {
-  out: (l) => process.stdout.write(`${l}\n`),
-  err: (l) => process.stderr.write(`${l}\n`),
-};
 
 function describe(m: { name: string; payload: unknown; fds: readonly unknown[] }): string {
   const p = m.payload;
@@ -76,147 +70,167 @@ function describe(m: { name: string; payload: unknown; fds: readonly unknown[] }
   return `${m.name} ${s}${m.fds.length ? ` fds=${m.fds.length}` : ""}`;
 }
 
-export async function blkCommand(argv: string[], io: BlkCommandIo = defaultIo): Promise<number> {
-  // "--print-capabilities": print and exit 0, whatever else is on the command line.
-  if (argv.includes("--print-capabilities")) {
-    io.out(JSON.stringify(BLK_CAPABILITIES));
-    return 0;
-  }
-  let values: Record<string, string | boolean | undefined>;
-  try {
-    values = parseArgs({
-      args: argv,
-      options: {
-        "socket-path": { type: "string" },
-        "socket-mode": { type: "string" },
-        "socket-group": { type: "string" },
-        fd: { type: "string" },
-        image: { type: "string" },
-        "blk-file": { type: "string" },
-        readonly: { type: "boolean", default: false },
-        "read-only": { type: "boolean", default: false },
-        queues: { type: "string", default: "1" },
-        direct: { type: "boolean", default: false },
-        io: { type: "string", default: "auto" },
-        serial: { type: "string" },
-        "queue-size": { type: "string" },
-        "write-descriptor": { type: "string" },
-        help: { type: "boolean", default: false },
-      },
-    }).values;
-  } catch (e) {
-    io.err(`vmshift blk: ${(e as Error).message}\n${BLK_USAGE}`);
-    return 2;
-  }
-  if (values.help) {
-    io.out(BLK_USAGE);
-    return 0;
-  }
-  if (values["write-descriptor"] !== undefined) {
-    try {
-      io.out(writeBlkDescriptor(values["write-descriptor"] as string));
-      return 0;
-    } catch (e) {
-      io.err(`vmshift blk: --write-descriptor: ${(e as Error).message}`);
-      return 1;
+const blkDef = defineCommand({
+  name: "blk",
+  usage: BLK_USAGE,
+  options: {
+    "socket-path": { type: "string" },
+    "socket-mode": { type: "string" },
+    "socket-group": { type: "string" },
+    fd: { type: "integer", min: 0 },
+    image: { type: "string" },
+    "blk-file": { type: "string" },
+    readonly: { type: "boolean" },
+    "read-only": { type: "boolean" },
+    queues: { type: "integer", default: 1, min: 1, max: 64 },
+    direct: { type: "boolean" },
+    io: { type: "enum", values: ["auto", "sync", "async", "adaptive"], default: "auto" },
+    serial: { type: "string" },
+    "queue-size": { type: "integer", min: 4, max: 1024 },
+    "write-descriptor": { type: "string" },
+    metrics: { type: "string" },
+  },
+  async run(v, ctx) {
+    if (v.writeDescriptor !== undefined) {
+      try {
+        ctx.out(writeBlkDescriptor(v.writeDescriptor));
+        return EXIT_OK;
+      } catch (e) {
+        ctx.log.error(`--write-descriptor: ${(e as Error).message}`);
+        return EXIT_FAILED;
+      }
     }
-  }
-  const image = (values.image ?? values["blk-file"]) as string | undefined;
-  const socketPath = values["socket-path"] as string | undefined;
-  const fdArg = values.fd as string | undefined;
-  const queues = Number(values.queues);
-  const usage = (msg: string) => {
-    io.err(`vmshift blk: ${msg}\n${BLK_USAGE}`);
-    return 2;
-  };
-  if (!image) return usage("--image FILE is required");
-  if ((socketPath === undefined) === (fdArg === undefined)) return usage("give exactly one of --socket-path and --fd");
-  if (!Number.isInteger(queues) || queues < 1 || queues > 64) return usage("--queues must be 1..64");
-  if (!["auto", "sync", "async", "adaptive"].includes(values.io as string))
-    return usage("--io must be auto, sync, async or adaptive");
-  const socket: SocketPathOptions = {};
-  try {
-    if (values["socket-mode"] !== undefined) socket.mode = parseSocketMode(values["socket-mode"] as string);
-    if (values["socket-group"] !== undefined) socket.group = resolveGroup(values["socket-group"] as string);
-  } catch (e) {
-    return usage((e as Error).message);
-  }
-  if ((socket.mode !== undefined || socket.group !== undefined) && socketPath === undefined)
-    return usage("--socket-mode and --socket-group need --socket-path");
-  const fd = fdArg === undefined ? -1 : Number(fdArg);
-  if (fdArg !== undefined && !(Number.isInteger(fd) && fd >= 0)) return usage("--fd must be a file descriptor number");
-
-  const log = (level: string, msg: string) => io.err(`vmshift blk: ${level}: ${msg}`);
-  let daemon: VhostUserDaemon;
-  let device: ReturnType<typeof blkDevice>;
-  try {
-    device = blkDevice({
-      path: image,
-      readonly: !!(values.readonly || values["read-only"]),
-      queues,
-      direct: !!values.direct,
-      io: values.io as "auto" | "sync" | "async" | "adaptive",
-      ...(values.serial ? { serial: values.serial as string } : {}),
-      ...(values["queue-size"] ? { queueSize: Number(values["queue-size"]) } : {}),
-      debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
-    });
-    daemon = socketPath ? VhostUserDaemon.listen(device, socketPath, socket) : VhostUserDaemon.fromFd(device, fd);
-    log(
-      "info",
-      `serving ${image} (${device.capacitySectors} sectors, ${queues} queue(s)` +
+    const image = required(v.image ?? v.blkFile, "image", "FILE");
+    exactlyOne({ "socket-path": v.socketPath, fd: v.fd });
+    const socket: SocketPathOptions = {};
+    try {
+      if (v.socketMode !== undefined) socket.mode = parseSocketMode(v.socketMode);
+      if (v.socketGroup !== undefined) socket.group = resolveGroup(v.socketGroup);
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+    if ((socket.mode !== undefined || socket.group !== undefined) && v.socketPath === undefined)
+      throw new UsageError("--socket-mode and --socket-group need --socket-path");
+    const metricsSpec = v.metrics === undefined ? null : parseTcpSpec(v.metrics, "metrics");
+    if (v.serial !== undefined && !/^[\x20-\x7e]{0,20}$/.test(v.serial))
+      throw new UsageError("--serial must be at most 20 printable ASCII characters (virtio-blk's GET_ID)");
+    const log = ctx.log;
+    let daemon: VhostUserDaemon;
+    let device: ReturnType<typeof blkDevice>;
+    try {
+      device = blkDevice({
+        path: image,
+        readonly: v.readonly || v.readOnly,
+        queues: v.queues,
+        direct: v.direct,
+        io: v.io,
+        ...(v.serial ? { serial: v.serial } : {}),
+        ...(v.queueSize !== undefined ? { queueSize: v.queueSize } : {}),
+        debugDelayMs: Number(process.env.VMSHIFT_BLK_DELAY_MS ?? 0) || 0,
+      });
+      daemon = v.socketPath
+        ? VhostUserDaemon.listen(device, v.socketPath, socket)
+        : VhostUserDaemon.fromFd(device, v.fd as number);
+    } catch (e) {
+      log.error(`cannot serve ${image}: ${(e as Error).message}`);
+      return EXIT_FAILED;
+    }
+    log.info(
+      `serving ${image} (${device.capacitySectors} sectors, ${v.queues} queue(s)` +
         `${device.options.readonly ? ", read-only" : ""}${device.options.direct ? ", O_DIRECT" : ""}) on ` +
-        `${socketPath ?? `fd ${fd}`}`,
+        `${v.socketPath ?? `fd ${v.fd}`}`,
     );
-  } catch (e) {
-    io.err(`vmshift blk: ${(e as Error).message}`);
-    return 1;
-  }
-  let signalled: string | null = null;
-  daemon.on("log", (level, msg) => {
-    // Closing the listener fails the pending accept: expected when we are the ones stopping.
-    if (signalled && msg.startsWith("accept failed")) return;
-    log(level, msg);
-  });
-  if (process.env.VMSHIFT_BLK_TRACE === "1") {
-    daemon.on("session", (s: BackendSession) => {
-      s.conn.on("request", (m) => log("trace", describe(m as never)));
+    let sessions = 0;
+    let connected = false;
+    let metricsServer: Awaited<ReturnType<Metrics["serve"]>> | null = null;
+    const stopping = () => ctx.signal.aborted;
+    daemon.on("log", (level, msg) => {
+      // Closing the listener fails the pending accept: expected when we are the ones stopping.
+      if (stopping() && msg.startsWith("accept failed")) return;
+      if (level === "error") log.error(msg);
+      else if (level === "warn") log.warn(msg);
+      else log.info(msg);
     });
-  }
-  const stop = (sig: string) => {
-    if (signalled) return;
-    signalled = sig;
-    log("info", `${sig}: shutting down`);
-    void daemon.close();
-  };
-  const onInt = () => stop("SIGINT");
-  const onTerm = () => stop("SIGTERM");
-  // SIGHUP: the image may have grown (or shrunk): read its size again and tell the front-end.
-  const onHup = () => {
-    try {
-      const { from, to } = device.resize();
-      if (from === to) return log("info", `SIGHUP: capacity unchanged (${to} sectors)`);
-      log("info", `SIGHUP: capacity ${from} -> ${to} sectors`);
-      const s = daemon.session;
-      if (!s) return;
-      s.notifyConfigChange().then(
-        () => log("info", "front-end told (CONFIG_CHANGE_MSG)"),
-        (e: Error) => log("warn", `could not tell the front-end of the new capacity: ${e.message}`),
+    const trace = process.env.VMSHIFT_BLK_TRACE === "1" || log.isLevelEnabled("trace");
+    daemon.on("session", (s: BackendSession) => {
+      sessions++;
+      connected = true;
+      s.closed.then(
+        () => {
+          connected = false;
+        },
+        () => {
+          connected = false;
+        },
       );
+      if (trace)
+        s.conn.on("request", (m) => {
+          const line = describe(m as never);
+          if (log.isLevelEnabled("trace")) log.trace(line);
+          else log.info(`trace: ${line}`);
+        });
+    });
+    try {
+      if (metricsSpec) {
+        const m = new Metrics();
+        addBlkMetrics(m, {
+          queues: () => device.stats(),
+          reconnects: () => Math.max(0, sessions - 1),
+          connected: () => connected,
+          dirtyLogActive: () => daemon.session?.dirtyLog.area != null,
+        });
+        metricsServer = await m.serve(metricsSpec);
+        log.info(`metrics at ${metricsServer.url}/metrics`);
+      }
     } catch (e) {
-      log("warn", `SIGHUP: resize failed: ${(e as Error).message}`);
+      log.error(`--metrics: ${(e as Error).message}`);
+      await daemon.close();
+      return EXIT_FAILED;
     }
-  };
-  process.on("SIGINT", onInt);
-  process.on("SIGTERM", onTerm);
-  process.on("SIGHUP", onHup);
-  try {
-    await daemon.serve();
-  } finally {
-    process.off("SIGINT", onInt);
-    process.off("SIGTERM", onTerm);
-    process.off("SIGHUP", onHup);
-    await daemon.close();
+    const onAbort = () => {
+      log.info(`${(ctx.signal.reason as Error)?.message ?? "stopping"}: shutting down`);
+      void daemon.close();
+    };
+    ctx.signal.addEventListener("abort", onAbort, { once: true });
+    // SIGHUP: the image may have grown (or shrunk): read its size again and tell the front-end.
+    const onHup = () => {
+      try {
+        const { from, to } = device.resize();
+        if (from === to) return log.info(`SIGHUP: capacity unchanged (${to} sectors)`);
+        log.info(`SIGHUP: capacity ${from} -> ${to} sectors`);
+        const s = daemon.session;
+        if (!s) return;
+        s.notifyConfigChange().then(
+          (r) =>
+            log.info(r === "sent" ? "front-end told (CONFIG_CHANGE_MSG)" : "front-end told once a ring runs again"),
+          (e: Error) => log.warn(`could not tell the front-end of the new capacity: ${e.message}`),
+        );
+      } catch (e) {
+        log.warn(`SIGHUP: resize failed: ${(e as Error).message}`);
+      }
+    };
+    process.on("SIGHUP", onHup);
+    try {
+      await daemon.serve();
+    } finally {
+      process.off("SIGHUP", onHup);
+      ctx.signal.removeEventListener("abort", onAbort);
+      await daemon.close();
+      await metricsServer?.close();
+    }
+    log.info("stopped");
+    // A daemon is stopped by a signal: that is its normal end, not a cancelled job.
+    return EXIT_OK;
+  },
+});
+
+/** `vmshift blk ARGS`. */
+export function blkCommand(argv: string[]): Promise<number> {
+  // "--print-capabilities": print and exit 0, whatever else is on the command line (the spec's
+  // backend program conventions), before any option is parsed or checked.
+  if (argv.includes("--print-capabilities")) {
+    process.stdout.write(`${JSON.stringify(BLK_CAPABILITIES)}\n`);
+    return Promise.resolve(EXIT_OK);
   }
-  log("info", "stopped");
-  return 0;
+  return blkDef(argv);
 }

@@ -9,6 +9,7 @@ import { parseArgs } from "node:util";
 import { GuestMemory } from "../memory/guest-memory.js";
 import { GuestMemoryRegion } from "../memory/region.js";
 import { MigrationDestination } from "../migration/destination.js";
+import { MigrationReport } from "../migration/report.js";
 import { MigrationListener, parseEndpoint } from "../migration/transport.js";
 import { Workload } from "../migration/workload.js";
 import { VmDestination } from "../vm/migrate.js";
@@ -47,6 +48,7 @@ export async function demoDestinationCommand(argv: string[]): Promise<number> {
   const vmDest = kvm ? new VmDestination({ memory, mode }) : null;
   let workload: Workload | null = null;
   let listener: MigrationListener | null = null;
+  let report: MigrationReport | null = null;
   try {
     listener = await MigrationListener.listen(parseEndpoint(values.listen));
     out({ event: "listening", endpoint: values.listen });
@@ -72,8 +74,15 @@ export async function demoDestinationCommand(argv: string[]): Promise<number> {
           },
     });
     vmDest?.attach(dest);
-    dest.events.on("phase", (p) => out({ event: "phase", role: "destination", ...p }));
-    dest.events.on("faults", (f) => out({ event: "faults", role: "destination", ...f }));
+    // The destination's own view, in the versioned events the parent relays.
+    report = new MigrationReport({
+      role: "destination",
+      mode,
+      events: dest.events,
+      totalBytes: memory.size,
+      transferred: () => stream.bytesRead,
+      emit: (e) => out(e as unknown as Record<string, unknown>),
+    });
     const result = await dest.run(stream);
     await listener.close();
     listener = null;
@@ -84,6 +93,7 @@ export async function demoDestinationCommand(argv: string[]): Promise<number> {
     return 0;
   } catch (e) {
     const err = e as { code?: string; message?: string };
+    (report as MigrationReport | null)?.failed(e);
     out({ event: "error", role: "destination", code: err.code ?? "ERROR", message: err.message ?? String(e) });
     return 1;
   } finally {

@@ -15,6 +15,7 @@ import { GuestMemory } from "../memory/guest-memory.js";
 import { GuestMemoryRegion } from "../memory/region.js";
 import { DirtyLogArea, SharedDirtyLog, SharedLogDirtySource } from "../memory/shared-dirty-log.js";
 import { WriteProtectDirtySource, writeProtectTrackingUnavailable } from "../memory/wp-dirty.js";
+import { EVENT_VERSION, r1 } from "../migration/report.js";
 import { copyPages } from "../sys/bulk.js";
 import type { DemoWorkload } from "./demo-workload.js";
 
@@ -89,8 +90,10 @@ export async function runMemoryDemo(o: MemoryDemoOptions): Promise<MemoryDemoRes
     spawn({ kind: "log", regions: shared, seed: 2, log: handle }, [handle.port]);
     if (wp) spawn({ kind: "raw", regions: shared, seed: 3 });
     const emit = (ev: Record<string, unknown>) => {
-      if (o.json) o.out(JSON.stringify(ev));
+      if (o.json)
+        o.out(JSON.stringify({ event: ev.event, version: EVENT_VERSION, t: r1(performance.now() - t0), ...ev }));
     };
+    emit({ event: "start", guest: "memory-only", mode: "precopy", sizeMiB: (2 * half) / MiB });
     let bytes = 0;
     let rounds = 0;
     const copyDirty = () => {
@@ -106,7 +109,7 @@ export async function runMemoryDemo(o: MemoryDemoOptions): Promise<MemoryDemoRes
       return pages;
     };
     const remaining = copyDirty();
-    emit({ event: "round", round: 0, pagesSent: remaining });
+    emit({ event: "memory-round", round: 0, pagesSent: remaining, syncMs: 0, perSource: {} });
     if (!o.json) o.out(`round 0: first pass, ${((remaining * PAGE) / MiB).toFixed(1)} MiB copied`);
     for (let round = 1; round <= o.maxRounds; round++) {
       rounds = round;
@@ -120,7 +123,13 @@ export async function runMemoryDemo(o: MemoryDemoOptions): Promise<MemoryDemoRes
       }
       const rep = await tracker.sync();
       const sent = copyDirty();
-      emit({ event: "round", round: rounds, pagesSent: sent, syncMs: rep.totalMs, perSource: rep.perSource });
+      emit({
+        event: "memory-round",
+        round: rounds,
+        pagesSent: sent,
+        syncMs: r1(rep.totalMs),
+        perSource: Object.fromEntries(Object.entries(rep.perSource).map(([k, v]) => [k, r1(v)])),
+      });
       if (!o.json) {
         const per = Object.entries(rep.perSource)
           .map(([k, v]) => `${k} ${v.toFixed(2)} ms`)
@@ -148,7 +157,7 @@ export async function runMemoryDemo(o: MemoryDemoOptions): Promise<MemoryDemoRes
       sources: sources.map((s) => s.name),
       digests,
     };
-    if (o.json) o.out(JSON.stringify({ event: "result", ...result }));
+    if (o.json) emit({ event: "memory-result", ...result, totalMs: r1(result.totalMs) });
     else {
       o.out(`dirty sources: ${result.sources.join(", ")}${why ? ` (write-protect tracking unavailable: ${why})` : ""}`);
       o.out(`${rounds} rounds, ${(bytes / MiB).toFixed(1)} MiB copied, ${result.totalMs.toFixed(0)} ms`);

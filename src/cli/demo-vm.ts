@@ -21,6 +21,7 @@ import { kvmUnavailableReason } from "../kvm/kvm.js";
 import { type DirtyTracking, MicroVm } from "../kvm/micro-vm.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { FaultStats, MigrationResult, RoundStats } from "../migration/events.js";
+import { EVENT_VERSION, type MigrationInfo, MigrationReport, r1 } from "../migration/report.js";
 import { MigrationSource, type SourceHooks } from "../migration/source.js";
 import { connectEndpoint, parseEndpoint } from "../migration/transport.js";
 import { Workload } from "../migration/workload.js";
@@ -41,6 +42,8 @@ export interface VmDemoOptions {
   /** Run the worker-thread workload even when KVM is there (tests). */
   forceWorkload?: boolean;
   downtimeLimitMs?: number;
+  /** Migration bandwidth limit, bytes/s (default 0: unlimited). */
+  bandwidthLimit?: number;
   /** Postcopy: precopy rounds first (default 0: the destination runs before any page is there). */
   postcopyAfterRounds?: number;
   /** The whole run, ms (default 60 s): past it the child is killed and the demo fails. */
@@ -48,6 +51,10 @@ export interface VmDemoOptions {
   out: (line: string) => void;
   /** A live progress line (TTY only); null prints plain lines. */
   status?: ((line: string) => void) | null;
+  /** Every versioned event (docs/events.schema.json), whether or not `json` prints them. */
+  onEvent?: (e: Record<string, unknown>) => void;
+  /** Cancels the migration (the source fails with ABORTED; a `cancelled` event is emitted). */
+  signal?: AbortSignal;
 }
 
 export interface CounterReport {
@@ -159,8 +166,32 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
   const t0 = performance.now();
   const kvmReason = o.forceWorkload ? "worker-thread workload requested" : kvmUnavailableReason();
   const kvm = kvmReason === null;
+  let ended = false;
   const emit = (ev: Record<string, unknown>) => {
-    if (o.json) o.out(JSON.stringify(ev));
+    const e = { event: ev.event, version: EVENT_VERSION, t: r1(performance.now() - t0), ...ev };
+    o.onEvent?.(e);
+    if (o.json) o.out(JSON.stringify(e));
+  };
+  let report: MigrationReport | null = null;
+  /** The one terminal event of a run that did not complete. */
+  const endWith = (e: unknown) => {
+    if (ended) return;
+    ended = true;
+    const reason = o.signal?.aborted ? String((o.signal.reason as Error | undefined)?.message ?? "cancelled") : null;
+    if (report) {
+      if (reason !== null) report.cancelled(reason);
+      else report.failed(e);
+      return;
+    }
+    const err = e as { code?: unknown; message?: unknown };
+    if (reason !== null) emit({ event: "cancelled", reason });
+    else
+      emit({
+        event: "failed",
+        code: typeof err?.code === "string" ? err.code : "ERROR",
+        message: String(err?.message ?? e),
+        offset: null,
+      });
   };
   const say = (line: string) => {
     if (!o.json) o.out(line);
@@ -212,19 +243,30 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       mode: o.mode,
       dirtyTracking: kvm ? o.dirtyTracking : "worker bitmap",
       sizeMiB: o.sizeMiB,
+      vcpus: kvm ? (vm?.vcpus.length ?? 1) : 0,
     });
+    let destinationInfo: MigrationInfo | null = null;
 
     child = new DestinationProcess(
       ["--listen", endpoint, "--size", String(o.sizeMiB), "--mode", o.mode, "--guest", kvm ? "kvm" : "workload"],
       (l) => {
-        if (l.event !== "destination-result" && l.event !== "listening") emit(l);
+        // The child's versioned events (its own view), on this process's clock.
+        if (l.version !== EVENT_VERSION) return;
+        if (l.info) destinationInfo = l.info as MigrationInfo;
+        const { t: _t, version: _v, ...rest } = l;
+        emit(rest);
       },
     );
     const failFast = new Promise<never>((_, rej) => {
       overall = setTimeout(() => rej(new Error(`demo did not finish within ${timeoutMs} ms`)), timeoutMs);
     });
     failFast.catch(() => undefined);
-    await Promise.race([child.waitFor((l) => l.event === "listening", 10_000, "listening"), failFast]);
+    const aborted = new Promise<never>((_, rej) => {
+      if (o.signal?.aborted) rej(o.signal.reason);
+      o.signal?.addEventListener("abort", () => rej(o.signal?.reason), { once: true });
+    });
+    aborted.catch(() => undefined);
+    await Promise.race([child.waitFor((l) => l.event === "listening", 10_000, "listening"), failFast, aborted]);
     const ep = parseEndpoint(endpoint);
     const conn: Socket = await connectEndpoint(ep);
     stream = conn;
@@ -242,8 +284,20 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       downtimeLimitMs: o.downtimeLimitMs ?? 50,
       maxRounds: 30,
       whenNotConverged: "switchover",
+      bandwidthLimit: o.bandwidthLimit ?? 0,
       // Postcopy: the destination starts at once and pulls every page it touches on demand.
       postcopyAfterRounds: o.postcopyAfterRounds ?? 0,
+      ...(o.signal ? { signal: o.signal } : {}),
+    });
+    report = new MigrationReport({
+      role: "source",
+      mode: o.mode,
+      events: source.events,
+      totalBytes: memory.size,
+      transferred: () => conn.bytesWritten + (preemptConn?.bytesWritten ?? 0),
+      emit: (e) => emit(e as unknown as Record<string, unknown>),
+      t0,
+      ...(o.signal ? { signal: o.signal } : {}),
     });
     let last: RoundStats | null = null;
     let phase = "setup";
@@ -265,13 +319,11 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     source.events.on("phase", (p) => {
       phase = p.phase;
       phaseAt.set(p.phase, p.atMs);
-      emit({ event: "phase", role: "source", ...p });
       if (!o.json && !status) say(`source: ${p.phase} at ${p.atMs.toFixed(0)} ms`);
     });
     source.events.on("round", (r) => {
       last = r;
       sentBefore = conn.bytesWritten;
-      emit({ event: "round", role: "source", ...r });
       if (!o.json && !status)
         say(
           `round ${r.round}: sent ${fmtMiB(r.bytesSent)} at ${(r.bandwidth / 1e6).toFixed(0)} MB/s, dirty rate ` +
@@ -280,14 +332,13 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
         );
     });
     source.events.on("throttle", (t) => {
-      emit({ event: "throttle", role: "source", ...t });
       if (!o.json && !status) say(`auto-converge: throttle level ${t.level}`);
     });
     if (status) ticker = setInterval(() => status(line()), 100);
 
     let result: MigrationResult;
     try {
-      result = await Promise.race([source.run(conn, { preempt: preemptConn }), failFast]);
+      result = await Promise.race([source.run(conn, { preempt: preemptConn }), failFast, aborted]);
     } finally {
       clearInterval(ticker);
       if (status) status(`${line()}\n`);
@@ -295,6 +346,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
     const done = await Promise.race([
       child.waitFor((l) => l.event === "destination-result" || l.event === "error", 15_000, "result"),
       failFast,
+      aborted,
     ]);
     if (done.event === "error") throw new Error(`destination: ${String(done.code)}: ${String(done.message)}`);
     await child.exited;
@@ -346,7 +398,19 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       counter,
       postcopy: dres.postcopy ? { ...dres.postcopy } : null,
     };
-    emit({ ...res });
+    ended = true;
+    emit({
+      event: "summary",
+      verified,
+      guest: res.guest,
+      kvmUnavailable: kvmReason,
+      mode: o.mode,
+      dirtyTracking: res.dirtyTracking,
+      stopAndCopyMs: res.stopAndCopyMs === null ? null : r1(res.stopAndCopyMs),
+      counter,
+      source: report.info(),
+      destination: destinationInfo,
+    });
     if (!o.json) {
       say("");
       say(
@@ -379,6 +443,9 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       say(verified ? "verified" : "NOT VERIFIED");
     }
     return res;
+  } catch (e) {
+    endWith(e);
+    throw e;
   } finally {
     clearInterval(ticker);
     clearTimeout(overall);

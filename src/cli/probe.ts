@@ -3,10 +3,11 @@
  * connects to any vhost-user backend and prints what it offers. It negotiates protocol features
  * (needed for GET_MAX_MEM_SLOTS and GET_CONFIG) but sends no SET_OWNER, memory or rings.
  */
-import { parseArgs } from "node:util";
 import { type DeviceKind, featureNames, protocolFeatureNames } from "../vhost-user/frontend/features.js";
 import { VhostUserFrontend } from "../vhost-user/frontend/frontend.js";
 import { ProtocolFeature } from "../vhost-user/protocol/constants.js";
+import { required } from "./options.js";
+import { defineCommand, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK } from "./runtime.js";
 
 export interface ProbeResult {
   features: bigint;
@@ -68,55 +69,64 @@ export function probeJson(r: ProbeResult, device?: DeviceKind): Record<string, u
 }
 
 export const PROBE_USAGE = `usage: vmshift probe --socket PATH [--json] [--timeout MS] [--device blk] [--config-size N]
-  connects to a vhost-user backend and prints its features, protocol features, queue count,
-  memory slots and config space. --device names the device-type feature bits.
-`;
+  connects to a vhost-user back-end and prints its features, protocol features, queue count,
+  memory slots and config space (it negotiates features but sets up no memory or rings)
+  --socket PATH      the back-end's unix socket
+  --json             one JSON object on stdout
+  --timeout MS       give up on a silent back-end after this long (default 5000)
+  --device blk       name the device-type feature bits too
+  --config-size N    bytes of config space to ask for, 1..256 (default: 256, then 60)
+exit status: 0 probed, 1 the back-end could not be probed, 2 bad usage, 130 cancelled (SIGINT)`;
 
-export async function probeCommand(
-  argv: string[],
-  out: (line: string) => void = (l) => process.stdout.write(`${l}\n`),
-) {
-  const { values } = parseArgs({
-    args: argv,
+const probeDef = (out?: (line: string) => void) =>
+  defineCommand({
+    name: "probe",
+    usage: PROBE_USAGE,
     options: {
       socket: { type: "string" },
-      json: { type: "boolean", default: false },
-      timeout: { type: "string", default: "5000" },
-      device: { type: "string" },
-      "config-size": { type: "string" },
-      help: { type: "boolean", default: false },
+      json: { type: "boolean" },
+      timeout: { type: "integer", default: 5000, min: 1, max: 600_000, unit: "ms" },
+      device: { type: "enum", values: ["blk"] },
+      "config-size": { type: "integer", min: 1, max: 256 },
+    },
+    async run(v, ctx) {
+      const write = out ?? ctx.out;
+      const socket = required(v.socket, "socket", "PATH");
+      const device = v.device as DeviceKind | undefined;
+      const running = probe(socket, { timeoutMs: v.timeout, ...(v.configSize ? { configSize: v.configSize } : {}) });
+      running.catch(() => undefined);
+      const cancelled = new Promise<null>((r) => ctx.signal.addEventListener("abort", () => r(null), { once: true }));
+      let r: ProbeResult | null;
+      try {
+        r = await Promise.race([running, cancelled]);
+      } catch (e) {
+        ctx.log.error({ socket }, `${socket}: ${(e as Error).message}`);
+        return EXIT_FAILED;
+      }
+      if (r === null) return EXIT_CANCELLED;
+      printProbe(r, socket, device, v.json, write);
+      return EXIT_OK;
     },
   });
-  if (values.help) {
-    out(PROBE_USAGE.trimEnd());
-    return 0;
-  }
-  const fail = (msg: string) => {
-    process.stderr.write(`vmshift probe: ${msg}\n${PROBE_USAGE}`);
-    return 2;
-  };
-  if (!values.socket) return fail("--socket PATH is required");
-  const timeoutMs = Number(values.timeout);
-  if (!Number.isInteger(timeoutMs) || timeoutMs < 1) return fail("--timeout must be a positive integer (ms)");
-  if (values.device !== undefined && values.device !== "blk") return fail("--device must be blk");
-  const device = values.device as DeviceKind | undefined;
-  const configSize = values["config-size"] === undefined ? undefined : Number(values["config-size"]);
-  if (configSize !== undefined && (!Number.isInteger(configSize) || configSize < 1 || configSize > 256))
-    return fail("--config-size must be 1..256");
 
-  let r: ProbeResult;
-  try {
-    r = await probe(values.socket, { timeoutMs, ...(configSize ? { configSize } : {}) });
-  } catch (e) {
-    process.stderr.write(`vmshift probe: ${values.socket}: ${(e as Error).message}\n`);
-    return 1;
-  }
+/** `vmshift probe ARGS`; `out` receives stdout's lines (tests). */
+export function probeCommand(argv: string[], out?: (line: string) => void): Promise<number> {
+  return probeDef(out)(argv);
+}
+
+function printProbe(
+  r: ProbeResult,
+  socket: string,
+  device: DeviceKind | undefined,
+  json: boolean,
+  out: (line: string) => void,
+): void {
   const j = probeJson(r, device);
-  if (values.json) {
+  if (json) {
     out(JSON.stringify(j));
-    return 0;
+    return;
   }
-  out(`socket            ${values.socket}`);
+  out(`socket            ${socket}`);
   out(`features          ${j.features}`);
   out(`                  ${(j.featureNames as string[]).join(" ")}`);
   out(`protocol features ${j.protocolFeatures ?? "(not offered: no VHOST_USER_F_PROTOCOL_FEATURES)"}`);
@@ -134,5 +144,4 @@ export async function probeCommand(
       );
     }
   }
-  return 0;
 }

@@ -38,7 +38,14 @@ import {
 } from "./channel.js";
 import { hex } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
-import { type FaultStats, MigrationEvents, type MigrationResult, type Phase, percentile } from "./events.js";
+import {
+  type FaultStats,
+  latencyHistogram,
+  MigrationEvents,
+  type MigrationResult,
+  type Phase,
+  percentile,
+} from "./events.js";
 import {
   Capability,
   decodeCapabilities,
@@ -860,6 +867,7 @@ export class MigrationDestination {
       latencyMedianUs: percentile(s, 50),
       latencyP99Us: percentile(s, 99),
       preemptPages: this.#preemptPages,
+      latencyHistogram: latencyHistogram(s),
     };
   }
 

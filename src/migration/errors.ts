@@ -7,6 +7,7 @@ export type MigrationErrorCode =
   | "BAD_PAGE" // a page outside its region, inside a discarded block, or a bad flag
   | "DIGEST_MISMATCH" // both sides finished but the memory differs
   | "CONNECTION_LOST" // the peer closed or reset the connection
+  | "CONNECTION_REFUSED" // nobody listens at the endpoint (connect refused, no such socket)
   | "PEER_FAILED" // the peer reported a failure on its side
   | "NOT_CONVERGED" // precopy hit its round limit with the predicted downtime still over the limit
   | "UNSUPPORTED" // a capability this side or this kernel lacks

@@ -44,7 +44,15 @@ export interface RoundStats {
   writerStallMs: number;
   /** Auto-converge throttle level in force during the round (0 = none). */
   throttle: number;
+  /**
+   * Where the pages sent this round lie: guest memory cut into DIRTY_HEAT_CELLS equal cells
+   * (in region order), the number of pages sent from each.
+   */
+  dirtyHeat?: number[];
 }
+
+/** Cells of RoundStats.dirtyHeat. */
+export const DIRTY_HEAT_CELLS = 128;
 
 export interface FaultStats {
   faults: number;
@@ -56,6 +64,22 @@ export interface FaultStats {
   latencyP99Us: number;
   /** Pages that arrived on the postcopy preempt channel (0 without one). */
   preemptPages?: number;
+  /** Remote-fault latencies counted in FAULT_LATENCY_BOUNDS_US buckets (the last: above them all). */
+  latencyHistogram?: number[];
+}
+
+/** Upper bounds, µs, of FaultStats.latencyHistogram's buckets (one more bucket holds the rest). */
+export const FAULT_LATENCY_BOUNDS_US = [50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000] as const;
+
+/** `values` counted in FAULT_LATENCY_BOUNDS_US buckets. */
+export function latencyHistogram(values: readonly number[]): number[] {
+  const counts = new Array<number>(FAULT_LATENCY_BOUNDS_US.length + 1).fill(0);
+  for (const v of values) {
+    let i = 0;
+    while (i < FAULT_LATENCY_BOUNDS_US.length && v > (FAULT_LATENCY_BOUNDS_US[i] as number)) i++;
+    counts[i] = (counts[i] as number) + 1;
+  }
+  return counts;
 }
 
 export interface RegionDigest {

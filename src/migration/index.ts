@@ -31,6 +31,20 @@ export {
 } from "./events.js";
 export { STREAM_MAGIC, STREAM_VERSION } from "./format.js";
 export {
+  EVENT_VERSION,
+  type EventBase,
+  type FaultReport,
+  type MigrationEvent,
+  type MigrationEventBody,
+  type MigrationInfo,
+  MigrationReport,
+  type MigrationReportOptions,
+  type MigrationStatus,
+  type ResultReport,
+  type RoundReport,
+  statusOf,
+} from "./report.js";
+export {
   type Restore,
   type RestoreOptions,
   type RestoreResult,

@@ -18,6 +18,7 @@ import { convergence, convergenceLimits, predictDowntimeMs } from "./convergence
 import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import {
+  DIRTY_HEAT_CELLS,
   MigrationEvents,
   type MigrationResult,
   type Phase,
@@ -537,7 +538,8 @@ export class MigrationSource {
       const stall0 = o.hooks?.writerStallMs?.() ?? 0;
       const t = performance.now();
       const b0 = writer.bytesWritten;
-      const { pages, zero } = await this.#sendDirty(tracker, writer, rp);
+      const heat = new Array<number>(DIRTY_HEAT_CELLS).fill(0);
+      const { pages, zero } = await this.#sendDirty(tracker, writer, rp, heat);
       await writer.drain();
       const durationMs = performance.now() - t;
       prevEnd = performance.now();
@@ -557,6 +559,7 @@ export class MigrationSource {
         syncMsPerGiBBySource: {},
         writerStallMs: (o.hooks?.writerStallMs?.() ?? 0) - stall0,
         throttle: this.#throttle,
+        dirtyHeat: heat,
       };
     }
   }
@@ -566,11 +569,20 @@ export class MigrationSource {
     tracker: DirtyTracker,
     writer: RecordWriter,
     rp: ReturnPath,
+    heat?: number[],
   ): Promise<{ pages: number; zero: number }> {
     let pages = 0;
     let zero = 0;
+    let base = 0;
+    const cellPages = this.#regions.reduce((n, r) => n + r.pages, 0) / DIRTY_HEAT_CELLS;
     for (let i = 0; i < this.#regions.length; i++) {
       const dirty = tracker.bitmap.take(i);
+      if (heat)
+        for (let k = 0; k < dirty.length; k++) {
+          const c = Math.min(DIRTY_HEAT_CELLS - 1, Math.floor((base + (dirty[k] as number)) / cellPages));
+          heat[c] = (heat[c] as number) + 1;
+        }
+      base += (this.#regions[i] as RegionInfo).pages;
       // Taken after the sync: a page that is not resident now and written later is dirty again.
       const byResidency = residencyImpliesZero((this.#regions[i] as RegionInfo).region);
       const discard = (this.#regions[i] as RegionInfo).discard;

@@ -24,6 +24,8 @@ export interface BlkBackendOptions {
   lifetimeMs?: number;
   /** Extra environment (e.g. VMSHIFT_BLK_TRACE=0). */
   env?: Record<string, string>;
+  /** --metrics tcp:127.0.0.1:0 (BlkBackend.metricsUrl() then says where). */
+  metrics?: boolean;
 }
 
 export class BlkBackend {
@@ -39,11 +41,22 @@ export class BlkBackend {
     return readFile(this.logPath, "utf8").catch(() => "");
   }
 
-  /** The vhost-user requests it logged (`trace: NAME payload`), in order. */
+  /** The /metrics URL it logged (started with `metrics: true`), waiting for the line. */
+  async metricsUrl(timeoutMs = 10_000): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = /metrics at (http:\/\/\S+\/metrics)/.exec(this.proc.stderr());
+      if (m) return m[1] as string;
+      if (!this.proc.running || Date.now() > deadline) throw new Error(`${this.name}: no metrics URL logged`);
+      await sleep(20);
+    }
+  }
+
+  /** The vhost-user requests it logged (`TIME INFO  blk: trace: NAME payload`), in order. */
   async requests(): Promise<{ name: string; detail: string }[]> {
     const out: { name: string; detail: string }[] = [];
     for (const line of (await this.log()).split("\n")) {
-      const m = /vmshift blk: trace: (\S+) ?(.*)$/.exec(line);
+      const m = / blk: trace: (\S+) ?(.*)$/.exec(line);
       if (m) out.push({ name: m[1] as string, detail: m[2] ?? "" });
     }
     return out;
@@ -116,6 +129,7 @@ export async function startBlk(rig: Rig, o: BlkBackendOptions): Promise<BlkBacke
   if (o.readonly) args.push("--readonly");
   if (o.direct) args.push("--direct");
   if (o.io) args.push("--io", o.io);
+  if (o.metrics) args.push("--metrics", "tcp:127.0.0.1:0");
   const logPath = rig.path(`${o.name}.log`);
   const env = { VMSHIFT_BLK_TRACE: "1", ...o.env };
   // ManagedProcess inherits our environment: set the trace switch around the spawn.

@@ -105,7 +105,7 @@ describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () =
     );
     const logBases = reqs.filter((r) => r.name === "SET_LOG_BASE");
     assert.ok(logBases.length > 0 && logBases.every((r) => r.detail.includes("fds=1")), "SET_LOG_BASE with an fd");
-    assert.deepEqual((await a.log()).match(/error: .*/g) ?? [], [], "no error in the source back-end's log");
+    assert.deepEqual((await a.log()).match(/ ERROR +blk: .*/g) ?? [], [], "no error in the source back-end's log");
     process.stderr.write(
       `blk precopy: ${result.status} total ${result.totalTimeMs} ms, downtime ${result.downtimeMs} ms, ` +
         `${result.ram.transferred} bytes, ${result.ram.dirtySyncCount} sync rounds; ` +

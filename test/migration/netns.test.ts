@@ -56,6 +56,14 @@ test("namespaces: leftovers of a crashed run are removed by prefix, and close() 
 
 const cli = new URL("../../src/cli/main.js", import.meta.url).pathname;
 
+/** The parts of a `vmshift migrate --json` event's `info` these tests read. */
+interface CliInfo {
+  mode: string;
+  rounds: number;
+  downtimeMs: number | null;
+  ram: { transferredBytes: number };
+}
+
 /** `vmshift migrate --listen EP --size 64 --json ...extra` in namespace b, once it listens (it says so on stderr). */
 async function cliDestination(link: NetnsLink, ep: string, extra: string[]): Promise<JsonLines> {
   const dst = new JsonLines(
@@ -97,13 +105,17 @@ test("precopy with `vmshift migrate` over mutual TLS across a veth link: destina
   const tx0 = link.stats("a").txBytes;
   assert.equal(await src.exit(30_000), 0, src.tail());
   assert.equal(await dst.exit(10_000), 0, dst.tail());
+  // The versioned `complete` events (docs/events.schema.json): result and query-migrate info.
   const rs = await src.next("complete", 1000);
   const rd = await dst.next("complete", 1000);
-  assertSameMemory(rs, rd);
-  assert.equal(rs.mode, "precopy");
+  const [sr, si] = [rs.result, rs.info] as [Record<string, unknown>, CliInfo];
+  assertSameMemory(sr, rd.result as Record<string, unknown>);
+  assert.equal(si.mode, "precopy");
   // The stream crossed the veth (not some other path).
-  assert.ok(link.stats("a").txBytes - tx0 >= (rs.bytesSent as number), "stream went over the veth link");
-  console.log(JSON.stringify({ link: "veth", rounds: rs.rounds, downtimeMs: rs.downtimeMs, bytes: rs.bytesSent }));
+  assert.ok(link.stats("a").txBytes - tx0 >= si.ram.transferredBytes, "stream went over the veth link");
+  console.log(
+    JSON.stringify({ link: "veth", rounds: si.rounds, downtimeMs: si.downtimeMs, bytes: si.ram.transferredBytes }),
+  );
 });
 
 test("postcopy with `vmshift migrate` across a veth link: requested pages take the preempt channel, memory equal", {
@@ -132,11 +144,15 @@ test("postcopy with `vmshift migrate` across a veth link: requested pages take t
   assert.equal(await dst.exit(10_000), 0, dst.tail());
   const rs = await src.next("complete", 1000);
   const rd = await dst.next("complete", 1000);
-  assertSameMemory(rs, rd);
-  assert.equal(rs.mode, "postcopy");
-  assert.equal(rs.preempt, true, "the source opened the preempt channel");
-  assert.equal(rd.preempt, true, "the destination accepted it");
-  const pc = rd.postcopy as { remoteFaults: number; preemptPages: number };
+  const [sr, dr] = [rs.result, rd.result] as Record<string, unknown>[] as [
+    Record<string, unknown>,
+    Record<string, unknown>,
+  ];
+  assertSameMemory(sr, dr);
+  assert.equal((rs.info as CliInfo).mode, "postcopy");
+  assert.equal(sr.preempt, true, "the source opened the preempt channel");
+  assert.equal(dr.preempt, true, "the destination accepted it");
+  const pc = dr.faults as { remoteFaults: number; preemptPages: number };
   assert.ok(pc.remoteFaults > 0 && pc.preemptPages > 0, `faults ${pc.remoteFaults}, on preempt ${pc.preemptPages}`);
 });
 

@@ -234,10 +234,10 @@ test("`vmshift migrate` postcopy through a proxy that cuts the first connection:
     const rs = await src.next("complete", 1000);
     const rd = await dst.next("complete", 1000);
     assert.deepEqual(
-      (rs.digests as { source: string }[]).map((d) => d.source),
-      (rd.digests as { source: string }[]).map((d) => d.source),
+      ((rs.result as Record<string, unknown>).digests as { source: string }[]).map((d) => d.source),
+      ((rd.result as Record<string, unknown>).digests as { source: string }[]).map((d) => d.source),
     );
-    assert.ok((rs.digests as { match: boolean }[]).every((d) => d.match));
+    assert.ok(((rs.result as Record<string, unknown>).digests as { match: boolean }[]).every((d) => d.match));
     assert.equal(connections, 2, "the first connection and the recovery one");
   } finally {
     dst.child.kill("SIGKILL");

@@ -67,7 +67,7 @@ for (const mode of ["precopy", "postcopy"] as const) {
         events.some((e) => e.event === "phase" && e.role === "destination"),
         "the child's events are relayed",
       );
-      assert.equal(events.at(-1)?.event, "result");
+      assert.equal(events.at(-1)?.event, "summary");
       assert.equal(countFds(), fds, "no fd left behind (VM, vCPU, socket, memfd)");
     });
   }
@@ -116,15 +116,23 @@ function runCli(args: string[], timeoutMs: number): Promise<{ code: number | nul
   });
 }
 
-test("`vmshift demo --json` end to end: JSON lines, the last one the verified result", async () => {
+test("`vmshift demo --json` end to end: versioned JSON lines, the last one the verified summary", async () => {
   const { code, stdout, stderr } = await runCli(["demo", "--json", "--size", "32"], 60_000);
   const lines = stdout.trim().split("\n");
   const last = JSON.parse(lines.at(-1) as string) as Record<string, unknown>;
   assert.equal(code, 0, stderr);
   for (const l of lines) JSON.parse(l);
-  assert.equal(last.event, "result");
+  assert.equal(last.event, "summary");
   assert.equal(last.verified, true);
-  for (const k of ["rounds", "bytes", "downtimeMs", "totalMs"]) assert.equal(typeof last[k], "number", k);
+  for (const l of lines) assert.equal((JSON.parse(l) as { version?: number }).version, 1, l.slice(0, 100));
+  const info = last.source as {
+    rounds: number;
+    downtimeMs: number;
+    totalTimeMs: number;
+    ram: { transferredBytes: number };
+  };
+  for (const v of [info.rounds, info.downtimeMs, info.totalTimeMs, info.ram.transferredBytes])
+    assert.equal(typeof v, "number");
   assert.equal(last.mode, "precopy");
   assert.equal(last.dirtyTracking, last.guest === "kvm" ? "bitmap" : "worker bitmap");
   if (last.guest !== "kvm") console.warn(`[test/vm] demo ran WITHOUT KVM: ${String(last.kvmUnavailable)}`);

@@ -29,6 +29,7 @@ import {
 import type { BlkWorkerData } from "./handler.js";
 import { BlockImage } from "./image.js";
 import type { IoMode } from "./io-policy.js";
+import { type BlkQueueCounters, createBlkStats, readBlkStats } from "./stats.js";
 
 export interface BlkOptions {
   /** Raw image file. */
@@ -98,6 +99,8 @@ export interface BlkDevice extends VhostUserDevice {
   readonly writeback: boolean;
   /** Writes made durable on their own because the cache was in writethrough mode. */
   readonly writeThroughFlushes: number;
+  /** Per-queue request, byte, error and in-flight counters, as of now. */
+  stats(): BlkQueueCounters[];
 }
 
 /**
@@ -180,6 +183,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     writeZeroesMayUnmap: true,
   });
   let config = encodeConfig(geometry(capacitySectors));
+  const stats = createBlkStats(queues);
   const id = blkId(o.serial, o.path);
   const data: BlkWorkerData = {
     path: o.path,
@@ -198,6 +202,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     maxWriteZeroesSeg: MAX_DISCARD_SEG,
     segMax,
     debugDelayMs: o.debugDelayMs ?? 0,
+    stats,
     io: ioMode(o),
   };
   return {
@@ -227,6 +232,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     get writeThroughFlushes() {
       return Atomics.load(cache, 1);
     },
+    stats: () => readBlkStats(stats),
     options: { ...o },
     info: {
       numQueues: queues,

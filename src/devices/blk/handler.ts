@@ -15,6 +15,7 @@
  */
 
 import { writeSync } from "node:fs";
+import { parentPort } from "node:worker_threads";
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { QueueContext, QueueHandler } from "../../vhost-user/backend/device.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
@@ -44,6 +45,8 @@ import { type IoMode, IoPolicy } from "./io-policy.js";
  */
 export const BOUNCE_CHUNK = 256 * 1024;
 
+import { BlkQueueStats } from "./stats.js";
+
 /** What the control plane hands each queue worker (structured-clone data). */
 export interface BlkWorkerData {
   path: string;
@@ -67,10 +70,14 @@ export interface BlkWorkerData {
   segMax: number;
   /** Test knob: sleep this long before completing each request. */
   debugDelayMs: number;
+  /** Per-queue request counters (stats.ts), or null. */
+  stats: SharedArrayBuffer | null;
   /** Where reads and writes run: inline, on libuv's thread pool, or adaptive (io-policy.ts). */
   io: IoMode;
 }
 
+/** Not a request type: marks "no header read" for the counters. */
+const NO_TYPE = 0xffffffff;
 const STATUS = [Uint8Array.of(VIRTIO_BLK_S_OK), Uint8Array.of(VIRTIO_BLK_S_IOERR), Uint8Array.of(VIRTIO_BLK_S_UNSUPP)];
 /** Warnings about a guest's bad requests per worker, so a hostile guest cannot flood the log. */
 const MAX_WARNINGS = 20;
@@ -94,6 +101,7 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #header = new Uint8Array(REQUEST_HEADER_SIZE);
   readonly #headerView = new DataView(this.#header.buffer);
   #warnings = 0;
+  readonly #stats: BlkQueueStats | null;
   readonly #sleeper = new Int32Array(new SharedArrayBuffer(4));
   readonly #capacity: BigInt64Array;
   readonly #cache: Int32Array;
@@ -104,6 +112,7 @@ export class BlkQueueHandler implements QueueHandler {
     this.#capacity = new BigInt64Array(this.#d.capacity);
     this.#cache = new Int32Array(this.#d.cache);
     this.#queue = ctx.queue;
+    this.#stats = this.#d.stats ? new BlkQueueStats(this.#d.stats, ctx.queue) : null;
     this.#memory = ctx.memory;
     this.#image = BlockImage.open(this.#d.path, { readonly: this.#d.readonly, direct: this.#d.direct });
     this.#policy = new IoPolicy(this.#d.io, this.#d.direct, ctx.backlog);
@@ -133,26 +142,32 @@ export class BlkQueueHandler implements QueueHandler {
       writeSync(2, `vmshift blk: queue ${this.#queue}: released head ${chain.head}\n`);
     }
     let out: Outcome | Promise<Outcome>;
+    this.#stats?.begin();
+    // #serve reads the header first, synchronously: after it, the buffer holds this request's type.
+    this.#headerView.setUint32(0, NO_TYPE, true);
     try {
       out = this.#serve(chain, wlen - 1);
     } catch (e) {
       this.#warn(`I/O error: ${(e as Error).message}`);
       out = IOERR;
     }
+    const type = this.#headerView.getUint32(0, true);
+    const payload = chain.readableLength - REQUEST_HEADER_SIZE;
     if (out instanceof Promise)
       return out.then(
-        (o) => this.#finish(chain, wlen, o),
+        (o) => this.#finish(chain, wlen, o, type, payload),
         (e) => {
           this.#warn(`I/O error: ${(e as Error).message}`);
-          return this.#finish(chain, wlen, IOERR);
+          return this.#finish(chain, wlen, IOERR, type, payload);
         },
       );
-    return this.#finish(chain, wlen, out);
+    return this.#finish(chain, wlen, out, type, payload);
   }
 
-  #finish(chain: DescriptorChain, wlen: number, out: Outcome): number {
+  #finish(chain: DescriptorChain, wlen: number, out: Outcome, type: number, payload: number): number {
     // The status byte is the last writable byte, whatever the buffer layout (VERSION_1: any layout).
     chain.writeWritable(STATUS[out.status] as Uint8Array, wlen - 1);
+    this.#stats?.end(type, out.status, type === VIRTIO_BLK_T_OUT ? payload : out.written);
     return out.written + 1;
   }
 
@@ -192,7 +207,8 @@ export class BlkQueueHandler implements QueueHandler {
     if (this.#warnings >= MAX_WARNINGS) return;
     this.#warnings++;
     const more = this.#warnings === MAX_WARNINGS ? " (further warnings suppressed)" : "";
-    process.stderr.write(`vmshift blk: queue ${this.#queue}: ${message}${more}\n`);
+    // The control plane logs it (the queue worker's event channel to the daemon's "log" event).
+    parentPort?.postMessage({ type: "event", level: "warn", message: `queue ${this.#queue}: ${message}${more}` });
   }
 
   /** `dataLen`: writable bytes before the status byte. */
