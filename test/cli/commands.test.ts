@@ -74,7 +74,10 @@ const BAD: [string[], RegExp][] = [
   [["migrate", "--listen", "tcp:h:99999"], /--listen: bad port/],
   [["blk", "--socket-path", "/tmp/x.sock"], /--image FILE is required/],
   [["blk", "--socket-path", "/tmp/x.sock", "--image", "/x", "--queues", "0"], /--queues must be/],
-  [["blk", "--socket-path", "/tmp/x.sock", "--image", "/x", "--io", "fast"], /--io must be auto, sync or async/],
+  [
+    ["blk", "--socket-path", "/tmp/x.sock", "--image", "/x", "--io", "fast"],
+    /--io must be auto, sync, async or adaptive/,
+  ],
   [["blk", "--socket-path", "/tmp/x.sock", "--image", "/x", "--metrics", "9100"], /--metrics must be tcp:HOST:PORT/],
 ];
 

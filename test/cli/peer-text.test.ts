@@ -79,7 +79,7 @@ test("--json: the same FAIL gives valid JSON lines without raw control character
   assert.equal(r.code, 1);
   const lines = r.out.toString("utf8").trim().split("\n");
   const last = JSON.parse(lines.at(-1) as string) as { event: string; code: string; message: string };
-  assert.equal(last.event, "error");
+  assert.equal(last.event, "failed");
   assert.equal(last.code, "PEER_FAILED");
   assert.ok(last.message.includes("\x1b]0;owned"), "the text survives JSON, escaped on the wire");
   assert.deepEqual(rawIn(r.out), []);
