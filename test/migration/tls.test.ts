@@ -536,9 +536,11 @@ test("`vmshift migrate` over TLS: an intruder's source exits 1, the real one mig
       .map((x) => JSON.parse(x) as Record<string, unknown>)
       .find((e) => e.event === "complete") as Record<string, unknown>;
     const rd = await dst.next("complete", 1000);
+    // The versioned `complete` event carries the result (docs/events.schema.json).
+    type Result = { result: { digests: { source: string; destination: string }[] } };
     assert.deepEqual(
-      (rs.digests as { source: string }[]).map((d) => d.source),
-      (rd.digests as { destination: string }[]).map((d) => d.destination),
+      (rs as unknown as Result).result.digests.map((d) => d.source),
+      (rd as unknown as Result).result.digests.map((d) => d.destination),
     );
   } finally {
     dst.child.kill("SIGKILL");
