@@ -9,6 +9,9 @@
 import { createWriteStream, type WriteStream } from "node:fs";
 import type { Readable, Writable } from "node:stream";
 
+/** A kernel console message: "[    1.974620] ..." (printk with its timestamp). */
+const KERNEL_LINE = /^\[\s*\d+\.\d+\] /;
+
 export class ConsoleTimeoutError extends Error {
   constructor(what: string, timeoutMs: number, tail: string) {
     super(`console: ${what} not seen within ${timeoutMs} ms; console tail:\n${tail}`);
@@ -242,7 +245,9 @@ export class GuestAgent {
     const rc = Number(endRe.exec(endLine)?.[1] ?? "255");
     // Output before the END marker on the same line (no trailing newline from the script) counts too.
     const lastPart = endLine.slice(0, endLine.indexOf(`RIG-END ${id}`));
-    const output = this.console.lines.slice(begin < 0 ? from : begin + 1, end);
+    // The guest kernel prints to the same console ("[    1.974620] tsc: ..."), at any time: such a
+    // line between the markers is not the command's output (no command here runs dmesg).
+    const output = this.console.lines.slice(begin < 0 ? from : begin + 1, end).filter((l) => !KERNEL_LINE.test(l));
     if (lastPart.trim()) output.push(lastPart);
     return { id, rc, output };
   }
