@@ -1,6 +1,6 @@
-import { GuestMemoryError } from "../memory/errors.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import { toAddress } from "./bounds.js";
+import { BrokenState } from "./broken.js";
 import type { DescriptorChain } from "./chain.js";
 import { ChainBuilder, viewOf } from "./chain-builder.js";
 import { VirtqueueError } from "./errors.js";
@@ -98,7 +98,7 @@ export class PackedQueue implements DeviceVirtqueue {
   #usedSinceSignal = 0;
   /** What the device area's flags hold (-1: unknown, write it). */
   #deviceFlags = -1;
-  #broken: VirtqueueError | null = null;
+  readonly #state = new BrokenState();
   #markDirty: DirtyMarker | null;
   #deviceLogAddress: number;
   readonly #builder: ChainBuilder;
@@ -156,7 +156,7 @@ export class PackedQueue implements DeviceVirtqueue {
   }
 
   get broken(): VirtqueueError | null {
-    return this.#broken;
+    return this.#state.error;
   }
 
   get nextAvail(): number {
@@ -228,35 +228,18 @@ export class PackedQueue implements DeviceVirtqueue {
     this.#markDirty?.(gpa, len);
   }
 
-  #break(e: VirtqueueError): VirtqueueError {
-    this.#broken = e;
-    return e;
-  }
-
-  #throwIfBroken(): void {
-    const b = this.#broken;
-    if (b) throw new VirtqueueError("QUEUE_BROKEN", `queue is broken: ${b.message}`, b.details, { cause: b });
-  }
-
-  #ringAccess(e: unknown): never {
-    if (e instanceof GuestMemoryError) {
-      throw this.#break(new VirtqueueError("RING_ACCESS", `ring access failed: ${e.message}`, {}, { cause: e }));
-    }
-    throw e;
-  }
-
   #flagsAt(slot: number): number {
     return this.#memory.atomicLoadU16(this.descRing + VIRTQ_DESC_SIZE * slot + PACKED_DESC_OFF_FLAGS);
   }
 
   /** 1 when the driver has made the next chain available (and the device has room for it), else 0. */
   availableCount(): number {
-    this.#throwIfBroken();
+    this.#state.check();
     if (this.#inFlightSlots >= this.size) return 0;
     try {
       return isAvailable(this.#flagsAt(this.#nextAvail), this.#availWrap) ? 1 : 0;
     } catch (e) {
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -265,7 +248,7 @@ export class PackedQueue implements DeviceVirtqueue {
    * slots are consumed; `details.head`/`details.slots` let the device return it) or a broken ring.
    */
   popChain(): DescriptorChain | null {
-    this.#throwIfBroken();
+    this.#state.check();
     const room = this.size - this.#inFlightSlots;
     if (room <= 0) return null;
     try {
@@ -282,7 +265,7 @@ export class PackedQueue implements DeviceVirtqueue {
       for (;;) {
         if (n === room) {
           this.#rawCount = 0;
-          throw this.#break(
+          throw this.#state.break(
             new VirtqueueError(
               "RING_OVERRUN",
               `chain at slot ${this.#nextAvail} has no end within the ${room} slots the driver owns`,
@@ -321,7 +304,7 @@ export class PackedQueue implements DeviceVirtqueue {
       return this.#build(n);
     } catch (e) {
       if (e instanceof VirtqueueError) throw e;
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -380,7 +363,7 @@ export class PackedQueue implements DeviceVirtqueue {
    * region), checked like popChain() but without touching the ring or the positions.
    */
   chainFrom(descs: readonly RawPackedDescriptor[]): DescriptorChain {
-    this.#throwIfBroken();
+    this.#state.check();
     const n = descs.length;
     if (n < 1 || n > this.size) {
       throw new VirtqueueError("CHAIN_TOO_LONG", `a chain of ${n} ring descriptors`, { value: n, limit: this.size });
@@ -399,7 +382,7 @@ export class PackedQueue implements DeviceVirtqueue {
       return this.#build(n);
     } catch (e) {
       if (e instanceof VirtqueueError) throw e;
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -424,7 +407,7 @@ export class PackedQueue implements DeviceVirtqueue {
    * position, which then moves `slots` (the chain's DescriptorChain.slots) forward.
    */
   addUsed(id: number, len: number, slots = 1): void {
-    this.#throwIfBroken();
+    this.#state.check();
     if (!(Number.isInteger(id) && id >= 0 && id <= 0xffff)) {
       throw new VirtqueueError("BAD_USED_HEAD", `buffer id ${id} is not a u16`, { value: id, limit: 0xffff });
     }
@@ -446,7 +429,7 @@ export class PackedQueue implements DeviceVirtqueue {
       // The flags last, atomically: the driver reads them first.
       this.#memory.atomicStoreU16(d + PACKED_DESC_OFF_FLAGS, usedFlags(this.#usedWrap));
     } catch (e) {
-      this.#ringAccess(e);
+      this.#state.ringAccess(e);
     }
     this.#markDirty?.(d, VIRTQ_DESC_SIZE);
     const p = this.usedPositionAfter(slots);
@@ -458,7 +441,7 @@ export class PackedQueue implements DeviceVirtqueue {
 
   /** Whether the driver wants a used-buffer notification for what was returned since the last call. */
   needsNotification(): boolean {
-    this.#throwIfBroken();
+    this.#state.check();
     const added = this.#usedSinceSignal;
     this.#usedSinceSignal = 0;
     if (added === 0) return false;
@@ -470,7 +453,7 @@ export class PackedQueue implements DeviceVirtqueue {
       const offWrap = this.#memory.atomicLoadU16(this.driverArea + EVENT_OFF_OFF_WRAP);
       return packedNeedEvent(offWrap, this.#usedWrap, this.#nextUsed, added, this.size);
     } catch (e) {
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -490,7 +473,7 @@ export class PackedQueue implements DeviceVirtqueue {
    * meanwhile, so keep processing instead of waiting.
    */
   enableNotification(): boolean {
-    this.#throwIfBroken();
+    this.#state.check();
     try {
       if (this.eventIdx) {
         this.#writeDeviceArea(RING_EVENT_FLAGS_DESC, this.#nextAvail | (this.#availWrap ? 0x8000 : 0));
@@ -499,18 +482,18 @@ export class PackedQueue implements DeviceVirtqueue {
       return isAvailable(this.#flagsAt(this.#nextAvail), this.#availWrap);
     } catch (e) {
       if (e instanceof VirtqueueError) throw e;
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
   /** Tells the driver not to kick (RING_EVENT_FLAGS_DISABLE, with or without EVENT_IDX). */
   disableNotification(): void {
-    this.#throwIfBroken();
+    this.#state.check();
     if (this.#deviceFlags === RING_EVENT_FLAGS_DISABLE) return;
     try {
       this.#writeDeviceArea(RING_EVENT_FLAGS_DISABLE, null);
     } catch (e) {
-      this.#ringAccess(e);
+      this.#state.ringAccess(e);
     }
   }
 }

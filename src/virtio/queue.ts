@@ -1,6 +1,6 @@
-import { GuestMemoryError } from "../memory/errors.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import { checkSplitQueueLayout, toAddress } from "./bounds.js";
+import { BrokenState } from "./broken.js";
 import type { DescriptorChain } from "./chain.js";
 import { ChainBuilder, chainError, viewOf } from "./chain-builder.js";
 import { VirtqueueError } from "./errors.js";
@@ -105,7 +105,7 @@ export class SplitQueue implements DeviceVirtqueue {
   /** nextUsed at the last needsNotification() and how many were added since. */
   #signalledUsed = 0;
   #addedSinceSignal = 0;
-  #broken: VirtqueueError | null = null;
+  readonly #state = new BrokenState();
 
   #markDirty: DirtyMarker | null;
   #usedLogAddress: number;
@@ -169,7 +169,7 @@ export class SplitQueue implements DeviceVirtqueue {
 
   /** The error that broke the queue, or null while it works. */
   get broken(): VirtqueueError | null {
-    return this.#broken;
+    return this.#state.error;
   }
 
   /** Index (mod 2^16) of the next avail ring entry the device will take: vhost-user's vring base. */
@@ -222,29 +222,12 @@ export class SplitQueue implements DeviceVirtqueue {
     return this.#memory.atomicLoadU16(this.usedRing + VIRTQ_USED_OFF_IDX);
   }
 
-  #break(e: VirtqueueError): VirtqueueError {
-    this.#broken = e;
-    return e;
-  }
-
-  #throwIfBroken(): void {
-    const b = this.#broken;
-    if (b) throw new VirtqueueError("QUEUE_BROKEN", `queue is broken: ${b.message}`, b.details, { cause: b });
-  }
-
-  #ringAccess(e: unknown): never {
-    if (e instanceof GuestMemoryError) {
-      throw this.#break(new VirtqueueError("RING_ACCESS", `ring access failed: ${e.message}`, {}, { cause: e }));
-    }
-    throw e;
-  }
-
   /** Reloads avail idx and checks that it moved by at most `size` past nextAvail. */
   #reloadAvailIdx(): number {
     const idx = this.readAvailIdx();
     const pending = (idx - this.#nextAvail) & 0xffff;
     if (pending > this.size) {
-      throw this.#break(
+      throw this.#state.break(
         new VirtqueueError(
           "AVAIL_IDX_JUMP",
           `avail idx ${idx} is ${pending} entries past nextAvail ${this.#nextAvail} (queue size ${this.size})`,
@@ -258,12 +241,12 @@ export class SplitQueue implements DeviceVirtqueue {
 
   /** Number of chains the driver has made available and the device has not popped yet. */
   availableCount(): number {
-    this.#throwIfBroken();
+    this.#state.check();
     try {
       return this.#reloadAvailIdx();
     } catch (e) {
       if (e instanceof VirtqueueError) throw e;
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -272,7 +255,7 @@ export class SplitQueue implements DeviceVirtqueue {
    * malformed chain (consumed; the queue goes on) or a broken ring (see the class comment).
    */
   popChain(): DescriptorChain | null {
-    this.#throwIfBroken();
+    this.#state.check();
     try {
       if (this.#availIdx === this.#nextAvail && this.#reloadAvailIdx() === 0) return null;
       const slot = this.#nextAvail & (this.size - 1);
@@ -295,7 +278,7 @@ export class SplitQueue implements DeviceVirtqueue {
       return this.#walk(head);
     } catch (e) {
       if (e instanceof VirtqueueError) throw e;
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -305,7 +288,7 @@ export class SplitQueue implements DeviceVirtqueue {
    * restarted (vhost-user inflight tracking).
    */
   chainAt(head: number): DescriptorChain {
-    this.#throwIfBroken();
+    this.#state.check();
     if (!(Number.isInteger(head) && head >= 0 && head < this.size)) {
       throw new VirtqueueError("HEAD_OUT_OF_RANGE", `head ${head} >= size ${this.size}`, {
         head,
@@ -317,7 +300,7 @@ export class SplitQueue implements DeviceVirtqueue {
       return this.#walk(head);
     } catch (e) {
       if (e instanceof VirtqueueError) throw e;
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -404,7 +387,7 @@ export class SplitQueue implements DeviceVirtqueue {
 
   /** Writes a used element without publishing it (see publishUsed). */
   pushUsed(head: number, len: number): void {
-    this.#throwIfBroken();
+    this.#state.check();
     if (!(Number.isInteger(head) && head >= 0 && head < this.size)) {
       throw new VirtqueueError("BAD_USED_HEAD", `used head ${head} is not a descriptor index < ${this.size}`, {
         value: head,
@@ -419,7 +402,7 @@ export class SplitQueue implements DeviceVirtqueue {
       this.#memory.writeU32(this.usedRing + off, head);
       this.#memory.writeU32(this.usedRing + off + 4, len);
     } catch (e) {
-      this.#ringAccess(e);
+      this.#state.ringAccess(e);
     }
     this.#markUsed(off, VIRTQ_USED_ELEM_SIZE);
     this.#nextUsed = (this.#nextUsed + 1) & 0xffff;
@@ -428,11 +411,11 @@ export class SplitQueue implements DeviceVirtqueue {
 
   /** Publishes every pushed element: one atomic store of used idx, after the elements. */
   publishUsed(): void {
-    this.#throwIfBroken();
+    this.#state.check();
     try {
       this.#memory.atomicStoreU16(this.usedRing + VIRTQ_USED_OFF_IDX, this.#nextUsed);
     } catch (e) {
-      this.#ringAccess(e);
+      this.#state.ringAccess(e);
     }
     this.#markUsed(VIRTQ_USED_OFF_IDX, 2);
   }
@@ -453,7 +436,7 @@ export class SplitQueue implements DeviceVirtqueue {
    * False when nothing was added since the last call.
    */
   needsNotification(): boolean {
-    this.#throwIfBroken();
+    this.#state.check();
     const added = this.#addedSinceSignal;
     const old = this.#signalledUsed;
     const now = this.#nextUsed;
@@ -471,7 +454,7 @@ export class SplitQueue implements DeviceVirtqueue {
       if ((flags & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0) return true;
       return this.notifyOnEmpty && this.readAvailIdx() === this.#nextAvail;
     } catch (e) {
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -481,7 +464,7 @@ export class SplitQueue implements DeviceVirtqueue {
    * idx: true means buffers arrived meanwhile, so keep processing instead of waiting.
    */
   enableNotification(): boolean {
-    this.#throwIfBroken();
+    this.#state.check();
     try {
       if (this.eventIdx) {
         const off = availEventOffset(this.size);
@@ -496,7 +479,7 @@ export class SplitQueue implements DeviceVirtqueue {
       return this.#reloadAvailIdx() !== 0;
     } catch (e) {
       if (e instanceof VirtqueueError) throw e;
-      return this.#ringAccess(e);
+      return this.#state.ringAccess(e);
     }
   }
 
@@ -506,12 +489,12 @@ export class SplitQueue implements DeviceVirtqueue {
    * and the driver stops notifying once it has passed it.
    */
   disableNotification(): void {
-    this.#throwIfBroken();
+    this.#state.check();
     if (this.eventIdx) return;
     try {
       this.#memory.atomicStoreU16(this.usedRing + VIRTQ_USED_OFF_FLAGS, VIRTQ_USED_F_NO_NOTIFY);
     } catch (e) {
-      this.#ringAccess(e);
+      this.#state.ringAccess(e);
     }
     this.#markUsed(VIRTQ_USED_OFF_FLAGS, 2);
   }
