@@ -162,6 +162,9 @@ function fmtMiB(b: number): string {
   return `${(b / MiB).toFixed(1)} MiB`;
 }
 
+/** Events that end a side's run (docs/events.schema.json): at most one per side. */
+const TERMINAL_EVENTS = new Set(["complete", "failed", "cancelled"]);
+
 export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
   const t0 = performance.now();
   const kvmReason = o.forceWorkload ? "worker-thread workload requested" : kvmUnavailableReason();
@@ -252,6 +255,9 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       (l) => {
         // The child's versioned events (its own view), on this process's clock.
         if (l.version !== EVENT_VERSION) return;
+        // Cancelled here: the destination then only sees its connection go and fails; that is
+        // our cancel's echo, not a second outcome. The run's one terminal event is ours.
+        if (o.signal?.aborted && TERMINAL_EVENTS.has(String(l.event))) return;
         if (l.info) destinationInfo = l.info as MigrationInfo;
         const { t: _t, version: _v, ...rest } = l;
         emit(rest);
