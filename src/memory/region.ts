@@ -13,7 +13,7 @@ export interface RegionBacking {
   kind: BackingKind;
   /** null for anonymous memory (not shareable) and for regions opened in a worker. */
   fd: Fd | null;
-  /** Offset of the region's first byte in the fd. */
+  /** Offset of the region's first byte in the fd (need not be page aligned: see `start`). */
   offset: number;
   path?: string;
 }
@@ -24,9 +24,21 @@ export interface SharedRegion {
   size: number;
   pageSize: number;
   windows: readonly SharedArrayBuffer[];
+  /** Offset of the region's first byte in windows[0] (0 unless mapped from an unaligned offset). */
+  start?: number;
   readonly: boolean;
   dirty: SharedBitmap | null;
 }
+
+/** mmap(2) offsets are multiples of the system page. */
+const MAP_PAGE = 4096;
+/**
+ * A region may start inside its first mapped page (a vhost-user front-end may send an
+ * mmap_offset that is not page aligned), but only at a multiple of 8: the 16- and 32-bit
+ * atomic views used for ring indices index their window in elements, so a guest-aligned
+ * address must stay aligned in the window.
+ */
+export const REGION_START_ALIGN = 8;
 
 export interface RegionOptions {
   /** Tracking granularity and the page size of the backing (huge pages for hugetlbfs). */
@@ -45,7 +57,13 @@ export class GuestMemoryRegion implements Disposable {
   readonly pageSize: number;
   readonly backing: RegionBacking;
   readonly readonly: boolean;
+  /**
+   * The mapping's windows. The region's byte `o` is at position `start + o` of the mapping
+   * (windows[0] begins on a page boundary; `start` is the sub-page offset of the region).
+   */
   readonly windows: readonly SharedArrayBuffer[];
+  /** Offset of the region's first byte in its mapping (0 unless mapped from an unaligned fd offset). */
+  readonly start: number;
   /** Set by enableDirtyTracking(): every write through GuestMemory marks it. */
   dirty: AtomicBitmap | null = null;
   readonly #mapping: Mapping | null;
@@ -62,11 +80,13 @@ export class GuestMemoryRegion implements Disposable {
     windows: readonly SharedArrayBuffer[],
     mapping: Mapping | null,
     options: RegionOptions,
+    start = 0,
   ) {
     this.guestBase = guestBase;
     this.size = size;
     this.backing = backing;
     this.windows = windows;
+    this.start = start;
     this.#mapping = mapping;
     this.pageSize = options.pageSize ?? 4096;
     this.readonly = options.readonly ?? false;
@@ -92,7 +112,13 @@ export class GuestMemoryRegion implements Disposable {
     }
   }
 
-  /** Maps `size` bytes of `fd` at `offset`; takes ownership of `fd`. */
+  /**
+   * Maps `size` bytes of `fd` at `offset`; takes ownership of `fd`. An `offset` that is not
+   * page aligned (it must be a multiple of REGION_START_ALIGN) is mapped from the page below,
+   * and the region starts `offset % 4096` bytes into the mapping. The mapping's last page may
+   * run past the end of the file: only the pages the region's bytes lie in are ever touched,
+   * and each of those holds at least one byte of the file, so none of them faults with SIGBUS.
+   */
   static fromFd(
     fd: Fd,
     guestBase: number | bigint,
@@ -104,9 +130,18 @@ export class GuestMemoryRegion implements Disposable {
     const base = toGpa(guestBase);
     try {
       GuestMemoryRegion.#checkLayout(base, size, options.pageSize ?? 4096);
-      const mapping = Mapping.map(fd, size, { offset, private: options.private ?? false });
+      if (!Number.isSafeInteger(offset) || offset < 0 || offset % REGION_START_ALIGN !== 0) {
+        throw new GuestMemoryError(
+          "BAD_REGION",
+          `region offset ${offset} in its file is not a multiple of ${REGION_START_ALIGN}`,
+          BigInt(offset),
+        );
+      }
+      const start = offset % MAP_PAGE;
+      const length = Math.ceil((start + size) / MAP_PAGE) * MAP_PAGE;
+      const mapping = Mapping.map(fd, length, { offset: offset - start, private: options.private ?? false });
       const backing: RegionBacking = { kind, fd, offset, ...(options.path ? { path: options.path } : {}) };
-      return new GuestMemoryRegion(base, size, backing, mapping.windows, mapping, options);
+      return new GuestMemoryRegion(base, size, backing, mapping.windows, mapping, options, start);
     } catch (e) {
       fd.close();
       throw e;
@@ -188,10 +223,15 @@ export class GuestMemoryRegion implements Disposable {
 
   /** Opens a region posted from another thread: same pages, not owned here. */
   static fromShared(s: SharedRegion): GuestMemoryRegion {
-    const r = new GuestMemoryRegion(s.guestBase, s.size, { kind: "external", fd: null, offset: 0 }, s.windows, null, {
-      pageSize: s.pageSize,
-      readonly: s.readonly,
-    });
+    const r = new GuestMemoryRegion(
+      s.guestBase,
+      s.size,
+      { kind: "external", fd: null, offset: 0 },
+      s.windows,
+      null,
+      { pageSize: s.pageSize, readonly: s.readonly },
+      s.start ?? 0,
+    );
     if (s.dirty) r.dirty = AtomicBitmap.fromShared(s.dirty);
     return r;
   }
@@ -202,6 +242,7 @@ export class GuestMemoryRegion implements Disposable {
       size: this.size,
       pageSize: this.pageSize,
       windows: this.windows,
+      ...(this.start ? { start: this.start } : {}),
       readonly: this.readonly,
       dirty: this.dirty ? this.dirty.toShared() : null,
     };
@@ -223,7 +264,7 @@ export class GuestMemoryRegion implements Disposable {
   /** Host virtual address of the region's first byte in this process. */
   get hostAddress(): bigint {
     if (!this.#mapping) throw new GuestMemoryError("BAD_REGION", "a shared region view has no owned mapping");
-    return this.#mapping.address;
+    return this.#mapping.address + BigInt(this.start);
   }
 
   contains(gpa: number): boolean {
@@ -237,8 +278,9 @@ export class GuestMemoryRegion implements Disposable {
 
   /** A view of [offset, offset+length) of the region when it lies in one window, else null. */
   bytes(offset: number, length: number): Uint8Array | null {
-    const w = offset >>> 0 === offset ? offset >>> WINDOW_SHIFT : Math.floor(offset / WINDOW_SIZE);
-    const off = offset - w * WINDOW_SIZE;
+    const pos = offset + this.start;
+    const w = pos >>> 0 === pos ? pos >>> WINDOW_SHIFT : Math.floor(pos / WINDOW_SIZE);
+    const off = pos - w * WINDOW_SIZE;
     if (off + length > WINDOW_SIZE) return null;
     const u8 = this.#u8[w];
     if (!u8) return null;
@@ -249,7 +291,7 @@ export class GuestMemoryRegion implements Disposable {
   readInto(offset: number, into: Uint8Array): void {
     let done = 0;
     while (done < into.length) {
-      const pos = offset + done;
+      const pos = this.start + offset + done;
       const w = Math.floor(pos / WINDOW_SIZE);
       const off = pos - w * WINDOW_SIZE;
       const n = Math.min(into.length - done, WINDOW_SIZE - off);
@@ -262,7 +304,7 @@ export class GuestMemoryRegion implements Disposable {
   writeFrom(offset: number, data: Uint8Array): void {
     let done = 0;
     while (done < data.length) {
-      const pos = offset + done;
+      const pos = this.start + offset + done;
       const w = Math.floor(pos / WINDOW_SIZE);
       const off = pos - w * WINDOW_SIZE;
       const n = Math.min(data.length - done, WINDOW_SIZE - off);
@@ -275,7 +317,7 @@ export class GuestMemoryRegion implements Disposable {
   fill(offset: number, length: number, value: number): void {
     let done = 0;
     while (done < length) {
-      const pos = offset + done;
+      const pos = this.start + offset + done;
       const w = Math.floor(pos / WINDOW_SIZE);
       const off = pos - w * WINDOW_SIZE;
       const n = Math.min(length - done, WINDOW_SIZE - off);
@@ -287,19 +329,22 @@ export class GuestMemoryRegion implements Disposable {
 
   /** DataView of the window holding `offset`, and the offset inside it (for scalar access). */
   dataView(offset: number): [DataView, number] {
-    const w = Math.floor(offset / WINDOW_SIZE);
-    return [this.#dv[w] as DataView, offset - w * WINDOW_SIZE];
+    const pos = offset + this.start;
+    const w = Math.floor(pos / WINDOW_SIZE);
+    return [this.#dv[w] as DataView, pos - w * WINDOW_SIZE];
   }
 
   /** Aligned 16/32-bit atomic views (for ring indices shared with another process). */
   u16(offset: number): [Uint16Array, number] {
-    const w = Math.floor(offset / WINDOW_SIZE);
-    return [this.#u16[w] as Uint16Array, (offset - w * WINDOW_SIZE) >>> 1];
+    const pos = offset + this.start;
+    const w = Math.floor(pos / WINDOW_SIZE);
+    return [this.#u16[w] as Uint16Array, (pos - w * WINDOW_SIZE) >>> 1];
   }
 
   u32(offset: number): [Uint32Array, number] {
-    const w = Math.floor(offset / WINDOW_SIZE);
-    return [this.#u32[w] as Uint32Array, (offset - w * WINDOW_SIZE) >>> 2];
+    const pos = offset + this.start;
+    const w = Math.floor(pos / WINDOW_SIZE);
+    return [this.#u32[w] as Uint32Array, (pos - w * WINDOW_SIZE) >>> 2];
   }
 
   close(): void {

@@ -169,8 +169,11 @@ export class UnixSocket implements Disposable {
       check(r, "recvmsg");
       throw new Error("unreachable");
     }
-    const [n, truncated, ...fds] = r as [number, number, ...number[]];
-    return { data: this.#recvBuf.slice(0, n), fds: fds.map((f) => new Fd(f)), fdsTruncated: truncated === 1 };
+    // [bytes, truncated, ...fds]; read by index (a rest pattern would copy the array once more).
+    const a = r as number[];
+    const fds: Fd[] = [];
+    for (let i = 2; i < a.length; i++) fds.push(new Fd(a[i] as number));
+    return { data: this.#recvBuf.slice(0, a[0] as number), fds, fdsTruncated: a[1] === 1 };
   }
 
   /**

@@ -66,12 +66,8 @@ before(async () => {
   serving = daemon.serve();
   mem = new GuestMemory([GuestMemoryRegion.memfd(0, 8 * MiB)]);
   fe = VhostUserFrontend.connect(sock, { timeoutMs: 30_000 });
-  await fe.negotiate();
-  await fe.setOwner();
-  await fe.setFeatures(VERSION_1);
-  await fe.setMemTable(mem);
   const queue = new SplitQueueDriver(mem, { ...RING, features: VERSION_1 });
-  await fe.startVring(0, RING);
+  await fe.start({ memory: mem, features: VERSION_1, rings: [RING] });
   blk = new VirtioBlkDriver(fe, 0, queue, mem, SCRATCH);
 });
 

@@ -52,12 +52,8 @@ test("per-queue counters: requests by type, bytes, errors, in flight; warnings a
   });
   const http = await metrics.serve({ host: "127.0.0.1", port: 0 });
   try {
-    await fe.negotiate();
-    await fe.setOwner();
-    await fe.setFeatures(VERSION_1);
-    await fe.setMemTable(mem);
     const queue = new SplitQueueDriver(mem, { ...RING, features: VERSION_1 });
-    await fe.startVring(0, RING);
+    await fe.start({ memory: mem, features: VERSION_1, rings: [RING] });
     const blk = new VirtioBlkDriver(fe, 0, queue, mem, { headers: 0x10000, statuses: 0x11000 });
     assert.deepEqual(device.stats()[0], {
       queue: 0,

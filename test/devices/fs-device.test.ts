@@ -63,10 +63,8 @@ async function serve(name: string, share: string, before?: (fe: VhostUserFronten
   };
   const queues: SplitQueueDriver[] = [];
   try {
-    await fe.negotiate();
-    await fe.setOwner();
-    await fe.setFeatures(VERSION_1);
-    await fe.setMemTable(mem);
+    // Rings are started after `before` (device state must load while they are stopped).
+    await fe.start({ memory: mem, features: VERSION_1 });
     await before?.(fe);
     for (const [i, ring] of RINGS.entries()) {
       queues.push(new SplitQueueDriver(mem, { ...ring, features: VERSION_1 }));

@@ -73,11 +73,7 @@ const LOGGING_FEATURES = featureMask(F.VIRTIO_F_VERSION_1, F.VHOST_F_LOG_ALL, F.
 const RING = { size: 8, descTable: 0x1000, availRing: 0x1800, usedRing: 0x2000 };
 
 async function started(fe: VhostUserFrontend, memory: GuestMemory): Promise<void> {
-  await fe.negotiate();
-  await fe.setOwner();
-  await fe.setFeatures(featureMask(F.VIRTIO_F_VERSION_1));
-  await fe.setMemTable(memory);
-  await fe.startVring(0, RING);
+  await fe.start({ memory, features: featureMask(F.VIRTIO_F_VERSION_1), rings: [RING] });
 }
 
 test("SET_LOG_BASE: no NEED_REPLY, one fd, reply awaited with LOG_SHMFD; a silent peer gives TIMEOUT naming it", async () => {

@@ -35,12 +35,8 @@ test(`${FLOOD} malformed chains: every one returned, the log stays a handful of 
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
   const fe = VhostUserFrontend.connect(sock, { timeoutMs: 30_000 });
   try {
-    await fe.negotiate();
-    await fe.setOwner();
-    await fe.setFeatures(VERSION_1);
-    await fe.setMemTable(mem);
     const q = new SplitQueueDriver(mem, { ...RING, features: VERSION_1 });
-    await fe.startVring(0, RING);
+    await fe.start({ memory: mem, features: VERSION_1, rings: [RING] });
     const t0 = performance.now();
     // One descriptor far outside guest memory, offered FLOOD times.
     q.writeDescriptor(0, 0x7fff_0000_0000n, 64, 0, 0);

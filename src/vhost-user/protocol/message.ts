@@ -17,6 +17,9 @@ import { VhostUserError } from "./errors.js";
 import type { PayloadCodec } from "./payloads.js";
 
 const LE = endianness() === "LE";
+/** Where the bytes of a u32 go, least significant first. */
+const U32_LE = [0, 1, 2, 3] as const;
+const U32_BE = [3, 2, 1, 0] as const;
 
 export interface Header {
   /** Request code. */
@@ -29,8 +32,17 @@ export interface Header {
 export function decodeHeader(bytes: Uint8Array): Header {
   if (bytes.byteLength < HEADER_SIZE)
     throw new VhostUserError("BAD_SIZE", "header", { value: bytes.byteLength, expected: HEADER_SIZE });
-  const dv = new DataView(bytes.buffer, bytes.byteOffset, HEADER_SIZE);
-  return { request: dv.getUint32(0, LE), flags: dv.getUint32(4, LE), size: dv.getUint32(8, LE) };
+  // Read by hand: a DataView per message is garbage on the control path.
+  return { request: getU32(bytes, 0), flags: getU32(bytes, 4), size: getU32(bytes, 8) };
+}
+
+/** A u32 in the host's byte order (the protocol's), read without a DataView. */
+function getU32(b: Uint8Array, off: number): number {
+  const b0 = b[off] as number;
+  const b1 = b[off + 1] as number;
+  const b2 = b[off + 2] as number;
+  const b3 = b[off + 3] as number;
+  return (LE ? b0 | (b1 << 8) | (b2 << 16) | (b3 << 24) : (b0 << 24) | (b1 << 16) | (b2 << 8) | b3) >>> 0;
 }
 
 export function encodeHeader(header: Header, into?: Uint8Array): Uint8Array {
@@ -193,7 +205,9 @@ function closeAll(fds: Fd[]): void {
 }
 
 function checkFdCount(range: FdRange, got: number, request: string, rule: string): void {
-  const [min, max] = typeof range === "number" ? [range, range] : range;
+  // No destructuring into a fresh pair: this runs twice per control message.
+  const min = typeof range === "number" ? range : range[0];
+  const max = typeof range === "number" ? range : range[1];
   if (got < min || got > max)
     throw new VhostUserError("BAD_FD_COUNT", "ancillary fds", { request, value: got, expected: rule });
 }
@@ -280,9 +294,21 @@ export interface EncodedMessage {
 
 function frame(code: number, flags: number, payload: Uint8Array): Uint8Array {
   const bytes = new Uint8Array(HEADER_SIZE + payload.byteLength);
-  encodeHeader({ request: code, flags, size: payload.byteLength }, bytes);
+  // The header written in place (no Header object, no DataView: one allocation per message).
+  putU32(bytes, 0, code);
+  putU32(bytes, 4, flags);
+  putU32(bytes, 8, payload.byteLength);
   bytes.set(payload, HEADER_SIZE);
   return bytes;
+}
+
+/** A u32 in the host's byte order (the protocol's), written without a DataView. */
+function putU32(b: Uint8Array, off: number, v: number): void {
+  const at = LE ? U32_LE : U32_BE; // indexed, not destructured (no iterator per call)
+  b[off + at[0]] = v & 0xff;
+  b[off + at[1]] = (v >>> 8) & 0xff;
+  b[off + at[2]] = (v >>> 16) & 0xff;
+  b[off + at[3]] = v >>> 24;
 }
 
 /** Encodes a request; checks the fd count against the table so we never send what we would reject. */

@@ -56,8 +56,9 @@ async function resetDevice(s: SessionState): Promise<void> {
 }
 
 export const controlHandlers: HandlerTable = {
-  async GET_FEATURES(s, m) {
-    await s.conn.reply(m, offeredFeatures(s));
+  // The plain answers are not async: no wrapper promise per message (see session.ts #enqueueRequest).
+  GET_FEATURES(s, m) {
+    return s.conn.reply(m, offeredFeatures(s));
   },
 
   async SET_FEATURES(s, m) {
@@ -72,8 +73,8 @@ export const controlHandlers: HandlerTable = {
     await s.conn.ack(m);
   },
 
-  async GET_PROTOCOL_FEATURES(s, m) {
-    await s.conn.reply(m, offeredProtocolFeatures(s));
+  GET_PROTOCOL_FEATURES(s, m) {
+    return s.conn.reply(m, offeredProtocolFeatures(s));
   },
 
   async SET_PROTOCOL_FEATURES(s, m) {
@@ -95,8 +96,8 @@ export const controlHandlers: HandlerTable = {
     await s.conn.ack(m);
   },
 
-  async GET_QUEUE_NUM(s, m) {
-    await s.conn.reply(m, BigInt(s.device.info.numQueues));
+  GET_QUEUE_NUM(s, m) {
+    return s.conn.reply(m, BigInt(s.device.info.numQueues));
   },
 
   async GET_CONFIG(s, m) {
@@ -146,8 +147,8 @@ export const controlHandlers: HandlerTable = {
     await s.conn.ack(m);
   },
 
-  async GET_STATUS(s, m) {
-    await s.conn.reply(m, BigInt(s.status));
+  GET_STATUS(s, m) {
+    return s.conn.reply(m, BigInt(s.status));
   },
 
   async RESET_DEVICE(s, m) {

@@ -7,7 +7,7 @@ import type { Fd } from "../../../sys/fd.js";
 import { VhostUserError } from "../../protocol/errors.js";
 import { type MappedRegion, mapRegion } from "../memory-table.js";
 import type { HandlerTable, SessionState } from "../state.js";
-import { ourMapping, postcopyAck } from "./postcopy.js";
+import { ourMapping, postcopyAck, uffdRange } from "./postcopy.js";
 
 /** Memory slots offered with CONFIGURE_MEM_SLOTS (QEMU's x86 maximum). */
 export const MAX_MEM_SLOTS = 509;
@@ -91,7 +91,7 @@ export const memoryHandlers: HandlerTable = {
     for (const f of m.fds) f.close();
     const removed = s.memory.remove(m.payload, m.name);
     await pushMemory(s);
-    if (removed.registered) s.uffd?.unregister(removed.region.hostAddress, removed.size);
+    if (removed.registered) s.uffd?.unregister(...uffdRange(removed));
     removed.region.close();
     await s.conn.ack(m);
   },

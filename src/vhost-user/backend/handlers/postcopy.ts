@@ -38,9 +38,18 @@ export function ourMapping(r: MappedRegion): MemoryRegion {
   };
 }
 
+/**
+ * The page-aligned range userfaultfd registers for a region: its whole mapping, which starts a
+ * page below the region when the front-end's mmap_offset was not page aligned.
+ */
+export function uffdRange(r: MappedRegion): [address: bigint, length: number] {
+  const m = r.region.mapping;
+  return m ? [m.address, m.length] : [r.region.hostAddress, r.size];
+}
+
 export function register(s: SessionState, r: MappedRegion): void {
   if (!s.uffd || r.registered || r.region.closed) return;
-  s.uffd.register(r.region.hostAddress, r.size, UFFDIO_REGISTER_MODE_MISSING);
+  s.uffd.register(...uffdRange(r), UFFDIO_REGISTER_MODE_MISSING);
   r.registered = true;
 }
 
