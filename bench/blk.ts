@@ -27,6 +27,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
+import { VIRTIO_BLK_F_FLUSH } from "../src/devices/blk/constants.js";
 import { GuestMemory } from "../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../src/memory/region.js";
 import { FRONTEND_PROTOCOL_FEATURES, VhostUserFrontend } from "../src/vhost-user/frontend/frontend.js";
@@ -251,9 +252,12 @@ async function measure(
     const offered = fe.backendFeatures ?? 0n;
     const PACKED = featureMask(VirtioFeature.VIRTIO_F_RING_PACKED);
     if (packed && (offered & PACKED) === 0n) throw new Error("the back-end offers no packed rings");
-    // + EVENT_IDX when offered; large requests go in indirect tables, as a guest's do.
+    // + EVENT_IDX when offered; large requests go in indirect tables, as a guest's do. FLUSH as
+    // a Linux guest takes it: without it our back-end is writethrough (every write flushed, as
+    // virtio 1.2 5.2.5.2 asks when the driver cannot flush) while QSD never flushes.
     const INDIRECT = segs > 1 ? featureMask(VirtioFeature.VIRTIO_RING_F_INDIRECT_DESC) : 0n;
-    const features = VERSION_1 | (offered & (featureMask(29) | INDIRECT)) | (packed ? PACKED : 0n);
+    const FLUSH = featureMask(VIRTIO_BLK_F_FLUSH);
+    const features = VERSION_1 | (offered & (featureMask(29) | INDIRECT | FLUSH)) | (packed ? PACKED : 0n);
     await fe.setFeatures(features);
     await fe.setMemTable(mem);
     const qs: BlkQueue[] = [];
