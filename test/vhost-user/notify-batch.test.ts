@@ -6,8 +6,6 @@
  * missed notification hangs a guest's I/O for good).
  */
 import assert from "node:assert/strict";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { test } from "node:test";
 import { echoDevice } from "../../src/devices/examples/echo.js";
 import { VhostUserDaemon } from "../../src/vhost-user/backend/daemon.js";
@@ -16,6 +14,7 @@ import { SplitQueueDriver } from "../../src/virtio/driver.js";
 import { features, VIRTIO_RING_F_EVENT_IDX } from "../../src/virtio/features.js";
 import { PackedQueueDriver } from "../../src/virtio/packed-driver.js";
 import { asyncDevice } from "../helpers/async-device.js";
+import { tempSocketPath } from "../helpers/temp-socket.js";
 import { connectWith, type RawFrontend, setUpRaw } from "./raw-frontend.js";
 
 type Driver = SplitQueueDriver | PackedQueueDriver;
@@ -27,7 +26,7 @@ async function withQueue(
   eventIdx: boolean,
   fn: (f: Front) => Promise<void>,
 ): Promise<void> {
-  const path = join(tmpdir(), `vmshift-notify-${process.pid}-${Math.random().toString(36).slice(2)}.sock`);
+  const path = tempSocketPath(`notify-${ring}-${eventIdx ? "idx" : "flags"}`);
   const dev = ring === "packed" ? { ...device, info: { ...device.info, packedRing: true } } : device;
   const daemon = VhostUserDaemon.listen(dev, path);
   const serving = daemon.serve();
