@@ -3,7 +3,15 @@
 # first when they are missing or older than package-lock.json, and refuses a Node line the addon
 # cannot run on. `npm run`/`npm start`/`npm test` already put node_modules/.bin first; this makes
 # `sh scripts/<x>.sh` behave the same when run directly.
-if [ ! -x node_modules/.bin/node ] || [ ! -f node_modules/.package-lock.json ] \
+# A node_modules that is a symlink (a git worktree sharing another checkout's packages) is never
+# reinstalled from here: `npm ci` empties the symlink's target first, i.e. the other checkout's
+# packages, for everyone using them. Only say so when it looks stale.
+if [ -L node_modules ]; then
+  if [ ! -x node_modules/.bin/node ]; then
+    echo "vmshift: node_modules is a symlink to a checkout without installed packages; run npm ci there" >&2
+    exit 1
+  fi
+elif [ ! -x node_modules/.bin/node ] || [ ! -f node_modules/.package-lock.json ] \
    || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund >&2
 fi

@@ -1,7 +1,7 @@
 /**
  * The blk I/O policy: where a request's read or write runs. Inline for a request alone (no hop
  * at queue depth 1), the pool when others of its queue are there and it may block or is worth
- * the hop (anything with O_DIRECT; writes, and reads of 64 KiB and more, on the page cache);
+ * the hop (anything with O_DIRECT or flushed on its own; 64 KiB and more on the page cache);
  * sync and async as they say.
  */
 import assert from "node:assert/strict";
@@ -22,7 +22,13 @@ test("adaptive: inline when alone, the pool when others are there and it may blo
     false,
     "a small cached read: the copy is cheaper than the hop",
   );
-  assert.equal(cached.offload(4096, true), true, "a cached write may block (dirty throttling)");
+  assert.equal(cached.offload(4096, true), false, "a small cached write (writeback): the copy is cheaper than the hop");
+  assert.equal(cached.offload(1 << 20, true), true, "a large cached write with others there");
+  assert.equal(
+    cached.offload(4096, true, true),
+    true,
+    "a write flushed on its own (writethrough) waits for the device",
+  );
   assert.equal(direct.offload(4096, false), true, "O_DIRECT: every request waits for the device");
   assert.equal(new IoPolicy("adaptive", false, undefined).offload(1 << 20, true), false, "nothing known: inline");
 });

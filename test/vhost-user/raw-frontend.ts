@@ -47,7 +47,8 @@ export function connectRawPacked(path: string, reuse?: RawFrontend<PackedQueueDr
   );
 }
 
-function connectWith<D extends SplitQueueDriver | PackedQueueDriver>(
+/** The same with a driver of the caller's (e.g. without EVENT_IDX: then setUpRaw's `eventIdx: false`). */
+export function connectWith<D extends SplitQueueDriver | PackedQueueDriver>(
   path: string,
   reuse: RawFrontend<D> | undefined,
   make: (mem: GuestMemory) => D,
@@ -81,6 +82,8 @@ export interface SetUpOptions {
   inflight?: { fd: Fd; size: bigint; numQueues: number; queueSize: number };
   /** SET_VRING_BASE value (a reconnecting front-end sends the used idx). */
   base?: number;
+  /** Negotiate VIRTIO_RING_F_EVENT_IDX (default true; the driver must match). */
+  eventIdx?: boolean;
 }
 
 export async function setUpRaw(
@@ -96,7 +99,8 @@ export async function setUpRaw(
   conn.setProtocolFeatures(proto);
   await conn.request(
     "SET_FEATURES",
-    features(VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX) |
+    features(VIRTIO_F_VERSION_1) |
+      (o.eventIdx === false ? 0n : features(VIRTIO_RING_F_EVENT_IDX)) |
       featureMask(VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES) |
       (packed ? features(VIRTIO_F_RING_PACKED) : 0n) |
       (o.extraFeatures ?? 0n),

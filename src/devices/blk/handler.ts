@@ -359,7 +359,8 @@ export class BlkQueueHandler implements QueueHandler {
       }
       return ok();
     }
-    const direct = this.#policy.offload(len, true)
+    const writethrough = Atomics.load(this.#cache, 0) !== 1;
+    const direct = this.#policy.offload(len, true, writethrough)
       ? this.#views(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len)
       : null;
     if (direct) return this.#image.writevAtAsync(direct[0], pos).then(() => ok());

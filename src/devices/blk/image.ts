@@ -238,6 +238,8 @@ class VectoredTransfer {
   }
 
   batch(): Uint8Array[] {
+    // The usual case, a request's views in one call from the start: no copy of the list.
+    if (this.#i === 0 && this.#skip === 0 && this.views.length <= 1024) return this.views;
     const out: Uint8Array[] = [];
     for (let k = this.#i; k < this.views.length && out.length < 1024; k++) {
       const v = this.views[k] as Uint8Array;

@@ -61,7 +61,15 @@ let starved = false;
 /** No new request is taken (the ring is stopping, or the memory table is being replaced). */
 let quiescing = false;
 let drainWaiters: (() => void)[] = [];
-let signalPending = false;
+/** The queue whose batched notification (notifyLater) is still to be sent. */
+let notifyPending: DeviceVirtqueue | null = null;
+/** Completions published since the last notify(). */
+let unnotified = 0;
+/**
+ * Most completions one notification waits for while the worker keeps serving inline requests
+ * (VMSHIFT_NOTIFY_BATCH): the driver hears of a long batch's first results before the batch ends.
+ */
+const NOTIFY_BATCH = Math.max(1, Number(process.env.VMSHIFT_NOTIFY_BATCH ?? 16));
 const one = new BigUint64Array([1n]);
 const drainBuf = new BigUint64Array(1);
 
@@ -118,6 +126,7 @@ function run(q: DeviceVirtqueue, h: QueueHandler, chain: DescriptorChain, token:
   }
   if (typeof r === "number") {
     complete(q, chain.head, r, chain.slots, token);
+    unnotified++;
     return;
   }
   inFlight++;
@@ -132,35 +141,79 @@ function run(q: DeviceVirtqueue, h: QueueHandler, chain: DescriptorChain, token:
   );
 }
 
-/** A request whose handler finished asynchronously: publish it, and notify once per tick. */
-function completeLater(q: DeviceVirtqueue, head: number, len: number, slots: number, token: number): void {
-  inFlight--;
+/**
+ * Sends the used-buffer notification for everything published since the last one, if the driver
+ * wants it (needsNotification() applies EVENT_IDX / packed event suppression over the whole
+ * batch: it asks whether the batch crossed the driver's event index, not only its last entry).
+ */
+function notify(q: DeviceVirtqueue): void {
+  unnotified = 0;
   try {
-    if (!q.broken) complete(q, head, len, slots, token);
-  } catch (e) {
-    event("error", `queue ${init.queue}: completing head ${head}: ${(e as Error).message}`);
-  }
-  if (!signalPending) {
-    signalPending = true;
-    queueMicrotask(() => {
-      signalPending = false;
-      try {
-        if (!q.broken && q.needsNotification()) signal(callFd);
-      } catch {
-        // a broken queue was already reported
-      }
-    });
-  }
-  if (inFlight === 0) for (const w of drainWaiters.splice(0)) w();
-  if (starved && !quiescing && queue === q) {
-    starved = false;
-    processQueue();
+    if (!q.broken && q.needsNotification()) signal(callFd);
+  } catch {
+    // a broken queue was already reported
   }
 }
 
-/** Resolves once no request is in flight (at most `ms`; false when some still were). */
+/**
+ * Completions of requests that finished on another thread: every one libuv delivers in this
+ * turn of the event loop goes into the used ring as it comes, and one notification covers them
+ * all, sent from the check phase (setImmediate) right after the poll phase that delivered them.
+ * The woken driver competes for the same cores: one wake-up per batch, not one per request.
+ */
+function notifyLater(q: DeviceVirtqueue): void {
+  if (notifyPending === q) return;
+  if (notifyPending) flushNotify();
+  notifyPending = q;
+  setImmediate(flushNotify);
+}
+
+/**
+ * Sends a batched notification now. Done before the worker acknowledges a stop, a new memory
+ * table or close: after that acknowledgement the control plane may close the call fd.
+ */
+function flushNotify(): void {
+  const q = notifyPending;
+  if (!q) return;
+  notifyPending = null;
+  notify(q);
+}
+
+/** A request whose handler finished asynchronously: publish it; the notification is batched. */
+function completeLater(q: DeviceVirtqueue, head: number, len: number, slots: number, token: number): void {
+  inFlight--;
+  try {
+    if (!q.broken) {
+      complete(q, head, len, slots, token);
+      unnotified++;
+    }
+  } catch (e) {
+    event("error", `queue ${init.queue}: completing head ${head}: ${(e as Error).message}`);
+  }
+  if (inFlight === 0 && drainWaiters.length > 0) {
+    // Someone waits for the queue to drain (stop, new memory table, close): the driver hears of
+    // this completion before that goes on.
+    if (unnotified > 0) notifyLater(q);
+    flushNotify();
+    for (const w of drainWaiters.splice(0)) w();
+  }
+  if (starved && !quiescing && queue === q) {
+    starved = false;
+    // processQueue() notifies at the end of its batch, this completion included.
+    processQueue();
+  }
+  if (unnotified > 0) notifyLater(q);
+}
+
+/**
+ * Resolves once no request is in flight (at most `ms`; false when some still were), with every
+ * batched notification sent.
+ */
 function drained(ms = 10_000): Promise<boolean> {
-  if (inFlight === 0) return Promise.resolve(true);
+  if (inFlight === 0) {
+    flushNotify();
+    return Promise.resolve(true);
+  }
   return new Promise((resolve) => {
     const t = setTimeout(() => {
       drainWaiters = drainWaiters.filter((w) => w !== done);
@@ -245,7 +298,7 @@ function processQueue(): void {
         if (inFlight >= MAX_IN_FLIGHT) {
           // Notifications stay off: the next completion takes up the rest.
           starved = true;
-          if (q.needsNotification()) signal(callFd);
+          notify(q);
           return;
         }
         let chain: DescriptorChain | null;
@@ -259,29 +312,33 @@ function processQueue(): void {
           const head = e.details.head;
           if (q.packed) {
             // A packed ring cannot skip slots: the refused chain goes back by id and slot count.
+            // The driver waits for that used element like for any other: it is notified with the batch.
             if (head !== undefined) {
               complete(q, head, 0, e.details.slots ?? 1, begin(q, head));
-              // The driver waits for that used element like for any other: notify it.
-              if (q.needsNotification()) signal(callFd);
+              unnotified++;
             }
           } else if (head !== undefined && head < q.size) {
             complete(q, head, 0, 1, -1);
-            if (q.needsNotification()) signal(callFd);
+            unnotified++;
           }
           continue;
         }
         if (!chain) break;
         run(q, h, chain, begin(q, chain.head));
-        // Tell the driver as soon as it asks (one load of its flag or used_event): it starts
-        // collecting while the rest of the batch runs, as each completion signals in QEMU.
-        if (q.needsNotification()) signal(callFd);
+        // One notification per batch: every completion goes into the used ring as it is ready,
+        // and the driver is woken once the ring is drained (or NOTIFY_BATCH completions in, so a
+        // long batch does not keep its first results from the driver).
+        if (unnotified >= NOTIFY_BATCH) notify(q);
       }
+      // The ring is empty: tell the driver about the batch before polling or sleeping.
+      notify(q);
       // Poll with notifications still off (the driver does not kick meanwhile), then re-arm.
       if (pollForMore(q)) continue;
       if (!q.enableNotification()) break;
     }
   } catch (e) {
     broken = true;
+    unnotified = 0;
     event("error", `queue ${init.queue} needs reset: ${(e as Error).message}`);
     signal(errFd);
     if (q.needsNotification()) signal(callFd);
