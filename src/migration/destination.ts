@@ -244,7 +244,13 @@ export class MigrationDestination {
         const ch = await this.#acceptPreempt(decodePreempt(r.payload), aborted, peer);
         // A failure on the preempt channel fails the migration: it wakes the main loop. In a
         // recoverable postcopy it pauses it instead, like a lost main connection.
-        const done = this.#preemptLoop(ch.reader);
+        // Over a plain socket (and without recovery, which replaces connections) a native
+        // thread serves every fault on this channel; otherwise this thread does (TLS).
+        let done: Promise<void>;
+        if (!canRecover && FaultServer.canServeNatively(ch.stream)) {
+          ch.reader.detach();
+          done = this.#faults.servePreempt(ch.stream, ch.reader.offset);
+        } else done = this.#preemptLoop(ch.reader);
         done.catch((e) => {
           if (canRecover && this.#postcopy && isLoss(e)) stream.destroy();
           else abortReject?.(asMigrationError(e));
@@ -501,7 +507,7 @@ export class MigrationDestination {
           `preempt channel: unexpected ${recordName(r.type)}${this.#postcopy ? "" : " before POSTCOPY_RUN"}`,
         );
       try {
-        this.#faults.preemptPages += this.#applyPages(r);
+        this.#faults.countPreemptPages(this.#applyPages(r));
       } catch (e) {
         throw recordFailure(e, r);
       }

@@ -17,10 +17,25 @@
  * userfaultfd would only find the page there (EEXIST) after allocating and copying one, and
  * fails with ENOENT while the back-end has not registered that range yet.
  *
- * No sockets here: a fault becomes a call of `request(region, page)`, a page comes in through
- * `placePages`. So the whole path runs against a fake fault source in tests.
+ * Two ways to serve faults:
+ * - On this (the main) thread: a fault becomes a call of `request(region, page)` (a PAGE_REQUEST
+ *   on the main connection's return path), a page comes in through `placePages`. So the whole
+ *   path also runs against a fake fault source in tests. Used with TLS, with postcopy recovery,
+ *   and without a preempt channel.
+ * - With a preempt channel over a plain socket (`servePreempt`): a native thread (FaultThread,
+ *   native/src/postcopy.cc) owns the reading of every userfaultfd and the preempt connection:
+ *   it sends the request there, reads the page, places and wakes, never behind the background
+ *   stream, record parsing, digests or this thread's GC. This thread still places the
+ *   background stream's pages. The two meet in the shared `present` bitmaps (atomic; a bit is
+ *   set only once the page is mapped): a present page is neither asked for nor placed again,
+ *   and EEXIST means the other path was first (wake only). A thread of another fault domain
+ *   waiting on a page is marked in the shared `waiting` bitmaps, so whichever path places the
+ *   page wakes it there.
  */
+import type { Duplex } from "node:stream";
+import { TLSSocket } from "node:tls";
 import type { GuestMemory } from "../memory/guest-memory.js";
+import { FaultThread } from "../sys/postcopy-thread.js";
 import {
   UFFD_EVENT_PAGEFAULT,
   UFFDIO_REGISTER_MODE_MISSING,
@@ -30,7 +45,7 @@ import {
 import { asMigrationError, MigrationError } from "./errors.js";
 import { type FaultStats, latencyHistogram, percentile } from "./events.js";
 import type { PagesRecord } from "./format.js";
-import { PAGE } from "./page-set.js";
+import { PAGE, SharedPageSet } from "./page-set.js";
 import type { ReceivedMemory, ReceivedRegion } from "./received-memory.js";
 
 /** One guest-physical range mapped at a host address under some userfaultfd. */
@@ -105,11 +120,14 @@ export class FaultServer {
   #ended = false;
   /** The first failure of a fault handler (it runs from the event loop: nobody to throw to). */
   failure: MigrationError | null = null;
-  /** Full and zero pages placed (by requests and the background stream alike). */
-  pages = 0;
-  zero = 0;
-  /** Pages that arrived on the preempt channel. */
-  preemptPages = 0;
+  /** Pages that arrived on the preempt channel (on this thread). */
+  #preemptPages = 0;
+  /** The native fault thread, once servePreempt() took the preempt connection. */
+  #thread: FaultThread | null = null;
+  #threadDone: { resolve(): void; reject(e: MigrationError): void } | null = null;
+  #servedNatively = false;
+  /** Per region: pages a thread of another domain waits on (set by the fault thread). */
+  #othersWaiting: SharedPageSet[] = [];
 
   constructor(options: FaultServerOptions) {
     this.#o = options;
@@ -118,6 +136,87 @@ export class FaultServer {
 
   get running(): boolean {
     return this.#running;
+  }
+
+  get preemptPages(): number {
+    return this.#preemptPages + (this.#thread?.stats().preemptPages ?? this.#threadStats.preemptPages);
+  }
+
+  /** Pages that arrived on the preempt channel read on this thread. */
+  countPreemptPages(n: number): void {
+    this.#preemptPages += n;
+  }
+
+  /** Full pages placed, by this thread and the fault thread. */
+  get pages(): number {
+    return this.#pages + (this.#thread?.stats().fullPages ?? this.#threadStats.fullPages);
+  }
+
+  get zero(): number {
+    return this.#zero + (this.#thread?.stats().zeroPages ?? this.#threadStats.zeroPages);
+  }
+
+  #pages = 0;
+  #zero = 0;
+  #threadStats = { faults: 0, remoteFaults: 0, discardFaults: 0, fullPages: 0, zeroPages: 0, preemptPages: 0 };
+
+  /**
+   * Whether `stream` can be handed to the native fault thread: a plain socket with an fd of its
+   * own. A TLS session lives in its JS socket, so TLS stays on this thread.
+   */
+  static canServeNatively(stream: Duplex): boolean {
+    // VMSHIFT_POSTCOPY_THREAD=0: serve on the main thread anyway (to compare the two).
+    if (process.env.VMSHIFT_POSTCOPY_THREAD === "0" || stream instanceof TLSSocket) return false;
+    const fd = (stream as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+    return typeof fd === "number" && fd >= 0;
+  }
+
+  /**
+   * Hands the preempt connection (checked: header and PREEMPT read, `offset` bytes so far) to a
+   * native fault thread, which from start() on serves every fault: requests go on this
+   * connection and pages come back on it. `stream` is closed here (the thread has its own fd).
+   * Resolves when the channel's end marker is read; rejects with the thread's failure.
+   */
+  servePreempt(stream: Duplex, offset: number): Promise<void> {
+    if (this.#thread || this.#ended) throw new MigrationError("UNSUPPORTED", "a second preempt channel");
+    const fd = (stream as unknown as { _handle: { fd: number } })._handle.fd;
+    this.#othersWaiting = this.#regions.map((st) => new SharedPageSet(st.pages));
+    const done = new Promise<void>((resolve, reject) => {
+      this.#threadDone = { resolve, reject };
+    });
+    done.catch(() => undefined);
+    stream.pause();
+    this.#thread = new FaultThread(
+      fd,
+      this.#regions.map((st, i) => {
+        const d = st.discard?.toShared();
+        return {
+          guestBase: st.region.guestBase,
+          size: st.region.size,
+          present: st.present.bytes,
+          waiting: (this.#othersWaiting[i] as SharedPageSet).bytes,
+          discard: d ? new Uint8Array(d.buffer, 0, Math.ceil(d.size / d.blockSize)) : null,
+          blockSize: d?.blockSize ?? 0,
+        };
+      }),
+      offset,
+      () => this.#onThreadEvent(),
+    );
+    // The thread reads and writes its own duplicate of the socket from now on.
+    stream.destroy();
+    return done;
+  }
+
+  #onThreadEvent(): void {
+    const t = this.#thread;
+    if (!t) return;
+    const st = t.status();
+    if (st.state === 1) this.#threadDone?.resolve();
+    if (st.state === 2) {
+      const e = new MigrationError(st.code as MigrationError["code"], st.message, undefined, { channel: "preempt" });
+      this.failure ??= e;
+      this.#threadDone?.reject(e);
+    }
   }
 
   /** Pages requested and not placed yet, as [region, page]: recovery asks for them again. */
@@ -144,7 +243,8 @@ export class FaultServer {
       waiting: new Set(),
     };
     this.#domains.push(d);
-    if (this.#running) this.#watch(d);
+    if (this.#running && this.#thread) this.#thread.addDomain(fdOf(uffd), ranges);
+    else if (this.#running) this.#watch(d);
     return d.stats;
   }
 
@@ -180,6 +280,14 @@ export class FaultServer {
       waiting: new Set(),
     });
     this.#running = true;
+    const t = this.#thread;
+    if (t) {
+      // The fault thread reads every userfaultfd; this thread only places background pages.
+      for (const d of this.#domains) t.addDomain(fdOf(d.uffd), d.ranges);
+      t.start();
+      this.#servedNatively = true;
+      return;
+    }
     for (const d of this.#domains) this.#watch(d);
   }
 
@@ -187,6 +295,17 @@ export class FaultServer {
   stop(): void {
     this.#ended = true;
     this.#running = false;
+    const t = this.#thread;
+    if (t) {
+      // Joined before any userfaultfd closes: the thread never uses a closed fd.
+      this.#collectLatencies();
+      const left = t.stop();
+      this.#threadStats = t.stats();
+      this.#thread = null;
+      const now = performance.now();
+      for (const key of left) if (!this.#pending.has(key)) this.#pending.set(key, now);
+      this.#threadDone?.reject(new MigrationError("ABORTED", "postcopy stopped"));
+    }
     for (const d of this.#domains) {
       d.watch?.close();
       d.watch = null;
@@ -208,7 +327,7 @@ export class FaultServer {
   placePages(st: ReceivedRegion, rec: PagesRecord): void {
     const ri = this.#regions.indexOf(st);
     // Only our own userfaultfd: runs of consecutive pages go in one UFFDIO_COPY / ZEROPAGE.
-    if (this.#domains.length === 1) this.#placeRuns(st, ri, rec, this.#domains[0] as FaultDomain);
+    if (this.#domains.length === 1 || this.#thread) this.#placeRuns(st, ri, rec, this.#domains[0] as FaultDomain);
     else
       for (let k = 0; k < rec.pages.length; k++) {
         const p = rec.pages[k] as number;
@@ -221,23 +340,26 @@ export class FaultServer {
   }
 
   stats(): FaultStats {
+    this.#collectLatencies();
+    const t = this.#thread?.stats() ?? this.#threadStats;
     const s = [...this.#latencies].sort((a, b) => a - b);
     return {
-      faults: this.#faults,
-      remoteFaults: this.#remoteFaults,
-      discardFaults: this.#discardFaults,
+      faults: this.#faults + t.faults,
+      remoteFaults: this.#remoteFaults + t.remoteFaults,
+      discardFaults: this.#discardFaults + t.discardFaults,
       latencyMedianUs: percentile(s, 50),
       latencyP99Us: percentile(s, 99),
       preemptPages: this.preemptPages,
       latencyHistogram: latencyHistogram(s),
+      faultThread: this.#servedNatively,
     };
   }
 
   /** Bookkeeping for a page just placed: present, counters, the latency of a request for it. */
   #placed(st: ReceivedRegion, ri: number, p: number, zero: boolean): void {
     st.present.set(p);
-    if (zero) this.zero++;
-    else this.pages++;
+    if (zero) this.#zero++;
+    else this.#pages++;
     const key = ri * 2 ** 32 + p;
     const t = this.#pending.get(key);
     if (t !== undefined) {
@@ -287,9 +409,31 @@ export class FaultServer {
         const pj = p + (j - k);
         d.waiting.delete(st.region.guestBase + pj * PAGE);
         this.#placed(st, ri, pj, zero);
+        // Set present first, then look for waiters: the fault thread marks a waiter first,
+        // then looks at present, so one of the two sees the other.
+        if (this.#thread && this.#domains.length > 1) this.#wakeOthers(ri, st.region.guestBase + pj * PAGE, pj);
       }
       k = e;
     }
+  }
+
+  #wakeOthers(ri: number, gpa: number, p: number): void {
+    const w = this.#othersWaiting[ri] as SharedPageSet;
+    const bit = 1 << (p & 7);
+    if (!(Atomics.and(w.bytes, p >>> 3, ~bit & 0xff) & bit)) return;
+    for (let k = 1; k < this.#domains.length; k++) {
+      const d = this.#domains[k] as FaultDomain;
+      const host = hostOf(d, gpa);
+      if (host === null) continue;
+      d.uffd.wake(host, PAGE);
+      d.stats.wakes++;
+    }
+  }
+
+  #collectLatencies(): void {
+    const t = this.#thread;
+    if (!t) return;
+    for (const v of t.takeLatencies()) this.#latencies.push(v);
   }
 
   /**
@@ -370,10 +514,19 @@ export class FaultServer {
 
   #maybeEmit(): void {
     const now = performance.now();
-    if (now - this.#lastStats < 250 || this.#latencies.length === 0) return;
+    if (now - this.#lastStats < 250) return;
+    this.#collectLatencies();
+    if (this.#latencies.length === 0) return;
     this.#lastStats = now;
     this.#o.onStats?.(this.stats());
   }
+}
+
+/** The fd number of a userfaultfd (a fake one in tests has none: no native thread there). */
+function fdOf(u: FaultFd): number {
+  const fd = (u as { fd?: { fd?: unknown } }).fd?.fd;
+  if (typeof fd !== "number") throw new MigrationError("UNSUPPORTED", "the fault thread needs a real userfaultfd");
+  return fd;
 }
 
 function hostOf(d: FaultDomain, gpa: number): bigint | null {

@@ -2,13 +2,17 @@
  * The source's end of the return path (see ReturnPath below). Kept apart from source.ts: the
  * postcopy fault path on this side is page requests in, requested pages out.
  */
+import type { Duplex } from "node:stream";
 import type { DiscardMap } from "../memory/discard-map.js";
+import type { GuestMemoryRegion } from "../memory/region.js";
 import { isZero } from "../sys/bulk.js";
-import type { RecordReader, RecordWriter } from "./channel.js";
+import { RequestServer } from "../sys/postcopy-thread.js";
+import { type Record, RecordReader, type RecordWriter } from "./channel.js";
 import { asMigrationError, MigrationError } from "./errors.js";
 import type { RequestStats } from "./events.js";
+import { FaultServer } from "./fault-server.js";
 import { decodeComplete, decodeFail, decodePageRequest, encodePages, RecordType, recordName } from "./format.js";
-import { PAGE, PageSet } from "./page-set.js";
+import { PAGE, PageSet, SharedPageSet } from "./page-set.js";
 
 /** A page request for more pages than this (one 2 MiB huge page) is refused whole. */
 export const MAX_REQUEST_PAGES = 512;
@@ -17,6 +21,7 @@ export const REQUEST_QUEUE_BYTES = 1024 * 1024;
 
 /** What the return path needs to know of a region. */
 export interface ReturnPathRegion {
+  region: GuestMemoryRegion;
   pages: number;
   discard: DiscardMap | undefined;
 }
@@ -73,7 +78,8 @@ export class ReturnPath {
     // Either may never be awaited (a failure before switchover).
     this.complete.catch(() => undefined);
     this.resumed.catch(() => undefined);
-    this.#sent = regions.map((r) => new PageSet(r.pages));
+    // Shared: the native request server marks the pages it sends here too.
+    this.#sent = regions.map((r) => new SharedPageSet(r.pages));
     this.#requested = regions.map((r) => new PageSet(r.pages));
   }
 
@@ -133,7 +139,111 @@ export class ReturnPath {
     if (this.failure) throw this.failure;
   }
 
+  /** Requests read on the preempt channel (JS), until the native server takes it. */
+  #preemptReader: RecordReader | null = null;
+  /** The native thread that answers requests on the preempt channel (see serveNatively). */
+  #native: RequestServer | null = null;
+  #nativeDone: (() => void) | null = null;
+
+  /**
+   * Reads PAGE_REQUESTs that the destination sends on the preempt channel (a destination whose
+   * fault thread owns that channel asks there) and serves them like the return path's.
+   */
+  readPreemptRequests(stream: Duplex): void {
+    const reader = new RecordReader(stream);
+    this.#preemptReader = reader;
+    (async () => {
+      try {
+        for (;;) {
+          const r = await reader.next();
+          if (this.#preemptReader !== reader) return;
+          if (r.type !== RecordType.PageRequest)
+            throw r.payload.error(`unexpected ${recordName(r.type)} on the preempt channel's return path`);
+          this.#pageRequest(r);
+        }
+      } catch (e) {
+        if (this.#closed || this.#preemptReader !== reader) return;
+        const err = asMigrationError(e);
+        // The channel's loss is reported by its close event (recovery may take over).
+        if (err.code !== "TRUNCATED" && err.code !== "CONNECTION_LOST") this.fail(err);
+      }
+    })();
+  }
+
+  /**
+   * Hands the preempt channel (a plain socket) to a native thread that reads the requests on it
+   * and answers each straight from guest memory, never queued behind the background stream or
+   * this thread's event loop. Requests read on the main return path are passed to it. Returns
+   * false (nothing changed) when the channel cannot be served natively (TLS). `stream` is closed
+   * here: the thread has its own fd; the caller must not count that as the channel's loss.
+   */
+  serveNatively(stream: Duplex): boolean {
+    if (this.#native || !FaultServer.canServeNatively(stream)) return false;
+    const fd = (stream as unknown as { _handle: { fd: number } })._handle.fd;
+    const offset = this.#preemptReader?.offset ?? 0;
+    this.#preemptReader?.detach();
+    this.#preemptReader = null;
+    stream.pause();
+    this.#native = new RequestServer(
+      fd,
+      this.regions.map((r, i) => {
+        const d = r.discard?.toShared();
+        return {
+          memory: r.region.bytes(0, r.region.size) as Uint8Array,
+          sent: (this.#sent[i] as PageSet).bytes,
+          discard: d ? new Uint8Array(d.buffer, 0, Math.ceil(d.size / d.blockSize)) : null,
+          blockSize: d?.blockSize ?? 0,
+        };
+      }),
+      offset,
+      () => this.#onNativeEvent(),
+    );
+    stream.destroy();
+    return true;
+  }
+
+  #onNativeEvent(): void {
+    const t = this.#native;
+    if (!t) return;
+    const st = t.status();
+    if (st.state === 1) this.#nativeDone?.();
+    if (st.state === 2) this.fail(new MigrationError(st.code as MigrationError["code"], st.message));
+  }
+
+  /**
+   * The background stream is complete: the native server writes what it has queued, then
+   * PREEMPT_END, and stops. Requests after this are served on the main stream (servePages).
+   */
+  async finishNative(): Promise<void> {
+    const t = this.#native;
+    if (!t) return;
+    const done = new Promise<void>((resolve) => {
+      this.#nativeDone = resolve;
+    });
+    t.finish();
+    await Promise.race([done, this.complete.then(() => undefined)]);
+    this.check();
+    this.#stopNative();
+  }
+
+  #stopNative(): void {
+    const t = this.#native;
+    if (!t) return;
+    this.#native = null;
+    t.stop();
+    const n = t.stats();
+    const st = this.stats;
+    st.requests += n.requests;
+    st.pagesQueued += n.pagesQueued;
+    st.duplicates += n.duplicates;
+    st.resentAhead += n.resentAhead;
+    st.refused += n.refused;
+  }
+
   close(): void {
+    this.#stopNative();
+    this.#preemptReader?.detach();
+    this.#preemptReader = null;
     this.#closed = true;
     this.#queue = [];
     this.#queueHead = 0;
@@ -172,7 +282,9 @@ export class ReturnPath {
       this.markSent(region, p);
       if (set && !set.has(p)) st.outsideSet++;
       st.pagesQueued++;
-      this.#queue.push(region * 2 ** 32 + p);
+      // Checked and counted here; the native server (when it has the channel) only sends it.
+      if (this.#native) this.#native.queue(region, p);
+      else this.#queue.push(region * 2 ** 32 + p);
     }
     this.#pump();
   }
@@ -213,19 +325,22 @@ export class ReturnPath {
     );
   }
 
+  #pageRequest(r: Record): void {
+    const q = decodePageRequest(r.payload);
+    const ri = this.regions[q.region];
+    if (!ri || q.count === 0 || q.page + q.count > ri.pages)
+      throw r.payload.error(`request for pages [${q.page}, +${q.count}) of region ${q.region}`, q);
+    this.#request(q.region, q.page, q.count);
+  }
+
   async #loop(): Promise<void> {
     try {
       for (;;) {
         const r = await this.reader.next();
         switch (r.type) {
-          case RecordType.PageRequest: {
-            const q = decodePageRequest(r.payload);
-            const ri = this.regions[q.region];
-            if (!ri || q.count === 0 || q.page + q.count > ri.pages)
-              throw r.payload.error(`request for pages [${q.page}, +${q.count}) of region ${q.region}`, q);
-            this.#request(q.region, q.page, q.count);
+          case RecordType.PageRequest:
+            this.#pageRequest(r);
             break;
-          }
           case RecordType.Resumed:
             r.payload.end();
             this.#resolveResumed();

@@ -201,16 +201,18 @@ export class MigrationSource {
       // Postcopy without a preempt channel: requested pages queue behind this, keep it short.
       highWater: postcopy && !preempt ? 256 * 1024 : 4 * 1024 * 1024,
     });
-    // The preempt channel carries only requested pages; its far end never writes.
+    // The preempt channel carries requested pages; the destination may send its requests on it.
     let preemptWriter = preempt ? new RecordWriter(preempt) : null;
     const hadPreempt = preempt !== null;
     this.#yieldEachRecord = preemptWriter !== null;
-    preempt?.on("data", () => undefined);
     // Preempt and recovery connections must reach the peer the main connection reached.
     const peer = peerIdentity(stream);
     const preemptPeer = preempt ? peerIdentity(preempt) : null;
     const onRefused = (e: MigrationError) => this.events.emit("refused", e);
     let rp = new ReturnPath(new RecordReader(stream), this.#regions, this.#requests, onRefused);
+    // A destination whose fault thread owns the preempt channel sends its requests there.
+    if (preempt) rp.readPreemptRequests(preempt);
+    let nativePreempt = false;
     const recovery = postcopy ? (o.postcopyRecovery ?? null) : null;
     const nonce = randomBytes(8).readBigUInt64LE(0);
     const aborted = () => rp.fail(new MigrationError("ABORTED", "migration cancelled"));
@@ -328,6 +330,12 @@ export class MigrationSource {
         // From here the destination may be running: until it says otherwise (FAIL before
         // RESUMED), the source must not run the guest again.
         postcopyRunSent = true;
+        // Over a plain socket (and without recovery, which replaces connections) a native thread
+        // answers the requests on the preempt channel; otherwise this thread does (TLS).
+        if (preempt && !recovery && rp.serveNatively(preempt)) {
+          nativePreempt = true;
+          preemptClosing = true;
+        }
         rp.servePages(preemptWriter ?? writer, (i, p) => this.#pageView(i, p), preemptWriter !== null);
         downtimeMs = 0;
         for (;;) {
@@ -342,7 +350,10 @@ export class MigrationSource {
               downtimeMs = performance.now() - downtimeStart;
             }
             await this.#sendBackground(todo, writer, rp);
-            if (preemptWriter && preempt) {
+            if (nativePreempt) {
+              rp.servePages(writer, (i, p) => this.#pageView(i, p));
+              await rp.finishNative();
+            } else if (preemptWriter && preempt) {
               // Every page is on its way on one channel or the other. Close the preempt channel
               // with a marker the destination waits for before END: pages it carried may still be
               // in flight. A request that comes after this is for a page already sent: served on

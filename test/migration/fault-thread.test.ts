@@ -1,0 +1,130 @@
+/**
+ * The native fault path (native/src/postcopy.cc): with a preempt channel over a plain socket the
+ * destination's faults are served by its fault thread and the source's answers by its request
+ * server; with VMSHIFT_POSTCOPY_THREAD=0 both stay on the main threads. Real sockets, real
+ * userfaultfd, guest threads that fault while the background stream runs.
+ */
+import assert from "node:assert/strict";
+import type { Socket } from "node:net";
+import { test } from "node:test";
+import { MigrationDestination } from "../../src/migration/destination.js";
+import { MigrationSource } from "../../src/migration/source.js";
+import { Workload } from "../../src/migration/workload.js";
+import { countFds, expectBoth, fillPattern, hooks, makeMemory, rawDigest, settle, socketPair } from "./helpers.js";
+
+async function postcopy(threadOn: boolean) {
+  const saved = process.env.VMSHIFT_POSTCOPY_THREAD;
+  if (threadOn) delete process.env.VMSHIFT_POSTCOPY_THREAD;
+  else process.env.VMSHIFT_POSTCOPY_THREAD = "0";
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  try {
+    fillPattern(src);
+    let guest: Workload | null = null;
+    const [a, b] = await socketPair();
+    const [pa, pb] = await socketPair();
+    const source = new MigrationSource({ memory: src, mode: "postcopy", postcopyAfterRounds: 0 });
+    const destination = new MigrationDestination({
+      memory: dst,
+      acceptPreempt: async () => pb,
+      hooks: {
+        resume: async () => {
+          guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 2 });
+        },
+      },
+    });
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
+    await (guest as unknown as Workload).close();
+    assert.deepEqual(rawDigest(dst), rawDigest(src));
+    assert.ok(rs.digests.every((d) => d.match));
+    const pc = rd.postcopy;
+    assert.ok(pc && pc.remoteFaults > 0, "the guest faulted pages in from the source");
+    assert.equal(pc.faultThread, threadOn);
+    assert.ok((pc.preemptPages ?? 0) > 0, "requested pages came on the preempt channel");
+    assert.ok(pc.latencyMedianUs > 0 && pc.latencyP99Us >= pc.latencyMedianUs);
+    assert.ok((pc.latencyHistogram?.reduce((x, y) => x + y, 0) ?? 0) > 0, "latencies were counted");
+    const q = rs.requests as NonNullable<typeof rs.requests>;
+    assert.ok(q.requests > 0 && q.pagesQueued > 0, "the source counted the requests it served");
+    console.log(
+      JSON.stringify({
+        faultThread: threadOn,
+        remote: pc.remoteFaults,
+        preemptPages: pc.preemptPages,
+        medianUs: +pc.latencyMedianUs.toFixed(0),
+        p99Us: +pc.latencyP99Us.toFixed(0),
+      }),
+    );
+  } finally {
+    if (saved === undefined) delete process.env.VMSHIFT_POSTCOPY_THREAD;
+    else process.env.VMSHIFT_POSTCOPY_THREAD = saved;
+    src.close();
+    dst.close();
+  }
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked (sockets, userfaultfd, eventfds, the threads' duplicates)");
+}
+
+test("postcopy over a plain preempt channel: faults served by the native fault thread, memory equal, nothing leaked", () =>
+  postcopy(true));
+
+test("the same with VMSHIFT_POSTCOPY_THREAD=0: served on the main threads, memory equal", () => postcopy(false));
+
+/**
+ * A relay for the preempt channel that flips one bit of what the source sends, `at` bytes in:
+ * the fault thread must refuse the record (CORRUPT, at its stream offset) and place nothing of it.
+ */
+async function corruptingRelay(at: number): Promise<[Socket, Socket, () => void]> {
+  const [pa, x1] = await socketPair();
+  const [x2, pb] = await socketPair();
+  let seen = 0;
+  x1.on("data", (c: Buffer) => {
+    if (at >= seen && at < seen + c.length) c[at - seen] = (c[at - seen] as number) ^ 0x40;
+    seen += c.length;
+    x2.write(c);
+  });
+  x2.on("data", (c: Buffer) => x1.write(c));
+  for (const s of [x1, x2]) s.on("error", () => undefined);
+  x1.on("close", () => x2.destroy());
+  x2.on("close", () => x1.destroy());
+  const close = () => {
+    x1.destroy();
+    x2.destroy();
+  };
+  return [pa, pb, close];
+}
+
+test("a corrupt page record on the preempt channel: the fault thread fails the migration typed (CORRUPT at its offset); the source keeps its memory", async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const before = rawDigest(src);
+  const [a, b] = await socketPair();
+  // Stream header (16) + PREEMPT (20) = 36: the first PAGES record starts there; byte 36 + 30
+  // is inside its page list or data.
+  const [pa, pb, closeRelay] = await corruptingRelay(36 + 30);
+  let guest: Workload | null = null;
+  const h = hooks();
+  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const destination = new MigrationDestination({
+    memory: dst,
+    acceptPreempt: async () => pb,
+    hooks: {
+      resume: async () => {
+        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+      },
+    },
+  });
+  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
+  await (guest as Workload | null)?.close();
+  closeRelay();
+  assert.equal(de.code, "CORRUPT", de.message);
+  assert.match(de.message, /at stream offset 36\b/);
+  assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
+  assert.deepEqual(rawDigest(src), before);
+  src.close();
+  dst.close();
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
