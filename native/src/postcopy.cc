@@ -22,7 +22,10 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -182,6 +185,9 @@ struct Region {
 };
 
 enum Stat { kFaults, kRemote, kDiscardFaults, kFull, kZero, kPreemptPages, kWakes, kStatCount };
+// Per fault domain, as FaultDomainStats: faults read, of those missing, wakes sent there.
+enum DomainStat { kDFaults, kDMissing, kDWakes, kDomainStatCount };
+constexpr size_t kMaxDomains = 64;
 
 struct FaultThread {
   int sock = -1, notify = -1, wake = -1;
@@ -194,6 +200,7 @@ struct FaultThread {
   std::atomic<bool> stop{false};
   std::atomic<int> state{0};  // 0 serving, 1 preempt ended, 2 failed
   std::atomic<uint64_t> stats[kStatCount] = {};
+  std::atomic<uint64_t> dstats[kMaxDomains][kDomainStatCount] = {};
   std::string code, msg;  // set once, before state becomes 2
   std::unordered_map<uint64_t, double> pending;  // thread only until joined
   RecordIn in;
@@ -239,12 +246,17 @@ struct FaultThread {
     ioctl(fd, UFFDIO_WAKE, &r);
     stats[kWakes]++;
   }
+  // A wake counted in domain k's stats.
+  void WakeIn(const std::vector<Domain>& doms, size_t k, uint64_t addr) {
+    Wake(doms[k].fd, addr);
+    if (k < kMaxDomains) dstats[k][kDWakes]++;
+  }
   // Wakes the threads of other domains that wait on this page (the `waiting` bit is theirs).
   void WakeOthers(const std::vector<Domain>& doms, Region& rg, size_t p) {
     if (doms.size() < 2 || !BitTake(rg.waiting, p)) return;
     uint64_t gpa = rg.gpa + p * kPage;
     for (size_t k = 1; k < doms.size(); k++)
-      if (const Range* r = RangeOfGpa(doms[k], gpa)) Wake(doms[k].fd, r->host + (gpa - r->gpa));
+      if (const Range* r = RangeOfGpa(doms[k], gpa)) WakeIn(doms, k, r->host + (gpa - r->gpa));
   }
 
   // UFFDIO_COPY (data) or ZEROPAGE (null) through our own userfaultfd; true when placed or
@@ -288,18 +300,20 @@ struct FaultThread {
     uint64_t off = gpa - rg.gpa;
     size_t p = off / kPage;
     stats[kFaults]++;
-    if (BitHas(rg.present, p)) return Wake(dom.fd, addr);
+    if (d < kMaxDomains) dstats[d][kDFaults]++;
+    if (BitHas(rg.present, p)) return WakeIn(doms, d, addr);
     if (rg.discard && rg.discard[off / rg.block] == 0) {
       // A discarded block has no content anywhere: a zero page, at once, without asking.
       stats[kDiscardFaults]++;
       if (!Place(doms[0], rg.gpa + p * kPage, nullptr)) return;
-      if (d != 0) Wake(dom.fd, addr);
+      if (d != 0) WakeIn(doms, d, addr);
       return;
     }
+    if (d < kMaxDomains) dstats[d][kDMissing]++;
     if (d != 0) {
       // Seen by whichever path places the page (it sets present, then takes this bit).
       BitSet(rg.waiting, p);
-      if (BitHas(rg.present, p)) return Wake(dom.fd, addr);
+      if (BitHas(rg.present, p)) return WakeIn(doms, d, addr);
     }
     // After PREEMPT_END every page is here or on its way on the main connection.
     if (state.load() != 0) return;
@@ -596,6 +610,13 @@ struct RequestServer {
   }
 };
 
+// A request or a page is one small write that must leave at once: no Nagle delay behind an
+// unacknowledged one (fails harmlessly on a unix socket).
+void NoDelay(int fd) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
 // Handles live in a table: JS holds an index, never a pointer.
 std::mutex table_mu;
 std::vector<FaultThread*> faults;
@@ -638,6 +659,7 @@ napi_value FaultCreate(napi_env env, napi_callback_info info) {
   }
   int fl = fcntl(s, F_GETFL);
   fcntl(s, F_SETFL, fl | O_NONBLOCK);
+  NoDelay(s);
   auto* t = new FaultThread();
   t->sock = s;
   t->wake = w;
@@ -692,6 +714,10 @@ napi_value FaultAddDomain(napi_env env, napi_callback_info info) {
   char* rv;
   size_t rlen;
   if (!ArgFd(a, 1, &fd) || !ArgView(a, 2, &rv, &rlen)) return nullptr;
+  {
+    std::lock_guard<std::mutex> m(t->mu);
+    if (t->domains.size() >= kMaxDomains) return ThrowType(env, "too many fault domains");
+  }
   Domain d{fd, {}};
   const double* r = reinterpret_cast<const double*>(rv);
   for (size_t i = 0; i + 2 < rlen / 8; i += 3) d.ranges.push_back({(uint64_t)r[i], (uint64_t)r[i + 1], (uint64_t)r[i + 2]});
@@ -742,6 +768,22 @@ napi_value FaultStatus(napi_env env, napi_callback_info info) {
   return arr;
 }
 
+// faultThreadDomainStats(id, k, out: Float64Array(3)): faults, missing, wakes of domain k.
+napi_value FaultDomainStats(napi_env env, napi_callback_info info) {
+  Args a(env, info);
+  std::lock_guard<std::mutex> g(table_mu);
+  FaultThread* t = Get(env, faults, a[0]);
+  if (!t) return nullptr;
+  int64_t k;
+  char* o;
+  size_t ol;
+  if (!ArgInt(a, 1, &k) || !ArgView(a, 2, &o, &ol)) return nullptr;
+  if (k < 0 || (size_t)k >= kMaxDomains || ol < 8 * kDomainStatCount) return ThrowType(env, "domain index");
+  double* out = reinterpret_cast<double*>(o);
+  for (size_t i = 0; i < kDomainStatCount; i++) out[i] = (double)t->dstats[k][i].load();
+  return nullptr;
+}
+
 // faultThreadTakeLatencies(id) -> Float64Array of the latencies (us) recorded since last taken.
 napi_value FaultLatencies(napi_env env, napi_callback_info info) {
   Args a(env, info);
@@ -761,8 +803,9 @@ napi_value FaultLatencies(napi_env env, napi_callback_info info) {
   return arr;
 }
 
-// faultThreadStop(id) -> Float64Array of the pages still asked for (region * 2^32 + page).
-// Joins the thread and frees everything; the handle is gone afterwards.
+// faultThreadStop(id) -> [pending, domainStats, stats, latencies]: Float64Arrays of the pages
+// still asked for (region * 2^32 + page), the domains' counters (3 each, in order), the thread's
+// counters and the latencies not taken yet, all as of the join. Joins the thread and frees everything; the handle is gone.
 napi_value FaultStop(napi_env env, napi_callback_info info) {
   Args a(env, info);
   FaultThread* t;
@@ -772,8 +815,13 @@ napi_value FaultStop(napi_env env, napi_callback_info info) {
     if (!t) return nullptr;
   }
   t->Join();
-  std::vector<double> keys;
+  std::vector<double> keys, doms, st;
   for (auto& kv : t->pending) keys.push_back((double)(kv.first >> 32) * 4294967296.0 + (double)(kv.first & 0xffffffffu));
+  for (size_t k = 0; k < t->domains.size() && k < kMaxDomains; k++)
+    for (size_t i = 0; i < kDomainStatCount; i++) doms.push_back((double)t->dstats[k][i].load());
+  for (size_t i = 0; i < kStatCount; i++) st.push_back((double)t->stats[i].load());
+  std::vector<double> lat;
+  lat.swap(t->latencies);
   {
     std::lock_guard<std::mutex> g(table_mu);
     int64_t id;
@@ -781,12 +829,18 @@ napi_value FaultStop(napi_env env, napi_callback_info info) {
     faults[id] = nullptr;
   }
   delete t;
-  napi_value ab, arr;
-  void* data;
-  napi_create_arraybuffer(env, keys.size() * 8, &data, &ab);
-  if (!keys.empty()) memcpy(data, keys.data(), keys.size() * 8);
-  napi_create_typedarray(env, napi_float64_array, keys.size(), ab, 0, &arr);
-  return arr;
+  napi_value out;
+  napi_create_array_with_length(env, 4, &out);
+  const std::vector<double>* parts[4] = {&keys, &doms, &st, &lat};
+  for (uint32_t i = 0; i < 4; i++) {
+    napi_value ab, arr;
+    void* data;
+    napi_create_arraybuffer(env, parts[i]->size() * 8, &data, &ab);
+    if (!parts[i]->empty()) memcpy(data, parts[i]->data(), parts[i]->size() * 8);
+    napi_create_typedarray(env, napi_float64_array, parts[i]->size(), ab, 0, &arr);
+    napi_set_element(env, out, i, arr);
+  }
+  return out;
 }
 
 // requestServerCreate(sockFd, notifyFd, streamOffset) -> id (a dup of sockFd is taken).
@@ -805,6 +859,7 @@ napi_value ServerCreate(napi_env env, napi_callback_info info) {
   }
   int fl = fcntl(s, F_GETFL);
   fcntl(s, F_SETFL, fl | O_NONBLOCK);
+  NoDelay(s);
   auto* t = new RequestServer();
   t->sock = s;
   t->wake = w;
@@ -931,6 +986,7 @@ void RegisterPostcopy(napi_env env, napi_value exports) {
   SetFunction(env, exports, "faultThreadStart", FaultStart);
   SetFunction(env, exports, "faultThreadStatus", FaultStatus);
   SetFunction(env, exports, "faultThreadTakeLatencies", FaultLatencies);
+  SetFunction(env, exports, "faultThreadDomainStats", FaultDomainStats);
   SetFunction(env, exports, "faultThreadStop", FaultStop);
   SetFunction(env, exports, "requestServerCreate", ServerCreate);
   SetFunction(env, exports, "requestServerRegion", ServerRegion);

@@ -93,6 +93,8 @@ interface FaultDomain {
    * fault still unread at that moment finds the page present when it is read, and is woken then.
    */
   waiting: Set<number>;
+  /** Wakes sent from this thread while the fault thread serves (its own are counted there). */
+  mainWakes: number;
 }
 
 export interface FaultServerOptions {
@@ -241,6 +243,7 @@ export class FaultServer {
       watch: null,
       stats: { faults: 0, missing: 0, wakes: 0 },
       waiting: new Set(),
+      mainWakes: 0,
     };
     this.#domains.push(d);
     if (this.#running && this.#thread) this.#thread.addDomain(fdOf(uffd), ranges);
@@ -278,6 +281,7 @@ export class FaultServer {
       watch: null,
       stats: { faults: 0, missing: 0, wakes: 0 },
       waiting: new Set(),
+      mainWakes: 0,
     });
     this.#running = true;
     const t = this.#thread;
@@ -298,8 +302,9 @@ export class FaultServer {
     const t = this.#thread;
     if (t) {
       // Joined before any userfaultfd closes: the thread never uses a closed fd.
-      this.#collectLatencies();
       const left = t.stop();
+      this.#collectLatencies();
+      this.#refreshDomainStats();
       this.#threadStats = t.stats();
       this.#thread = null;
       const now = performance.now();
@@ -341,6 +346,7 @@ export class FaultServer {
 
   stats(): FaultStats {
     this.#collectLatencies();
+    this.#refreshDomainStats();
     const t = this.#thread?.stats() ?? this.#threadStats;
     const s = [...this.#latencies].sort((a, b) => a - b);
     return {
@@ -426,8 +432,20 @@ export class FaultServer {
       const host = hostOf(d, gpa);
       if (host === null) continue;
       d.uffd.wake(host, PAGE);
-      d.stats.wakes++;
+      d.mainWakes++;
     }
+  }
+
+  /** The domains' live counters, from the fault thread's (while it serves). */
+  #refreshDomainStats(): void {
+    const t = this.#thread;
+    if (!t) return;
+    this.#domains.forEach((d, k) => {
+      const n = t.domainStats(k);
+      d.stats.faults = n.faults;
+      d.stats.missing = n.missing;
+      d.stats.wakes = n.wakes + d.mainWakes;
+    });
   }
 
   #collectLatencies(): void {
@@ -516,6 +534,7 @@ export class FaultServer {
     const now = performance.now();
     if (now - this.#lastStats < 250) return;
     this.#collectLatencies();
+    this.#refreshDomainStats();
     if (this.#latencies.length === 0) return;
     this.#lastStats = now;
     this.#o.onStats?.(this.stats());

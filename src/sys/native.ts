@@ -93,7 +93,10 @@ export interface Native {
   faultThreadStart(id: number): void;
   faultThreadStatus(id: number, out: Float64Array): [state: number, code: string, message: string];
   faultThreadTakeLatencies(id: number): Float64Array;
-  faultThreadStop(id: number): Float64Array;
+  faultThreadDomainStats(id: number, domain: number, out: Float64Array): void;
+  faultThreadStop(
+    id: number,
+  ): [pending: Float64Array, domainStats: Float64Array, stats: Float64Array, latencies: Float64Array];
   requestServerCreate(sock: number, notify: number, streamOffset: number): number;
   requestServerRegion(id: number, memory: View, sent: Uint8Array, discard: Uint8Array | null, blockSize: number): void;
   requestServerStart(id: number): void;
@@ -149,6 +152,7 @@ const FUNCTIONS = [
   "faultThreadStart",
   "faultThreadStatus",
   "faultThreadTakeLatencies",
+  "faultThreadDomainStats",
   "faultThreadStop",
   "requestServerCreate",
   "requestServerRegion",

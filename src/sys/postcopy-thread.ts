@@ -134,21 +134,38 @@ export class FaultThread {
     };
   }
 
+  /** Domain `k`'s counters (in the order added), as FaultDomainStats; once stopped, as of the join. */
+  domainStats(k: number): { faults: number; missing: number; wakes: number } {
+    let out: Float64Array = new Float64Array(3);
+    if (this.#id !== null) native.faultThreadDomainStats(this.#id, k, out);
+    else out = this.#finalDomains.subarray(k * 3, k * 3 + 3);
+    return { faults: out[0] ?? 0, missing: out[1] ?? 0, wakes: out[2] ?? 0 };
+  }
+
+  #finalDomains: Float64Array = new Float64Array(0);
+  #lastLatencies: Float64Array = new Float64Array(0);
+
   /** Fault latencies (µs: fault read -> page placed) recorded since the last call. */
   takeLatencies(): Float64Array {
-    return this.#id === null ? new Float64Array(0) : native.faultThreadTakeLatencies(this.#id);
+    if (this.#id !== null) return native.faultThreadTakeLatencies(this.#id);
+    const last = this.#lastLatencies;
+    this.#lastLatencies = new Float64Array(0);
+    return last;
   }
 
   /**
    * Joins the thread and frees it (idempotent). Returns the pages still asked for, as
-   * region * 2^32 + page. The last counters stay readable through stats().
+   * region * 2^32 + page. The counters as of the join stay readable (stats, domainStats).
    */
   stop(): number[] {
     const id = this.#id;
     if (id === null) return [];
-    native.faultThreadStatus(id, this.#stats);
     this.#id = null;
-    const pending = [...native.faultThreadStop(id)];
+    const [left, domains, stats, latencies] = native.faultThreadStop(id);
+    this.#lastLatencies = latencies;
+    this.#stats.set(stats.subarray(0, this.#stats.length));
+    this.#finalDomains = domains;
+    const pending = [...left];
     this.#bell.close();
     this.#keep.length = 0;
     return pending;
