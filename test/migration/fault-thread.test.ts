@@ -6,11 +6,16 @@
  */
 import assert from "node:assert/strict";
 import type { Socket } from "node:net";
-import { test } from "node:test";
+import { after, test } from "node:test";
 import { MigrationDestination } from "../../src/migration/destination.js";
 import { MigrationSource } from "../../src/migration/source.js";
+import { connectEndpoint, loadX509Credentials, MigrationListener } from "../../src/migration/transport.js";
 import { Workload } from "../../src/migration/workload.js";
 import { countFds, expectBoth, fillPattern, hooks, makeMemory, rawDigest, settle, socketPair } from "./helpers.js";
+import { CLIENT_CN, makeTestCreds } from "./tls-creds.js";
+
+const creds = makeTestCreds();
+after(() => creds.close());
 
 async function postcopy(threadOn: boolean) {
   const saved = process.env.VMSHIFT_POSTCOPY_THREAD;
@@ -125,6 +130,59 @@ test("a corrupt page record on the preempt channel: the fault thread fails the m
   assert.deepEqual(rawDigest(src), before);
   src.close();
   dst.close();
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+test("postcopy with a preempt channel over mutual TLS: served on the main threads (the TLS session stays in its socket), authenticated on every channel, memory equal", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const l = await MigrationListener.listen(
+    { kind: "tcp", host: "127.0.0.1", port: 0 },
+    { tls: { ...loadX509Credentials(creds.good, "server"), authz: CLIENT_CN } },
+  );
+  const port = (l.endpoint as { port: number }).port;
+  const tlsClient = { tls: { ...loadX509Credentials(creds.good, "client"), hostname: "localhost" } };
+  let guest: Workload | null = null;
+  try {
+    // The listener admits a connection once its first record is in: the source must be writing.
+    const a = await connectEndpoint({ kind: "tcp", host: "127.0.0.1", port }, tlsClient);
+    const pa = await connectEndpoint({ kind: "tcp", host: "127.0.0.1", port }, tlsClient);
+    const source = new MigrationSource({ memory: src, mode: "postcopy", postcopyAfterRounds: 0 });
+    const destination = new MigrationDestination({
+      memory: dst,
+      acceptPreempt: () => l.accept("preempt"),
+      hooks: {
+        resume: async () => {
+          guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+        },
+      },
+    });
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), l.accept().then((b) => destination.run(b))]);
+    assert.deepEqual(rawDigest(dst), rawDigest(src));
+    assert.ok(rs.digests.every((d) => d.match));
+    const pc = rd.postcopy;
+    assert.equal(rd.preempt, true);
+    assert.ok(pc && pc.remoteFaults > 0 && (pc.preemptPages ?? 0) > 0);
+    assert.equal(pc.faultThread, false, "a TLS channel is not handed to the native thread");
+    console.log(
+      JSON.stringify({
+        tls: true,
+        remote: pc.remoteFaults,
+        medianUs: +pc.latencyMedianUs.toFixed(0),
+        p99Us: +pc.latencyP99Us.toFixed(0),
+      }),
+    );
+  } finally {
+    await (guest as Workload | null)?.close();
+    await l.close();
+    src.close();
+    dst.close();
+  }
   await settle();
   assert.ok(countFds() <= fds, "fds leaked");
 });
