@@ -176,19 +176,30 @@ export class FaultServer {
   /**
    * Hands the preempt connection (checked: header and PREEMPT read, `offset` bytes so far) to a
    * native fault thread, which from start() on serves every fault: requests go on this
-   * connection and pages come back on it. `stream` is closed here (the thread has its own fd).
-   * Resolves when the channel's end marker is read; rejects with the thread's failure.
+   * connection and pages come back on it. `stream` is owned from here on: closed at start()
+   * (the thread has its own fd) or at stop(). Resolves when the channel's end marker is read;
+   * rejects with the thread's failure.
    */
   servePreempt(stream: Duplex, offset: number): Promise<void> {
-    if (this.#thread || this.#ended) throw new MigrationError("UNSUPPORTED", "a second preempt channel");
-    const fd = (stream as unknown as { _handle: { fd: number } })._handle.fd;
-    this.#othersWaiting = this.#regions.map((st) => new SharedPageSet(st.pages));
+    if (this.#preempt || this.#ended) throw new MigrationError("UNSUPPORTED", "a second preempt channel");
     const done = new Promise<void>((resolve, reject) => {
       this.#threadDone = { resolve, reject };
     });
     done.catch(() => undefined);
+    // Nothing more comes on it before the first request; the thread takes it at start(), when
+    // the discard maps (sent after PREEMPT) are known.
     stream.pause();
-    this.#thread = new FaultThread(
+    this.#preempt = { stream, offset };
+    return done;
+  }
+
+  /** The preempt connection waiting for start() to hand it to the fault thread. */
+  #preempt: { stream: Duplex; offset: number } | null = null;
+
+  #startThread(ch: { stream: Duplex; offset: number }): FaultThread {
+    const fd = (ch.stream as unknown as { _handle: { fd: number } })._handle.fd;
+    this.#othersWaiting = this.#regions.map((st) => new SharedPageSet(st.pages));
+    const t = new FaultThread(
       fd,
       this.#regions.map((st, i) => {
         const d = st.discard?.toShared();
@@ -201,12 +212,12 @@ export class FaultServer {
           blockSize: d?.blockSize ?? 0,
         };
       }),
-      offset,
+      ch.offset,
       () => this.#onThreadEvent(),
     );
     // The thread reads and writes its own duplicate of the socket from now on.
-    stream.destroy();
-    return done;
+    ch.stream.destroy();
+    return t;
   }
 
   #onThreadEvent(): void {
@@ -284,6 +295,7 @@ export class FaultServer {
       mainWakes: 0,
     });
     this.#running = true;
+    if (this.#preempt) this.#thread = this.#startThread(this.#preempt);
     const t = this.#thread;
     if (t) {
       // The fault thread reads every userfaultfd; this thread only places background pages.
@@ -299,6 +311,8 @@ export class FaultServer {
   stop(): void {
     this.#ended = true;
     this.#running = false;
+    // Never handed over (postcopy did not start): closed with the migration.
+    if (this.#preempt && !this.#thread) this.#preempt.stream.destroy();
     const t = this.#thread;
     if (t) {
       // Joined before any userfaultfd closes: the thread never uses a closed fd.

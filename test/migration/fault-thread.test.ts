@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import type { Socket } from "node:net";
 import { after, test } from "node:test";
+import { DiscardMap } from "../../src/memory/discard-map.js";
 import { MigrationDestination } from "../../src/migration/destination.js";
 import { MigrationSource } from "../../src/migration/source.js";
 import { connectEndpoint, loadX509Credentials, MigrationListener } from "../../src/migration/transport.js";
@@ -180,6 +181,59 @@ test("postcopy with a preempt channel over mutual TLS: served on the main thread
   } finally {
     await (guest as Workload | null)?.close();
     await l.close();
+    src.close();
+    dst.close();
+  }
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+test("the fault thread and discarded blocks: a fault there gets a zero page without a request, even when the destination learnt the plug state from the stream (after the preempt channel)", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const r0 = src.regions[0] as (typeof src.regions)[number];
+  const map = new DiscardMap(r0.size, 2 * 1024 * 1024);
+  // Dropped on the source: its content is gone, as virtio-mem's unplug does.
+  map.discard(4 * 1024 * 1024, 2 * 1024 * 1024);
+  (r0.bytes(4 * 1024 * 1024, 2 * 1024 * 1024) as Uint8Array).fill(0);
+  let guest: Workload | null = null;
+  try {
+    const [a, b] = await socketPair();
+    const [pa, pb] = await socketPair();
+    const source = new MigrationSource({
+      memory: src,
+      mode: "postcopy",
+      postcopyAfterRounds: 0,
+      discard: new Map([[r0, map]]),
+    });
+    // No discard map given here: the destination creates one from the DISCARD records, which
+    // come after PREEMPT. Once every page has arrived (faults still served) the guest sweeps all
+    // of memory once, the discarded block too, which was never sent: it can only fault.
+    const pages = dst.size / 4096;
+    const destination = new MigrationDestination({
+      memory: dst,
+      acceptPreempt: async () => pb,
+      hooks: {
+        beforeVerify: async () => {
+          const g = await Workload.start({ memory: dst, mode: "touch", pattern: "sequential", threads: 1 });
+          guest = g;
+          while (g.pagesWritten < pages) await new Promise((r) => setImmediate(r));
+          await g.pause();
+        },
+      },
+    });
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
+    assert.ok(rs.digests.every((d) => d.match));
+    assert.deepEqual(rawDigest(dst), rawDigest(src));
+    const pc = rd.postcopy;
+    assert.ok(pc?.faultThread);
+    assert.ok(pc.discardFaults > 0, `faults in the discarded block: ${pc.discardFaults}`);
+  } finally {
+    await (guest as Workload | null)?.close();
     src.close();
     dst.close();
   }
