@@ -9,6 +9,7 @@ import type { Socket } from "node:net";
 import { after, test } from "node:test";
 import { DiscardMap } from "../../src/memory/discard-map.js";
 import { MigrationDestination } from "../../src/migration/destination.js";
+import { encodeRecord, RecordType } from "../../src/migration/format.js";
 import { MigrationSource } from "../../src/migration/source.js";
 import { connectEndpoint, loadX509Credentials, MigrationListener } from "../../src/migration/transport.js";
 import { Workload } from "../../src/migration/workload.js";
@@ -237,6 +238,76 @@ test("the fault thread and discarded blocks: a fault there gets a zero page with
     src.close();
     dst.close();
   }
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+/**
+ * A relay for the preempt channel that passes the source's first `keep` bytes, then sends
+ * `record` instead of anything the source sends after them.
+ */
+async function injectingRelay(keep: number, record: Uint8Array): Promise<[Socket, Socket, () => void]> {
+  const [pa, x1] = await socketPair();
+  const [x2, pb] = await socketPair();
+  let seen = 0;
+  let injected = false;
+  x1.on("data", (c: Buffer) => {
+    if (seen < keep) x2.write(c.subarray(0, keep - seen));
+    seen += c.length;
+    if (seen > keep && !injected) {
+      injected = true;
+      x2.write(record);
+    }
+  });
+  x2.on("data", (c: Buffer) => x1.write(c));
+  for (const s of [x1, x2]) s.on("error", () => undefined);
+  x1.on("close", () => x2.destroy());
+  x2.on("close", () => x1.destroy());
+  const close = () => {
+    x1.destroy();
+    x2.destroy();
+  };
+  return [pa, pb, close];
+}
+
+test("a well-formed page record for a page outside guest memory on the preempt channel: BAD_PAGE at its offset, nothing placed, typed on both sides", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const before = rawDigest(src);
+  const [a, b] = await socketPair();
+  // PAGES: region 0, one page, number 0x7fffffff (far past the region's end), a zero page.
+  const payload = new Uint8Array(16);
+  const dv = new DataView(payload.buffer);
+  dv.setUint32(0, 0, true);
+  dv.setUint32(4, 1, true);
+  dv.setUint32(8, 0x7fffffff, true);
+  payload[12] = 1;
+  const [pa, pb, closeRelay] = await injectingRelay(36, encodeRecord(RecordType.Pages, payload));
+  let guest: Workload | null = null;
+  const h = hooks();
+  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const destination = new MigrationDestination({
+    memory: dst,
+    acceptPreempt: async () => pb,
+    hooks: {
+      resume: async () => {
+        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+      },
+    },
+  });
+  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
+  await (guest as Workload | null)?.close();
+  closeRelay();
+  assert.equal(de.code, "BAD_PAGE", de.message);
+  assert.match(de.message, /outside its region.*at stream offset 36\b/);
+  assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
+  assert.deepEqual(rawDigest(src), before);
+  src.close();
+  dst.close();
   await settle();
   assert.ok(countFds() <= fds, "fds leaked");
 });
