@@ -9,7 +9,7 @@ import type { Socket } from "node:net";
 import { after, test } from "node:test";
 import { DiscardMap } from "../../src/memory/discard-map.js";
 import { MigrationDestination } from "../../src/migration/destination.js";
-import { encodeRecord, RecordType } from "../../src/migration/format.js";
+import { encodePageRequest, encodeRecord, RecordType } from "../../src/migration/format.js";
 import { MigrationSource } from "../../src/migration/source.js";
 import { connectEndpoint, loadX509Credentials, MigrationListener } from "../../src/migration/transport.js";
 import { Workload } from "../../src/migration/workload.js";
@@ -305,6 +305,54 @@ test("a well-formed page record for a page outside guest memory on the preempt c
   assert.equal(de.code, "BAD_PAGE", de.message);
   assert.match(de.message, /outside its region.*at stream offset 36\b/);
   assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
+  assert.deepEqual(rawDigest(src), before);
+  src.close();
+  dst.close();
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+test("a page request for a region that does not exist, on the preempt channel: the source's request server fails the migration typed (BAD_RECORD), the source keeps its memory", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const before = rawDigest(src);
+  const [a, b] = await socketPair();
+  const [pa, x1] = await socketPair();
+  const [x2, pb] = await socketPair();
+  // source <-> x1 | x2 <-> destination: the destination's first request is replaced by a bad one.
+  let replaced = false;
+  x1.on("data", (c: Buffer) => x2.write(c));
+  x2.on("data", () => {
+    if (replaced) return;
+    replaced = true;
+    x1.write(encodePageRequest(99, 0, 1));
+  });
+  for (const s of [x1, x2]) s.on("error", () => undefined);
+  x1.on("close", () => x2.destroy());
+  x2.on("close", () => x1.destroy());
+  let guest: Workload | null = null;
+  const h = hooks();
+  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const destination = new MigrationDestination({
+    memory: dst,
+    acceptPreempt: async () => pb,
+    hooks: {
+      resume: async () => {
+        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+      },
+    },
+  });
+  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
+  await (guest as Workload | null)?.close();
+  x1.destroy();
+  x2.destroy();
+  assert.equal(se.code, "BAD_RECORD", se.message);
+  assert.match(se.message, /region 99/);
+  assert.ok(["PEER_FAILED", "CONNECTION_LOST", "TRUNCATED"].includes(de.code), de.code);
   assert.deepEqual(rawDigest(src), before);
   src.close();
   dst.close();
