@@ -16,8 +16,12 @@
  * without it is given too); downtime as each reports it (vmshift: stop -> destination running;
  * its verification runs after the destination resumed, so stop -> verified is given too); on the shaped link,
  * the first round's rate of each against the link's capacity. Then postcopy remote-fault
- * latency (destination side: fault read -> page placed) against bench/c/uffd-resolver.c doing
- * the same round trip over TCP loopback in C, for the same number of pages.
+ * latency (destination side: fault read -> page placed) with the background stream at full
+ * speed, for each way a requested page can travel (behind the background stream; on the preempt
+ * channel served by the main threads, by the native fault threads, or over TLS), on loopback and
+ * on the shaped link, against bench/c/uffd-resolver.c doing the same round trip over TCP
+ * loopback in C (no background stream) for the same number of pages; and the longest single
+ * access the destination's guest thread saw (its worst stall).
  *
  * TLS rows: the same precopy runs over mutual TLS 1.3 (vmshift: --tls-creds, x509 credentials
  * made with openssl in QEMU's layout; QEMU: tls-creds-x509 objects with verify-peer and an
@@ -394,58 +398,77 @@ async function precopyFigures(
   return out;
 }
 
-async function faultFigures(link: NetnsLink): Promise<Figure[]> {
+/** How requested pages travel in a fault-latency run. */
+type FaultPath = "main stream" | "preempt, main thread" | "preempt, fault thread" | "preempt over TLS";
+
+interface FaultRun {
+  medianUs: number;
+  p99Us: number;
+  remoteFaults: number;
+  /** The destination guest's longest single access (a fault round trip), µs. */
+  guestMaxUs: number;
+}
+
+/**
+ * One postcopy migration of 256 MiB with the background stream at full speed (no bandwidth
+ * limit) while one guest thread on the destination touches random pages. "preempt, main thread"
+ * forces the fault path onto the main threads (VMSHIFT_POSTCOPY_THREAD=0 in both children).
+ */
+async function faultRun(link: NetnsLink, path: FaultPath, loopback: boolean, creds: TestCreds): Promise<FaultRun> {
+  const security = path === "preempt over TLS" ? ["--tls-creds", creds.good] : ["--insecure"];
+  const saved = process.env.VMSHIFT_POSTCOPY_THREAD;
+  if (path === "preempt, main thread") process.env.VMSHIFT_POSTCOPY_THREAD = "0";
+  try {
+    const r = await migrateBetween(link, {
+      sourceArgs: [
+        "--size",
+        "256",
+        "--fill",
+        "0.7",
+        "--rate",
+        String(RATE),
+        "--mode",
+        "postcopy",
+        "--postcopy-after",
+        "0",
+        ...(path === "main stream" ? [] : ["--preempt"]),
+        ...security,
+      ],
+      destinationArgs: ["--size", "256", "--guest-threads", "1", ...security],
+      ...(loopback ? { loopback: "a" as Side } : {}),
+      timeoutMs: 120_000,
+    });
+    const pc = r.destination.postcopy as {
+      remoteFaults: number;
+      latencyMedianUs: number;
+      latencyP99Us: number;
+      preemptPages?: number;
+      faultThread?: boolean;
+    };
+    if (path !== "main stream" && !pc.preemptPages) throw new Error(`${path}: no page came on the preempt channel`);
+    if ((pc.faultThread ?? false) !== (path === "preempt, fault thread"))
+      throw new Error(`${path}: faults served by the ${pc.faultThread ? "fault thread" : "main thread"}`);
+    const guest = r.destinationEvents.find((e) => e.event === "guest");
+    return {
+      medianUs: pc.latencyMedianUs,
+      p99Us: pc.latencyP99Us,
+      remoteFaults: pc.remoteFaults,
+      guestMaxUs: typeof guest?.maxOpUs === "number" ? guest.maxOpUs : Number.NaN,
+    };
+  } finally {
+    if (saved === undefined) delete process.env.VMSHIFT_POSTCOPY_THREAD;
+    else process.env.VMSHIFT_POSTCOPY_THREAD = saved;
+  }
+}
+
+/** The C reference: bench/c/uffd-resolver.c, fetch over TCP loopback + UFFDIO_COPY, `pages` faults. */
+async function resolverRuns(link: NetnsLink, pages: number): Promise<{ med: number; p99: number }> {
   const dir = join(repoRoot(), ".tmp", "bench-migrate");
   mkdirSync(dir, { recursive: true });
   const bin = join(dir, "uffd-resolver");
   await execFileP("gcc", ["-O2", "-pthread", "-o", bin, join(repoRoot(), "bench", "c", "uffd-resolver.c")], {
     timeout: 60_000,
   });
-  const meds: number[] = [];
-  const p99s: number[] = [];
-  const counts: number[] = [];
-  const pmeds: number[] = [];
-  const pp99s: number[] = [];
-  for (let i = 0; i < RUNS; i++) {
-    // Alternating, so drift hits both: requested pages behind the background stream on the
-    // one connection, then on a preempt channel of their own.
-    for (const preempt of [false, true]) {
-      const r = await migrateBetween(link, {
-        sourceArgs: [
-          "--size",
-          "256",
-          "--fill",
-          "0.7",
-          "--rate",
-          String(RATE),
-          "--mode",
-          "postcopy",
-          "--postcopy-after",
-          "0",
-          ...(preempt ? ["--preempt"] : []),
-        ],
-        destinationArgs: ["--size", "256", "--guest-threads", "1"],
-        loopback: "a",
-        timeoutMs: 60_000,
-      });
-      const pc = r.destination.postcopy as {
-        remoteFaults: number;
-        latencyMedianUs: number;
-        latencyP99Us: number;
-        preemptPages?: number;
-      };
-      if (preempt) {
-        if (!pc.preemptPages) throw new Error("the preempt run carried no page on its preempt channel");
-        pmeds.push(pc.latencyMedianUs);
-        pp99s.push(pc.latencyP99Us);
-      } else {
-        meds.push(pc.latencyMedianUs);
-        p99s.push(pc.latencyP99Us);
-        counts.push(pc.remoteFaults);
-      }
-    }
-  }
-  const pages = Math.max(1, Math.round(median(counts)));
   const cm: number[] = [];
   const cp: number[] = [];
   for (let i = 0; i < RUNS; i++) {
@@ -456,30 +479,81 @@ async function faultFigures(link: NetnsLink): Promise<Figure[]> {
     cm.push(line.resolverMedianUs as number);
     cp.push(line.resolverP99Us as number);
   }
-  log(`postcopy: ${pages} remote faults per run (vmshift), the C resolver served as many`);
+  return { med: median(cm), p99: median(cp) };
+}
+
+/**
+ * Postcopy remote-fault latency (destination: fault read -> page placed) for each fault path,
+ * runs alternating so drift hits all, against the C resolver measured in the same run (between
+ * the rounds). `shaped`: the same over the tbf-shaped veth (the C reference stays loopback: it
+ * has no network of its own). Also the guest's longest single access (its worst stall).
+ */
+async function faultFigures(loop: NetnsLink, shaped: NetnsLink | null, creds: TestCreds): Promise<Figure[]> {
+  const paths: FaultPath[] = ["main stream", "preempt, main thread", "preempt, fault thread", "preempt over TLS"];
+  const links: [string, NetnsLink, boolean][] = [["loopback", loop, true]];
+  if (shaped) links.push(["veth 1 Gbit/s (tbf)", shaped, false]);
+  const runs = new Map<string, FaultRun[]>();
+  const cms: number[] = [];
+  const cps: number[] = [];
+  let pages = 0;
+  for (let i = 0; i < RUNS; i++) {
+    for (const [name, link, loopback] of links)
+      for (const path of paths) {
+        const r = await faultRun(link, path, loopback, creds);
+        const key = `${name}|${path}`;
+        runs.set(key, [...(runs.get(key) ?? []), r]);
+        if (!pages) pages = Math.max(1, r.remoteFaults);
+        log(`${key}: median ${r.medianUs.toFixed(1)} us, p99 ${r.p99Us.toFixed(1)} us, guest max ${r.guestMaxUs} us`);
+      }
+    // The reference between the rounds of ours, for as many faults as our first run served.
+    const c = await resolverRuns(loop, pages);
+    cms.push(c.med);
+    cps.push(c.p99);
+  }
   const ref = `C uffd resolver, TCP loopback page fetch + UFFDIO_COPY, ${pages} pages`;
-  return [
-    figure("migrate", "postcopy remote fault latency, median (loopback)", "us", "lower", median(meds), ref, median(cm)),
-    figure("migrate", "postcopy remote fault latency, p99 (loopback)", "us", "lower", median(p99s), ref, median(cp)),
-    figure(
-      "migrate",
-      "postcopy remote fault latency, median, preempt channel",
-      "us",
-      "lower",
-      median(pmeds),
-      ref,
-      median(cm),
-    ),
-    figure(
-      "migrate",
-      "postcopy remote fault latency, p99, preempt channel",
-      "us",
-      "lower",
-      median(pp99s),
-      ref,
-      median(cp),
-    ),
-  ];
+  const cm = median(cms);
+  const cp = median(cps);
+  const out: Figure[] = [];
+  for (const [name] of links)
+    for (const path of paths) {
+      const rs = runs.get(`${name}|${path}`) ?? [];
+      const m = (f: (r: FaultRun) => number) => median(rs.map(f));
+      const what = `postcopy remote fault latency (${name}, ${path}, background at full speed)`;
+      out.push(
+        figure(
+          "migrate",
+          `${what}, median`,
+          "us",
+          "lower",
+          m((r) => r.medianUs),
+          ref,
+          cm,
+        ),
+      );
+      out.push(
+        figure(
+          "migrate",
+          `${what}, p99`,
+          "us",
+          "lower",
+          m((r) => r.p99Us),
+          ref,
+          cp,
+        ),
+      );
+      out.push(
+        figure(
+          "migrate",
+          `postcopy guest stall, longest single access (${name}, ${path})`,
+          "us",
+          "lower",
+          m((r) => r.guestMaxUs),
+          `${ref}, p99`,
+          cp,
+        ),
+      );
+    }
+  return out;
 }
 
 export async function run(): Promise<Figure[]> {
@@ -504,8 +578,14 @@ async function runLinks(probe: Awaited<ReturnType<typeof probeInterop>>, creds: 
   const figures: Figure[] = [];
   const loop = await NetnsLink.create();
   try {
-    if (!process.env.VMSHIFT_BENCH_ONLY || process.env.VMSHIFT_BENCH_ONLY === "faults")
-      figures.push(...(await faultFigures(loop)));
+    if (!process.env.VMSHIFT_BENCH_ONLY || process.env.VMSHIFT_BENCH_ONLY === "faults") {
+      const shaped = await NetnsLink.create({ rate: "1gbit" });
+      try {
+        figures.push(...(await faultFigures(loop, shaped, creds)));
+      } finally {
+        await shaped.close();
+      }
+    }
     if (!probe.ok) {
       log(`*** QEMU comparison SKIPPED: ${probe.reason} ***`);
       return figures;

@@ -15,6 +15,7 @@
         "src/watch.cc",
         "src/bulk.cc",
         "src/hash.cc",
+        "src/postcopy.cc",
         "src/module.cc"
       ]
     },

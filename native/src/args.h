@@ -69,5 +69,6 @@ void RegisterSocket(napi_env env, napi_value exports);
 void RegisterWatch(napi_env env, napi_value exports);
 void RegisterBulk(napi_env env, napi_value exports);
 void RegisterHash(napi_env env, napi_value exports);
+void RegisterPostcopy(napi_env env, napi_value exports);
 
 }  // namespace vmshift

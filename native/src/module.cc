@@ -9,5 +9,6 @@ NAPI_MODULE_INIT(/* env, exports */) {
   vmshift::RegisterWatch(env, exports);
   vmshift::RegisterBulk(env, exports);
   vmshift::RegisterHash(env, exports);
+  vmshift::RegisterPostcopy(env, exports);
   return exports;
 }

@@ -66,6 +66,8 @@ export interface FaultStats {
   preemptPages?: number;
   /** Remote-fault latencies counted in FAULT_LATENCY_BOUNDS_US buckets (the last: above them all). */
   latencyHistogram?: number[];
+  /** Faults were served by the native fault thread (preempt channel over a plain socket). */
+  faultThread?: boolean;
 }
 
 /** Upper bounds, µs, of FaultStats.latencyHistogram's buckets (one more bucket holds the rest). */

@@ -85,3 +85,34 @@ export class PageSet {
     }
   }
 }
+
+/**
+ * A PageSet over a SharedArrayBuffer that another thread updates at the same time (the native
+ * postcopy fault thread): set, clear and addAll are atomic per byte, so neither side's bits are
+ * lost to the other's read-modify-write.
+ */
+export class SharedPageSet extends PageSet {
+  constructor(pages: number) {
+    super(pages, new Uint8Array(new SharedArrayBuffer(Math.max(1, Math.ceil(pages / 8))), 0, Math.ceil(pages / 8)));
+  }
+
+  #checkShared(p: number): void {
+    if (!(p >= 0 && p < this.pages && Number.isInteger(p)))
+      throw new RangeError(`page ${p} outside a set of ${this.pages}`);
+  }
+
+  override set(p: number): void {
+    this.#checkShared(p);
+    Atomics.or(this.bytes, p >>> 3, 1 << (p & 7));
+  }
+
+  override clear(p: number): void {
+    this.#checkShared(p);
+    Atomics.and(this.bytes, p >>> 3, ~(1 << (p & 7)) & 0xff);
+  }
+
+  override addAll(other: PageSet): void {
+    if (other.pages !== this.pages) throw new RangeError(`a set of ${other.pages} pages into one of ${this.pages}`);
+    for (let i = 0; i < this.bytes.length; i++) if (other.bytes[i]) Atomics.or(this.bytes, i, other.bytes[i] as number);
+  }
+}

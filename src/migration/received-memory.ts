@@ -8,7 +8,7 @@ import { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { PageHashes, regionDigest } from "./digest.js";
 import { MigrationError } from "./errors.js";
-import { PAGE, PageSet } from "./page-set.js";
+import { PAGE, type PageSet, SharedPageSet } from "./page-set.js";
 
 export interface ReceivedRegion {
   readonly region: GuestMemoryRegion;
@@ -28,7 +28,7 @@ export class ReceivedMemory {
       region,
       pages: region.size / PAGE,
       discard: discard?.get(region),
-      present: new PageSet(region.size / PAGE),
+      present: new SharedPageSet(region.size / PAGE),
       hashes: null,
     }));
   }

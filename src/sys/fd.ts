@@ -91,3 +91,11 @@ export function pread(fd: Fd, view: ArrayBufferView, position: number | bigint):
 export function pwrite(fd: Fd, view: ArrayBufferView, position: number | bigint): number {
   return check(native.pwrite(fd.fd, view, position), "pwrite");
 }
+
+/**
+ * shutdown(2) of a socket: 0 reads, 1 writes, 2 both. It acts on the connection, so it reaches
+ * every duplicate of the fd (another thread's too), unlike close.
+ */
+export function shutdownSocket(fd: Fd, how: 0 | 1 | 2 = 2): void {
+  sys(() => native.shutdown(fd.fd, how));
+}

@@ -79,6 +79,31 @@ export interface Native {
   memcpy(dst: View, src: View): number;
   /** XXH64 (seed 0) of `count` pages (index list or consecutive), two u32 words (low, high) per page in `out`. */
   hashPages(src: View, srcIndex: Uint32Array | null, count: number, pageSize: number, out: Uint32Array): void;
+  // postcopy.cc: the fault path's native threads (see src/sys/postcopy-thread.ts)
+  faultThreadCreate(sock: number, notify: number, regions: Float64Array, streamOffset: number): number;
+  faultThreadRegion(
+    id: number,
+    region: number,
+    present: Uint8Array,
+    waiting: Uint8Array,
+    discard: Uint8Array | null,
+    blockSize: number,
+  ): void;
+  faultThreadAddDomain(id: number, uffd: number, ranges: Float64Array): void;
+  faultThreadStart(id: number): void;
+  faultThreadStatus(id: number, out: Float64Array): [state: number, code: string, message: string];
+  faultThreadTakeLatencies(id: number): Float64Array;
+  faultThreadDomainStats(id: number, domain: number, out: Float64Array): void;
+  faultThreadStop(
+    id: number,
+  ): [pending: Float64Array, domainStats: Float64Array, stats: Float64Array, latencies: Float64Array];
+  requestServerCreate(sock: number, notify: number, streamOffset: number): number;
+  requestServerRegion(id: number, memory: View, sent: Uint8Array, discard: Uint8Array | null, blockSize: number): void;
+  requestServerStart(id: number): void;
+  requestServerQueue(id: number, region: number, page: number): void;
+  requestServerFinish(id: number): void;
+  requestServerStatus(id: number, out: Float64Array): [state: number, code: string, message: string];
+  requestServerStop(id: number): void;
 }
 
 /** Every function the addon must export (checked once at load). */
@@ -121,6 +146,21 @@ const FUNCTIONS = [
   "isZero",
   "memcpy",
   "hashPages",
+  "faultThreadCreate",
+  "faultThreadRegion",
+  "faultThreadAddDomain",
+  "faultThreadStart",
+  "faultThreadStatus",
+  "faultThreadTakeLatencies",
+  "faultThreadDomainStats",
+  "faultThreadStop",
+  "requestServerCreate",
+  "requestServerRegion",
+  "requestServerStart",
+  "requestServerQueue",
+  "requestServerFinish",
+  "requestServerStatus",
+  "requestServerStop",
 ] as const satisfies readonly (keyof Native)[];
 
 // Compile-time check that FUNCTIONS lists every member of Native.

@@ -112,6 +112,8 @@ async function main(): Promise<number> {
       } finally {
         await l.close();
       }
+      // What the guest saw: its longest single access is its worst postcopy stall.
+      out({ event: "guest", maxOpUs: guest.maxOpUs, stallMs: guest.stallMs });
       return 0;
     }
     if (role !== "source") throw new RangeError(`role ${role}: source|destination`);

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { PAGE, PageSet } from "../../src/migration/page-set.js";
+import { PAGE, PageSet, SharedPageSet } from "../../src/migration/page-set.js";
 
 test("PAGE is 4 KiB", () => {
   assert.equal(PAGE, 4096);
@@ -76,4 +76,26 @@ test("count and iteration agree on a large random set", () => {
     [...s],
     [...want].sort((a, b) => a - b),
   );
+});
+
+test("SharedPageSet: over a SharedArrayBuffer, same layout and checks; a worker's bits and ours are never lost to each other", async () => {
+  const { Worker } = await import("node:worker_threads");
+  const n = 4096;
+  const s = new SharedPageSet(n);
+  assert.ok(s.bytes.buffer instanceof SharedArrayBuffer);
+  assert.throws(() => s.set(n), RangeError);
+  assert.throws(() => s.clear(-1), RangeError);
+  // A worker sets the odd pages while this thread sets the even ones: the same bytes, at once.
+  const w = new Worker(
+    "const { workerData: b } = require('node:worker_threads'); for (let p = 1; p < b.length * 8; p += 2) Atomics.or(b, p >>> 3, 1 << (p & 7));",
+    { eval: true, workerData: s.bytes },
+  );
+  for (let p = 0; p < n; p += 2) s.set(p);
+  await new Promise((r) => w.once("exit", r));
+  assert.equal(s.count(), n);
+  s.clear(7);
+  assert.ok(!s.has(7) && s.has(6) && s.has(8));
+  const other = PageSet.of([7], n);
+  s.addAll(other);
+  assert.equal(s.count(), n);
 });

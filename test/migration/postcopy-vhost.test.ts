@@ -166,8 +166,14 @@ function missingPages(dst: GuestMemory, src: GuestMemory, n: number): number[] {
   return out;
 }
 
-for (const table of ["ADD_MEM_REG", "SET_MEM_TABLE"] as const) {
-  test(`postcopy, back-end at the destination (${table}): its faults are served through its uffd, every request echoes the source's data, memory equal`, {
+// With a preempt channel over a plain socket the native fault thread reads the back-end's
+// userfaultfd too, and the two placement paths wake its waiters.
+for (const [table, preempt] of [
+  ["ADD_MEM_REG", false],
+  ["SET_MEM_TABLE", false],
+  ["ADD_MEM_REG", true],
+] as const) {
+  test(`postcopy, back-end at the destination (${table}${preempt ? ", preempt channel: native fault thread" : ""}): its faults are served through its uffd, every request echoes the source's data, memory equal`, {
     timeout: 30_000,
   }, async () => {
     const fds = countFds();
@@ -194,6 +200,7 @@ for (const table of ["ADD_MEM_REG", "SET_MEM_TABLE"] as const) {
 
       wl = await Workload.start({ memory: src, pattern: "random", pagesPerSecond: 100_000, threads: 2 });
       const [a, b] = await socketPair();
+      const [pa, pb] = preempt ? await socketPair() : [undefined, undefined];
       const source = new MigrationSource({
         memory: src,
         mode: "postcopy",
@@ -206,6 +213,7 @@ for (const table of ["ADD_MEM_REG", "SET_MEM_TABLE"] as const) {
       let pc: VhostUserPostcopy | null = null;
       const destination = new MigrationDestination({
         memory: dst,
+        ...(pb ? { acceptPreempt: async () => pb } : {}),
         hooks: {
           // Postcopy has started here; nothing of the background stream has arrived yet.
           resume: async () => {
@@ -237,7 +245,7 @@ for (const table of ["ADD_MEM_REG", "SET_MEM_TABLE"] as const) {
       });
       pc = await VhostUserPostcopy.advise(fe, destination, dst);
       assert.ok(fe.postcopyUserfaultfd, "POSTCOPY_ADVISE brought the back-end's userfaultfd");
-      const [rs, rd] = await Promise.all([source.run(a), destination.run(b)]);
+      const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
       await pc.end();
       assert.equal(fe.postcopyUserfaultfd, null, "closed after POSTCOPY_END");
 
@@ -265,6 +273,7 @@ for (const table of ["ADD_MEM_REG", "SET_MEM_TABLE"] as const) {
       assert.equal(pcs.faults, st.faults);
       assert.ok(st.missing > 0, "the back-end's worker faulted on pages that had not arrived");
       assert.ok(pcs.remoteFaults > 0, "and they were requested from the source");
+      assert.equal(pcs.faultThread ?? false, preempt, "served by the native fault thread with a preempt channel");
       // Woken on its uffd when the page arrived; only waiters are woken, not every page placed.
       assert.ok(st.wakes > 0 && st.wakes <= st.faults, `wakes ${st.wakes}, faults ${st.faults}`);
       console.log(

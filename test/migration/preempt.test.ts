@@ -10,6 +10,7 @@ import type { MigrationError } from "../../src/migration/errors.js";
 import { encodePreempt, encodeStreamHeader } from "../../src/migration/format.js";
 import { MigrationSource } from "../../src/migration/source.js";
 import { Workload } from "../../src/migration/workload.js";
+import { Fd, shutdownSocket } from "../../src/sys/fd.js";
 import { countFds, expectBoth, fillPattern, hooks, makeMemory, rawDigest, settle, socketPair } from "./helpers.js";
 
 for (const after of [0, 1]) {
@@ -152,12 +153,21 @@ test("the preempt channel dropped while the destination runs: both sides fail ty
   const before = rawDigest(src);
   const [a, b] = await socketPair();
   const [pa, pb] = await socketPair();
+  // The connection itself drops (shutdown reaches every fd of the socket, also the fault
+  // threads' duplicates), not just our JS object for it.
+  const borrowed = new Fd((pb as unknown as { _handle: { fd: number } })._handle.fd);
+  const conn = borrowed.dup();
+  borrowed.release();
+  const drop = () => {
+    shutdownSocket(conn);
+    conn.close();
+  };
   const h = hooks();
   const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
   const destination = new MigrationDestination({
     memory: dst,
     acceptPreempt: async () => pb,
-    hooks: { resume: () => void setTimeout(() => pb.destroy(), 5) },
+    hooks: { resume: () => void setTimeout(drop, 5) },
   });
   const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
   assert.ok(["CONNECTION_LOST", "TRUNCATED", "PEER_FAILED"].includes(se.code), se.code);

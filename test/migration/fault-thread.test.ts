@@ -1,0 +1,361 @@
+/**
+ * The native fault path (native/src/postcopy.cc): with a preempt channel over a plain socket the
+ * destination's faults are served by its fault thread and the source's answers by its request
+ * server; with VMSHIFT_POSTCOPY_THREAD=0 both stay on the main threads. Real sockets, real
+ * userfaultfd, guest threads that fault while the background stream runs.
+ */
+import assert from "node:assert/strict";
+import type { Socket } from "node:net";
+import { after, test } from "node:test";
+import { DiscardMap } from "../../src/memory/discard-map.js";
+import { MigrationDestination } from "../../src/migration/destination.js";
+import { encodePageRequest, encodeRecord, RecordType } from "../../src/migration/format.js";
+import { MigrationSource } from "../../src/migration/source.js";
+import { connectEndpoint, loadX509Credentials, MigrationListener } from "../../src/migration/transport.js";
+import { Workload } from "../../src/migration/workload.js";
+import { countFds, expectBoth, fillPattern, hooks, makeMemory, rawDigest, settle, socketPair } from "./helpers.js";
+import { CLIENT_CN, makeTestCreds } from "./tls-creds.js";
+
+const creds = makeTestCreds();
+after(() => creds.close());
+
+async function postcopy(threadOn: boolean) {
+  const saved = process.env.VMSHIFT_POSTCOPY_THREAD;
+  if (threadOn) delete process.env.VMSHIFT_POSTCOPY_THREAD;
+  else process.env.VMSHIFT_POSTCOPY_THREAD = "0";
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  try {
+    fillPattern(src);
+    let guest: Workload | null = null;
+    const [a, b] = await socketPair();
+    const [pa, pb] = await socketPair();
+    const source = new MigrationSource({ memory: src, mode: "postcopy", postcopyAfterRounds: 0 });
+    const destination = new MigrationDestination({
+      memory: dst,
+      acceptPreempt: async () => pb,
+      hooks: {
+        resume: async () => {
+          guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 2 });
+        },
+      },
+    });
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
+    await (guest as unknown as Workload).close();
+    assert.deepEqual(rawDigest(dst), rawDigest(src));
+    assert.ok(rs.digests.every((d) => d.match));
+    const pc = rd.postcopy;
+    assert.ok(pc && pc.remoteFaults > 0, "the guest faulted pages in from the source");
+    assert.equal(pc.faultThread, threadOn);
+    assert.ok((pc.preemptPages ?? 0) > 0, "requested pages came on the preempt channel");
+    assert.ok(pc.latencyMedianUs > 0 && pc.latencyP99Us >= pc.latencyMedianUs);
+    assert.ok((pc.latencyHistogram?.reduce((x, y) => x + y, 0) ?? 0) > 0, "latencies were counted");
+    const q = rs.requests as NonNullable<typeof rs.requests>;
+    assert.ok(q.requests > 0 && q.pagesQueued > 0, "the source counted the requests it served");
+    console.log(
+      JSON.stringify({
+        faultThread: threadOn,
+        remote: pc.remoteFaults,
+        preemptPages: pc.preemptPages,
+        medianUs: +pc.latencyMedianUs.toFixed(0),
+        p99Us: +pc.latencyP99Us.toFixed(0),
+      }),
+    );
+  } finally {
+    if (saved === undefined) delete process.env.VMSHIFT_POSTCOPY_THREAD;
+    else process.env.VMSHIFT_POSTCOPY_THREAD = saved;
+    src.close();
+    dst.close();
+  }
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked (sockets, userfaultfd, eventfds, the threads' duplicates)");
+}
+
+test("postcopy over a plain preempt channel: faults served by the native fault thread, memory equal, nothing leaked", () =>
+  postcopy(true));
+
+test("the same with VMSHIFT_POSTCOPY_THREAD=0: served on the main threads, memory equal", () => postcopy(false));
+
+/**
+ * A relay for the preempt channel that flips one bit of what the source sends, `at` bytes in:
+ * the fault thread must refuse the record (CORRUPT, at its stream offset) and place nothing of it.
+ */
+async function corruptingRelay(at: number): Promise<[Socket, Socket, () => void]> {
+  const [pa, x1] = await socketPair();
+  const [x2, pb] = await socketPair();
+  let seen = 0;
+  x1.on("data", (c: Buffer) => {
+    if (at >= seen && at < seen + c.length) c[at - seen] = (c[at - seen] as number) ^ 0x40;
+    seen += c.length;
+    x2.write(c);
+  });
+  x2.on("data", (c: Buffer) => x1.write(c));
+  for (const s of [x1, x2]) s.on("error", () => undefined);
+  x1.on("close", () => x2.destroy());
+  x2.on("close", () => x1.destroy());
+  const close = () => {
+    x1.destroy();
+    x2.destroy();
+  };
+  return [pa, pb, close];
+}
+
+test("a corrupt page record on the preempt channel: the fault thread fails the migration typed (CORRUPT at its offset); the source keeps its memory", async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const before = rawDigest(src);
+  const [a, b] = await socketPair();
+  // Stream header (16) + PREEMPT (20) = 36: the first PAGES record starts there; byte 36 + 30
+  // is inside its page list or data.
+  const [pa, pb, closeRelay] = await corruptingRelay(36 + 30);
+  let guest: Workload | null = null;
+  const h = hooks();
+  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const destination = new MigrationDestination({
+    memory: dst,
+    acceptPreempt: async () => pb,
+    hooks: {
+      resume: async () => {
+        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+      },
+    },
+  });
+  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
+  await (guest as Workload | null)?.close();
+  closeRelay();
+  assert.equal(de.code, "CORRUPT", de.message);
+  assert.match(de.message, /at stream offset 36\b/);
+  assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
+  assert.deepEqual(rawDigest(src), before);
+  src.close();
+  dst.close();
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+test("postcopy with a preempt channel over mutual TLS: served on the main threads (the TLS session stays in its socket), authenticated on every channel, memory equal", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const l = await MigrationListener.listen(
+    { kind: "tcp", host: "127.0.0.1", port: 0 },
+    { tls: { ...loadX509Credentials(creds.good, "server"), authz: CLIENT_CN } },
+  );
+  const port = (l.endpoint as { port: number }).port;
+  const tlsClient = { tls: { ...loadX509Credentials(creds.good, "client"), hostname: "localhost" } };
+  let guest: Workload | null = null;
+  try {
+    // The listener admits a connection once its first record is in: the source must be writing.
+    const a = await connectEndpoint({ kind: "tcp", host: "127.0.0.1", port }, tlsClient);
+    const pa = await connectEndpoint({ kind: "tcp", host: "127.0.0.1", port }, tlsClient);
+    const source = new MigrationSource({ memory: src, mode: "postcopy", postcopyAfterRounds: 0 });
+    const destination = new MigrationDestination({
+      memory: dst,
+      acceptPreempt: () => l.accept("preempt"),
+      hooks: {
+        resume: async () => {
+          guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+        },
+      },
+    });
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), l.accept().then((b) => destination.run(b))]);
+    assert.deepEqual(rawDigest(dst), rawDigest(src));
+    assert.ok(rs.digests.every((d) => d.match));
+    const pc = rd.postcopy;
+    assert.equal(rd.preempt, true);
+    assert.ok(pc && pc.remoteFaults > 0 && (pc.preemptPages ?? 0) > 0);
+    assert.equal(pc.faultThread, false, "a TLS channel is not handed to the native thread");
+    console.log(
+      JSON.stringify({
+        tls: true,
+        remote: pc.remoteFaults,
+        medianUs: +pc.latencyMedianUs.toFixed(0),
+        p99Us: +pc.latencyP99Us.toFixed(0),
+      }),
+    );
+  } finally {
+    await (guest as Workload | null)?.close();
+    await l.close();
+    src.close();
+    dst.close();
+  }
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+test("the fault thread and discarded blocks: a fault there gets a zero page without a request, even when the destination learnt the plug state from the stream (after the preempt channel)", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const r0 = src.regions[0] as (typeof src.regions)[number];
+  const map = new DiscardMap(r0.size, 2 * 1024 * 1024);
+  // Dropped on the source: its content is gone, as virtio-mem's unplug does.
+  map.discard(4 * 1024 * 1024, 2 * 1024 * 1024);
+  (r0.bytes(4 * 1024 * 1024, 2 * 1024 * 1024) as Uint8Array).fill(0);
+  let guest: Workload | null = null;
+  try {
+    const [a, b] = await socketPair();
+    const [pa, pb] = await socketPair();
+    const source = new MigrationSource({
+      memory: src,
+      mode: "postcopy",
+      postcopyAfterRounds: 0,
+      discard: new Map([[r0, map]]),
+    });
+    // No discard map given here: the destination creates one from the DISCARD records, which
+    // come after PREEMPT. Once every page has arrived (faults still served) the guest sweeps all
+    // of memory once, the discarded block too, which was never sent: it can only fault.
+    const pages = dst.size / 4096;
+    const destination = new MigrationDestination({
+      memory: dst,
+      acceptPreempt: async () => pb,
+      hooks: {
+        beforeVerify: async () => {
+          const g = await Workload.start({ memory: dst, mode: "touch", pattern: "sequential", threads: 1 });
+          guest = g;
+          while (g.pagesWritten < pages) await new Promise((r) => setImmediate(r));
+          await g.pause();
+        },
+      },
+    });
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
+    assert.ok(rs.digests.every((d) => d.match));
+    assert.deepEqual(rawDigest(dst), rawDigest(src));
+    const pc = rd.postcopy;
+    assert.ok(pc?.faultThread);
+    assert.ok(pc.discardFaults > 0, `faults in the discarded block: ${pc.discardFaults}`);
+  } finally {
+    await (guest as Workload | null)?.close();
+    src.close();
+    dst.close();
+  }
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+/**
+ * A relay for the preempt channel that passes the source's first `keep` bytes, then sends
+ * `record` instead of anything the source sends after them.
+ */
+async function injectingRelay(keep: number, record: Uint8Array): Promise<[Socket, Socket, () => void]> {
+  const [pa, x1] = await socketPair();
+  const [x2, pb] = await socketPair();
+  let seen = 0;
+  let injected = false;
+  x1.on("data", (c: Buffer) => {
+    if (seen < keep) x2.write(c.subarray(0, keep - seen));
+    seen += c.length;
+    if (seen > keep && !injected) {
+      injected = true;
+      x2.write(record);
+    }
+  });
+  x2.on("data", (c: Buffer) => x1.write(c));
+  for (const s of [x1, x2]) s.on("error", () => undefined);
+  x1.on("close", () => x2.destroy());
+  x2.on("close", () => x1.destroy());
+  const close = () => {
+    x1.destroy();
+    x2.destroy();
+  };
+  return [pa, pb, close];
+}
+
+test("a well-formed page record for a page outside guest memory on the preempt channel: BAD_PAGE at its offset, nothing placed, typed on both sides", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const before = rawDigest(src);
+  const [a, b] = await socketPair();
+  // PAGES: region 0, one page, number 0x7fffffff (far past the region's end), a zero page.
+  const payload = new Uint8Array(16);
+  const dv = new DataView(payload.buffer);
+  dv.setUint32(0, 0, true);
+  dv.setUint32(4, 1, true);
+  dv.setUint32(8, 0x7fffffff, true);
+  payload[12] = 1;
+  const [pa, pb, closeRelay] = await injectingRelay(36, encodeRecord(RecordType.Pages, payload));
+  let guest: Workload | null = null;
+  const h = hooks();
+  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const destination = new MigrationDestination({
+    memory: dst,
+    acceptPreempt: async () => pb,
+    hooks: {
+      resume: async () => {
+        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+      },
+    },
+  });
+  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
+  await (guest as Workload | null)?.close();
+  closeRelay();
+  assert.equal(de.code, "BAD_PAGE", de.message);
+  assert.match(de.message, /outside its region.*at stream offset 36\b/);
+  assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
+  assert.deepEqual(rawDigest(src), before);
+  src.close();
+  dst.close();
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
+
+test("a page request for a region that does not exist, on the preempt channel: the source's request server fails the migration typed (BAD_RECORD), the source keeps its memory", {
+  timeout: 120_000,
+}, async () => {
+  const fds = countFds();
+  const src = makeMemory();
+  const dst = makeMemory();
+  fillPattern(src);
+  const before = rawDigest(src);
+  const [a, b] = await socketPair();
+  const [pa, x1] = await socketPair();
+  const [x2, pb] = await socketPair();
+  // source <-> x1 | x2 <-> destination: the destination's first request is replaced by a bad one.
+  let replaced = false;
+  x1.on("data", (c: Buffer) => x2.write(c));
+  x2.on("data", () => {
+    if (replaced) return;
+    replaced = true;
+    x1.write(encodePageRequest(99, 0, 1));
+  });
+  for (const s of [x1, x2]) s.on("error", () => undefined);
+  x1.on("close", () => x2.destroy());
+  x2.on("close", () => x1.destroy());
+  let guest: Workload | null = null;
+  const h = hooks();
+  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const destination = new MigrationDestination({
+    memory: dst,
+    acceptPreempt: async () => pb,
+    hooks: {
+      resume: async () => {
+        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+      },
+    },
+  });
+  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
+  await (guest as Workload | null)?.close();
+  x1.destroy();
+  x2.destroy();
+  assert.equal(se.code, "BAD_RECORD", se.message);
+  assert.match(se.message, /region 99/);
+  assert.ok(["PEER_FAILED", "CONNECTION_LOST", "TRUNCATED"].includes(de.code), de.code);
+  assert.deepEqual(rawDigest(src), before);
+  src.close();
+  dst.close();
+  await settle();
+  assert.ok(countFds() <= fds, "fds leaked");
+});
