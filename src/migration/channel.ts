@@ -238,12 +238,32 @@ export class RecordWriter {
     return this.#stream.writableLength;
   }
 
-  async write(buf: Uint8Array): Promise<void> {
-    if (this.#closed instanceof MigrationError) throw this.#closed;
-    if (this.#closed || this.#stream.destroyed || this.#stream.writableEnded)
+  /**
+   * Writes `buf`, then waits while more than the high-water mark is buffered. `written` runs
+   * once the stream is done with `buf` (handed to the kernel, or dropped with the stream), so
+   * the buffer may then be reused; also when this throws.
+   */
+  async write(buf: Uint8Array, written?: () => void): Promise<void> {
+    if (
+      this.#closed instanceof MigrationError ||
+      this.#closed ||
+      this.#stream.destroyed ||
+      this.#stream.writableEnded
+    ) {
+      written?.();
+      if (this.#closed instanceof MigrationError) throw this.#closed;
       throw new MigrationError("CONNECTION_LOST", `write after the connection closed: ${this.#closed?.message ?? ""}`);
+    }
     this.#outstanding++;
-    this.#stream.write(buf, this.#onWritten);
+    this.#stream.write(
+      buf,
+      written
+        ? () => {
+            written();
+            this.#onWritten();
+          }
+        : this.#onWritten,
+    );
     this.#bytes += buf.length;
     if (this.#stream.writableLength > this.#highWater) await this.drain();
     if (this.#limit > 0) await this.#throttle(buf.length);

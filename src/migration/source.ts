@@ -15,7 +15,7 @@ import type { GuestMemoryRegion } from "../memory/region.js";
 import { isZero } from "../sys/bulk.js";
 import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
 import { convergence, convergenceLimits, predictDowntimeMs } from "./convergence.js";
-import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
+import { hex, regionDigest } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import {
   DIRTY_HEAT_CELLS,
@@ -44,12 +44,11 @@ import {
   encodeRegion,
   encodeRound,
   encodeStreamHeader,
-  PAGES_PER_RECORD,
   RecordType,
   recordName,
 } from "./format.js";
+import { PageSender } from "./page-sender.js";
 import { PAGE, PageSet } from "./page-set.js";
-import { copyRegionPages } from "./pages.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
 const GiB = 1024 ** 3;
@@ -147,17 +146,12 @@ export class MigrationSource {
   readonly #ps = PAGE;
   #t0 = 0;
   #stats: RoundStats[] = [];
-  #pages = 0;
-  #zero = 0;
   #writersStopped = false;
   #destinationRunning = false;
   #throttle = 0;
   #used = false;
-  /** Regions whose plug state changed since it was last sent (virtio-mem (un)plug mid-migration). */
-  readonly #plugChanged = new Set<number>();
-  /** Counts (un)plug events; #sendDirty filters its batches only when one came after the sync. */
-  #plugEpoch = 0;
-  #plugEpochAtSync = 0;
+  /** Precopy rounds, the postcopy background pass and (un)plug changes: see page-sender.ts. */
+  readonly #sender: PageSender;
   /** Postcopy with a preempt channel: the background loop yields after every record. */
   #yieldEachRecord = false;
   readonly #requests: RequestStats = {
@@ -179,6 +173,7 @@ export class MigrationSource {
       pages: region.size / PAGE,
       discard: options.discard?.get(region),
     }));
+    this.#sender = new PageSender(this.#regions);
   }
 
   #phase(phase: Phase): void {
@@ -268,24 +263,12 @@ export class MigrationSource {
       }
       // Plug state travels first: the destination must know what never to populate. A change
       // while the migration runs goes again, ahead of the next pages.
+      unsubscribe.push(...this.#sender.watchPlugState());
       for (const [index, ri] of this.#regions.entries())
-        if (ri.discard) {
-          unsubscribe.push(
-            ri.discard.subscribe({
-              onDiscard: () => {
-                this.#plugChanged.add(index);
-                this.#plugEpoch++;
-              },
-              onPopulate: () => {
-                this.#plugChanged.add(index);
-                this.#plugEpoch++;
-              },
-            }),
-          );
+        if (ri.discard)
           await writer.write(
             encodeDiscard({ region: index, blockSize: ri.discard.blockSize, states: ri.discard.toBytes() }),
           );
-        }
       await tracker.start();
       trackerStarted = true;
       rp.start(writer);
@@ -300,8 +283,8 @@ export class MigrationSource {
         downtimeStart = performance.now();
         await this.#stopWriters();
         await this.#sync(tracker, true);
-        await this.#sendDirty(tracker, writer, rp);
-        this.#sendPlugChanges(writer);
+        await this.#sender.sendDirty(tracker.bitmap, writer, rp);
+        this.#sender.sendPlugChanges(writer);
         await this.#sendDeviceStates(writer);
         // The destination resumes on SWITCHOVER with the digest of what it received, known
         // from per-page hashes taken as pages arrived; the comparison comes after it runs.
@@ -320,7 +303,7 @@ export class MigrationSource {
         downtimeStart = performance.now();
         await this.#stopWriters();
         await this.#sync(tracker, true);
-        this.#sendPlugChanges(writer);
+        this.#sender.sendPlugChanges(writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
         const set = this.#regions.map((ri, i) => PageSet.of(todo[i] as Uint32Array, ri.pages));
         postcopySet = set;
@@ -332,7 +315,7 @@ export class MigrationSource {
         // From here the destination may be running: until it says otherwise (FAIL before
         // RESUMED), the source must not run the guest again.
         postcopyRunSent = true;
-        rp.servePages(preemptWriter ?? writer, (i, p) => this.#pageView(i, p), preemptWriter !== null);
+        rp.servePages(preemptWriter ?? writer, (i, p) => this.#sender.pageView(i, p), preemptWriter !== null);
         downtimeMs = 0;
         for (;;) {
           try {
@@ -345,13 +328,13 @@ export class MigrationSource {
               this.#destinationRunning = true;
               downtimeMs = performance.now() - downtimeStart;
             }
-            await this.#sendBackground(todo, writer, rp);
+            await this.#sender.sendBackground(todo, writer, rp, this.#yieldEachRecord);
             if (preemptWriter && preempt) {
               // Every page is on its way on one channel or the other. Close the preempt channel
               // with a marker the destination waits for before END: pages it carried may still be
               // in flight. A request that comes after this is for a page already sent: served on
               // the main stream, ahead of END.
-              rp.servePages(writer, (i, p) => this.#pageView(i, p));
+              rp.servePages(writer, (i, p) => this.#sender.pageView(i, p));
               await preemptWriter.write(encodeRecord(RecordType.PreemptEnd));
               const ch = preempt;
               preemptClosing = true;
@@ -405,8 +388,8 @@ export class MigrationSource {
         downtimeMs,
         verifyMs,
         bytesSent: bytesBefore + writer.bytesWritten,
-        pagesSent: this.#pages,
-        zeroPages: this.#zero,
+        pagesSent: this.#sender.pages,
+        zeroPages: this.#sender.zero,
         converged,
         digests: cmp,
         roundStats: this.#stats,
@@ -450,33 +433,6 @@ export class MigrationSource {
   async #sendDeviceStates(writer: RecordWriter): Promise<void> {
     const states = (await this.#o.hooks?.saveDeviceState?.()) ?? [];
     for (const s of states) await writer.write(encodeDeviceState(s.name, s.blob));
-  }
-
-  /** Copies a record's full pages out of region i in one native call per window. */
-  #gather(i: number): (full: Uint32Array, count: number, into: Uint8Array) => void {
-    const region = (this.#regions[i] as RegionInfo).region;
-    return (full, count, into) => copyRegionPages(region, full, count, into, false);
-  }
-
-  /**
-   * The zero test for a batch of pages (ascending). Where residencyImpliesZero holds, a page
-   * that is not resident is zero without reading it: reading would fault a fresh zero page in
-   * (the never-written part of a new memfd costs more to scan than all the data sent).
-   */
-  #isZero(i: number, batch: Uint32Array, byResidency: boolean): (p: number) => boolean {
-    const view = (p: number) => isZero(this.#pageView(i, p));
-    const mapping = (this.#regions[i] as RegionInfo).region.mapping;
-    if (!byResidency || !mapping || batch.length === 0) return view;
-    const first = batch[0] as number;
-    const span = (batch[batch.length - 1] as number) - first + 1;
-    if (span > 65536) return view;
-    const resident = mapping.residency(first * this.#ps, span * this.#ps);
-    return (p) => ((resident[p - first] as number) & 1) === 0 || view(p);
-  }
-
-  #pageView(i: number, p: number): Uint8Array {
-    const r = (this.#regions[i] as RegionInfo).region;
-    return r.bytes(p * this.#ps, this.#ps) as Uint8Array;
   }
 
   /** Precopy rounds; returns when it is time to stop the writers. */
@@ -539,7 +495,7 @@ export class MigrationSource {
       const t = performance.now();
       const b0 = writer.bytesWritten;
       const heat = new Array<number>(DIRTY_HEAT_CELLS).fill(0);
-      const { pages, zero } = await this.#sendDirty(tracker, writer, rp, heat);
+      const { pages, zero } = await this.#sender.sendDirty(tracker.bitmap, writer, rp, heat);
       await writer.drain();
       const durationMs = performance.now() - t;
       prevEnd = performance.now();
@@ -564,68 +520,10 @@ export class MigrationSource {
     }
   }
 
-  /** Sends every page dirty in the tracker's bitmap now (taking it). */
-  async #sendDirty(
-    tracker: DirtyTracker,
-    writer: RecordWriter,
-    rp: ReturnPath,
-    heat?: number[],
-  ): Promise<{ pages: number; zero: number }> {
-    let pages = 0;
-    let zero = 0;
-    let base = 0;
-    const cellPages = this.#regions.reduce((n, r) => n + r.pages, 0) / DIRTY_HEAT_CELLS;
-    for (let i = 0; i < this.#regions.length; i++) {
-      const dirty = tracker.bitmap.take(i);
-      if (heat)
-        for (let k = 0; k < dirty.length; k++) {
-          const c = Math.min(DIRTY_HEAT_CELLS - 1, Math.floor((base + (dirty[k] as number)) / cellPages));
-          heat[c] = (heat[c] as number) + 1;
-        }
-      base += (this.#regions[i] as RegionInfo).pages;
-      // Taken after the sync: a page that is not resident now and written later is dirty again.
-      const byResidency = residencyImpliesZero((this.#regions[i] as RegionInfo).region);
-      const discard = (this.#regions[i] as RegionInfo).discard;
-      for (let s = 0; s < dirty.length; s += PAGES_PER_RECORD) {
-        rp.check();
-        if (this.#plugChanged.size > 0) this.#sendPlugChanges(writer);
-        // The sync left out discarded blocks; only a block discarded since needs a second look.
-        const batch =
-          discard && this.#plugEpoch !== this.#plugEpochAtSync
-            ? discard.filterPages(dirty.subarray(s, s + PAGES_PER_RECORD), this.#ps)
-            : dirty.subarray(s, s + PAGES_PER_RECORD);
-        if (batch.length === 0) continue;
-        const rec = encodePages(
-          i,
-          batch,
-          this.#ps,
-          (p) => this.#pageView(i, p),
-          this.#isZero(i, batch, byResidency),
-          this.#gather(i),
-        );
-        await writer.write(rec.record);
-        pages += batch.length;
-        zero += rec.zero;
-      }
-    }
-    this.#pages += pages;
-    this.#zero += zero;
-    return { pages, zero };
-  }
-
   /** A dirty sync of every source; notes which (un)plug events it already accounted for. */
   #sync(tracker: DirtyTracker, final: boolean): ReturnType<DirtyTracker["sync"]> {
-    this.#plugEpochAtSync = this.#plugEpoch;
+    this.#sender.syncing();
     return tracker.sync({ final });
-  }
-
-  /** The plug state of every region whose blocks were (un)plugged since it was last sent. */
-  #sendPlugChanges(writer: RecordWriter): void {
-    for (const i of this.#plugChanged) {
-      const d = (this.#regions[i] as RegionInfo).discard;
-      if (d) writer.writeNow(encodeDiscard({ region: i, blockSize: d.blockSize, states: d.toBytes() }));
-    }
-    this.#plugChanged.clear();
   }
 
   /** Digests of the frozen memory, END, and the destination's COMPLETE. */
@@ -706,7 +604,7 @@ export class MigrationSource {
         rp.setPostcopySet(postcopySet);
         rp.setSent(held);
         rp.start(w);
-        rp.servePages(w, (i, p) => this.#pageView(i, p));
+        rp.servePages(w, (i, p) => this.#sender.pageView(i, p));
         this.#phase("postcopy");
         return { stream: s, writer: w, rp };
       } catch (e) {
@@ -726,42 +624,6 @@ export class MigrationSource {
       undefined,
       { cause: cause.message },
     );
-  }
-
-  /** Postcopy background: every page still to send, skipping the ones requested meanwhile. */
-  async #sendBackground(todo: Uint32Array[], writer: RecordWriter, rp: ReturnPath): Promise<void> {
-    const BATCH = this.#yieldEachRecord ? 16 : 64;
-    for (let i = 0; i < todo.length; i++) {
-      const pages = todo[i] as Uint32Array;
-      const batch: number[] = [];
-      const flush = async () => {
-        if (batch.length === 0) return;
-        const rec = encodePages(
-          i,
-          batch,
-          this.#ps,
-          (p) => this.#pageView(i, p),
-          (p) => isZero(this.#pageView(i, p)),
-          this.#gather(i),
-        );
-        for (const p of batch) rp.markSent(i, p);
-        this.#pages += batch.length;
-        this.#zero += rec.zero;
-        batch.length = 0;
-        await writer.write(rec.record);
-        // A write under the high-water mark resolves at once: without this the loop would not
-        // return to the event loop (and read page requests) until the socket backs up.
-        if (this.#yieldEachRecord) await new Promise((r) => setImmediate(r));
-      };
-      for (let k = 0; k < pages.length; k++) {
-        rp.check();
-        const p = pages[k] as number;
-        if (rp.wasSent(i, p)) continue;
-        batch.push(p);
-        if (batch.length === BATCH) await flush();
-      }
-      await flush();
-    }
   }
 }
 
