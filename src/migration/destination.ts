@@ -38,14 +38,7 @@ import {
 } from "./channel.js";
 import { hex } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
-import {
-  type FaultStats,
-  latencyHistogram,
-  MigrationEvents,
-  type MigrationResult,
-  type Phase,
-  percentile,
-} from "./events.js";
+import { type FaultStats, latencyHistogram, MigrationEvents, type MigrationResult, percentile } from "./events.js";
 import {
   Capability,
   decodeCapabilities,
@@ -70,6 +63,7 @@ import {
 } from "./format.js";
 import { PAGE, PageSet } from "./page-set.js";
 import { writeRegionPages } from "./pages.js";
+import { destinationPhases } from "./phases.js";
 import { ReceivedMemory, type ReceivedRegion } from "./received-memory.js";
 import type { DeviceState } from "./source.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
@@ -236,8 +230,13 @@ export class MigrationDestination {
     return d.stats;
   }
 
-  #phase(phase: Phase): void {
-    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 });
+  /** The state diagram this side follows (phases.ts, docs/migration.md). */
+  readonly #phases = destinationPhases((phase) =>
+    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 }),
+  );
+
+  #phase(phase: Exclude<ReturnType<typeof destinationPhases>["phase"], "idle">): void {
+    this.#phases.to(phase);
   }
 
   async run(stream: Duplex): Promise<MigrationResult> {
@@ -442,7 +441,7 @@ export class MigrationDestination {
         });
       }
       stream.destroy();
-      this.#phase("failed");
+      if (!this.#phases.final) this.#phase("failed");
       this.events.emit("failed", err);
       throw err;
     } finally {

@@ -21,7 +21,6 @@ import {
   DIRTY_HEAT_CELLS,
   MigrationEvents,
   type MigrationResult,
-  type Phase,
   type RegionDigest,
   type RequestStats,
   type RoundStats,
@@ -49,6 +48,7 @@ import {
 } from "./format.js";
 import { PageSender } from "./page-sender.js";
 import { PAGE, PageSet } from "./page-set.js";
+import { sourcePhases } from "./phases.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
 const GiB = 1024 ** 3;
@@ -176,8 +176,11 @@ export class MigrationSource {
     this.#sender = new PageSender(this.#regions);
   }
 
-  #phase(phase: Phase): void {
-    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 });
+  /** The state diagram this side follows (phases.ts, docs/migration.md). */
+  readonly #phases = sourcePhases((phase) => this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 }));
+
+  #phase(phase: Exclude<ReturnType<typeof sourcePhases>["phase"], "idle">): void {
+    this.#phases.to(phase);
   }
 
   /** Runs the migration over `stream` (owned from here on: ended on success, destroyed on failure). */
@@ -417,7 +420,7 @@ export class MigrationSource {
       stream.destroy();
       preemptClosing = true;
       preempt?.destroy();
-      this.#phase("failed");
+      if (!this.#phases.final) this.#phase("failed");
       this.events.emit("failed", err);
       throw err;
     } finally {

@@ -114,7 +114,8 @@ test("page-sender: dirty rounds send only what was written since the last sync",
       [...r.pages.keys()].sort((x, y) => x - y),
       [3, 5, 1500],
     );
-    for (const [p, data] of r.pages) assert.ok(data && same(data, region.bytes(p * PAGE, PAGE) as Uint8Array), `page ${p}`);
+    for (const [p, data] of r.pages)
+      assert.ok(data && same(data, region.bytes(p * PAGE, PAGE) as Uint8Array), `page ${p}`);
     // Nothing written since: an empty round sends nothing.
     sender.syncing();
     assert.equal((await tracker.sync()).dirtyPages, 0);
