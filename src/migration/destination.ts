@@ -3,31 +3,19 @@
  * only after its CRC passed and every page index, flag and length in it was checked, so a
  * bad stream stops at the exact offset of the first bad record with nothing past it applied.
  *
- * Postcopy: after POSTCOPY_RUN the guest runs here while pages still arrive. Guest memory is
- * registered with userfaultfd (MISSING); the main thread resolves faults and never touches
- * guest memory itself (the threads that may fault are the guest's workers, never this one).
- * A fault sends a PAGE_REQUEST on the return path; the page comes back ahead of the
- * background stream (on a second connection when the source opened one: the preempt channel,
- * accepted through `acceptPreempt`) and is placed with UFFDIO_COPY. A page already placed is never
- * overwritten (EEXIST: just wake). More userfaultfds (a vhost-user backend's, with its own
- * address table) join through addFaultDomain() and are served by the same request path.
- *
- * Such a domain maps the same shared memory (memfd, hugetlbfs) at other addresses, usually in
- * another process. A page is placed once, through our own userfaultfd into our mapping: that
- * fills the shared page cache, so the other mappings see it without a fault (a MISSING fault
- * is raised only for a page absent from the page cache). Threads of another domain that are
- * already waiting sleep on that domain's userfaultfd, so they are woken there (UFFDIO_WAKE at
- * its address), as QEMU does for vhost-user back-ends. A UFFDIO_COPY through the other
- * userfaultfd would only find the page there (EEXIST) after allocating and copying one, and
- * fails with ENOENT while the back-end has not registered that range yet.
+ * Postcopy: after POSTCOPY_RUN the guest runs here while pages still arrive. The fault path
+ * (fault-server.ts) watches the userfaultfds; a fault sends a PAGE_REQUEST on the return path;
+ * the page comes back ahead of the background stream (on a second connection when the source
+ * opened one: the preempt channel, accepted through `acceptPreempt`) and is placed once. More
+ * userfaultfds (a vhost-user backend's, with its own address table) join through
+ * addFaultDomain() and are served by the same request path.
  */
 import type { Duplex } from "node:stream";
 import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { MADV_DONTNEED, MADV_REMOVE } from "../sys/mapping.js";
-import type { Watch } from "../sys/poller.js";
-import { UFFD_EVENT_PAGEFAULT, UFFDIO_REGISTER_MODE_MISSING, Userfaultfd } from "../sys/userfaultfd.js";
+import type { Userfaultfd } from "../sys/userfaultfd.js";
 import {
   boundSocketBuffers,
   POSTCOPY_READ_AHEAD,
@@ -38,7 +26,8 @@ import {
 } from "./channel.js";
 import { hex } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
-import { type FaultStats, latencyHistogram, MigrationEvents, type MigrationResult, percentile } from "./events.js";
+import { MigrationEvents, type MigrationResult } from "./events.js";
+import { type FaultDomainStats, type FaultRange, FaultServer } from "./fault-server.js";
 import {
   Capability,
   decodeCapabilities,
@@ -67,6 +56,8 @@ import { destinationPhases } from "./phases.js";
 import { ReceivedMemory, type ReceivedRegion } from "./received-memory.js";
 import type { DeviceState } from "./source.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
+
+export type { FaultDomainStats, FaultRange } from "./fault-server.js";
 
 export interface DestinationHooks {
   /**
@@ -133,61 +124,19 @@ async function acceptWithin(
   }
 }
 
-/** One guest-physical range mapped at a host address under some userfaultfd. */
-export interface FaultRange {
-  guestBase: number;
-  size: number;
-  hostStart: bigint;
-}
-
-/** Live counters of one fault domain added with addFaultDomain(). */
-export interface FaultDomainStats {
-  /** Fault messages read from this domain's userfaultfd. */
-  readonly faults: number;
-  /** Of those, pages that had not arrived yet (a PAGE_REQUEST went out or was in flight). */
-  readonly missing: number;
-  /** UFFDIO_WAKEs sent to this domain: to a thread waiting on a page once it arrived, or at once when it was already there. */
-  readonly wakes: number;
-}
-
-interface FaultDomain {
-  uffd: Userfaultfd;
-  ranges: FaultRange[];
-  /** Owned: registered and closed here. */
-  owned: boolean;
-  watch: Watch | null;
-  stats: { faults: number; missing: number; wakes: number };
-  /**
-   * Pages (guest-physical) this domain reported a fault on that were not there yet: its threads
-   * wait on them. Only these need a wake when the page is placed through another domain; a
-   * fault still unread at that moment finds the page present when it is read, and is woken then.
-   */
-  waiting: Set<number>;
-}
-
 export class MigrationDestination {
   readonly events = new MigrationEvents();
   readonly #o: DestinationOptions;
   readonly #mem: ReceivedMemory;
   readonly #regions: readonly ReceivedRegion[];
-  readonly #domains: FaultDomain[] = [];
+  readonly #faults: FaultServer;
   #writer: RecordWriter | null = null;
   #postcopy = false;
   #t0 = 0;
   #pages = 0;
   #zero = 0;
   #rounds = 0;
-  readonly #pending = new Map<number, number>();
-  readonly #latencies: number[] = [];
-  #faults = 0;
-  #remoteFaults = 0;
-  #preemptPages = 0;
   #preemptUsed = false;
-  #discardFaults = 0;
-  #faultError: Error | null = null;
-  /** Postcopy is over (every fault domain released): no domain may join any more. */
-  #ended = false;
-  #lastFaultEvent = 0;
   readonly #deviceStates: string[] = [];
   #used = false;
   /** Precopy: SWITCHOVER received, the guest runs here; this side's digests at that moment. */
@@ -198,6 +147,12 @@ export class MigrationDestination {
     this.#o = options;
     this.#mem = new ReceivedMemory(options.memory.regions, options.discard);
     this.#regions = this.#mem.regions;
+    this.#faults = new FaultServer({
+      memory: options.memory,
+      received: this.#mem,
+      request: (region, page) => this.#writer?.writeNow(encodePageRequest(region, page)),
+      onStats: (stats) => this.events.emit("faults", stats),
+    });
   }
 
   /**
@@ -209,25 +164,7 @@ export class MigrationDestination {
    * userfaultfd stays the caller's. Returns this domain's live counters.
    */
   addFaultDomain(uffd: Userfaultfd, ranges: FaultRange[]): FaultDomainStats {
-    if (this.#ended)
-      throw new MigrationError("UNSUPPORTED", "addFaultDomain after postcopy ended: nobody would serve its faults");
-    for (const r of ranges)
-      if (!this.#o.memory.regions.some((g) => r.guestBase >= g.guestBase && r.guestBase + r.size <= g.end))
-        throw new MigrationError(
-          "REGION_MISMATCH",
-          `fault domain range [0x${r.guestBase.toString(16)}, +0x${r.size.toString(16)}) is not inside one region of guest memory`,
-        );
-    const d: FaultDomain = {
-      uffd,
-      ranges,
-      owned: false,
-      watch: null,
-      stats: { faults: 0, missing: 0, wakes: 0 },
-      waiting: new Set(),
-    };
-    this.#domains.push(d);
-    if (this.#postcopy) this.#watch(d);
-    return d.stats;
+    return this.#faults.addDomain(uffd, ranges);
   }
 
   /** The state diagram this side follows (phases.ts, docs/migration.md). */
@@ -290,7 +227,7 @@ export class MigrationDestination {
         try {
           return await Promise.race([reader.next(), aborted]);
         } catch (e) {
-          if (!(canRecover && this.#postcopy && !this.#ended && isLoss(e))) throw e;
+          if (!(canRecover && this.#faults.running && isLoss(e))) throw e;
           await recover(asMigrationError(e));
         }
       }
@@ -334,7 +271,7 @@ export class MigrationDestination {
         r = await next();
       }
       for (;;) {
-        if (this.#faultError) throw this.#faultError;
+        if (this.#faults.failure) throw this.#faults.failure;
         if (this.#resumedWith && r.type !== RecordType.Digest && r.type !== RecordType.End)
           throw r.payload.error(`${recordName(r.type)} after SWITCHOVER`);
         // END's work is the end of the migration (preempt channel, digests), not a record's.
@@ -385,7 +322,8 @@ export class MigrationDestination {
               boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
               reader.setReadAhead(POSTCOPY_READ_AHEAD);
             }
-            this.#startPostcopy();
+            this.#faults.start();
+            this.#postcopy = true;
             await this.#o.hooks?.resume?.();
             writer.writeNow(encodeRecord(RecordType.Resumed));
             break;
@@ -420,7 +358,7 @@ export class MigrationDestination {
           connectionLost: true,
         });
       writer.writeNow(encodeFail(err.code, err.message));
-      this.#stopPostcopy();
+      this.#faults.stop();
       reader.detach();
       preempt?.reader.detach();
       preempt?.stream.destroy();
@@ -479,7 +417,7 @@ export class MigrationDestination {
         const w = new RecordWriter(s);
         // What is here is not sent again; what threads wait on is asked for again.
         for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present.bytes));
-        for (const key of this.#pending.keys()) w.writeNow(encodePageRequest(Math.floor(key / 2 ** 32), key % 2 ** 32));
+        for (const [region, page] of this.#faults.pending()) w.writeNow(encodePageRequest(region, page));
         boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
         r.setReadAhead(POSTCOPY_READ_AHEAD);
         return { stream: s, reader: r, writer: w };
@@ -569,7 +507,7 @@ export class MigrationDestination {
           `preempt channel: unexpected ${recordName(r.type)}${this.#postcopy ? "" : " before POSTCOPY_RUN"}`,
         );
       try {
-        this.#preemptPages += this.#applyPages(r);
+        this.#faults.preemptPages += this.#applyPages(r);
       } catch (e) {
         throw recordFailure(e, r);
       }
@@ -644,7 +582,7 @@ export class MigrationDestination {
   #applyPages(r: Record): number {
     const rec = decodePages(r.payload, PAGE);
     const st = this.#mem.checkPages(rec.region, rec.pages, r.offset);
-    if (this.#postcopy) this.#placePages(st, rec);
+    if (this.#postcopy) this.#faults.placePages(st, rec);
     else this.#writePages(st, rec);
     return rec.pages.length;
   }
@@ -669,104 +607,6 @@ export class MigrationDestination {
     this.#pages += n;
   }
 
-  #placePages(st: ReceivedRegion, rec: PagesRecord): void {
-    const ri = this.#regions.indexOf(st);
-    // Only our own userfaultfd: runs of consecutive pages go in one UFFDIO_COPY / ZEROPAGE.
-    if (this.#domains.length === 1) this.#placeRuns(st, ri, rec, this.#domains[0] as FaultDomain);
-    else
-      for (let k = 0; k < rec.pages.length; k++) {
-        const p = rec.pages[k] as number;
-        const at = rec.dataOffsets[k] as number;
-        if (st.present.has(p)) continue;
-        this.#install(st.region.guestBase + p * PAGE, at < 0 ? null : rec.data.subarray(at, at + PAGE));
-        this.#placed(st, ri, p, at < 0);
-      }
-    this.#maybeEmitFaults();
-  }
-
-  /** Bookkeeping for a page just placed: present, counters, the latency of a request for it. */
-  #placed(st: ReceivedRegion, ri: number, p: number, zero: boolean): void {
-    st.present.set(p);
-    if (zero) this.#zero++;
-    else this.#pages++;
-    const key = ri * 2 ** 32 + p;
-    const t = this.#pending.get(key);
-    if (t !== undefined) {
-      this.#pending.delete(key);
-      this.#latencies.push((performance.now() - t) * 1000);
-    }
-  }
-
-  #placeRuns(st: ReceivedRegion, ri: number, rec: PagesRecord, d: FaultDomain): void {
-    const pages = rec.pages;
-    const offs = rec.dataOffsets;
-    const n = pages.length;
-    const base = hostOf(d, st.region.guestBase) as bigint;
-    let k = 0;
-    while (k < n) {
-      const p = pages[k] as number;
-      const at = offs[k] as number;
-      if (st.present.has(p)) {
-        k++;
-        continue;
-      }
-      // A run: consecutive pages, all zero or all full with their data back to back.
-      const zero = at < 0;
-      let e = k + 1;
-      while (e < n) {
-        const q = pages[e] as number;
-        const qa = offs[e] as number;
-        if (q !== p + (e - k) || st.present.has(q) || (zero ? qa >= 0 : qa !== at + (e - k) * PAGE)) break;
-        e++;
-      }
-      const len = (e - k) * PAGE;
-      const host = base + BigInt(p * PAGE);
-      let off = 0;
-      while (off < len) {
-        const done = zero
-          ? d.uffd.zeropageRun(host + BigInt(off), len - off)
-          : d.uffd.copyRun(host + BigInt(off), rec.data.subarray(at + off, at + len));
-        if (done > 0) {
-          off += done;
-          continue;
-        }
-        // Already there (a fault raced us, or placed before): never overwritten, only woken.
-        d.uffd.wake(host + BigInt(off), PAGE);
-        off += PAGE;
-      }
-      for (let j = k; j < e; j++) {
-        const pj = p + (j - k);
-        d.waiting.delete(st.region.guestBase + pj * PAGE);
-        this.#placed(st, ri, pj, zero);
-      }
-      k = e;
-    }
-  }
-
-  /**
-   * Places one page (null: a zero page) through the first domain that maps it (our own, which
-   * covers all guest memory) and wakes the other domains' threads waiting on it: the memory is
-   * shared, so one placement is seen through every mapping.
-   */
-  #install(gpa: number, data: Uint8Array | null): void {
-    let placed = false;
-    for (const d of this.#domains) {
-      const waited = d.waiting.delete(gpa);
-      const host = hostOf(d, gpa);
-      if (host === null) continue;
-      if (!placed) {
-        placed = true;
-        // UFFDIO_COPY / ZEROPAGE wake this domain's waiters themselves; EEXIST does not.
-        if (data ? d.uffd.copy(host, data) : d.uffd.zeropage(host, PAGE)) continue;
-        d.uffd.wake(host, PAGE);
-        continue;
-      }
-      if (!waited) continue;
-      d.uffd.wake(host, PAGE);
-      d.stats.wakes++;
-    }
-  }
-
   /** Drops pages sent in precopy and dirtied since: they must fault and be fetched again. */
   #applyAdvise(p: PayloadReader): void {
     const a = decodePostcopyAdvise(p);
@@ -780,128 +620,12 @@ export class MigrationDestination {
       mapping.advise(first * PAGE, (end - first) * PAGE, advice);
   }
 
-  #startPostcopy(): void {
-    const uffd = Userfaultfd.create();
-    const ranges: FaultRange[] = [];
-    try {
-      for (const st of this.#regions) {
-        const hostStart = st.region.hostAddress;
-        uffd.register(hostStart, st.region.size, UFFDIO_REGISTER_MODE_MISSING);
-        ranges.push({ guestBase: st.region.guestBase, size: st.region.size, hostStart });
-      }
-    } catch (e) {
-      uffd.close();
-      throw new MigrationError("UNSUPPORTED", `userfaultfd registration failed: ${(e as Error).message}`);
-    }
-    this.#domains.unshift({
-      uffd,
-      ranges,
-      owned: true,
-      watch: null,
-      stats: { faults: 0, missing: 0, wakes: 0 },
-      waiting: new Set(),
-    });
-    this.#postcopy = true;
-    for (const d of this.#domains) this.#watch(d);
-  }
-
-  #watch(d: FaultDomain): void {
-    d.watch = d.uffd.onMessages((msgs) => {
-      for (const m of msgs) {
-        if (m.event !== UFFD_EVENT_PAGEFAULT) continue;
-        try {
-          this.#onFault(d, m.address & ~4095n);
-        } catch (e) {
-          this.#faultError ??= asMigrationError(e);
-        }
-      }
-    });
-  }
-
-  #onFault(d: FaultDomain, addr: bigint): void {
-    const gpa = gpaOf(d, addr);
-    const mem = this.#o.memory;
-    const region = gpa === null ? undefined : mem.findRegion(gpa);
-    // A thread faulted where no page will ever come from: it would wait for ever. That is a
-    // fault domain whose ranges miss part of what it registered; fail loudly instead.
-    if (gpa === null || !region)
-      throw new MigrationError(
-        "BAD_PAGE",
-        `fault at 0x${addr.toString(16)} outside the guest memory this fault domain was given`,
-        undefined,
-        { address: `0x${addr.toString(16)}` },
-      );
-    const ri = mem.regions.indexOf(region);
-    const st = this.#regions[ri] as ReceivedRegion;
-    const off = gpa - region.guestBase;
-    const p = Math.floor(off / PAGE);
-    this.#faults++;
-    d.stats.faults++;
-    if (st.present.has(p)) {
-      d.uffd.wake(addr, PAGE);
-      d.stats.wakes++;
-      return;
-    }
-    d.waiting.add(region.guestBase + p * PAGE);
-    if (st.discard?.isDiscarded(off)) {
-      // A discarded block has no content anywhere: a zero page, at once, without asking.
-      this.#discardFaults++;
-      this.#install(region.guestBase + p * PAGE, null);
-      return;
-    }
-    d.stats.missing++;
-    const key = ri * 2 ** 32 + p;
-    if (this.#pending.has(key)) return;
-    this.#pending.set(key, performance.now());
-    this.#remoteFaults++;
-    this.#writer?.writeNow(encodePageRequest(ri, p));
-  }
-
-  #faultStats(): FaultStats {
-    const s = [...this.#latencies].sort((a, b) => a - b);
-    return {
-      faults: this.#faults,
-      remoteFaults: this.#remoteFaults,
-      discardFaults: this.#discardFaults,
-      latencyMedianUs: percentile(s, 50),
-      latencyP99Us: percentile(s, 99),
-      preemptPages: this.#preemptPages,
-      latencyHistogram: latencyHistogram(s),
-    };
-  }
-
-  #maybeEmitFaults(): void {
-    const now = performance.now();
-    if (now - this.#lastFaultEvent < 250 || this.#latencies.length === 0) return;
-    this.#lastFaultEvent = now;
-    this.events.emit("faults", this.#faultStats());
-  }
-
-  #stopPostcopy(): void {
-    this.#ended = true;
-    for (const d of this.#domains) {
-      d.watch?.close();
-      d.watch = null;
-    }
-    for (const d of this.#domains.splice(0)) {
-      if (!d.owned) continue;
-      for (const r of d.ranges) {
-        try {
-          d.uffd.unregister(r.hostStart, r.size);
-        } catch {
-          // closing the uffd below drops the registration anyway
-        }
-      }
-      d.uffd.close();
-    }
-  }
-
   async #finish(digests: Map<number, Uint8Array>, writer: RecordWriter, stream: Duplex): Promise<MigrationResult> {
     const postcopy = this.#postcopy;
     // Every page the source still had to send has been placed: nothing can fault any more.
     // Unregister before reading memory here (this thread must never fault on guest memory).
     if (postcopy) await this.#o.hooks?.beforeVerify?.();
-    this.#stopPostcopy();
+    this.#faults.stop();
     const resumedWith = this.#resumedWith;
     if (!postcopy && !resumedWith)
       throw new MigrationError("BAD_RECORD", "END of a precopy stream without SWITCHOVER", undefined);
@@ -940,29 +664,17 @@ export class MigrationDestination {
       downtimeMs: 0,
       verifyMs,
       bytesSent: 0,
-      pagesSent: this.#pages,
-      zeroPages: this.#zero,
+      pagesSent: this.#pages + this.#faults.pages,
+      zeroPages: this.#zero + this.#faults.zero,
       converged: true,
       digests: digestsOut,
       roundStats: [],
       deviceStates: this.#deviceStates,
-      ...(postcopy ? { postcopy: this.#faultStats(), preempt: this.#preemptUsed } : {}),
+      ...(postcopy ? { postcopy: this.#faults.stats(), preempt: this.#preemptUsed } : {}),
     };
     this.events.emit("complete", result);
     return result;
   }
-}
-
-function hostOf(d: FaultDomain, gpa: number): bigint | null {
-  for (const r of d.ranges)
-    if (gpa >= r.guestBase && gpa < r.guestBase + r.size) return r.hostStart + BigInt(gpa - r.guestBase);
-  return null;
-}
-
-function gpaOf(d: FaultDomain, addr: bigint): number | null {
-  for (const r of d.ranges)
-    if (addr >= r.hostStart && addr < r.hostStart + BigInt(r.size)) return r.guestBase + Number(addr - r.hostStart);
-  return null;
 }
 
 /**
