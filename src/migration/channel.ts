@@ -327,3 +327,108 @@ export class RecordWriter {
     if (due > now + 1) await new Promise((r) => setTimeout(r, due - now));
   }
 }
+
+/** The three things a connection of a migration is, replaced together. */
+export interface ChannelParts {
+  stream: Duplex;
+  reader: RecordReader;
+  writer: RecordWriter;
+}
+
+/**
+ * One side's connection to its peer: the stream with its reader and writer, owned together and
+ * replaced together (postcopy recovery: `replace`, one step, so no code can hold a reader of
+ * one connection and a writer of another). It also holds the postcopy preempt connection for
+ * the side that uses it: handed over with `attachPreempt` and taken back with `detachPreempt`
+ * (the fault side reads and writes it; this only owns its lifetime).
+ */
+export class MigrationChannel {
+  #parts: ChannelParts;
+  #preempt: Duplex | null = null;
+  /** Bytes written on the connections replaced so far. */
+  #retiredBytes = 0;
+  #replacements = 0;
+
+  constructor(parts: ChannelParts) {
+    this.#parts = parts;
+  }
+
+  /** A channel over `stream`, with a fresh reader and writer. */
+  static over(stream: Duplex, reader: ReaderOptions = {}, writer: WriterOptions = {}): MigrationChannel {
+    return new MigrationChannel({
+      stream,
+      reader: new RecordReader(stream, reader),
+      writer: new RecordWriter(stream, writer),
+    });
+  }
+
+  get stream(): Duplex {
+    return this.#parts.stream;
+  }
+
+  get reader(): RecordReader {
+    return this.#parts.reader;
+  }
+
+  get writer(): RecordWriter {
+    return this.#parts.writer;
+  }
+
+  /** Bytes written over every connection this channel has had. */
+  get bytesWritten(): number {
+    return this.#retiredBytes + this.#parts.writer.bytesWritten;
+  }
+
+  /** How many times the connection was replaced (recovery). */
+  get replacements(): number {
+    return this.#replacements;
+  }
+
+  get preempt(): Duplex | null {
+    return this.#preempt;
+  }
+
+  /** The postcopy preempt connection, owned from here on (destroyed with the channel). */
+  attachPreempt(stream: Duplex): void {
+    if (this.#preempt && this.#preempt !== stream) this.#preempt.destroy();
+    this.#preempt = stream;
+  }
+
+  /** Gives the preempt connection back (to end it gracefully), or null without one. */
+  detachPreempt(): Duplex | null {
+    const p = this.#preempt;
+    this.#preempt = null;
+    return p;
+  }
+
+  /**
+   * The connection is gone: its reader stops, the stream and any preempt connection are
+   * destroyed. The channel keeps its byte count and waits for `replace`.
+   */
+  drop(): void {
+    this.#parts.reader.detach();
+    this.#parts.stream.destroy();
+    this.detachPreempt()?.destroy();
+  }
+
+  /** Takes `next` as this channel's connection in one step; the old one is dropped. */
+  replace(next: ChannelParts): void {
+    if (next.stream === this.#parts.stream) throw new Error("a channel replaced by its own connection");
+    this.drop();
+    this.#retiredBytes += this.#parts.writer.bytesWritten;
+    this.#parts = next;
+    this.#replacements++;
+  }
+
+  /** Ends the connection gracefully (resolves once ended; preempt: destroyed). */
+  end(): Promise<void> {
+    this.#parts.reader.detach();
+    this.detachPreempt()?.destroy();
+    return new Promise<void>((r) => this.#parts.stream.end(r));
+  }
+
+  /** Destroys every connection it holds. */
+  destroy(): void {
+    this.drop();
+  }
+}

@@ -12,8 +12,7 @@ import { DirtyTracker, RegionBitmapSource } from "../memory/dirty-tracker.js";
 import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
-import { isZero } from "../sys/bulk.js";
-import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
+import { boundSocketBuffers, MigrationChannel, POSTCOPY_SOCKET_BUFFER, RecordWriter } from "./channel.js";
 import { convergence, convergenceLimits, predictDowntimeMs } from "./convergence.js";
 import { hex, regionDigest } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
@@ -27,14 +26,11 @@ import {
 } from "./events.js";
 import {
   Capability,
-  decodeFail,
-  decodeReceived,
   encodeCapabilities,
   encodeDeviceState,
   encodeDigest,
   encodeDiscard,
   encodeNonce,
-  encodePages,
   encodePostcopyAdvise,
   encodePreempt,
   encodeRecord,
@@ -42,11 +38,11 @@ import {
   encodeRound,
   encodeStreamHeader,
   RecordType,
-  recordName,
 } from "./format.js";
 import { PageSender } from "./page-sender.js";
 import { PAGE, PageSet } from "./page-set.js";
 import { sourcePhases } from "./phases.js";
+import { offerRecovery, recoverConnection } from "./recovery.js";
 import { ReturnPath } from "./return-path.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
@@ -193,12 +189,19 @@ export class MigrationSource {
       preempt.end();
       preempt = null;
     }
-    let writer = new RecordWriter(stream, {
-      bandwidthLimit: o.bandwidthLimit ?? 0,
-      // Precopy: several 1 MiB records in flight, so the socket never waits for the next one.
-      // Postcopy without a preempt channel: requested pages queue behind this, keep it short.
-      highWater: postcopy && !preempt ? 256 * 1024 : 4 * 1024 * 1024,
-    });
+    // The main connection: the stream, its return path's reader and the ch.writer, replaced together
+    // by postcopy recovery. It also owns the preempt connection's lifetime.
+    const ch = MigrationChannel.over(
+      stream,
+      {},
+      {
+        bandwidthLimit: o.bandwidthLimit ?? 0,
+        // Precopy: several 1 MiB records in flight, so the socket never waits for the next one.
+        // Postcopy without a preempt channel: requested pages queue behind this, keep it short.
+        highWater: postcopy && !preempt ? 256 * 1024 : 4 * 1024 * 1024,
+      },
+    );
+    if (preempt) ch.attachPreempt(preempt);
     // The preempt channel carries only requested pages; its far end never writes.
     let preemptWriter = preempt ? new RecordWriter(preempt) : null;
     const hadPreempt = preempt !== null;
@@ -208,7 +211,7 @@ export class MigrationSource {
     const peer = peerIdentity(stream);
     const preemptPeer = preempt ? peerIdentity(preempt) : null;
     const onRefused = (e: MigrationError) => this.events.emit("refused", e);
-    let rp = new ReturnPath(new RecordReader(stream), this.#regions, this.#requests, onRefused);
+    let rp = new ReturnPath(ch.reader, this.#regions, this.#requests, onRefused);
     const recovery = postcopy ? (o.postcopyRecovery ?? null) : null;
     const nonce = randomBytes(8).readBigUInt64LE(0);
     const aborted = () => rp.fail(new MigrationError("ABORTED", "migration cancelled"));
@@ -218,8 +221,6 @@ export class MigrationSource {
     });
     o.signal?.addEventListener("abort", aborted, { once: true });
     let trackerStarted = false;
-    /** Bytes sent on connections lost before this one (postcopy recovery). */
-    let bytesBefore = 0;
     let recoveryFailure: MigrationError | null = null;
     let postcopyRunSent = false;
     let postcopySet: PageSet[] = [];
@@ -232,7 +233,7 @@ export class MigrationSource {
           "AUTH_FAILED",
           `the preempt channel reached ${describePeer(preemptPeer)}, the main stream ${describePeer(peer)}`,
         );
-      await writer.write(encodeStreamHeader());
+      await ch.writer.write(encodeStreamHeader());
       const caps =
         Capability.ZERO_PAGES |
         Capability.DIGEST |
@@ -240,7 +241,7 @@ export class MigrationSource {
         (postcopy ? Capability.POSTCOPY : 0) |
         (preempt ? Capability.PREEMPT : 0) |
         (recovery ? Capability.RECOVERY : 0);
-      await writer.write(
+      await ch.writer.write(
         encodeCapabilities({
           capabilities: caps,
           pageSize: this.#ps,
@@ -249,14 +250,14 @@ export class MigrationSource {
         }),
       );
       this.#regions.forEach((ri, index) => {
-        writer.writeNow(
+        ch.writer.writeNow(
           encodeRegion({ index, guestBase: ri.region.guestBase, size: ri.region.size, pageSize: ri.region.pageSize }),
         );
       });
       // A recovery connection names its migration by this nonce, as the preempt channel does.
-      if (recovery) writer.writeNow(encodeNonce(RecordType.Session, nonce));
+      if (recovery) ch.writer.writeNow(encodeNonce(RecordType.Session, nonce));
       if (preemptWriter) {
-        writer.writeNow(encodePreempt(nonce));
+        ch.writer.writeNow(encodePreempt(nonce));
         await preemptWriter.write(encodeStreamHeader());
         await preemptWriter.write(encodePreempt(nonce));
       }
@@ -265,14 +266,14 @@ export class MigrationSource {
       unsubscribe.push(...this.#sender.watchPlugState());
       for (const [index, ri] of this.#regions.entries())
         if (ri.discard)
-          await writer.write(
+          await ch.writer.write(
             encodeDiscard({ region: index, blockSize: ri.discard.blockSize, states: ri.discard.toBytes() }),
           );
       await tracker.start();
       trackerStarted = true;
-      rp.start(writer);
+      rp.start(ch.writer);
 
-      const { rounds, converged } = await this.#precopy(tracker, writer, rp);
+      const { rounds, converged } = await this.#precopy(tracker, ch.writer, rp);
       let end: { digests: Uint8Array[]; complete: { ok: boolean; digests: Uint8Array[] }; verifyStart: number } | null =
         null;
       let downtimeStart: number;
@@ -282,12 +283,12 @@ export class MigrationSource {
         downtimeStart = performance.now();
         await this.#stopWriters();
         await this.#sync(tracker, true);
-        await this.#sender.sendDirty(tracker.bitmap, writer, rp);
-        this.#sender.sendPlugChanges(writer);
-        await this.#sendDeviceStates(writer);
+        await this.#sender.sendDirty(tracker.bitmap, ch.writer, rp);
+        this.#sender.sendPlugChanges(ch.writer);
+        await this.#sendDeviceStates(ch.writer);
         // The destination resumes on SWITCHOVER with the digest of what it received, known
         // from per-page hashes taken as pages arrived; the comparison comes after it runs.
-        await writer.write(encodeRecord(RecordType.Switchover));
+        await ch.writer.write(encodeRecord(RecordType.Switchover));
         await withDeadline(
           rp.resumed,
           deadline(o.deadlines?.resumedMs, 30_000),
@@ -298,23 +299,23 @@ export class MigrationSource {
       } else {
         this.#phase("postcopy");
         // Page requests answered on this same stream: keep the kernel's queue short.
-        if (!preemptWriter) boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
+        if (!preemptWriter) boundSocketBuffers(ch.stream, POSTCOPY_SOCKET_BUFFER);
         downtimeStart = performance.now();
         await this.#stopWriters();
         await this.#sync(tracker, true);
-        this.#sender.sendPlugChanges(writer);
+        this.#sender.sendPlugChanges(ch.writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
         const set = this.#regions.map((ri, i) => PageSet.of(todo[i] as Uint32Array, ri.pages));
         postcopySet = set;
         rp.setPostcopySet(set);
         for (const [i, ri] of this.#regions.entries())
-          await writer.write(encodePostcopyAdvise(i, ri.pages, (set[i] as PageSet).bytes));
-        await this.#sendDeviceStates(writer);
-        await writer.write(encodeRecord(RecordType.PostcopyRun));
+          await ch.writer.write(encodePostcopyAdvise(i, ri.pages, (set[i] as PageSet).bytes));
+        await this.#sendDeviceStates(ch.writer);
+        await ch.writer.write(encodeRecord(RecordType.PostcopyRun));
         // From here the destination may be running: until it says otherwise (FAIL before
         // RESUMED), the source must not run the guest again.
         postcopyRunSent = true;
-        rp.servePages(preemptWriter ?? writer, (i, p) => this.#sender.pageView(i, p), preemptWriter !== null);
+        rp.servePages(preemptWriter ?? ch.writer, (i, p) => this.#sender.pageView(i, p), preemptWriter !== null);
         downtimeMs = 0;
         for (;;) {
           try {
@@ -327,33 +328,30 @@ export class MigrationSource {
               this.#destinationRunning = true;
               downtimeMs = performance.now() - downtimeStart;
             }
-            await this.#sender.sendBackground(todo, writer, rp, this.#yieldEachRecord);
-            if (preemptWriter && preempt) {
+            await this.#sender.sendBackground(todo, ch.writer, rp, this.#yieldEachRecord);
+            const pch = preemptWriter ? ch.detachPreempt() : null;
+            if (preemptWriter && pch) {
               // Every page is on its way on one channel or the other. Close the preempt channel
               // with a marker the destination waits for before END: pages it carried may still be
               // in flight. A request that comes after this is for a page already sent: served on
               // the main stream, ahead of END.
-              rp.servePages(writer, (i, p) => this.#sender.pageView(i, p));
+              rp.servePages(ch.writer, (i, p) => this.#sender.pageView(i, p));
               await preemptWriter.write(encodeRecord(RecordType.PreemptEnd));
-              const ch = preempt;
               preemptClosing = true;
-              await new Promise<void>((r) => ch.end(r));
+              await new Promise<void>((r) => pch.end(r));
             }
-            end = await this.#verifyAndEnd(writer, rp);
+            end = await this.#verifyAndEnd(ch.writer, rp);
             break;
           } catch (e) {
             const err = rp.failure ?? asMigrationError(e);
             if (!recovery || err.code !== "CONNECTION_LOST") throw e;
             // Postcopy paused: nothing of the old connections is used again.
             rp.close();
-            stream.destroy();
             preemptClosing = true;
-            preempt?.destroy();
-            preempt = null;
             preemptWriter = null;
-            bytesBefore += writer.bytesWritten;
+            ch.drop();
             try {
-              ({ stream, writer, rp } = await this.#recover(recovery, nonce, err, peer, postcopySet));
+              rp = await this.#recover(ch, recovery, nonce, err, peer, postcopySet);
             } catch (re) {
               recoveryFailure = asMigrationError(re);
               throw re;
@@ -366,7 +364,7 @@ export class MigrationSource {
           }
         }
       }
-      if (!end) end = await this.#verifyAndEnd(writer, rp);
+      if (!end) end = await this.#verifyAndEnd(ch.writer, rp);
       const { digests, complete, verifyStart } = end;
       const verifyMs = performance.now() - verifyStart;
       const cmp: RegionDigest[] = digests.map((d, i) => {
@@ -386,7 +384,7 @@ export class MigrationSource {
         totalMs: performance.now() - this.#t0,
         downtimeMs,
         verifyMs,
-        bytesSent: bytesBefore + writer.bytesWritten,
+        bytesSent: ch.bytesWritten,
         pagesSent: this.#sender.pages,
         zeroPages: this.#sender.zero,
         converged,
@@ -398,7 +396,7 @@ export class MigrationSource {
       await tracker.stop();
       for (const u of unsubscribe) u();
       rp.close();
-      stream.end();
+      ch.stream.end();
       this.events.emit("complete", result);
       return result;
     } catch (e) {
@@ -413,9 +411,8 @@ export class MigrationSource {
       if (trackerStarted) await tracker.stop().catch(() => undefined);
       for (const u of unsubscribe) u();
       rp.close();
-      stream.destroy();
       preemptClosing = true;
-      preempt?.destroy();
+      ch.destroy();
       if (!this.#phases.final) this.#phase("failed");
       this.events.emit("failed", err);
       throw err;
@@ -552,76 +549,42 @@ export class MigrationSource {
    * sent again, everything else it still needs is.
    */
   async #recover(
+    ch: MigrationChannel,
     recovery: NonNullable<SourceOptions["postcopyRecovery"]>,
     nonce: bigint,
     cause: MigrationError,
     peer: PeerIdentity | null,
     postcopySet: PageSet[],
-  ): Promise<{ stream: Duplex; writer: RecordWriter; rp: ReturnPath }> {
+  ): Promise<ReturnPath> {
     this.#phase("postcopy-paused");
-    const limit = recovery.timeoutMs ?? 60_000;
-    const deadline = performance.now() + limit;
-    let last: Error = cause;
-    while (performance.now() < deadline) {
-      if (this.#o.signal?.aborted) throw new MigrationError("ABORTED", "migration cancelled while postcopy was paused");
-      let s: Duplex | null = null;
-      try {
-        s = await withDeadline(recovery.reconnect(), deadline, "timed out waiting for reconnect");
-        const theirs = peerIdentity(s);
-        // Another peer (a different certificate): not the destination that runs the guest.
-        if (!samePeer(peer, theirs))
-          throw new MigrationError(
-            "AUTH_FAILED",
-            `a recovery connection reached ${describePeer(theirs)}, not ${describePeer(peer)}`,
-          );
-        const w = new RecordWriter(s, { highWater: 256 * 1024 });
-        const r = new RecordReader(s);
-        await w.write(encodeStreamHeader());
-        await w.write(encodeNonce(RecordType.Recover, nonce));
-        const held: PageSet[] = [];
-        for (const [i, ri] of this.#regions.entries()) {
-          const rec = await withDeadline(
-            r.next(),
-            deadline,
-            "timed out waiting for the destination's RECEIVED records",
-          );
-          if (rec.type === RecordType.Fail) {
-            const f = decodeFail(rec.payload);
-            throw new MigrationError("PEER_FAILED", `destination failed: ${f.code}: ${f.message}`, undefined, {
-              peerCode: f.code,
-            });
-          }
-          if (rec.type !== RecordType.Received)
-            throw rec.payload.error(`expected RECEIVED, got ${recordName(rec.type)}`);
-          const d = decodeReceived(rec.payload);
-          if (d.region !== i || d.pages !== ri.pages)
-            throw rec.payload.error(`RECEIVED for region ${d.region} of ${d.pages} pages`);
-          held.push(PageSet.wrap(d.bitmap, d.pages));
-        }
-        boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
-        const rp = new ReturnPath(r, this.#regions, this.#requests, (e) => this.events.emit("refused", e));
-        rp.setPostcopySet(postcopySet);
-        rp.setSent(held);
-        rp.start(w);
-        rp.servePages(w, (i, p) => this.#sender.pageView(i, p));
-        this.#phase("postcopy");
-        return { stream: s, writer: w, rp };
-      } catch (e) {
-        s?.destroy();
-        last = e as Error;
-        if (
-          e instanceof MigrationError &&
-          (e.code === "PEER_FAILED" || e.code === "BAD_RECORD" || e.code === "CORRUPT")
-        )
-          throw e;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
-    throw new MigrationError(
-      "CONNECTION_LOST",
-      `postcopy paused and not recovered within ${limit} ms (last: ${last.message})`,
-      undefined,
-      { cause: cause.message },
-    );
+    const { parts, held } = await recoverConnection({
+      limitMs: recovery.timeoutMs ?? 60_000,
+      cause,
+      peer,
+      role: "source",
+      retryMs: 100,
+      check: () => {
+        if (this.#o.signal?.aborted)
+          throw new MigrationError("ABORTED", "migration cancelled while postcopy was paused");
+      },
+      candidate: () => recovery.reconnect(),
+      handshake: (s, deadline) =>
+        offerRecovery(
+          s,
+          nonce,
+          this.#regions.map((ri) => ri.pages),
+          deadline,
+        ),
+      // The destination failed, or answered with something that is not the protocol: no retry.
+      fatal: (e) => e.code === "PEER_FAILED" || e.code === "BAD_RECORD" || e.code === "CORRUPT",
+    });
+    ch.replace(parts);
+    const rp = new ReturnPath(ch.reader, this.#regions, this.#requests, (e) => this.events.emit("refused", e));
+    rp.setPostcopySet(postcopySet);
+    rp.setSent(held);
+    rp.start(ch.writer);
+    rp.servePages(ch.writer, (i, p) => this.#sender.pageView(i, p));
+    this.#phase("postcopy");
+    return rp;
   }
 }
