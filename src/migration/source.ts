@@ -189,7 +189,7 @@ export class MigrationSource {
       preempt.end();
       preempt = null;
     }
-    // The main connection: the stream, its return path's reader and the ch.writer, replaced together
+    // The main connection: the stream, its return path's reader and the writer, replaced together
     // by postcopy recovery. It also owns the preempt connection's lifetime.
     const ch = MigrationChannel.over(
       stream,
