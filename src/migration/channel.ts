@@ -215,7 +215,10 @@ export class RecordWriter {
   #flushed: (() => void)[] = [];
   readonly #onWritten = () => {
     if (--this.#outstanding === 0) for (const f of this.#flushed.splice(0)) f();
+    if (this.#belowHalf && this.#stream.writableLength <= this.#highWater / 2) this.#belowHalf();
   };
+  /** write() waits for the backlog to fall to half the high-water mark: this resolves that wait. */
+  #belowHalf: (() => void) | null = null;
 
   constructor(stream: Duplex, options: WriterOptions = {}) {
     this.#stream = stream;
@@ -265,8 +268,42 @@ export class RecordWriter {
         : this.#onWritten,
     );
     this.#bytes += buf.length;
-    if (this.#stream.writableLength > this.#highWater) await this.drain();
+    if (this.#stream.writableLength > this.#highWater) await this.#halfDrained();
     if (this.#limit > 0) await this.#throttle(buf.length);
+  }
+
+  /**
+   * Resolves once the backlog is at most half the high-water mark. Waiting for all of it to go
+   * ('drain') would leave the socket with only what the kernel holds while the next records are
+   * built, a gap in the stream on every high-water mark (the `migrate` bench, loopback, plain
+   * TCP: 0.45 of our TLS throughput with 'drain', 0.72 with this; TLS sockets never reach the
+   * mark, they hand data to their TCP socket at once).
+   */
+  #halfDrained(): Promise<void> {
+    if (this.#closed) return Promise.reject(this.#closed);
+    if (this.#stream.writableLength <= this.#highWater / 2 || this.#outstanding === 0) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const cleanup = () => {
+        this.#belowHalf = null;
+        this.#stream.off("close", gone);
+        const i = this.#waiters.indexOf(aborted);
+        if (i >= 0) this.#waiters.splice(i, 1);
+      };
+      const gone = () => {
+        cleanup();
+        reject(new MigrationError("CONNECTION_LOST", "connection closed while sending"));
+      };
+      const aborted = (e: Error) => {
+        cleanup();
+        reject(e);
+      };
+      this.#belowHalf = () => {
+        cleanup();
+        resolve();
+      };
+      this.#stream.once("close", gone);
+      this.#waiters.push(aborted);
+    });
   }
 
   /** Writes without waiting (return-path replies, small records). */

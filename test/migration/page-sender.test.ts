@@ -224,3 +224,58 @@ test("page-sender: a failure seen by the guard stops the round before the next r
     mem.close();
   }
 });
+
+test("RecordWriter: over the high-water mark a write waits until the backlog is half of it; every byte arrives in order", async () => {
+  const [a, b] = await socketPair();
+  try {
+    const HW = 1024 * 1024;
+    const writer = new RecordWriter(a, { highWater: HW });
+    const reader = new RecordReader(b);
+    b.pause();
+    const { encodeRound, decodeRound } = await import("../../src/migration/format.js");
+    // 32 PAGES records of 64 full pages (256 KiB) each: 8 MiB, far more than the kernel takes.
+    const mem = memory();
+    const region = mem.regions[0] as GuestMemoryRegion;
+    const sender = new PageSender([{ region, pages: region.size / PAGE, discard: undefined }]);
+    let waited = 0;
+    const received = (async () => {
+      let n = 0;
+      for (;;) {
+        const r = await reader.next();
+        if (r.type === RecordType.Round) return { n, last: decodeRound(r.payload).round };
+        n++;
+      }
+    })();
+    let resumed = false;
+    for (let k = 0; k < 32; k++) {
+      const all = new Uint32Array(64).map((_, j) => k * 64 + j);
+      const w = sender.sendDirty({ take: () => all }, writer, noFailure);
+      let done = false;
+      w.then(() => {
+        done = true;
+      });
+      await new Promise((r) => setImmediate(r));
+      if (!done) {
+        waited++;
+        // The write waits: let the far end read, then it resolves with at most half the mark queued.
+        if (!resumed) {
+          resumed = true;
+          b.resume();
+        }
+        await w;
+        assert.ok(a.writableLength <= HW / 2, `${a.writableLength} bytes still queued`);
+      }
+    }
+    await writer.write(encodeRound(7, 0));
+    b.resume();
+    const got = await received;
+    assert.equal(got.n, 32);
+    assert.equal(got.last, 7);
+    assert.ok(waited > 0, "no write ever waited: backpressure was not exercised");
+    reader.detach();
+    mem.close();
+  } finally {
+    a.destroy();
+    b.destroy();
+  }
+});
