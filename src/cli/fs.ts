@@ -19,7 +19,7 @@ export const FS_USAGE = `usage: vmshift fs (--socket-path PATH | --fd N) --share
                          1 day, or not at all
   --max-pages N          pages per request (max_write = N × 4 KiB; default 32); the queue must
                          hold N + a few descriptors (QEMU's queue-size, default 128)
-  --print-capabilities   print the back-end capabilities JSON and exit
+  --print-capabilities   print the back-end capabilities JSON and exit (other arguments ignored)
 QEMU: -chardev socket,id=fs0,path=PATH -device vhost-user-fs-pci,chardev=fs0,tag=TAG
   with guest RAM shared (memory-backend-memfd,share=on); guest: mount -t virtiofs TAG /mnt
 signals: SIGINT/SIGTERM stop it cleanly.
@@ -42,6 +42,12 @@ const defaultIo: FsCommandIo = {
 const CACHE_SECONDS: Record<string, number> = { auto: 1, always: 86400, never: 0 };
 
 export async function fsCommand(argv: string[], io: FsCommandIo = defaultIo): Promise<number> {
+  // The spec's backend program conventions: print and exit 0 whatever else is on the command
+  // line, before any option is parsed or checked (as `vmshift blk` does).
+  if (argv.includes("--print-capabilities")) {
+    io.out(JSON.stringify(FS_CAPABILITIES));
+    return 0;
+  }
   let values: Record<string, string | boolean | undefined>;
   try {
     values = parseArgs({
@@ -63,10 +69,6 @@ export async function fsCommand(argv: string[], io: FsCommandIo = defaultIo): Pr
   }
   if (values.help) {
     io.out(FS_USAGE);
-    return 0;
-  }
-  if (values["print-capabilities"]) {
-    io.out(JSON.stringify(FS_CAPABILITIES));
     return 0;
   }
   const usage = (msg: string) => {

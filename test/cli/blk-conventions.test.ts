@@ -75,3 +75,12 @@ test("--write-descriptor writes 50-vmshift-blk.json; its binary answers --print-
     assert.equal(await exited, 0);
   }
 });
+
+test("`vmshift fs --print-capabilities` too: type fs, exit 0 whatever else is given", async () => {
+  for (const extra of [[], ["--shared-dir"], ["--bogus", "--cache", "sometimes"]]) {
+    const { stdout } = await run(process.execPath, [MAIN, "fs", ...extra, "--print-capabilities"]);
+    const caps = JSON.parse(stdout);
+    assert.equal(caps.type, "fs", `with ${extra.join(" ")}`);
+    assert.deepEqual(caps.features, ["migrate-precopy"]);
+  }
+});

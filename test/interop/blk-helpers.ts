@@ -4,13 +4,11 @@
  * vhost-user request it received.
  */
 
-import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { after, before } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { liveProcesses, ManagedProcess, Rig, repoRoot } from "./rig.js";
+import { ManagedProcess, type Rig, repoRoot, rigFixture } from "./rig.js";
 
 export interface BlkBackendOptions {
   name: string;
@@ -200,21 +198,5 @@ export function skipBanner(file: string, reason: string | null): string | false 
  * interop probe passed), and everything is closed after them and checked gone.
  */
 export function blkFixture(name: string, available: boolean): { rig(): Rig; backends: BlkBackend[] } {
-  let rig: Rig | undefined;
-  const backends: BlkBackend[] = [];
-  before(async () => {
-    if (available) rig = await Rig.create(name);
-  });
-  after(async () => {
-    await rig?.close();
-    await Promise.all(backends.map((b) => b.close()));
-    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
-  });
-  return {
-    rig: () => {
-      assert.ok(rig, "the rig was not created");
-      return rig;
-    },
-    backends,
-  };
+  return rigFixture<BlkBackend>(name, available);
 }

@@ -3,12 +3,10 @@
  * VMSHIFT_FS_TRACE=1: its stderr log lists every vhost-user request), and the QEMU arguments of a
  * vhost-user-fs-pci device on its socket.
  */
-import assert from "node:assert/strict";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { after, before } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { type GuestResult, liveProcesses, ManagedProcess, parseRigRecords, Rig, repoRoot } from "./rig.js";
+import { type GuestResult, ManagedProcess, parseRigRecords, type Rig, repoRoot, rigFixture } from "./rig.js";
 
 export interface FsBackendOptions {
   name: string;
@@ -107,21 +105,5 @@ export function field(r: GuestResult, kind: string, name: string): string {
 
 /** The rig and back-ends of one describe(): created before its tests, closed after them and checked gone. */
 export function fsFixture(name: string, available: boolean): { rig(): Rig; backends: { close(): Promise<void> }[] } {
-  let rig: Rig | undefined;
-  const backends: { close(): Promise<void> }[] = [];
-  before(async () => {
-    if (available) rig = await Rig.create(name);
-  });
-  after(async () => {
-    await rig?.close();
-    await Promise.all(backends.map((b) => b.close()));
-    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
-  });
-  return {
-    rig: () => {
-      assert.ok(rig, "the rig was not created");
-      return rig;
-    },
-    backends,
-  };
+  return rigFixture(name, available);
 }

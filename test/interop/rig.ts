@@ -14,17 +14,19 @@
  * Every process is bounded in time (process.ts) and killed by rig.close() or when the test process dies;
  * every wait has a timeout and reports the console tail / stderr when it fails.
  */
+import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync, rmSync } from "node:fs";
 import { mkdtemp, open, readdir, rm, stat, truncate, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
+import { after, afterEach, before } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { GuestAgent, SerialConsole } from "./console.js";
-import { ManagedProcess } from "./process.js";
+import { liveProcesses, ManagedProcess } from "./process.js";
 import { QmpClient } from "./qmp.js";
 
 export {
@@ -265,6 +267,10 @@ export interface RigOptions {
   keep?: boolean;
 }
 
+/** Marks a work dir kept on purpose: sweepStaleDirs leaves it for a day (a failed CI run's evidence). */
+const KEPT_MARKER = "KEPT";
+const KEPT_FOR_MS = 24 * 3600 * 1000;
+
 export class Rig {
   private readonly vms: Vm[] = [];
   private readonly qsds: Qsd[] = [];
@@ -275,8 +281,17 @@ export class Rig {
     readonly dir: string,
     readonly tools: Tools,
     readonly guestImage: GuestImage,
-    private readonly keep: boolean,
+    private keep: boolean,
   ) {}
+
+  /**
+   * Keeps the work dir after close() (logs, console output, images), marked so that later test
+   * processes do not sweep it for a day: what a failed test leaves for whoever looks next.
+   */
+  keepForInspection(): void {
+    this.keep = true;
+    openDirs.delete(this.dir);
+  }
 
   /**
    * A fresh work dir under the system temp dir (short paths: unix socket paths are limited to 107 bytes),
@@ -432,6 +447,7 @@ export class Rig {
     if (this.keep) {
       for (const v of this.vms) await rm(v.qmpSocket, { force: true });
       for (const q of this.qsds) await rm(q.socket, { force: true });
+      await writeFile(join(this.dir, KEPT_MARKER), `${new Date().toISOString()}\n`);
       process.stderr.write(`rig: kept ${this.dir}\n`);
     } else {
       await rm(this.dir, { recursive: true, force: true });
@@ -466,6 +482,8 @@ async function sweepStaleDirs(): Promise<void> {
   for (const n of names) {
     const m = /^vmshift-rig-(\d+)-/.exec(n);
     if (!m || Number(m[1]) === process.pid) continue;
+    const kept = await stat(join(tmpdir(), n, KEPT_MARKER)).catch(() => null);
+    if (kept && Date.now() - kept.mtimeMs < KEPT_FOR_MS) continue;
     try {
       process.kill(Number(m[1]), 0);
     } catch (e) {
@@ -666,3 +684,35 @@ export const MiB = 1 << 20;
 
 /** Lines that mean the guest kernel is hurt (oops, BUG, panic): after a migration these point at memory corruption. */
 export const GUEST_CRASH = /BUG:|Oops|RIP:|Kernel panic|general protection fault|list_del corruption/;
+
+/**
+ * The rig and back-ends of one describe(): the rig is created before its tests (when the interop
+ * probe passed); everything is closed after them and checked gone. A failed test keeps the work
+ * dir (console logs, back-end logs, images) for inspection: its path is printed.
+ */
+export function rigFixture<B extends { close(): Promise<void> }>(
+  name: string,
+  available: boolean,
+): { rig(): Rig; backends: B[] } {
+  let rig: Rig | undefined;
+  const backends: B[] = [];
+  before(async () => {
+    if (available) rig = await Rig.create(name);
+  });
+  afterEach((t) => {
+    // TestContext.passed (Node >= 21.7); @types/node here predates it.
+    if ((t as { passed?: boolean }).passed === false) rig?.keepForInspection();
+  });
+  after(async () => {
+    await rig?.close();
+    await Promise.all(backends.map((b) => b.close()));
+    assert.equal(liveProcesses(), 0, "every QEMU / backend process is gone");
+  });
+  return {
+    rig: () => {
+      assert.ok(rig, "the rig was not created");
+      return rig;
+    },
+    backends,
+  };
+}

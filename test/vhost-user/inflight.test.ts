@@ -5,13 +5,12 @@
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { Mapping } from "../../src/sys/mapping.js";
 import { featureMask, ProtocolFeature } from "../../src/vhost-user/protocol/constants.js";
 import type { InflightDescription } from "../../src/vhost-user/protocol/payloads.js";
+import { tempSocketPath } from "../helpers/temp-socket.js";
 import { connectRaw, nextCall, setUpRaw } from "./raw-frontend.js";
 
 const GATE = fileURLToPath(new URL("../helpers/gate-device.js", import.meta.url));
@@ -29,7 +28,7 @@ function startBackend(path: string, gate: boolean): Promise<ChildProcess> {
 }
 
 test("a back-end killed with a request in flight: the next one resubmits it, nothing lost or done twice", async () => {
-  const path = join(tmpdir(), `vmshift-inflight-${process.pid}.sock`);
+  const path = tempSocketPath("inflight");
   const proto = featureMask(ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK, ProtocolFeature.INFLIGHT_SHMFD);
   const first = await startBackend(path, true);
   const f = connectRaw(path);
@@ -91,7 +90,7 @@ test("a back-end killed with a request in flight: the next one resubmits it, not
 });
 
 test("out-of-order completion before the crash: the in-flight head is resubmitted and the completed one is not redone", async () => {
-  const path = join(tmpdir(), `vmshift-inflight2-${process.pid}.sock`);
+  const path = tempSocketPath("inflight2");
   const proto = featureMask(ProtocolFeature.LOG_SHMFD, ProtocolFeature.REPLY_ACK, ProtocolFeature.INFLIGHT_SHMFD);
   const backend = await startBackend(path, false);
   const f = connectRaw(path);
@@ -156,7 +155,7 @@ test("the vmshift front-end drives the restart itself (getInflight / setInflight
   const { SplitQueueDriver } = await import("../../src/virtio/driver.js");
   const { VirtioFeature } = await import("../../src/vhost-user/protocol/constants.js");
   const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
-  const path = join(tmpdir(), `vmshift-inflight3-${process.pid}.sock`);
+  const path = tempSocketPath("inflight3");
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * 1024 * 1024)]);
   const first = await startBackend(path, true);
   let second: ChildProcess | null = null;

@@ -8,8 +8,6 @@
  */
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
@@ -20,6 +18,7 @@ import { VhostUserFrontend } from "../../src/vhost-user/frontend/frontend.js";
 import { featureMask, ProtocolFeature, VirtioFeature } from "../../src/vhost-user/protocol/constants.js";
 import { PackedQueueDriver } from "../../src/virtio/packed-driver.js";
 import { decodePackedVringBase, encodePackedVringBase } from "../../src/virtio/packed-ring.js";
+import { tempSocketPath } from "../helpers/temp-socket.js";
 
 const GATE = fileURLToPath(new URL("../helpers/gate-device.js", import.meta.url));
 const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
@@ -62,7 +61,7 @@ async function collect(q: PackedQueueDriver, n: number): Promise<{ head: number;
 }
 
 test("a packed ring through several laps, GET_VRING_BASE in the packed encoding, and a restart from it", async () => {
-  const path = join(tmpdir(), `vmshift-packed-${process.pid}.sock`);
+  const path = tempSocketPath("packed");
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * 1024 * 1024)]);
   const backend = await startBackend(path, false);
   try {
@@ -119,7 +118,7 @@ test("a packed ring through several laps, GET_VRING_BASE in the packed encoding,
 });
 
 test("dirty logging on a packed ring: the used descriptor's page, the device area's page and the buffer, not the driver area", async () => {
-  const path = join(tmpdir(), `vmshift-packed-log-${process.pid}.sock`);
+  const path = tempSocketPath("packed-log");
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * 1024 * 1024)]);
   const backend = await startBackend(path, false);
   try {
@@ -164,7 +163,7 @@ test("dirty logging on a packed ring: the used descriptor's page, the device are
 });
 
 test("packed inflight: a back-end killed with a request in flight; the next one resubmits it once", async () => {
-  const path = join(tmpdir(), `vmshift-packed-inflight-${process.pid}.sock`);
+  const path = tempSocketPath("packed-inflight");
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * 1024 * 1024)]);
   const first = await startBackend(path, true);
   let second: ChildProcess | null = null;
