@@ -98,15 +98,19 @@ async function ours(link: NetnsLink, loopback: Side | undefined, creds: TestCred
   };
 }
 
-/** A plain TCP stream a -> b inside the link: its capacity as Node sees it. */
-async function capacity(link: NetnsLink): Promise<number> {
+/**
+ * A plain TCP stream a -> b inside the link (or, with `loopback`, over 127.0.0.1 inside that
+ * side's namespace), `mib` MiB in 1 MiB writes: its capacity as Node sees it.
+ */
+async function capacity(link: NetnsLink, loopback?: Side, mib = 300): Promise<number> {
   const code = `const net=require("node:net");const [m,h,p]=process.argv.slice(1);
 if(m==="s"){const s=net.createServer(c=>{let n=0;const t=performance.now();c.on("data",d=>n+=d.length);
 c.on("end",()=>{console.log(JSON.stringify({event:"cap",MBps:n/(performance.now()-t)/1000}));c.end();s.close()})}).listen(0,h,()=>console.log(JSON.stringify({event:"listening",port:s.address().port})))}
-else{const c=net.connect(+p,h,()=>{const b=Buffer.alloc(1<<20,7);let left=300;const w=()=>{while(left>0){left--;if(!c.write(b)){c.once("drain",w);return}}c.end()};w()});c.on("data",()=>{})}`;
-  const srv = new JsonLines(link.spawn("b", process.execPath, ["-e", code, "s", link.addr("b")]));
+else{const c=net.connect(+p,h,()=>{const b=Buffer.alloc(1<<20,7);let left=${mib};const w=()=>{while(left>0){left--;if(!c.write(b)){c.once("drain",w);return}}c.end()};w()});c.on("data",()=>{})}`;
+  const host = loopback ? "127.0.0.1" : link.addr("b");
+  const srv = new JsonLines(link.spawn(loopback ?? "b", process.execPath, ["-e", code, "s", host]));
   const l = await srv.next("listening", 10_000);
-  const cli = new JsonLines(link.spawn("a", process.execPath, ["-e", code, "c", link.addr("b"), String(l.port)]));
+  const cli = new JsonLines(link.spawn(loopback ?? "a", process.execPath, ["-e", code, "c", host, String(l.port)]));
   const r = await srv.next("cap", 60_000);
   await cli.exit(10_000);
   return r.MBps as number;
@@ -244,11 +248,17 @@ async function precopyFigures(
   const theirs: Run[] = [];
   const mineTls: Run[] = [];
   const theirsTls: Run[] = [];
+  /** Loopback: raw TCP capacity, a plain socket pair pushing about what a migration sends, before each run. */
+  const raw: number[] = [];
   // vmshift's runs first, then QEMU's, so that each migrates with only its own memory resident:
   // on this nested-virtualised machine a resident 1 GiB QEMU guest makes the kernel's copies
   // into fresh memory ~3x slower (measured with perf), which QEMU's own runs never suffer
   // because our processes have exited by then. Plain and TLS alternate.
   for (let i = 0; i < RUNS; i++) {
+    if (loopback) {
+      raw.push(await capacity(link, "a", Math.round(SIZE_MIB * FILL)));
+      log(`${name} run ${i + 1}: raw TCP loopback ${(raw.at(-1) as number).toFixed(0)} MB/s`);
+    }
     for (const tls of [false, true]) {
       const o = await ours(link, loopback ? "a" : undefined, tls ? creds : null);
       (tls ? mineTls : mine).push(o);
@@ -359,6 +369,30 @@ async function precopyFigures(
       med(theirs, "mbps"),
     ),
   ];
+  if (loopback) {
+    const rawRef = `raw TCP over loopback (plain node:net pair, ${Math.round(SIZE_MIB * FILL)} MiB, same run)`;
+    out.push(
+      figure("migrate", `${name}: throughput vs raw TCP`, "MB/s", "higher", med(mine, "mbps"), rawRef, median(raw)),
+      figure(
+        "migrate",
+        `${name}: throughput without digest verification vs raw TCP`,
+        "MB/s",
+        "higher",
+        med(mine, "mbpsUnverified"),
+        rawRef,
+        median(raw),
+      ),
+      figure(
+        "migrate",
+        `${name}: TLS throughput vs raw TCP`,
+        "MB/s",
+        "higher",
+        med(mineTls, "mbps"),
+        rawRef,
+        median(raw),
+      ),
+    );
+  }
   if (cap !== null) {
     const capRef = `link capacity (tbf 1 Gbit/s, TCP stream measured in this run)`;
     out.push(

@@ -18,6 +18,8 @@ import { MADV_DONTNEED, MADV_REMOVE } from "../sys/mapping.js";
 import type { Userfaultfd } from "../sys/userfaultfd.js";
 import {
   boundSocketBuffers,
+  type ChannelParts,
+  MigrationChannel,
   POSTCOPY_READ_AHEAD,
   POSTCOPY_SOCKET_BUFFER,
   type Record,
@@ -26,7 +28,7 @@ import {
 } from "./channel.js";
 import { hex } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
-import { MigrationEvents, type MigrationResult, type Phase } from "./events.js";
+import { MigrationEvents, type MigrationResult } from "./events.js";
 import { type FaultDomainStats, type FaultRange, FaultServer } from "./fault-server.js";
 import {
   Capability,
@@ -43,7 +45,6 @@ import {
   encodeComplete,
   encodeFail,
   encodePageRequest,
-  encodeReceived,
   encodeRecord,
   type PagesRecord,
   type PayloadReader,
@@ -52,7 +53,9 @@ import {
 } from "./format.js";
 import { PAGE, PageSet } from "./page-set.js";
 import { writeRegionPages } from "./pages.js";
+import { destinationPhases } from "./phases.js";
 import { ReceivedMemory, type ReceivedRegion } from "./received-memory.js";
+import { answerRecovery, recoverConnection } from "./recovery.js";
 import type { DeviceState } from "./source.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
@@ -166,8 +169,13 @@ export class MigrationDestination {
     return this.#faults.addDomain(uffd, ranges);
   }
 
-  #phase(phase: Phase): void {
-    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 });
+  /** The state diagram this side follows (phases.ts, docs/migration.md). */
+  readonly #phases = destinationPhases((phase) =>
+    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 }),
+  );
+
+  #phase(phase: Exclude<ReturnType<typeof destinationPhases>["phase"], "idle">): void {
+    this.#phases.to(phase);
   }
 
   async run(stream: Duplex): Promise<MigrationResult> {
@@ -177,9 +185,14 @@ export class MigrationDestination {
     // The preempt and recovery connections must come from the peer the main stream came from.
     const peer = peerIdentity(stream);
     // Every record is applied (or its payload copied) before the next one is read.
-    let reader = new RecordReader(stream, { reuseBuffer: true });
-    let writer = new RecordWriter(stream);
-    this.#writer = writer;
+    // The main connection: stream, reader and writer, replaced together by postcopy recovery;
+    // it also owns the preempt connection, whose records the fault side reads.
+    const channel = new MigrationChannel({
+      stream,
+      reader: new RecordReader(stream, { reuseBuffer: true }),
+      writer: new RecordWriter(stream),
+    });
+    this.#writer = channel.writer;
     let abortReject: ((e: Error) => void) | null = null;
     const aborted = new Promise<never>((_, rej) => {
       abortReject = rej;
@@ -187,7 +200,7 @@ export class MigrationDestination {
     aborted.catch(() => undefined);
     const onAbort = () => abortReject?.(new MigrationError("ABORTED", "migration cancelled"));
     this.#o.signal?.addEventListener("abort", onAbort, { once: true });
-    let preempt: { stream: Duplex; reader: RecordReader; done: Promise<void> } | null = null;
+    let preempt: { reader: RecordReader; done: Promise<void> } | null = null;
     const digests = new Map<number, Uint8Array>();
     /** The record being applied: what fails meanwhile is its failure (recordFailure). */
     let applying: Record | null = null;
@@ -200,17 +213,12 @@ export class MigrationDestination {
     };
     const recover = async (cause: MigrationError) => {
       this.#phase("postcopy-paused");
-      reader.detach();
-      stream.destroy();
-      if (preempt) {
-        preempt.reader.detach();
-        preempt.stream.destroy();
-        preempt = null;
-      }
+      preempt?.reader.detach();
+      preempt = null;
+      channel.drop();
       const rec = this.#o.postcopyRecovery as NonNullable<DestinationOptions["postcopyRecovery"]>;
-      const got = await this.#acceptRecovery(rec, nonce, cause, aborted, peer);
-      ({ stream, reader, writer } = got);
-      this.#writer = writer;
+      channel.replace(await this.#acceptRecovery(rec, nonce, cause, aborted, peer));
+      this.#writer = channel.writer;
       // The source sends its digests again after the rest of the pages.
       digests.clear();
       this.#phase("postcopy");
@@ -219,7 +227,7 @@ export class MigrationDestination {
     const next = async (): Promise<Record> => {
       for (;;) {
         try {
-          return await Promise.race([reader.next(), aborted]);
+          return await Promise.race([channel.reader.next(), aborted]);
         } catch (e) {
           if (!(canRecover && this.#faults.running && isLoss(e))) throw e;
           await recover(asMigrationError(e));
@@ -228,7 +236,7 @@ export class MigrationDestination {
     };
     try {
       this.#phase("setup");
-      await Promise.race([reader.readStreamHeader(), aborted]);
+      await Promise.race([channel.reader.readStreamHeader(), aborted]);
       const caps = await this.#setup(next);
       if (caps & Capability.RECOVERY) {
         const r = await next();
@@ -241,21 +249,22 @@ export class MigrationDestination {
         const r = await next();
         if (!(caps & Capability.POSTCOPY) || r.type !== RecordType.Preempt)
           throw r.payload.error(`expected PREEMPT (with the postcopy capability), got ${recordName(r.type)}`);
-        const ch = await this.#acceptPreempt(decodePreempt(r.payload), aborted, peer);
+        const pc = await this.#acceptPreempt(decodePreempt(r.payload), aborted, peer);
+        channel.attachPreempt(pc.stream);
         // A failure on the preempt channel fails the migration: it wakes the main loop. In a
         // recoverable postcopy it pauses it instead, like a lost main connection.
         // Over a plain socket (and without recovery, which replaces connections) a native
         // thread serves every fault on this channel; otherwise this thread does (TLS).
         let done: Promise<void>;
-        if (!canRecover && FaultServer.canServeNatively(ch.stream)) {
-          ch.reader.detach();
-          done = this.#faults.servePreempt(ch.stream, ch.reader.offset);
-        } else done = this.#preemptLoop(ch.reader);
+        if (!canRecover && FaultServer.canServeNatively(pc.stream)) {
+          pc.reader.detach();
+          done = this.#faults.servePreempt(pc.stream, pc.reader.offset);
+        } else done = this.#preemptLoop(pc.reader);
         done.catch((e) => {
-          if (canRecover && this.#postcopy && isLoss(e)) stream.destroy();
+          if (canRecover && this.#postcopy && isLoss(e)) channel.stream.destroy();
           else abortReject?.(asMigrationError(e));
         });
-        preempt = { ...ch, done };
+        preempt = { reader: pc.reader, done };
         this.#preemptUsed = true;
       }
       // Precopy keeps a hash of each page as it is written, so the digest of the memory the
@@ -296,7 +305,7 @@ export class MigrationDestination {
             this.#resumedWith = this.#mem.hashDigests();
             await this.#o.hooks?.resume?.();
             this.#resumedAt = performance.now();
-            writer.writeNow(encodeRecord(RecordType.Resumed));
+            channel.writer.writeNow(encodeRecord(RecordType.Resumed));
             this.#phase("verify");
             break;
           }
@@ -319,13 +328,13 @@ export class MigrationDestination {
             // background stream is already in the kernel's buffers and our read-ahead: keep
             // both small from now on.
             if (!preempt) {
-              boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
-              reader.setReadAhead(POSTCOPY_READ_AHEAD);
+              boundSocketBuffers(channel.stream, POSTCOPY_SOCKET_BUFFER);
+              channel.reader.setReadAhead(POSTCOPY_READ_AHEAD);
             }
             this.#faults.start();
             this.#postcopy = true;
             await this.#o.hooks?.resume?.();
-            writer.writeNow(encodeRecord(RecordType.Resumed));
+            channel.writer.writeNow(encodeRecord(RecordType.Resumed));
             break;
           case RecordType.Digest: {
             const d = decodeDigest(r.payload);
@@ -341,9 +350,9 @@ export class MigrationDestination {
             if (preempt) {
               await Promise.race([preempt.done, aborted]);
               preempt.reader.detach();
-              preempt.stream.end();
+              channel.detachPreempt()?.end();
             }
-            return await this.#finish(digests, writer, stream);
+            return await this.#finish(digests, channel.writer, channel.stream);
           default:
             throw r.payload.error(`unexpected ${recordName(r.type)} record`);
         }
@@ -352,16 +361,18 @@ export class MigrationDestination {
       }
     } catch (e) {
       let err = applying ? recordFailure(e, applying) : asMigrationError(e);
+      // The connection as it is now (recovery may have replaced the one run() was given).
+      stream = channel.stream;
       if (err.code === "TRUNCATED" && !(stream.readable && !stream.destroyed))
         err = new MigrationError("TRUNCATED", err.message.replace(/ \(at stream offset \d+\)$/, ""), err.offset, {
           ...err.details,
           connectionLost: true,
         });
-      writer.writeNow(encodeFail(err.code, err.message));
+      channel.writer.writeNow(encodeFail(err.code, err.message));
       this.#faults.stop();
-      reader.detach();
+      channel.reader.detach();
       preempt?.reader.detach();
-      preempt?.stream.destroy();
+      channel.detachPreempt()?.destroy();
       // Let the FAIL record reach the source: closing with unread input would send a reset,
       // and a reset makes the peer's kernel drop data it has not read yet. So half-close,
       // discard what still arrives, and wait for the source to hang up (bounded).
@@ -379,7 +390,7 @@ export class MigrationDestination {
         });
       }
       stream.destroy();
-      this.#phase("failed");
+      if (!this.#phases.final) this.#phase("failed");
       this.events.emit("failed", err);
       throw err;
     } finally {
@@ -387,54 +398,32 @@ export class MigrationDestination {
     }
   }
 
-  async #acceptRecovery(
+  /** Postcopy paused: the source's recovery connection (recovery.ts), as the new channel's parts. */
+  #acceptRecovery(
     rec: NonNullable<DestinationOptions["postcopyRecovery"]>,
     nonce: bigint,
     cause: MigrationError,
     aborted: Promise<never>,
     peer: PeerIdentity | null,
-  ): Promise<{ stream: Duplex; reader: RecordReader; writer: RecordWriter }> {
-    const limit = rec.timeoutMs ?? 60_000;
-    const deadline = performance.now() + limit;
-    const within = <T>(p: Promise<T>): Promise<T> =>
-      withDeadline(Promise.race([p, aborted]), deadline, "recovery timed out");
-    while (performance.now() < deadline) {
-      let s: Duplex | null = null;
-      let r: RecordReader | null = null;
-      try {
-        s = await acceptWithin(() => rec.accept(), deadline, aborted, "recovery timed out");
-        r = new RecordReader(s, { reuseBuffer: true });
-        await within(r.readStreamHeader());
-        const first = await within(r.next());
-        if (first.type !== RecordType.Recover || decodeNonce(first.payload) !== nonce)
-          throw first.payload.error("not a recovery connection of this migration");
-        const theirs = peerIdentity(s);
-        if (!samePeer(peer, theirs))
-          throw new MigrationError(
-            "AUTH_FAILED",
-            `a recovery connection from ${describePeer(theirs)}, the migration's source is ${describePeer(peer)}`,
-          );
-        const w = new RecordWriter(s);
-        // What is here is not sent again; what threads wait on is asked for again.
-        for (const [i, st] of this.#regions.entries()) w.writeNow(encodeReceived(i, st.pages, st.present.bytes));
-        for (const [region, page] of this.#faults.pending()) w.writeNow(encodePageRequest(region, page));
-        boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
-        r.setReadAhead(POSTCOPY_READ_AHEAD);
-        return { stream: s, reader: r, writer: w };
-      } catch (e) {
-        r?.detach();
-        s?.destroy();
-        if (e instanceof MigrationError && e.code === "ABORTED") throw e;
-        // A stray, foreign or broken connection: wait for the next one.
-        this.events.emit("refused", asMigrationError(e));
-      }
-    }
-    throw new MigrationError(
-      "CONNECTION_LOST",
-      `postcopy paused and not recovered within ${limit} ms (${cause.message})`,
-      undefined,
-      { cause: cause.message },
-    );
+  ): Promise<ChannelParts> {
+    return recoverConnection({
+      limitMs: rec.timeoutMs ?? 60_000,
+      cause,
+      peer,
+      role: "destination",
+      candidate: (deadline) => acceptWithin(() => rec.accept(), deadline, aborted, "recovery timed out"),
+      handshake: (s, deadline) =>
+        answerRecovery(
+          s,
+          nonce,
+          this.#regions.map((st) => st.present),
+          this.#faults.pending(),
+          (p) => withDeadline(Promise.race([p, aborted]), deadline, "recovery timed out"),
+        ),
+      fatal: (e) => e.code === "ABORTED",
+      // A stray, foreign or broken connection: wait for the next one.
+      refused: (e) => this.events.emit("refused", e),
+    });
   }
 
   /**

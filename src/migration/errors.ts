@@ -14,7 +14,8 @@ export type MigrationErrorCode =
   | "ABORTED" // cancelled by the caller
   | "AUTH_FAILED" // TLS: the peer's certificate, identity or key was rejected, or credentials are unusable
   | "INSECURE" // plain TCP beyond loopback without the operator's explicit --insecure
-  | "REQUEST_REFUSED"; // a page request over the source's bounds (served never, or later)
+  | "REQUEST_REFUSED" // a page request over the source's bounds (served never, or later)
+  | "ILLEGAL_TRANSITION"; // a phase change the side's state diagram does not have (phases.ts)
 
 /**
  * A migration that failed. `offset` is the byte offset in the incoming stream where the bad

@@ -138,9 +138,11 @@ export class RecordBuilder {
   readonly payload: Buffer;
   readonly view: DataView;
 
-  constructor(type: RecordType, length: number, flags = 0) {
+  /** `into`: build the record at the start of this buffer when it is long enough (a pool's). */
+  constructor(type: RecordType, length: number, flags = 0, into?: Buffer) {
     if (length > MAX_PAYLOAD) throw new RangeError(`record payload ${length} exceeds ${MAX_PAYLOAD}`);
-    this.bytes = Buffer.allocUnsafe(RECORD_OVERHEAD + length);
+    const size = RECORD_OVERHEAD + length;
+    this.bytes = into && into.length >= size ? into.subarray(0, size) : Buffer.allocUnsafe(size);
     this.bytes.writeUInt8(type, 0);
     this.bytes.writeUInt8(flags, 1);
     this.bytes.writeUInt16LE(0, 2);
@@ -370,7 +372,8 @@ function align4(n: number): number {
 /**
  * Builds a PAGES record for `pages` of a region. `source(page)` returns the page's bytes (a
  * view into guest memory); pages for which `isZero(page)` holds are sent as a flag only. The
- * data is copied once, from guest memory into the record.
+ * data is copied once, from guest memory into the record (built in `into` when it is long
+ * enough).
  */
 export function encodePages(
   region: number,
@@ -379,6 +382,7 @@ export function encodePages(
   source: (page: number) => Uint8Array,
   isZero: (page: number) => boolean,
   gather?: (full: Uint32Array, count: number, into: Uint8Array) => void,
+  into?: Buffer,
 ): { record: Buffer; zero: number; full: number } {
   const count = pages.length;
   const zeroFlags = new Uint8Array(count);
@@ -388,7 +392,7 @@ export function encodePages(
     if (isZero(pages[i] as number)) zeroFlags[i] = PAGE_FLAG_ZERO;
     else fullPages[full++] = pages[i] as number;
   }
-  const r = new RecordBuilder(RecordType.Pages, pagesPayloadSize(count, full, pageSize));
+  const r = new RecordBuilder(RecordType.Pages, pagesPayloadSize(count, full, pageSize), 0, into);
   r.view.setUint32(0, region, true);
   r.view.setUint32(4, count, true);
   let o = 8;

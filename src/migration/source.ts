@@ -12,42 +12,37 @@ import { DirtyTracker, RegionBitmapSource } from "../memory/dirty-tracker.js";
 import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
-import { isZero } from "../sys/bulk.js";
-import { boundSocketBuffers, POSTCOPY_SOCKET_BUFFER, RecordReader, RecordWriter } from "./channel.js";
+import { boundSocketBuffers, MigrationChannel, POSTCOPY_SOCKET_BUFFER, RecordWriter } from "./channel.js";
 import { convergence, convergenceLimits, predictDowntimeMs } from "./convergence.js";
-import { hex, regionDigest, residencyImpliesZero } from "./digest.js";
+import { hex, regionDigest } from "./digest.js";
 import { asMigrationError, MigrationError, withDeadline } from "./errors.js";
 import {
   DIRTY_HEAT_CELLS,
   MigrationEvents,
   type MigrationResult,
-  type Phase,
   type RegionDigest,
   type RequestStats,
   type RoundStats,
 } from "./events.js";
 import {
   Capability,
-  decodeFail,
-  decodeReceived,
   encodeCapabilities,
   encodeDeviceState,
   encodeDigest,
   encodeDiscard,
   encodeNonce,
-  encodePages,
   encodePostcopyAdvise,
   encodePreempt,
   encodeRecord,
   encodeRegion,
   encodeRound,
   encodeStreamHeader,
-  PAGES_PER_RECORD,
   RecordType,
-  recordName,
 } from "./format.js";
+import { PageSender } from "./page-sender.js";
 import { PAGE, PageSet } from "./page-set.js";
-import { copyRegionPages } from "./pages.js";
+import { sourcePhases } from "./phases.js";
+import { offerRecovery, recoverConnection } from "./recovery.js";
 import { ReturnPath } from "./return-path.js";
 import { describePeer, type PeerIdentity, peerIdentity, samePeer } from "./transport.js";
 
@@ -143,17 +138,12 @@ export class MigrationSource {
   readonly #ps = PAGE;
   #t0 = 0;
   #stats: RoundStats[] = [];
-  #pages = 0;
-  #zero = 0;
   #writersStopped = false;
   #destinationRunning = false;
   #throttle = 0;
   #used = false;
-  /** Regions whose plug state changed since it was last sent (virtio-mem (un)plug mid-migration). */
-  readonly #plugChanged = new Set<number>();
-  /** Counts (un)plug events; #sendDirty filters its batches only when one came after the sync. */
-  #plugEpoch = 0;
-  #plugEpochAtSync = 0;
+  /** Precopy rounds, the postcopy background pass and (un)plug changes: see page-sender.ts. */
+  readonly #sender: PageSender;
   /** Postcopy with a preempt channel: the background loop yields after every record. */
   #yieldEachRecord = false;
   readonly #requests: RequestStats = {
@@ -175,10 +165,14 @@ export class MigrationSource {
       pages: region.size / PAGE,
       discard: options.discard?.get(region),
     }));
+    this.#sender = new PageSender(this.#regions);
   }
 
-  #phase(phase: Phase): void {
-    this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 });
+  /** The state diagram this side follows (phases.ts, docs/migration.md). */
+  readonly #phases = sourcePhases((phase) => this.events.emit("phase", { phase, atMs: performance.now() - this.#t0 }));
+
+  #phase(phase: Exclude<ReturnType<typeof sourcePhases>["phase"], "idle">): void {
+    this.#phases.to(phase);
   }
 
   /** Runs the migration over `stream` (owned from here on: ended on success, destroyed on failure). */
@@ -195,12 +189,19 @@ export class MigrationSource {
       preempt.end();
       preempt = null;
     }
-    let writer = new RecordWriter(stream, {
-      bandwidthLimit: o.bandwidthLimit ?? 0,
-      // Precopy: several 1 MiB records in flight, so the socket never waits for the next one.
-      // Postcopy without a preempt channel: requested pages queue behind this, keep it short.
-      highWater: postcopy && !preempt ? 256 * 1024 : 4 * 1024 * 1024,
-    });
+    // The main connection: the stream, its return path's reader and the writer, replaced together
+    // by postcopy recovery. It also owns the preempt connection's lifetime.
+    const ch = MigrationChannel.over(
+      stream,
+      {},
+      {
+        bandwidthLimit: o.bandwidthLimit ?? 0,
+        // Precopy: several 1 MiB records in flight, so the socket never waits for the next one.
+        // Postcopy without a preempt channel: requested pages queue behind this, keep it short.
+        highWater: postcopy && !preempt ? 256 * 1024 : 4 * 1024 * 1024,
+      },
+    );
+    if (preempt) ch.attachPreempt(preempt);
     // The preempt channel carries requested pages; the destination may send its requests on it.
     let preemptWriter = preempt ? new RecordWriter(preempt) : null;
     const hadPreempt = preempt !== null;
@@ -209,7 +210,7 @@ export class MigrationSource {
     const peer = peerIdentity(stream);
     const preemptPeer = preempt ? peerIdentity(preempt) : null;
     const onRefused = (e: MigrationError) => this.events.emit("refused", e);
-    let rp = new ReturnPath(new RecordReader(stream), this.#regions, this.#requests, onRefused);
+    let rp = new ReturnPath(ch.reader, this.#regions, this.#requests, onRefused);
     // A destination whose fault thread owns the preempt channel sends its requests there.
     if (preempt) rp.readPreemptRequests(preempt);
     let nativePreempt = false;
@@ -222,8 +223,6 @@ export class MigrationSource {
     });
     o.signal?.addEventListener("abort", aborted, { once: true });
     let trackerStarted = false;
-    /** Bytes sent on connections lost before this one (postcopy recovery). */
-    let bytesBefore = 0;
     let recoveryFailure: MigrationError | null = null;
     let postcopyRunSent = false;
     let postcopySet: PageSet[] = [];
@@ -236,7 +235,7 @@ export class MigrationSource {
           "AUTH_FAILED",
           `the preempt channel reached ${describePeer(preemptPeer)}, the main stream ${describePeer(peer)}`,
         );
-      await writer.write(encodeStreamHeader());
+      await ch.writer.write(encodeStreamHeader());
       const caps =
         Capability.ZERO_PAGES |
         Capability.DIGEST |
@@ -244,7 +243,7 @@ export class MigrationSource {
         (postcopy ? Capability.POSTCOPY : 0) |
         (preempt ? Capability.PREEMPT : 0) |
         (recovery ? Capability.RECOVERY : 0);
-      await writer.write(
+      await ch.writer.write(
         encodeCapabilities({
           capabilities: caps,
           pageSize: this.#ps,
@@ -253,42 +252,30 @@ export class MigrationSource {
         }),
       );
       this.#regions.forEach((ri, index) => {
-        writer.writeNow(
+        ch.writer.writeNow(
           encodeRegion({ index, guestBase: ri.region.guestBase, size: ri.region.size, pageSize: ri.region.pageSize }),
         );
       });
       // A recovery connection names its migration by this nonce, as the preempt channel does.
-      if (recovery) writer.writeNow(encodeNonce(RecordType.Session, nonce));
+      if (recovery) ch.writer.writeNow(encodeNonce(RecordType.Session, nonce));
       if (preemptWriter) {
-        writer.writeNow(encodePreempt(nonce));
+        ch.writer.writeNow(encodePreempt(nonce));
         await preemptWriter.write(encodeStreamHeader());
         await preemptWriter.write(encodePreempt(nonce));
       }
       // Plug state travels first: the destination must know what never to populate. A change
       // while the migration runs goes again, ahead of the next pages.
+      unsubscribe.push(...this.#sender.watchPlugState());
       for (const [index, ri] of this.#regions.entries())
-        if (ri.discard) {
-          unsubscribe.push(
-            ri.discard.subscribe({
-              onDiscard: () => {
-                this.#plugChanged.add(index);
-                this.#plugEpoch++;
-              },
-              onPopulate: () => {
-                this.#plugChanged.add(index);
-                this.#plugEpoch++;
-              },
-            }),
-          );
-          await writer.write(
+        if (ri.discard)
+          await ch.writer.write(
             encodeDiscard({ region: index, blockSize: ri.discard.blockSize, states: ri.discard.toBytes() }),
           );
-        }
       await tracker.start();
       trackerStarted = true;
-      rp.start(writer);
+      rp.start(ch.writer);
 
-      const { rounds, converged } = await this.#precopy(tracker, writer, rp);
+      const { rounds, converged } = await this.#precopy(tracker, ch.writer, rp);
       let end: { digests: Uint8Array[]; complete: { ok: boolean; digests: Uint8Array[] }; verifyStart: number } | null =
         null;
       let downtimeStart: number;
@@ -298,12 +285,12 @@ export class MigrationSource {
         downtimeStart = performance.now();
         await this.#stopWriters();
         await this.#sync(tracker, true);
-        await this.#sendDirty(tracker, writer, rp);
-        this.#sendPlugChanges(writer);
-        await this.#sendDeviceStates(writer);
+        await this.#sender.sendDirty(tracker.bitmap, ch.writer, rp);
+        this.#sender.sendPlugChanges(ch.writer);
+        await this.#sendDeviceStates(ch.writer);
         // The destination resumes on SWITCHOVER with the digest of what it received, known
         // from per-page hashes taken as pages arrived; the comparison comes after it runs.
-        await writer.write(encodeRecord(RecordType.Switchover));
+        await ch.writer.write(encodeRecord(RecordType.Switchover));
         await withDeadline(
           rp.resumed,
           deadline(o.deadlines?.resumedMs, 30_000),
@@ -314,19 +301,19 @@ export class MigrationSource {
       } else {
         this.#phase("postcopy");
         // Page requests answered on this same stream: keep the kernel's queue short.
-        if (!preemptWriter) boundSocketBuffers(stream, POSTCOPY_SOCKET_BUFFER);
+        if (!preemptWriter) boundSocketBuffers(ch.stream, POSTCOPY_SOCKET_BUFFER);
         downtimeStart = performance.now();
         await this.#stopWriters();
         await this.#sync(tracker, true);
-        this.#sendPlugChanges(writer);
+        this.#sender.sendPlugChanges(ch.writer);
         const todo = this.#regions.map((_, i) => tracker.bitmap.take(i));
         const set = this.#regions.map((ri, i) => PageSet.of(todo[i] as Uint32Array, ri.pages));
         postcopySet = set;
         rp.setPostcopySet(set);
         for (const [i, ri] of this.#regions.entries())
-          await writer.write(encodePostcopyAdvise(i, ri.pages, (set[i] as PageSet).bytes));
-        await this.#sendDeviceStates(writer);
-        await writer.write(encodeRecord(RecordType.PostcopyRun));
+          await ch.writer.write(encodePostcopyAdvise(i, ri.pages, (set[i] as PageSet).bytes));
+        await this.#sendDeviceStates(ch.writer);
+        await ch.writer.write(encodeRecord(RecordType.PostcopyRun));
         // From here the destination may be running: until it says otherwise (FAIL before
         // RESUMED), the source must not run the guest again.
         postcopyRunSent = true;
@@ -336,7 +323,7 @@ export class MigrationSource {
           nativePreempt = true;
           preemptClosing = true;
         }
-        rp.servePages(preemptWriter ?? writer, (i, p) => this.#pageView(i, p), preemptWriter !== null);
+        rp.servePages(preemptWriter ?? ch.writer, (i, p) => this.#sender.pageView(i, p), preemptWriter !== null);
         downtimeMs = 0;
         for (;;) {
           try {
@@ -349,36 +336,33 @@ export class MigrationSource {
               this.#destinationRunning = true;
               downtimeMs = performance.now() - downtimeStart;
             }
-            await this.#sendBackground(todo, writer, rp);
+            await this.#sender.sendBackground(todo, ch.writer, rp, this.#yieldEachRecord);
+            const pch = !nativePreempt && preemptWriter ? ch.detachPreempt() : null;
             if (nativePreempt) {
-              rp.servePages(writer, (i, p) => this.#pageView(i, p));
+              rp.servePages(ch.writer, (i, p) => this.#sender.pageView(i, p));
               await rp.finishNative();
-            } else if (preemptWriter && preempt) {
+            } else if (preemptWriter && pch) {
               // Every page is on its way on one channel or the other. Close the preempt channel
               // with a marker the destination waits for before END: pages it carried may still be
               // in flight. A request that comes after this is for a page already sent: served on
               // the main stream, ahead of END.
-              rp.servePages(writer, (i, p) => this.#pageView(i, p));
+              rp.servePages(ch.writer, (i, p) => this.#sender.pageView(i, p));
               await preemptWriter.write(encodeRecord(RecordType.PreemptEnd));
-              const ch = preempt;
               preemptClosing = true;
-              await new Promise<void>((r) => ch.end(r));
+              await new Promise<void>((r) => pch.end(r));
             }
-            end = await this.#verifyAndEnd(writer, rp);
+            end = await this.#verifyAndEnd(ch.writer, rp);
             break;
           } catch (e) {
             const err = rp.failure ?? asMigrationError(e);
             if (!recovery || err.code !== "CONNECTION_LOST") throw e;
             // Postcopy paused: nothing of the old connections is used again.
             rp.close();
-            stream.destroy();
             preemptClosing = true;
-            preempt?.destroy();
-            preempt = null;
             preemptWriter = null;
-            bytesBefore += writer.bytesWritten;
+            ch.drop();
             try {
-              ({ stream, writer, rp } = await this.#recover(recovery, nonce, err, peer, postcopySet));
+              rp = await this.#recover(ch, recovery, nonce, err, peer, postcopySet);
             } catch (re) {
               recoveryFailure = asMigrationError(re);
               throw re;
@@ -391,7 +375,7 @@ export class MigrationSource {
           }
         }
       }
-      if (!end) end = await this.#verifyAndEnd(writer, rp);
+      if (!end) end = await this.#verifyAndEnd(ch.writer, rp);
       const { digests, complete, verifyStart } = end;
       const verifyMs = performance.now() - verifyStart;
       const cmp: RegionDigest[] = digests.map((d, i) => {
@@ -411,9 +395,9 @@ export class MigrationSource {
         totalMs: performance.now() - this.#t0,
         downtimeMs,
         verifyMs,
-        bytesSent: bytesBefore + writer.bytesWritten,
-        pagesSent: this.#pages,
-        zeroPages: this.#zero,
+        bytesSent: ch.bytesWritten,
+        pagesSent: this.#sender.pages,
+        zeroPages: this.#sender.zero,
         converged,
         digests: cmp,
         roundStats: this.#stats,
@@ -423,7 +407,7 @@ export class MigrationSource {
       await tracker.stop();
       for (const u of unsubscribe) u();
       rp.close();
-      stream.end();
+      ch.stream.end();
       this.events.emit("complete", result);
       return result;
     } catch (e) {
@@ -438,10 +422,9 @@ export class MigrationSource {
       if (trackerStarted) await tracker.stop().catch(() => undefined);
       for (const u of unsubscribe) u();
       rp.close();
-      stream.destroy();
       preemptClosing = true;
-      preempt?.destroy();
-      this.#phase("failed");
+      ch.destroy();
+      if (!this.#phases.final) this.#phase("failed");
       this.events.emit("failed", err);
       throw err;
     } finally {
@@ -457,33 +440,6 @@ export class MigrationSource {
   async #sendDeviceStates(writer: RecordWriter): Promise<void> {
     const states = (await this.#o.hooks?.saveDeviceState?.()) ?? [];
     for (const s of states) await writer.write(encodeDeviceState(s.name, s.blob));
-  }
-
-  /** Copies a record's full pages out of region i in one native call per window. */
-  #gather(i: number): (full: Uint32Array, count: number, into: Uint8Array) => void {
-    const region = (this.#regions[i] as RegionInfo).region;
-    return (full, count, into) => copyRegionPages(region, full, count, into, false);
-  }
-
-  /**
-   * The zero test for a batch of pages (ascending). Where residencyImpliesZero holds, a page
-   * that is not resident is zero without reading it: reading would fault a fresh zero page in
-   * (the never-written part of a new memfd costs more to scan than all the data sent).
-   */
-  #isZero(i: number, batch: Uint32Array, byResidency: boolean): (p: number) => boolean {
-    const view = (p: number) => isZero(this.#pageView(i, p));
-    const mapping = (this.#regions[i] as RegionInfo).region.mapping;
-    if (!byResidency || !mapping || batch.length === 0) return view;
-    const first = batch[0] as number;
-    const span = (batch[batch.length - 1] as number) - first + 1;
-    if (span > 65536) return view;
-    const resident = mapping.residency(first * this.#ps, span * this.#ps);
-    return (p) => ((resident[p - first] as number) & 1) === 0 || view(p);
-  }
-
-  #pageView(i: number, p: number): Uint8Array {
-    const r = (this.#regions[i] as RegionInfo).region;
-    return r.bytes(p * this.#ps, this.#ps) as Uint8Array;
   }
 
   /** Precopy rounds; returns when it is time to stop the writers. */
@@ -546,7 +502,7 @@ export class MigrationSource {
       const t = performance.now();
       const b0 = writer.bytesWritten;
       const heat = new Array<number>(DIRTY_HEAT_CELLS).fill(0);
-      const { pages, zero } = await this.#sendDirty(tracker, writer, rp, heat);
+      const { pages, zero } = await this.#sender.sendDirty(tracker.bitmap, writer, rp, heat);
       await writer.drain();
       const durationMs = performance.now() - t;
       prevEnd = performance.now();
@@ -571,68 +527,10 @@ export class MigrationSource {
     }
   }
 
-  /** Sends every page dirty in the tracker's bitmap now (taking it). */
-  async #sendDirty(
-    tracker: DirtyTracker,
-    writer: RecordWriter,
-    rp: ReturnPath,
-    heat?: number[],
-  ): Promise<{ pages: number; zero: number }> {
-    let pages = 0;
-    let zero = 0;
-    let base = 0;
-    const cellPages = this.#regions.reduce((n, r) => n + r.pages, 0) / DIRTY_HEAT_CELLS;
-    for (let i = 0; i < this.#regions.length; i++) {
-      const dirty = tracker.bitmap.take(i);
-      if (heat)
-        for (let k = 0; k < dirty.length; k++) {
-          const c = Math.min(DIRTY_HEAT_CELLS - 1, Math.floor((base + (dirty[k] as number)) / cellPages));
-          heat[c] = (heat[c] as number) + 1;
-        }
-      base += (this.#regions[i] as RegionInfo).pages;
-      // Taken after the sync: a page that is not resident now and written later is dirty again.
-      const byResidency = residencyImpliesZero((this.#regions[i] as RegionInfo).region);
-      const discard = (this.#regions[i] as RegionInfo).discard;
-      for (let s = 0; s < dirty.length; s += PAGES_PER_RECORD) {
-        rp.check();
-        if (this.#plugChanged.size > 0) this.#sendPlugChanges(writer);
-        // The sync left out discarded blocks; only a block discarded since needs a second look.
-        const batch =
-          discard && this.#plugEpoch !== this.#plugEpochAtSync
-            ? discard.filterPages(dirty.subarray(s, s + PAGES_PER_RECORD), this.#ps)
-            : dirty.subarray(s, s + PAGES_PER_RECORD);
-        if (batch.length === 0) continue;
-        const rec = encodePages(
-          i,
-          batch,
-          this.#ps,
-          (p) => this.#pageView(i, p),
-          this.#isZero(i, batch, byResidency),
-          this.#gather(i),
-        );
-        await writer.write(rec.record);
-        pages += batch.length;
-        zero += rec.zero;
-      }
-    }
-    this.#pages += pages;
-    this.#zero += zero;
-    return { pages, zero };
-  }
-
   /** A dirty sync of every source; notes which (un)plug events it already accounted for. */
   #sync(tracker: DirtyTracker, final: boolean): ReturnType<DirtyTracker["sync"]> {
-    this.#plugEpochAtSync = this.#plugEpoch;
+    this.#sender.syncing();
     return tracker.sync({ final });
-  }
-
-  /** The plug state of every region whose blocks were (un)plugged since it was last sent. */
-  #sendPlugChanges(writer: RecordWriter): void {
-    for (const i of this.#plugChanged) {
-      const d = (this.#regions[i] as RegionInfo).discard;
-      if (d) writer.writeNow(encodeDiscard({ region: i, blockSize: d.blockSize, states: d.toBytes() }));
-    }
-    this.#plugChanged.clear();
   }
 
   /** Digests of the frozen memory, END, and the destination's COMPLETE. */
@@ -662,112 +560,42 @@ export class MigrationSource {
    * sent again, everything else it still needs is.
    */
   async #recover(
+    ch: MigrationChannel,
     recovery: NonNullable<SourceOptions["postcopyRecovery"]>,
     nonce: bigint,
     cause: MigrationError,
     peer: PeerIdentity | null,
     postcopySet: PageSet[],
-  ): Promise<{ stream: Duplex; writer: RecordWriter; rp: ReturnPath }> {
+  ): Promise<ReturnPath> {
     this.#phase("postcopy-paused");
-    const limit = recovery.timeoutMs ?? 60_000;
-    const deadline = performance.now() + limit;
-    let last: Error = cause;
-    while (performance.now() < deadline) {
-      if (this.#o.signal?.aborted) throw new MigrationError("ABORTED", "migration cancelled while postcopy was paused");
-      let s: Duplex | null = null;
-      try {
-        s = await withDeadline(recovery.reconnect(), deadline, "timed out waiting for reconnect");
-        const theirs = peerIdentity(s);
-        // Another peer (a different certificate): not the destination that runs the guest.
-        if (!samePeer(peer, theirs))
-          throw new MigrationError(
-            "AUTH_FAILED",
-            `a recovery connection reached ${describePeer(theirs)}, not ${describePeer(peer)}`,
-          );
-        const w = new RecordWriter(s, { highWater: 256 * 1024 });
-        const r = new RecordReader(s);
-        await w.write(encodeStreamHeader());
-        await w.write(encodeNonce(RecordType.Recover, nonce));
-        const held: PageSet[] = [];
-        for (const [i, ri] of this.#regions.entries()) {
-          const rec = await withDeadline(
-            r.next(),
-            deadline,
-            "timed out waiting for the destination's RECEIVED records",
-          );
-          if (rec.type === RecordType.Fail) {
-            const f = decodeFail(rec.payload);
-            throw new MigrationError("PEER_FAILED", `destination failed: ${f.code}: ${f.message}`, undefined, {
-              peerCode: f.code,
-            });
-          }
-          if (rec.type !== RecordType.Received)
-            throw rec.payload.error(`expected RECEIVED, got ${recordName(rec.type)}`);
-          const d = decodeReceived(rec.payload);
-          if (d.region !== i || d.pages !== ri.pages)
-            throw rec.payload.error(`RECEIVED for region ${d.region} of ${d.pages} pages`);
-          held.push(PageSet.wrap(d.bitmap, d.pages));
-        }
-        boundSocketBuffers(s, POSTCOPY_SOCKET_BUFFER);
-        const rp = new ReturnPath(r, this.#regions, this.#requests, (e) => this.events.emit("refused", e));
-        rp.setPostcopySet(postcopySet);
-        rp.setSent(held);
-        rp.start(w);
-        rp.servePages(w, (i, p) => this.#pageView(i, p));
-        this.#phase("postcopy");
-        return { stream: s, writer: w, rp };
-      } catch (e) {
-        s?.destroy();
-        last = e as Error;
-        if (
-          e instanceof MigrationError &&
-          (e.code === "PEER_FAILED" || e.code === "BAD_RECORD" || e.code === "CORRUPT")
-        )
-          throw e;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
-    throw new MigrationError(
-      "CONNECTION_LOST",
-      `postcopy paused and not recovered within ${limit} ms (last: ${last.message})`,
-      undefined,
-      { cause: cause.message },
-    );
-  }
-
-  /** Postcopy background: every page still to send, skipping the ones requested meanwhile. */
-  async #sendBackground(todo: Uint32Array[], writer: RecordWriter, rp: ReturnPath): Promise<void> {
-    const BATCH = this.#yieldEachRecord ? 16 : 64;
-    for (let i = 0; i < todo.length; i++) {
-      const pages = todo[i] as Uint32Array;
-      const batch: number[] = [];
-      const flush = async () => {
-        if (batch.length === 0) return;
-        const rec = encodePages(
-          i,
-          batch,
-          this.#ps,
-          (p) => this.#pageView(i, p),
-          (p) => isZero(this.#pageView(i, p)),
-          this.#gather(i),
-        );
-        for (const p of batch) rp.markSent(i, p);
-        this.#pages += batch.length;
-        this.#zero += rec.zero;
-        batch.length = 0;
-        await writer.write(rec.record);
-        // A write under the high-water mark resolves at once: without this the loop would not
-        // return to the event loop (and read page requests) until the socket backs up.
-        if (this.#yieldEachRecord) await new Promise((r) => setImmediate(r));
-      };
-      for (let k = 0; k < pages.length; k++) {
-        rp.check();
-        const p = pages[k] as number;
-        if (rp.wasSent(i, p)) continue;
-        batch.push(p);
-        if (batch.length === BATCH) await flush();
-      }
-      await flush();
-    }
+    const { parts, held } = await recoverConnection({
+      limitMs: recovery.timeoutMs ?? 60_000,
+      cause,
+      peer,
+      role: "source",
+      retryMs: 100,
+      check: () => {
+        if (this.#o.signal?.aborted)
+          throw new MigrationError("ABORTED", "migration cancelled while postcopy was paused");
+      },
+      candidate: () => recovery.reconnect(),
+      handshake: (s, deadline) =>
+        offerRecovery(
+          s,
+          nonce,
+          this.#regions.map((ri) => ri.pages),
+          deadline,
+        ),
+      // The destination failed, or answered with something that is not the protocol: no retry.
+      fatal: (e) => e.code === "PEER_FAILED" || e.code === "BAD_RECORD" || e.code === "CORRUPT",
+    });
+    ch.replace(parts);
+    const rp = new ReturnPath(ch.reader, this.#regions, this.#requests, (e) => this.events.emit("refused", e));
+    rp.setPostcopySet(postcopySet);
+    rp.setSent(held);
+    rp.start(ch.writer);
+    rp.servePages(ch.writer, (i, p) => this.#sender.pageView(i, p));
+    this.#phase("postcopy");
+    return rp;
   }
 }
