@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { type BlkBackend, blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
+import { loopReached } from "./console.js";
 import {
   GUEST_CRASH,
   MiB,
@@ -51,7 +52,7 @@ async function checkLoopSlots(img: string, lines: string[]): Promise<number> {
 
 async function startLoad(vm: Vm): Promise<void> {
   await vm.guest.runOk("rig_loop /dev/vda 8 8 0.1; rig_dirty 16 0.05");
-  await vm.console.waitFor(/RIG-LOOP n=3 /, { timeoutMs: 20_000 });
+  await vm.console.waitFor(loopReached("RIG-LOOP", 3), { timeoutMs: 20_000 });
 }
 
 describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () => {
@@ -79,7 +80,7 @@ describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () =
     assert.equal(await dst.status(), "running");
 
     const lastSrcN = maxLoopN(src.console.lines);
-    await dst.console.waitFor(new RegExp(`RIG-LOOP n=${lastSrcN + 2} `), { timeoutMs: 30_000 });
+    await dst.console.waitFor(loopReached("RIG-LOOP", lastSrcN + 2), { timeoutMs: 30_000 });
     await dst.guest.runOk("rig_loop_stop; rig_dirty_stop");
     await dst.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
     assert.equal(await dst.guest.sum("/dev/vda", 1, 4), before, "data written before migration reads back on dst");
@@ -154,7 +155,7 @@ describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () =
 
     // The guest's I/O loop goes on on the source; logging was switched off again.
     const n = maxLoopN(src.console.lines);
-    await src.console.waitFor(new RegExp(`RIG-LOOP n=${n + 3} `), { timeoutMs: 30_000 });
+    await src.console.waitFor(loopReached("RIG-LOOP", n + 3), { timeoutMs: 30_000 });
     await src.guest.runOk("rig_loop_stop; rig_dirty_stop");
     await src.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
     assert.equal(await src.guest.sum("/dev/vda", 1, 4), before);

@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
+import { loopReached } from "./console.js";
 import { GUEST_CRASH, MiB, migrate, parseRigRecords, probeInterop, sha256OfFileRange, type Vm } from "./rig.js";
 
 const probe = await probeInterop();
@@ -138,7 +139,7 @@ describe("vmshift blk with packed virtqueues under QEMU", { timeout: 240_000 }, 
     assert.equal((await guestFeatures(vm))[VIRTIO_F_RING_PACKED], "1");
     const before = await vm.guest.write("/dev/vda", 1, 4);
     await vm.guest.runOk("rig_loop /dev/vda 8 8 0.05");
-    await vm.console.waitFor(/RIG-LOOP n=2 /, { timeoutMs: 30_000 });
+    await vm.console.waitFor(loopReached("RIG-LOOP", 2), { timeoutMs: 30_000 });
     const held: (number | null)[] = [];
     let current = first;
     for (let round = 2; round <= 3; round++) {
@@ -149,7 +150,7 @@ describe("vmshift blk with packed virtqueues under QEMU", { timeout: 240_000 }, 
       current = await startBlk(rig, { name: `blk-prc-${round}`, image: img, socket, env, io });
       backends.push(current);
       const n = maxLoopN(vm.console.lines);
-      await vm.console.waitFor(new RegExp(`RIG-LOOP n=${n + 2} `), { timeoutMs: 30_000 });
+      await vm.console.waitFor(loopReached("RIG-LOOP", n + 2), { timeoutMs: 30_000 });
     }
     await vm.guest.runOk("rig_loop_stop");
     await vm.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
@@ -185,7 +186,7 @@ describe("vmshift blk with packed virtqueues under QEMU", { timeout: 240_000 }, 
       assert.equal((await guestFeatures(src))[VIRTIO_F_RING_PACKED], "1");
       const before = await src.guest.write("/dev/vda", 1, 4);
       await src.guest.runOk("rig_loop /dev/vda 8 8 0.1; rig_dirty 16 0.05");
-      await src.console.waitFor(/RIG-LOOP n=3 /, { timeoutMs: 30_000 });
+      await src.console.waitFor(loopReached("RIG-LOOP", 3), { timeoutMs: 30_000 });
       if (mode === "postcopy")
         await src.qmp.execute("migrate-set-parameters", { "max-postcopy-bandwidth": 10_000_000 });
       const result = await migrate(
@@ -208,7 +209,7 @@ describe("vmshift blk with packed virtqueues under QEMU", { timeout: 240_000 }, 
       }
       assert.equal(await dst.status(), "running");
       const lastSrcN = maxLoopN(src.console.lines);
-      await dst.console.waitFor(new RegExp(`RIG-LOOP n=${lastSrcN + 2} `), { timeoutMs: 30_000 });
+      await dst.console.waitFor(loopReached("RIG-LOOP", lastSrcN + 2), { timeoutMs: 30_000 });
       await dst.guest.runOk("rig_loop_stop; rig_dirty_stop");
       await dst.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
       assert.equal(await dst.guest.sum("/dev/vda", 1, 4), before, "data written before migration reads back on dst");

@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
 import { describe, test } from "node:test";
 import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
+import { loopReached } from "./console.js";
 import { GUEST_CRASH, MiB, migrate, parseRigRecords, probeInterop, sha256OfFileRange } from "./rig.js";
 
 const probe = await probeInterop();
@@ -75,7 +76,7 @@ describe("vmshift blk: postcopy migration under QEMU", { timeout: 150_000 }, () 
     assert.equal(await dst.status(), "running");
 
     const lastSrcN = maxLoopN(src.console.lines);
-    await dst.console.waitFor(new RegExp(`RIG-LOOP n=${lastSrcN + 2} `), { timeoutMs: 30_000 });
+    await dst.console.waitFor(loopReached("RIG-LOOP", lastSrcN + 2), { timeoutMs: 30_000 });
     await dst.guest.runOk("touch /tmp/pc-stop; rig_loop_stop; rig_dirty_stop");
     const all = [...src.console.lines, ...dst.console.lines];
     await dst.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });

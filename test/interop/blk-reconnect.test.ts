@@ -11,6 +11,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
+import { loopReached } from "./console.js";
 import { GUEST_CRASH, MiB, parseRigRecords, probeInterop, sha256OfFileRange } from "./rig.js";
 
 const probe = await probeInterop();
@@ -44,7 +45,7 @@ describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_00
     await vm.guest.ready();
     const before = await vm.guest.write("/dev/vda", 1, 4);
     await vm.guest.runOk("rig_loop /dev/vda 8 8 0.05");
-    await vm.console.waitFor(/RIG-LOOP n=2 /, { timeoutMs: 30_000 });
+    await vm.console.waitFor(loopReached("RIG-LOOP", 2), { timeoutMs: 30_000 });
 
     const kills: number[] = [];
     const held: (number | null)[] = [];
@@ -61,7 +62,7 @@ describe("vmshift blk: back-end restart while the guest runs", { timeout: 120_00
       current = await startBlk(rig, { name: `blk-${round}`, image: img, socket, env, io });
       backends.push(current);
       const n = maxLoopN(vm.console.lines);
-      await vm.console.waitFor(new RegExp(`RIG-LOOP n=${n + 2} `), { timeoutMs: 30_000 });
+      await vm.console.waitFor(loopReached("RIG-LOOP", n + 2), { timeoutMs: 30_000 });
     }
     await vm.guest.runOk("rig_loop_stop");
     await vm.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });

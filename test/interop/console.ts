@@ -11,6 +11,8 @@ import type { Readable, Writable } from "node:stream";
 
 /** A kernel console message: "[    1.974620] ..." (printk with its timestamp). */
 const KERNEL_LINE = /^\[\s*\d+\.\d+\] /;
+/** The same, anywhere in a line (printk's timestamp has six decimals). */
+const KERNEL_MID = /\[\s*\d+\.\d{6}\] /;
 
 export class ConsoleTimeoutError extends Error {
   constructor(what: string, timeoutMs: number, tail: string) {
@@ -32,6 +34,8 @@ export class SerialConsole {
   /** Every complete line so far, "\r" removed. */
   readonly lines: string[] = [];
   private partial = "";
+  /** The start of a program's line that a kernel message cut off (joined to the next line). */
+  private cut = "";
   private readonly log: WriteStream;
   private readonly waiters = new Set<LineWaiter>();
   private closedError: Error | null = null;
@@ -72,8 +76,16 @@ export class SerialConsole {
   }
 
   /** Resolves with the index of the first line at or after `from` that matches. */
-  waitFor(pattern: RegExp | string, opts: { from?: number; timeoutMs?: number } = {}): Promise<number> {
-    const test = typeof pattern === "string" ? (l: string) => l.includes(pattern) : (l: string) => pattern.test(l);
+  waitFor(
+    pattern: RegExp | string | ((line: string) => boolean),
+    opts: { from?: number; timeoutMs?: number } = {},
+  ): Promise<number> {
+    const test =
+      typeof pattern === "string"
+        ? (l: string) => l.includes(pattern)
+        : typeof pattern === "function"
+          ? pattern
+          : (l: string) => pattern.test(l);
     const from = opts.from ?? 0;
     for (let i = from; i < this.lines.length; i++) if (test(this.lines[i]!)) return Promise.resolve(i);
     if (this.closedError) return Promise.reject(this.closedError);
@@ -125,7 +137,23 @@ export class SerialConsole {
     const text = this.partial + b.toString("latin1");
     const parts = text.split("\n");
     this.partial = parts.pop() ?? "";
-    for (const p of parts) this.pushLine(p.replace(/\r/g, ""));
+    for (const p of parts) this.splitKernel(this.cut + p.replace(/\r/g, ""));
+  }
+
+  /**
+   * The kernel prints to the console whenever it likes, also into the middle of a line a guest
+   * program is writing ("RIG-FLOOP n=5 sha256=ab[   14.48] clocksource: ...\ncd io=ok"): the
+   * kernel's part becomes a line of its own and the program's line is joined back together.
+   */
+  private splitKernel(line: string): void {
+    this.cut = "";
+    const m = KERNEL_MID.exec(line);
+    if (m && m.index > 0) {
+      this.cut = line.slice(0, m.index);
+      this.pushLine(line.slice(m.index));
+      return;
+    }
+    this.pushLine(line);
   }
 
   private pushLine(line: string): void {
@@ -251,4 +279,17 @@ export class GuestAgent {
     if (lastPart.trim()) output.push(lastPart);
     return { id, rc, output };
   }
+}
+
+/**
+ * A wait condition for a guest loop's progress: its record with a count of at least `n`
+ * ("RIG-LOOP n=12 ..."). At least, not exactly: one record may be lost to a console that
+ * cannot be read whole, and progress past it is still progress.
+ */
+export function loopReached(kind: "RIG-LOOP" | "RIG-FLOOP", n: number): (line: string) => boolean {
+  const re = new RegExp(`${kind} n=(\\d+) `);
+  return (line) => {
+    const m = re.exec(line);
+    return m !== null && Number(m[1]) >= n;
+  };
 }

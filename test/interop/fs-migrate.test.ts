@@ -13,6 +13,7 @@ import assert from "node:assert/strict";
 import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { describe, test } from "node:test";
 import { skipBanner } from "./blk-helpers.js";
+import { loopReached } from "./console.js";
 import { type FsBackend, fsDeviceArgs, fsFixture, startFs } from "./fs-helpers.js";
 import {
   GUEST_CRASH,
@@ -70,7 +71,7 @@ async function scenario(
   await src.guest.runOk("rig_fs_mount share /mnt; mkdir -p /mnt/loop; rig_fhold /mnt/held.txt");
   await src.console.waitFor(/RIG-FHOLD-OPEN/, { timeoutMs: 20_000 });
   await src.guest.runOk("rig_floop /mnt/loop 0.05; rig_dirty 16 0.05");
-  await src.console.waitFor(/RIG-FLOOP n=3 /, { timeoutMs: 30_000 });
+  await src.console.waitFor(loopReached("RIG-FLOOP", 3), { timeoutMs: 30_000 });
 
   const result = await migrate(src, dst, { uri: rig.migrationUri(), timeoutMs: 90_000, ...mig });
   assert.equal(result.status, "completed");
@@ -78,7 +79,7 @@ async function scenario(
 
   // The loop goes on on the destination, and the held handles work there.
   const lastSrc = maxN(src.console.lines);
-  await dst.console.waitFor(new RegExp(`RIG-FLOOP n=${lastSrc + 3} `), { timeoutMs: 30_000 });
+  await dst.console.waitFor(loopReached("RIG-FLOOP", lastSrc + 3), { timeoutMs: 30_000 });
   await dst.guest.runOk("touch /tmp/rig-fhold-go");
   await dst.console.waitFor(/RIG-FHOLD-CLOSED/, { timeoutMs: 20_000 });
   await dst.guest.runOk("rig_floop_stop; rig_dirty_stop");

@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
+import { loopReached } from "./console.js";
 import {
   GUEST_CRASH,
   liveProcesses,
@@ -87,7 +88,7 @@ describe("qemu-storage-daemon vhost-user-blk through the rig", { timeout: 120_00
     // Disk I/O and RAM dirtying keep going across the migration.
     await src.guest.runOk("rig_loop /dev/vda 8 8 0.1; rig_dirty 16 0.05");
     const loopStart = src.console.cursor();
-    await src.console.waitFor(/RIG-LOOP n=3 /, { from: loopStart, timeoutMs: 20_000 });
+    await src.console.waitFor(loopReached("RIG-LOOP", 3), { from: loopStart, timeoutMs: 20_000 });
 
     const result = await migrate(src, dst, { uri: rig.migrationUri(), timeoutMs: 60_000 });
     assert.equal(result.status, "completed");
@@ -96,7 +97,7 @@ describe("qemu-storage-daemon vhost-user-blk through the rig", { timeout: 120_00
 
     // The loop continues on the destination: a later iteration shows up on dst's console.
     const lastSrcN = Math.max(...parseRigRecords(src.console.lines, "RIG-LOOP").map((r) => Number(r.fields.n)));
-    await dst.console.waitFor(new RegExp(`RIG-LOOP n=${lastSrcN + 2} `), { timeoutMs: 20_000 });
+    await dst.console.waitFor(loopReached("RIG-LOOP", lastSrcN + 2), { timeoutMs: 20_000 });
 
     await dst.guest.runOk("rig_loop_stop; rig_dirty_stop");
     await dst.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 10_000 });
