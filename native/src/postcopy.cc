@@ -185,6 +185,47 @@ struct RecordIn {
   }
 };
 
+// What both threads share: the channel's fd, the eventfds that wake JS (notify) and the thread
+// (wake), the thread's lifetime and its one failure. A derived destructor calls Join() first (the
+// thread uses the derived members); the fds close here, after it.
+struct ChannelThread {
+  int sock = -1, notify = -1, wake = -1;
+  std::mutex mu;
+  std::thread th;
+  std::atomic<bool> stop{false};
+  std::atomic<int> state{0};  // 0 serving, 1 ended (preempt end read / written), 2 failed
+  std::string code, msg;      // set once, before state becomes 2
+  RecordIn in;
+
+  ChannelThread() = default;
+  ChannelThread(const ChannelThread&) = delete;
+  ChannelThread& operator=(const ChannelThread&) = delete;
+  ~ChannelThread() {
+    if (sock >= 0) close(sock);
+    if (wake >= 0) close(wake);
+  }
+  void Join() {
+    if (!th.joinable()) return;
+    stop = true;
+    uint64_t one = 1;
+    ssize_t w = write(wake, &one, 8);
+    (void)w;
+    th.join();
+  }
+  void Notify() {
+    uint64_t one = 1;
+    ssize_t w = write(notify, &one, 8);
+    (void)w;
+  }
+  void Fail(const char* c, std::string m) {
+    if (state.load() == 2) return;
+    code = c;
+    msg = std::move(m);
+    state = 2;
+    Notify();
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Destination
 
@@ -209,48 +250,17 @@ enum Stat { kFaults, kRemote, kDiscardFaults, kFull, kZero, kPreemptPages, kWake
 enum DomainStat { kDFaults, kDMissing, kDWakes, kDomainStatCount };
 constexpr size_t kMaxDomains = 64;
 
-struct FaultThread {
-  int sock = -1, notify = -1, wake = -1;
+struct FaultThread : ChannelThread {
   std::vector<Region> regions;
-  std::mutex mu;
   std::vector<Domain> domains;  // [0] is ours; guarded by mu, copied by the thread
   uint64_t gen = 0;
   std::vector<double> latencies;  // guarded by mu
-  std::thread th;
-  std::atomic<bool> stop{false};
-  std::atomic<int> state{0};  // 0 serving, 1 preempt ended, 2 failed
   std::atomic<uint64_t> stats[kStatCount] = {};
   std::atomic<uint64_t> dstats[kMaxDomains][kDomainStatCount] = {};
-  std::string code, msg;  // set once, before state becomes 2
   std::unordered_map<uint64_t, double> pending;  // thread only until joined
-  RecordIn in;
   uint8_t req[24];
 
-  ~FaultThread() {
-    Join();
-    if (sock >= 0) close(sock);
-    if (wake >= 0) close(wake);
-  }
-  void Join() {
-    if (!th.joinable()) return;
-    stop = true;
-    uint64_t one = 1;
-    ssize_t w = write(wake, &one, 8);
-    (void)w;
-    th.join();
-  }
-  void Notify() {
-    uint64_t one = 1;
-    ssize_t w = write(notify, &one, 8);
-    (void)w;
-  }
-  void Fail(const char* c, std::string m) {
-    if (state.load() == 2) return;
-    code = c;
-    msg = std::move(m);
-    state = 2;
-    Notify();
-  }
+  ~FaultThread() { Join(); }
   static const Range* RangeOfGpa(const Domain& d, uint64_t gpa) {
     for (const Range& r : d.ranges)
       if (gpa >= r.gpa && gpa < r.gpa + r.size) return &r;
@@ -485,45 +495,14 @@ struct SRegion {
 
 enum SStat { kRequests, kQueued, kDuplicates, kResent, kRefused, kSStatCount };
 
-struct RequestServer {
-  int sock = -1, notify = -1, wake = -1;
+struct RequestServer : ChannelThread {
   std::vector<SRegion> regions;
-  std::mutex mu;
   std::vector<uint64_t> queue;  // from TS (requests read on the main connection); guarded by mu
   bool finish = false;          // guarded by mu
-  std::thread th;
-  std::atomic<bool> stop{false};
-  std::atomic<int> state{0};  // 0 serving, 1 PREEMPT_END written, 2 failed
   std::atomic<uint64_t> stats[kSStatCount] = {};
-  std::string code, msg;
-  RecordIn in;
   std::vector<uint8_t> out = std::vector<uint8_t>(8 + 16 + kPage + 4);
 
-  ~RequestServer() {
-    Join();
-    if (sock >= 0) close(sock);
-    if (wake >= 0) close(wake);
-  }
-  void Join() {
-    if (!th.joinable()) return;
-    stop = true;
-    uint64_t one = 1;
-    ssize_t w = write(wake, &one, 8);
-    (void)w;
-    th.join();
-  }
-  void Notify() {
-    uint64_t one = 1;
-    ssize_t w = write(notify, &one, 8);
-    (void)w;
-  }
-  void Fail(const char* c, std::string m) {
-    if (state.load() == 2) return;
-    code = c;
-    msg = std::move(m);
-    state = 2;
-    Notify();
-  }
+  ~RequestServer() { Join(); }
   bool Send(const uint8_t* p, size_t n) {
     int err = 0;
     if (WriteAll(sock, p, n, stop, &err) || err == ECANCELED) return true;
@@ -661,6 +640,25 @@ size_t Put(std::vector<T*>& v, T* t) {
   return v.size() - 1;
 }
 
+// The status of either thread: its counters into args[1] (a Float64Array), and
+// [state, code, message] (code and message empty unless failed).
+napi_value Status(napi_env env, Args& a, ChannelThread* t, const std::atomic<uint64_t>* stats, size_t n) {
+  char* o;
+  size_t ol;
+  if (!ArgView(a, 1, &o, &ol)) return nullptr;
+  double* out = reinterpret_cast<double*>(o);
+  for (size_t i = 0; i < n && i < ol / 8; i++) out[i] = (double)stats[i].load();
+  int st = t->state.load();
+  napi_value arr, v;
+  napi_create_array_with_length(env, 3, &arr);
+  napi_set_element(env, arr, 0, Num(env, st));
+  napi_create_string_utf8(env, st == 2 ? t->code.c_str() : "", NAPI_AUTO_LENGTH, &v);
+  napi_set_element(env, arr, 1, v);
+  napi_create_string_utf8(env, st == 2 ? t->msg.c_str() : "", NAPI_AUTO_LENGTH, &v);
+  napi_set_element(env, arr, 2, v);
+  return arr;
+}
+
 // faultThreadCreate(sockFd, notifyFd, regions: Float64Array [gpa, size]*n, streamOffset) -> id.
 // Takes a dup of sockFd (the caller closes its own).
 napi_value FaultCreate(napi_env env, napi_callback_info info) {
@@ -774,20 +772,7 @@ napi_value FaultStatus(napi_env env, napi_callback_info info) {
   std::lock_guard<std::mutex> g(table_mu);
   FaultThread* t = Get(env, faults, a[0]);
   if (!t) return nullptr;
-  char* o;
-  size_t ol;
-  if (!ArgView(a, 1, &o, &ol)) return nullptr;
-  double* out = reinterpret_cast<double*>(o);
-  for (size_t i = 0; i < kStatCount && i < ol / 8; i++) out[i] = (double)t->stats[i].load();
-  int st = t->state.load();
-  napi_value arr, v;
-  napi_create_array_with_length(env, 3, &arr);
-  napi_set_element(env, arr, 0, Num(env, st));
-  napi_create_string_utf8(env, st == 2 ? t->code.c_str() : "", NAPI_AUTO_LENGTH, &v);
-  napi_set_element(env, arr, 1, v);
-  napi_create_string_utf8(env, st == 2 ? t->msg.c_str() : "", NAPI_AUTO_LENGTH, &v);
-  napi_set_element(env, arr, 2, v);
-  return arr;
+  return Status(env, a, t, t->stats, kStatCount);
 }
 
 // faultThreadDomainStats(id, k, out: Float64Array(3)): faults, missing, wakes of domain k.
@@ -968,20 +953,7 @@ napi_value ServerStatus(napi_env env, napi_callback_info info) {
   std::lock_guard<std::mutex> g(table_mu);
   RequestServer* t = Get(env, servers, a[0]);
   if (!t) return nullptr;
-  char* o;
-  size_t ol;
-  if (!ArgView(a, 1, &o, &ol)) return nullptr;
-  double* out = reinterpret_cast<double*>(o);
-  for (size_t i = 0; i < kSStatCount && i < ol / 8; i++) out[i] = (double)t->stats[i].load();
-  int st = t->state.load();
-  napi_value arr, v;
-  napi_create_array_with_length(env, 3, &arr);
-  napi_set_element(env, arr, 0, Num(env, st));
-  napi_create_string_utf8(env, st == 2 ? t->code.c_str() : "", NAPI_AUTO_LENGTH, &v);
-  napi_set_element(env, arr, 1, v);
-  napi_create_string_utf8(env, st == 2 ? t->msg.c_str() : "", NAPI_AUTO_LENGTH, &v);
-  napi_set_element(env, arr, 2, v);
-  return arr;
+  return Status(env, a, t, t->stats, kSStatCount);
 }
 
 napi_value ServerStop(napi_env env, napi_callback_info info) {
