@@ -40,6 +40,33 @@ export function toAddress(v: number | bigint, what: string): number {
   });
 }
 
+/** One area of a ring layout: its name, guest address, alignment, length, and whether the device writes it. */
+export type RingArea = readonly [what: string, addr: number, align: number, len: number, writable: boolean];
+
+/**
+ * The checks every ring layout shares: each area aligned (MISALIGNED_RING), then each entirely
+ * inside guest memory, writable where the device writes it (RING_OUT_OF_MEMORY).
+ */
+export function checkRingAreas(memory: GuestMemory, areas: readonly RingArea[]): void {
+  for (const [what, addr, align] of areas) {
+    if (addr % align !== 0) {
+      throw new VirtqueueError("MISALIGNED_RING", `${what} at 0x${addr.toString(16)} is not ${align}-byte aligned`, {
+        address: BigInt(addr),
+        limit: align,
+      });
+    }
+  }
+  for (const [what, addr, , len, writable] of areas) {
+    if (!inGuestMemory(memory, addr, len, writable)) {
+      throw new VirtqueueError(
+        "RING_OUT_OF_MEMORY",
+        `${what} [0x${addr.toString(16)}, +${len}) is not inside ${writable ? "writable " : ""}guest memory`,
+        { address: BigInt(addr), length: len },
+      );
+    }
+  }
+}
+
 /**
  * The checks a queue setup must pass before the first access (virtio 1.x "Virtqueue
  * Alignment"): a power-of-two size up to 32768, each area aligned, each area entirely inside
@@ -63,21 +90,5 @@ export function checkSplitQueueLayout(
     ["avail ring", availRing, VIRTQ_AVAIL_ALIGN, availRingSize(size), false],
     ["used ring", usedRing, VIRTQ_USED_ALIGN, usedRingSize(size), true],
   ] as const;
-  for (const [what, addr, align] of areas) {
-    if (addr % align !== 0) {
-      throw new VirtqueueError("MISALIGNED_RING", `${what} at 0x${addr.toString(16)} is not ${align}-byte aligned`, {
-        address: BigInt(addr),
-        limit: align,
-      });
-    }
-  }
-  for (const [what, addr, , len, writable] of areas) {
-    if (!inGuestMemory(memory, addr, len, writable)) {
-      throw new VirtqueueError(
-        "RING_OUT_OF_MEMORY",
-        `${what} [0x${addr.toString(16)}, +${len}) is not inside ${writable ? "writable " : ""}guest memory`,
-        { address: BigInt(addr), length: len },
-      );
-    }
-  }
+  checkRingAreas(memory, areas);
 }

@@ -27,6 +27,33 @@ import {
 } from "./ring.js";
 
 /** One buffer in guest memory. */
+
+/** Where a driver keeps its indirect tables: `entries` descriptors per slot, one table per slot. */
+export interface IndirectTables {
+  address: number;
+  entries: number;
+}
+
+/**
+ * A driver's indirect tables (one per slot of a queue of `size`) checked: 1..65536 entries each,
+ * all of them inside writable guest memory, or BAD_ARGUMENT. Null when there are none.
+ */
+export function checkIndirectTables(
+  memory: GuestMemory,
+  size: number,
+  ind: IndirectTables | undefined,
+): IndirectTables | null {
+  if (!ind) return null;
+  const bytes = size * ind.entries * VIRTQ_DESC_SIZE;
+  if (!(ind.entries >= 1 && ind.entries <= 65536) || !inGuestMemory(memory, ind.address, bytes, true)) {
+    throw new VirtqueueError("BAD_ARGUMENT", `indirect tables [0x${ind.address.toString(16)}, +${bytes}) unusable`, {
+      address: BigInt(ind.address),
+      length: bytes,
+    });
+  }
+  return ind;
+}
+
 export interface Segment {
   addr: number;
   len: number;
@@ -48,7 +75,7 @@ export interface SplitQueueDriverConfig {
    * Guest memory for indirect tables: `size` tables of `entries` descriptors each, the one for
    * head h at address + h * entries * 16. Needed only to add({ indirect: true }).
    */
-  indirectTables?: { address: number; entries: number };
+  indirectTables?: IndirectTables;
 }
 
 /**
@@ -65,7 +92,7 @@ export class SplitQueueDriver {
   readonly usedRing: number;
   readonly eventIdx: boolean;
   readonly indirectDesc: boolean;
-  readonly #indirect: { address: number; entries: number } | null;
+  readonly #indirect: IndirectTables | null;
 
   /** Next free descriptor, and each descriptor's link (free list, and chains in flight). */
   readonly #next: Uint16Array;
@@ -90,20 +117,7 @@ export class SplitQueueDriver {
     const features = config.features ?? 0n;
     this.eventIdx = hasFeature(features, VIRTIO_RING_F_EVENT_IDX);
     this.indirectDesc = hasFeature(features, VIRTIO_RING_F_INDIRECT_DESC);
-    const ind = config.indirectTables ?? null;
-    if (ind) {
-      const bytes = this.size * ind.entries * VIRTQ_DESC_SIZE;
-      if (!(ind.entries >= 1 && ind.entries <= 65536) || !inGuestMemory(memory, ind.address, bytes, true)) {
-        throw new VirtqueueError(
-          "BAD_ARGUMENT",
-          `indirect tables [0x${ind.address.toString(16)}, +${bytes}) unusable`,
-          {
-            address: BigInt(ind.address),
-            length: bytes,
-          },
-        );
-      }
-    }
+    const ind = checkIndirectTables(memory, this.size, config.indirectTables);
     this.#indirect = ind;
     this.#next = new Uint16Array(this.size);
     for (let i = 0; i < this.size; i++) this.#next[i] = (i + 1) & 0xffff;
@@ -119,7 +133,7 @@ export class SplitQueueDriver {
     memory: GuestMemory,
     base: number,
     size: number,
-    options: { features?: bigint; indirectTables?: { address: number; entries: number } } = {},
+    options: { features?: bigint; indirectTables?: IndirectTables } = {},
   ): SplitQueueDriver {
     const l = splitQueueLayout(base, size);
     return new SplitQueueDriver(memory, { ...options, ...l });

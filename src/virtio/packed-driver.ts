@@ -1,6 +1,6 @@
 import type { GuestMemory } from "../memory/guest-memory.js";
-import { inGuestMemory, toAddress } from "./bounds.js";
-import type { Segment, UsedElement } from "./driver.js";
+import { toAddress } from "./bounds.js";
+import { checkIndirectTables, type IndirectTables, type Segment, type UsedElement } from "./driver.js";
 import { VirtqueueError } from "./errors.js";
 import { hasFeature, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "./features.js";
 import {
@@ -31,7 +31,7 @@ export interface PackedQueueDriverConfig {
   deviceArea: number;
   features?: bigint;
   /** Indirect tables: one of `entries` descriptors per buffer id, at address + id * entries * 16. */
-  indirectTables?: { address: number; entries: number };
+  indirectTables?: IndirectTables;
 }
 
 /**
@@ -63,7 +63,7 @@ export class PackedQueueDriver {
   readonly deviceArea: number;
   readonly eventIdx: boolean;
   readonly indirectDesc: boolean;
-  readonly #indirect: { address: number; entries: number } | null;
+  readonly #indirect: IndirectTables | null;
 
   #nextAvail = 0;
   #availWrap = true;
@@ -87,20 +87,7 @@ export class PackedQueueDriver {
     const features = config.features ?? 0n;
     this.eventIdx = hasFeature(features, VIRTIO_RING_F_EVENT_IDX);
     this.indirectDesc = hasFeature(features, VIRTIO_RING_F_INDIRECT_DESC);
-    const ind = config.indirectTables ?? null;
-    if (ind) {
-      const bytes = this.size * ind.entries * VIRTQ_DESC_SIZE;
-      if (!(ind.entries >= 1 && ind.entries <= 65536) || !inGuestMemory(memory, ind.address, bytes, true)) {
-        throw new VirtqueueError(
-          "BAD_ARGUMENT",
-          `indirect tables [0x${ind.address.toString(16)}, +${bytes}) unusable`,
-          {
-            address: BigInt(ind.address),
-            length: bytes,
-          },
-        );
-      }
-    }
+    const ind = checkIndirectTables(memory, this.size, config.indirectTables);
     this.#indirect = ind;
     this.#numFree = this.size;
     this.#freeIds = new Uint16Array(this.size);
@@ -117,7 +104,7 @@ export class PackedQueueDriver {
     memory: GuestMemory,
     base: number,
     size: number,
-    options: { features?: bigint; indirectTables?: { address: number; entries: number } } = {},
+    options: { features?: bigint; indirectTables?: IndirectTables } = {},
   ): PackedQueueDriver {
     const l = packedQueueLayout(base, size);
     return new PackedQueueDriver(memory, { ...options, ...l });

@@ -15,7 +15,7 @@
  * that starts at 1 and flips every time its index passes the end of the ring.
  */
 import type { GuestMemory } from "../memory/guest-memory.js";
-import { inGuestMemory } from "./bounds.js";
+import { checkRingAreas } from "./bounds.js";
 import { VirtqueueError } from "./errors.js";
 import { MAX_QUEUE_SIZE, VIRTQ_DESC_SIZE } from "./ring.js";
 
@@ -163,21 +163,5 @@ export function checkPackedQueueLayout(
     ["driver area", driverArea, PACKED_EVENT_ALIGN, EVENT_SUPPRESS_SIZE, false],
     ["device area", deviceArea, PACKED_EVENT_ALIGN, EVENT_SUPPRESS_SIZE, true],
   ] as const;
-  for (const [what, addr, align] of areas) {
-    if (addr % align !== 0) {
-      throw new VirtqueueError("MISALIGNED_RING", `${what} at 0x${addr.toString(16)} is not ${align}-byte aligned`, {
-        address: BigInt(addr),
-        limit: align,
-      });
-    }
-  }
-  for (const [what, addr, , len, writable] of areas) {
-    if (!inGuestMemory(memory, addr, len, writable)) {
-      throw new VirtqueueError(
-        "RING_OUT_OF_MEMORY",
-        `${what} [0x${addr.toString(16)}, +${len}) is not inside ${writable ? "writable " : ""}guest memory`,
-        { address: BigInt(addr), length: len },
-      );
-    }
-  }
+  checkRingAreas(memory, areas);
 }

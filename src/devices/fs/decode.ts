@@ -74,6 +74,20 @@ export const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
 /** Forgets in one BATCH_FORGET (the kernel sends at most a page's worth). */
 export const MAX_BATCH_FORGET = 4096;
 
+/** fuse_setattr_in, as decoded: `valid` says which of the other fields apply. */
+export interface SetattrIn {
+  valid: number;
+  fh: bigint;
+  size: bigint;
+  atime: bigint;
+  mtime: bigint;
+  atimensec: number;
+  mtimensec: number;
+  mode: number;
+  uid: number;
+  gid: number;
+}
+
 export type FuseRequest =
   | { op: Opcode.INIT; major: number; minor: number; maxReadahead: number; flags: number }
   | { op: Opcode.DESTROY }
@@ -81,19 +95,7 @@ export type FuseRequest =
   | { op: Opcode.FORGET; nlookup: bigint }
   | { op: Opcode.BATCH_FORGET; forgets: { nodeid: bigint; nlookup: bigint }[] }
   | { op: Opcode.GETATTR; flags: number; fh: bigint }
-  | {
-      op: Opcode.SETATTR;
-      valid: number;
-      fh: bigint;
-      size: bigint;
-      atime: bigint;
-      mtime: bigint;
-      atimensec: number;
-      mtimensec: number;
-      mode: number;
-      uid: number;
-      gid: number;
-    }
+  | ({ op: Opcode.SETATTR } & SetattrIn)
   | { op: Opcode.READLINK }
   | { op: Opcode.SYMLINK; name: Uint8Array; target: Uint8Array }
   | { op: Opcode.MKNOD; mode: number; rdev: number; umask: number; name: Uint8Array }

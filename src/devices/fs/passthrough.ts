@@ -55,6 +55,7 @@ import {
   EPERM,
   ESTALE,
   isComponent,
+  type SetattrIn,
 } from "./decode.js";
 import {
   direntPlusSize,
@@ -412,21 +413,7 @@ export class PassthroughFs {
     return attrOf(fstatSync(this.#inode(nodeid).fd, { bigint: true }));
   }
 
-  setattr(
-    nodeid: bigint,
-    s: {
-      valid: number;
-      fh: bigint;
-      size: bigint;
-      atime: bigint;
-      mtime: bigint;
-      atimensec: number;
-      mtimensec: number;
-      mode: number;
-      uid: number;
-      gid: number;
-    },
-  ): FuseAttr {
+  setattr(nodeid: bigint, s: SetattrIn): FuseAttr {
     this.#writable();
     const inode = this.#inode(nodeid);
     const h = s.valid & FATTR_FH ? this.#handles.get(Number(s.fh)) : undefined;
