@@ -61,6 +61,12 @@ napi_value Bool(napi_env env, bool v);
 napi_value RetErrno(napi_env env);  // -errno as a number
 napi_value Pair(napi_env env, double a, double b);
 
+// Keeps the mapping (made by mmap()) that holds all of [p, p+len) from being munmapped until
+// UnpinMapping(pin), from any thread; nullptr when no live mapping of ours holds the range.
+// Retire() still overlays a pinned range (I/O into it then reads zeros / writes into scratch).
+void* PinMapping(const char* p, size_t len);
+void UnpinMapping(void* pin);
+
 // Registration: every part adds its functions to the module's exports.
 void SetFunction(napi_env env, napi_value exports, const char* name, napi_callback cb, void* data = nullptr);
 void RegisterFd(napi_env env, napi_value exports);
@@ -70,5 +76,6 @@ void RegisterWatch(napi_env env, napi_value exports);
 void RegisterBulk(napi_env env, napi_value exports);
 void RegisterHash(napi_env env, napi_value exports);
 void RegisterPostcopy(napi_env env, napi_value exports);
+void RegisterBlkio(napi_env env, napi_value exports);
 
 }  // namespace vmshift

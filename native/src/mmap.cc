@@ -145,6 +145,24 @@ napi_value Mincore(napi_env env, napi_callback_info info) {
 
 }  // namespace
 
+// A pin is one more holder of the record's count, like a window: the range stays mapped until
+// every window and every pin is gone. Taken under g_maps_mu, so a record whose last window is
+// being finalized (count already 0, about to be erased) is never revived.
+void* PinMapping(const char* p, size_t len) {
+  std::lock_guard<std::mutex> lock(g_maps_mu);
+  for (auto& kv : g_maps) {
+    MapRec* m = kv.second;
+    if (p < m->base || len > m->len || (size_t)(p - m->base) > m->len - len) continue;
+    size_t n = m->windows.load();
+    while (n > 0 && !m->windows.compare_exchange_weak(n, n + 1)) {
+    }
+    return n > 0 ? m : nullptr;
+  }
+  return nullptr;
+}
+
+void UnpinMapping(void* pin) { WindowFinalize(nullptr, pin); }
+
 void RegisterMmap(napi_env env, napi_value exports) {
   SetFunction(env, exports, "mmap", Mmap);
   SetFunction(env, exports, "retire", Retire);

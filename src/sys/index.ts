@@ -31,6 +31,15 @@ export {
   writeFd,
 } from "./fd.js";
 export {
+  EFAULT,
+  GUEST_IO_MAX_SEGMENTS,
+  GuestIoPool,
+  GuestIoTable,
+  guestIo,
+  guestIoError,
+  guestIoRaw,
+} from "./guest-io.js";
+export {
   acceptRaw,
   fallocate,
   fdatasync,

@@ -104,6 +104,22 @@ export interface Native {
   requestServerFinish(id: number): void;
   requestServerStatus(id: number, out: Float64Array): [state: number, code: string, message: string];
   requestServerStop(id: number): void;
+  // blkio.cc: block I/O between a file and guest memory (see src/sys/guest-io.ts)
+  guestIoTable(windows: readonly SharedArrayBuffer[]): object;
+  guestIoRun(table: object, fd: number, write: boolean, position: U64, segments: Uint32Array, count: number): number;
+  guestIoPool(threads: number): [pool: object, eventfd: number];
+  guestIoSubmit(
+    pool: object,
+    table: object,
+    fd: number,
+    write: boolean,
+    position: U64,
+    segments: Uint32Array,
+    count: number,
+    tag: number,
+  ): number;
+  guestIoHarvest(pool: object, out: Float64Array): number;
+  guestIoPoolClose(pool: object): void;
 }
 
 /** Every function the addon must export (checked once at load). */
@@ -161,6 +177,12 @@ const FUNCTIONS = [
   "requestServerFinish",
   "requestServerStatus",
   "requestServerStop",
+  "guestIoTable",
+  "guestIoRun",
+  "guestIoPool",
+  "guestIoSubmit",
+  "guestIoHarvest",
+  "guestIoPoolClose",
 ] as const satisfies readonly (keyof Native)[];
 
 // Compile-time check that FUNCTIONS lists every member of Native.

@@ -1,8 +1,11 @@
 /**
  * The virtio-blk request loop of one queue, run in that queue's worker thread (the framework's
- * queueWorker module: it exports createQueueHandler). I/O is synchronous, straight between the
- * image file and guest memory (pread/pwrite on GuestMemory.slice views: no copy), except when
- * O_DIRECT needs an aligned bounce buffer or a buffer straddles a mapping window.
+ * queueWorker module: it exports createQueueHandler). Reads and writes go straight between the
+ * image file and guest memory (no copy): the request's buffers become one list of native
+ * segments (guest-segments.ts) and one preadv/pwritev call, done inline or on the queue's own
+ * pool of native threads as the I/O policy says (io-policy.ts). A buffer that straddles a
+ * region or mapping window takes the general path (views, and a copy for the straddling
+ * piece); with O_DIRECT, unaligned buffers go through an aligned bounce buffer.
  *
  * What the guest can make us allocate is bounded: a request has at most seg_max data segments
  * of at most size_max bytes each (the limits the config space advertises; IOERR past them),
@@ -17,6 +20,7 @@
 import { writeSync } from "node:fs";
 import { parentPort } from "node:worker_threads";
 import type { GuestMemory } from "../../memory/guest-memory.js";
+import { GuestIoPool, guestIoError, guestIoRaw } from "../../sys/guest-io.js";
 import type { QueueContext, QueueHandler } from "../../vhost-user/backend/device.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
 import {
@@ -36,7 +40,8 @@ import {
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 } from "./constants.js";
 import { SIZE_MAX } from "./device.js";
-import { AlignedBuffer, BlockImage, isDirectAligned } from "./image.js";
+import { GuestSegments } from "./guest-segments.js";
+import { AlignedBuffer, BlockImage, DIRECT_ALIGNMENT, isDirectAligned } from "./image.js";
 import { type IoMode, IoPolicy } from "./io-policy.js";
 
 /**
@@ -88,6 +93,24 @@ interface Outcome {
   written: number;
 }
 
+/**
+ * Threads of a queue's own I/O pool (reads and writes the I/O policy sends off the worker
+ * thread). VMSHIFT_BLK_IO_THREADS sets it (1..64).
+ */
+export const IO_THREADS = Math.min(64, Math.max(1, Number(process.env.VMSHIFT_BLK_IO_THREADS ?? 2) || 2));
+
+/** How a request's data buffers can be transferred (#collect). */
+enum Walk {
+  /** Past seg_max or size_max: IOERR. */
+  Limit,
+  /** All in GuestSegments: one native transfer. */
+  Segments,
+  /** A buffer is not one plain piece of guest memory (it straddles a region or window). */
+  General,
+  /** O_DIRECT cannot take the buffers as they are: through the bounce buffer. */
+  Bounce,
+}
+
 const ok = (written = 0): Outcome => ({ status: VIRTIO_BLK_S_OK, written });
 const IOERR: Outcome = { status: VIRTIO_BLK_S_IOERR, written: 0 };
 const UNSUPP: Outcome = { status: VIRTIO_BLK_S_UNSUPP, written: 0 };
@@ -106,6 +129,10 @@ export class BlkQueueHandler implements QueueHandler {
   readonly #capacity: BigInt64Array;
   readonly #cache: Int32Array;
   readonly #policy: IoPolicy;
+  /** Triples over the current memory table (null: not made yet, or the table is not ours to pin). */
+  #segs: GuestSegments | null = null;
+  #segsFailed = false;
+  #pool: GuestIoPool | null = null;
 
   constructor(ctx: QueueContext) {
     this.#d = ctx.data as BlkWorkerData;
@@ -120,10 +147,32 @@ export class BlkQueueHandler implements QueueHandler {
 
   setMemory(memory: GuestMemory): void {
     this.#memory = memory;
+    // Transfers in flight keep the old table's mappings pinned until they finish.
+    this.#segs = null;
+    this.#segsFailed = false;
   }
 
   close(): void {
+    // The pool's threads finish what they hold before the image's fd goes.
+    this.#pool?.close();
     this.#image.close();
+  }
+
+  /** The segment list for the current memory table, or null (then every request takes the general path). */
+  #segments(): GuestSegments | null {
+    if (this.#segs || this.#segsFailed) return this.#segs;
+    try {
+      this.#segs = new GuestSegments(this.#memory);
+    } catch (e) {
+      this.#segsFailed = true;
+      this.#warn(`guest memory cannot be addressed natively (${(e as Error).message}): per-buffer views`);
+    }
+    return this.#segs;
+  }
+
+  #ioPool(): GuestIoPool {
+    this.#pool ??= new GuestIoPool(IO_THREADS);
+    return this.#pool;
   }
 
   process(chain: DescriptorChain): number | Promise<number> {
@@ -169,38 +218,6 @@ export class BlkQueueHandler implements QueueHandler {
     chain.writeWritable(STATUS[out.status] as Uint8Array, wlen - 1);
     this.#stats?.end(type, out.status, type === VIRTIO_BLK_T_OUT ? payload : out.written);
     return out.written + 1;
-  }
-
-  /**
-   * Views of guest memory for bytes [skip, skip+len) of buffers [first, last), with their
-   * guest addresses; null when a piece is not one plain view (it straddles a region or window).
-   */
-  #views(
-    chain: DescriptorChain,
-    first: number,
-    last: number,
-    skip: number,
-    len: number,
-  ): [Uint8Array[], number[]] | null {
-    const views: Uint8Array[] = [];
-    const gpas: number[] = [];
-    let off = 0;
-    for (let i = first; i < last && off < len; i++) {
-      const dlen = chain.len(i);
-      if (skip >= dlen) {
-        skip -= dlen;
-        continue;
-      }
-      const gpa = chain.addr(i) + skip;
-      const n = Math.min(dlen - skip, len - off);
-      skip = 0;
-      const view = this.#memory.slice(gpa, n);
-      if (!view) return null;
-      views.push(view);
-      gpas.push(gpa);
-      off += n;
-    }
-    return off === len ? [views, gpas] : null;
   }
 
   #warn(message: string): void {
@@ -279,9 +296,9 @@ export class BlkQueueHandler implements QueueHandler {
       return IOERR;
     }
     if (len === 0) return ok();
-    if (!this.#segmentsWithinLimits(chain, chain.readableCount, chain.count, 0, len, "read")) return IOERR;
-    const mem = this.#memory;
-    if (this.#d.direct && !this.#piecesAligned(chain, chain.readableCount, chain.count, 0, len, pos)) {
+    const walk = this.#collect(chain, chain.readableCount, chain.count, 0, len, pos, "read");
+    if (walk === Walk.Limit) return IOERR;
+    if (walk === Walk.Bounce) {
       let written = 0;
       try {
         for (let off = 0; off < len; off += BOUNCE_CHUNK) {
@@ -294,19 +311,18 @@ export class BlkQueueHandler implements QueueHandler {
       }
       return ok(written);
     }
-    const direct = this.#policy.offload(len, false)
-      ? this.#views(chain, chain.readableCount, chain.count, 0, len)
-      : null;
-    if (direct) {
-      const [views, gpas] = direct;
-      return this.#image.readvAtAsync(views, pos).then(() => {
-        // Written by a pool thread: into the dirty log before the request completes.
-        for (let k = 0; k < views.length; k++) chain.markWritten(gpas[k] as number, (views[k] as Uint8Array).length);
-        return ok(len);
-      });
+    if (walk === Walk.Segments) {
+      const segs = this.#segs as GuestSegments;
+      const fd = this.#image.fd.fd;
+      if (this.#policy.offload(len, false))
+        return this.#ioPool()
+          .transfer(segs.table, fd, false, pos, segs.segments, segs.count)
+          .then((n) => this.#readDone(chain, len, n));
+      return this.#readDone(chain, len, guestIoRaw(segs.table, fd, false, pos, segs.segments, segs.count));
     }
-    // One preadv for every consecutive buffer that is a plain view of guest memory; a buffer
-    // straddling a region or window boundary is read aside and copied in.
+    // General path: one preadv for every consecutive buffer that is a plain view of guest
+    // memory; a buffer straddling a region or window boundary is read aside and copied in.
+    const mem = this.#memory;
     let off = 0;
     let runStart = 0;
     const run: Uint8Array[] = [];
@@ -338,6 +354,22 @@ export class BlkQueueHandler implements QueueHandler {
     return ok(off);
   }
 
+  /**
+   * A native read into the request's buffers finished (`n`: bytes or -errno): every byte it may
+   * have written is marked in the dirty log before the request completes, failed or not (a
+   * failed read may have filled some buffers).
+   */
+  #readDone(chain: DescriptorChain, len: number, n: number): Outcome {
+    let off = 0;
+    for (let i = chain.readableCount; i < chain.count && off < len; i++) {
+      const piece = Math.min(chain.len(i), len - off);
+      chain.markWritten(chain.addr(i), piece);
+      off += piece;
+    }
+    if (n < 0) throw guestIoError(n, false);
+    return ok(len);
+  }
+
   #write(chain: DescriptorChain, sector: bigint, len: number): Outcome | Promise<Outcome> {
     const pos = this.#range(sector, len);
     if (pos === null) {
@@ -345,9 +377,9 @@ export class BlkQueueHandler implements QueueHandler {
       return IOERR;
     }
     if (len === 0) return ok();
-    if (!this.#segmentsWithinLimits(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len, "write")) return IOERR;
-    const mem = this.#memory;
-    if (this.#d.direct && !this.#piecesAligned(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len, pos)) {
+    const walk = this.#collect(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len, pos, "write");
+    if (walk === Walk.Limit) return IOERR;
+    if (walk === Walk.Bounce) {
       try {
         for (let off = 0; off < len; off += BOUNCE_CHUNK) {
           const buf = this.#bounce.get(Math.min(BOUNCE_CHUNK, len - off));
@@ -359,12 +391,20 @@ export class BlkQueueHandler implements QueueHandler {
       }
       return ok();
     }
-    const writethrough = Atomics.load(this.#cache, 0) !== 1;
-    const direct = this.#policy.offload(len, true, writethrough)
-      ? this.#views(chain, 0, chain.readableCount, REQUEST_HEADER_SIZE, len)
-      : null;
-    if (direct) return this.#image.writevAtAsync(direct[0], pos).then(() => ok());
-    // One pwritev for every consecutive buffer that is a plain view of guest memory.
+    if (walk === Walk.Segments) {
+      const segs = this.#segs as GuestSegments;
+      const fd = this.#image.fd.fd;
+      const writethrough = Atomics.load(this.#cache, 0) !== 1;
+      if (this.#policy.offload(len, true, writethrough))
+        return this.#ioPool()
+          .transfer(segs.table, fd, true, pos, segs.segments, segs.count)
+          .then((n) => (n < 0 ? Promise.reject(guestIoError(n, true)) : ok()));
+      const n = guestIoRaw(segs.table, fd, true, pos, segs.segments, segs.count);
+      if (n < 0) throw guestIoError(n, true);
+      return ok();
+    }
+    // General path: one pwritev for every consecutive buffer that is a plain view of guest memory.
+    const mem = this.#memory;
     let skip = REQUEST_HEADER_SIZE;
     let off = 0;
     let runStart = 0;
@@ -400,19 +440,28 @@ export class BlkQueueHandler implements QueueHandler {
   }
 
   /**
+   * One walk over the data bytes [skip, skip+len) of buffers [first, last) (file offset `pos`):
    * seg_max and size_max, as advertised (virtio 1.2 5.2.4: "size_max: maximum size of any single
-   * segment", "seg_max: maximum number of segments in a request"): the data bytes [skip,
-   * skip+len) of buffers [first, last) lie in at most segMax buffers of at most SIZE_MAX bytes.
-   * A driver that goes past them gets IOERR before anything is allocated or transferred.
+   * segment", "seg_max: maximum number of segments in a request"): a driver that goes past them
+   * gets IOERR before anything is allocated or transferred. Meanwhile the pieces go into the
+   * native segment list, and with O_DIRECT each is checked for alignment (address, length and
+   * file offset; the windows start on a page, so a piece's window offset gives its address's).
    */
-  #segmentsWithinLimits(
+  #collect(
     chain: DescriptorChain,
     first: number,
     last: number,
     skip: number,
     len: number,
-    what: string,
-  ): boolean {
+    pos: number,
+    what: "read" | "write",
+  ): Walk {
+    const segs = this.#segments();
+    segs?.reset();
+    const intoGuest = what === "read";
+    const direct = this.#d.direct;
+    let native = segs !== null;
+    let aligned = true;
     let off = 0;
     let segments = 0;
     for (let i = first; i < last && off < len; i++) {
@@ -421,37 +470,35 @@ export class BlkQueueHandler implements QueueHandler {
         skip -= dlen;
         continue;
       }
+      const gpa = chain.addr(i) + skip;
       const n = Math.min(dlen - skip, len - off);
       skip = 0;
       if (n > SIZE_MAX) {
         this.#warn(`${what} with a segment of ${n} bytes (size_max ${SIZE_MAX})`);
-        return false;
+        return Walk.Limit;
       }
       if (++segments > this.#d.segMax) {
         this.#warn(`${what} with more than ${this.#d.segMax} segments (seg_max)`);
-        return false;
+        return Walk.Limit;
+      }
+      if (native && !(segs as GuestSegments).add(gpa, n, intoGuest)) native = false;
+      if (direct && aligned) {
+        if (native) {
+          const s = (segs as GuestSegments).segments;
+          const k = 3 * ((segs as GuestSegments).count - 1);
+          aligned =
+            (s[k + 1] as number) % DIRECT_ALIGNMENT === 0 &&
+            n % DIRECT_ALIGNMENT === 0 &&
+            (pos + off) % DIRECT_ALIGNMENT === 0;
+        } else {
+          const view = this.#memory.slice(gpa, n);
+          aligned = view !== null && isDirectAligned(view, pos + off);
+        }
       }
       off += n;
     }
-    return true;
-  }
-
-  /** True when every piece of [skip, skip+len) of buffers [first, last) can go to O_DIRECT as is. */
-  #piecesAligned(chain: DescriptorChain, first: number, last: number, skip: number, len: number, pos: number): boolean {
-    let off = 0;
-    for (let i = first; i < last && off < len; i++) {
-      const dlen = chain.len(i);
-      if (skip >= dlen) {
-        skip -= dlen;
-        continue;
-      }
-      const n = Math.min(dlen - skip, len - off);
-      const view = this.#memory.slice(chain.addr(i) + skip, n);
-      skip = 0;
-      if (!view || !isDirectAligned(view, pos + off)) return false;
-      off += n;
-    }
-    return true;
+    if (direct && !aligned) return Walk.Bounce;
+    return native ? Walk.Segments : Walk.General;
   }
 
   /** DISCARD / WRITE_ZEROES: every segment is checked before any is carried out. */
