@@ -16,7 +16,9 @@
 // eventfd the caller watches in its event loop, and harvested in batches (tag, result) into a
 // Float64Array. Completion order is whatever the threads make it. Closing the pool lets the
 // threads finish every job already queued (none is lost) and joins them; their completions stay
-// harvestable.
+// harvestable. A submission may ask to try the page cache first (RWF_NOWAIT) in the calling
+// thread: what is cached is copied there and then, without a hop to a thread and back, and only
+// a transfer that would block (a page-cache miss) goes on, from where it stopped, in the pool.
 //
 // A read past the end of the file fills the rest with zeros (the image's length may not be a
 // whole number of sectors); a write that moves nothing is EIO; EINTR is retried; a short
@@ -76,14 +78,25 @@ int Resolve(const Table* t, const uint32_t* seg, size_t count, iovec* iov) {
   return 0;
 }
 
-// The whole transfer; bytes moved or -errno. iov[] is consumed (advanced past what is done).
-int64_t Transfer(int fd, bool write, uint64_t pos, iovec* iov, size_t n) {
-  int64_t total = 0;
+// Where a transfer stands: the next iovec, the file position, the bytes done. A transfer tried
+// with RWF_NOWAIT stops where the page cache would make it wait and goes on later (on a pool
+// thread) from there.
+struct Cursor {
+  iovec* iov;
+  size_t n;
   size_t i = 0;
-  while (i < n && iov[i].iov_len == 0) i++;
-  while (i < n) {
-    int cnt = (int)(n - i);
-    ssize_t r = write ? pwritev(fd, iov + i, cnt, (off_t)pos) : preadv(fd, iov + i, cnt, (off_t)pos);
+  uint64_t pos;
+  int64_t done = 0;
+};
+
+// Moves what is left; 0 when all is done, else -errno (-EAGAIN: `flags` had RWF_NOWAIT and the
+// rest would block). iov[] is consumed (advanced past what is done).
+int Step(int fd, bool write, Cursor* c, int flags) {
+  while (c->i < c->n && c->iov[c->i].iov_len == 0) c->i++;
+  while (c->i < c->n) {
+    int cnt = (int)(c->n - c->i);
+    ssize_t r = write ? pwritev2(fd, c->iov + c->i, cnt, (off_t)c->pos, flags)
+                      : preadv2(fd, c->iov + c->i, cnt, (off_t)c->pos, flags);
     if (r < 0) {
       if (errno == EINTR) continue;
       return -errno;
@@ -91,25 +104,31 @@ int64_t Transfer(int fd, bool write, uint64_t pos, iovec* iov, size_t n) {
     if (r == 0) {
       if (write) return -EIO;
       // End of file: the rest reads as zeros.
-      for (; i < n; i++) {
-        memset(iov[i].iov_base, 0, iov[i].iov_len);
-        total += (int64_t)iov[i].iov_len;
+      for (; c->i < c->n; c->i++) {
+        memset(c->iov[c->i].iov_base, 0, c->iov[c->i].iov_len);
+        c->done += (int64_t)c->iov[c->i].iov_len;
       }
-      return total;
+      return 0;
     }
-    pos += (uint64_t)r;
-    total += r;
+    c->pos += (uint64_t)r;
+    c->done += r;
     size_t left = (size_t)r;
-    while (i < n && left >= iov[i].iov_len) {
-      left -= iov[i].iov_len;
-      i++;
+    while (c->i < c->n && left >= c->iov[c->i].iov_len) {
+      left -= c->iov[c->i].iov_len;
+      c->i++;
     }
     if (left > 0) {
-      iov[i].iov_base = static_cast<char*>(iov[i].iov_base) + left;
-      iov[i].iov_len -= left;
+      c->iov[c->i].iov_base = static_cast<char*>(c->iov[c->i].iov_base) + left;
+      c->iov[c->i].iov_len -= left;
     }
   }
-  return total;
+  return 0;
+}
+
+// The whole transfer, blocking; bytes moved or -errno.
+int64_t Transfer(int fd, bool write, Cursor* c) {
+  int r = Step(fd, write, c, 0);
+  return r < 0 ? r : c->done;
 }
 
 bool ArgTagged(const Args& a, size_t i, const napi_type_tag* tag, void** out, const char* what) {
@@ -200,17 +219,17 @@ napi_value Run(napi_env env, napi_callback_info info) {
   iovec iov[kMaxSegs];
   int r = Resolve(static_cast<Table*>(tp), seg, count, iov);
   if (r < 0) return Num(env, r);
-  return Num(env, (double)Transfer(fd, write, pos, iov, count));
+  Cursor c{iov, count, 0, pos};
+  return Num(env, (double)Transfer(fd, write, &c));
 }
 
 struct Job {
   Table* table;
   int fd;
   bool write;
-  uint64_t pos;
+  Cursor cursor;
   double tag;
   int64_t result;
-  size_t count;
   iovec iov[kMaxSegs];
 };
 
@@ -234,7 +253,7 @@ void Serve(Pool* p) {
     Job* j = p->queue.front();
     p->queue.pop_front();
     lock.unlock();
-    j->result = Transfer(j->fd, j->write, j->pos, j->iov, j->count);
+    j->result = Transfer(j->fd, j->write, &j->cursor);
     lock.lock();
     bool wake = p->done.empty();
     p->done.push_back(j);
@@ -299,6 +318,7 @@ napi_value NewPool(napi_env env, napi_callback_info info) {
       FreePool(p);  // joins the threads already made
       return ThrowSys(env, "pthread_create", r);
     }
+    pthread_setname_np(t, "vmshift-blkio");  // what ps and perf show
     p->threads.push_back(t);
   }
   napi_value ext, out;
@@ -315,8 +335,10 @@ napi_value NewPool(napi_env env, napi_callback_info info) {
   return out;
 }
 
-// guestIoSubmit(pool, table, fd, write, pos, segments, count, tag) -> 0, or -EFAULT (a segment
-// outside its window: nothing queued), or -ESHUTDOWN (the pool is closed).
+// guestIoSubmit(pool, table, fd, flags, pos, segments, count, tag) -> -EINPROGRESS (queued: its
+// completion comes with `tag`), or bytes moved at once, or -errno: -EFAULT (a segment outside
+// its window: nothing done), -ESHUTDOWN (the pool is closed). flags: 1 write, 2 try the page
+// cache in the calling thread first (RWF_NOWAIT) and queue only the rest.
 napi_value Submit(napi_env env, napi_callback_info info) {
   Args a(env, info);
   void *pp, *tp;
@@ -330,9 +352,11 @@ napi_value Submit(napi_env env, napi_callback_info info) {
       !ArgSegments(a, 5, 6, &seg, &count))
     return nullptr;
   if (napi_get_value_double(env, a[7], &tag) != napi_ok) return ThrowType(env, "tag must be a number");
+  int64_t flags;
+  if (!ArgInt(a, 3, &flags)) return nullptr;
   Pool* p = static_cast<Pool*>(pp);
   Table* t = static_cast<Table*>(tp);
-  bool write = IsTrue(env, a[3]);
+  bool write = (flags & 1) != 0, nowait = (flags & 2) != 0;
   Job* j = nullptr;
   {
     std::lock_guard<std::mutex> lock(p->mu);
@@ -349,20 +373,29 @@ napi_value Submit(napi_env env, napi_callback_info info) {
     p->spare.push_back(j);
     return Num(env, r);
   }
+  j->cursor = Cursor{j->iov, count, 0, pos};
+  if (nowait) {
+    // Whatever the page cache holds is done here, at once; only what would block goes to a thread.
+    // EOPNOTSUPP: the file (system) has no non-blocking path for this (ext4 buffered writes).
+    int r = Step(fd, write, &j->cursor, RWF_NOWAIT);
+    if (r != -EAGAIN && r != -EOPNOTSUPP) {
+      std::lock_guard<std::mutex> lock(p->mu);
+      p->spare.push_back(j);
+      return Num(env, r < 0 ? (double)r : (double)j->cursor.done);
+    }
+  }
   t->refs.fetch_add(1);
   j->table = t;
   j->fd = fd;
   j->write = write;
-  j->pos = pos;
   j->tag = tag;
-  j->count = count;
   j->result = 0;
   {
     std::lock_guard<std::mutex> lock(p->mu);
     p->queue.push_back(j);
   }
   p->cv.notify_one();
-  return Num(env, 0);
+  return Num(env, -EINPROGRESS);
 }
 
 // guestIoHarvest(pool, out: Float64Array) -> completions written as (tag, result) pairs. Call

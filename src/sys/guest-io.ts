@@ -21,6 +21,7 @@ export const GUEST_IO_MAX_SEGMENTS = 1024;
 /** What the addon answers for a triple outside its window. */
 export const EFAULT = 14;
 const ESHUTDOWN = 108;
+const EINPROGRESS = 115;
 
 /** Windows (SharedArrayBuffers over mappings made by Mapping) that transfers address by index. */
 export class GuestIoTable {
@@ -109,8 +110,10 @@ export class GuestIoPool implements Disposable {
 
   /**
    * guestIoRaw on a pool thread: resolves with bytes moved or -errno (never rejects). A
-   * submission the addon refuses (-EFAULT: a triple outside its window; the pool closed)
-   * resolves at once with that value and nothing is transferred.
+   * submission the addon refuses (-EFAULT: a triple outside its window; the pool closed) gives
+   * that value at once and nothing is transferred. `tryCache`: first do what the page cache
+   * holds in this thread (RWF_NOWAIT), and hand only the rest (a miss) to the pool; a transfer
+   * that needed no thread comes back as a plain number.
    */
   transfer(
     table: GuestIoTable,
@@ -119,14 +122,16 @@ export class GuestIoPool implements Disposable {
     position: number,
     segments: Uint32Array,
     count: number,
-  ): Promise<number> {
-    if (this.#closed) return Promise.resolve(-ESHUTDOWN);
+    tryCache = false,
+  ): number | Promise<number> {
+    if (this.#closed) return -ESHUTDOWN;
     const tag = this.#freeTags.length > 0 ? (this.#freeTags.pop() as number) : this.#resolvers.length;
-    const r = native.guestIoSubmit(this.#handle, table.handle, fd, write, position, segments, count, tag);
-    if (r < 0) {
+    const flags = (write ? 1 : 0) | (tryCache ? 2 : 0);
+    const r = native.guestIoSubmit(this.#handle, table.handle, fd, flags, position, segments, count, tag);
+    if (r !== -EINPROGRESS) {
       if (tag === this.#resolvers.length) this.#resolvers.push(undefined);
       this.#freeTags.push(tag);
-      return Promise.resolve(r);
+      return r;
     }
     if (this.#inFlight++ === 0) this.#watch?.ref(true);
     return new Promise<number>((resolve) => {

@@ -112,7 +112,7 @@ export interface Native {
     pool: object,
     table: object,
     fd: number,
-    write: boolean,
+    flags: number,
     position: U64,
     segments: Uint32Array,
     count: number,

@@ -1,40 +1,36 @@
 /**
  * The blk I/O policy: where a request's read or write runs. Inline for a request alone (no hop
- * at queue depth 1), the pool when others of its queue are there and it may block or is worth
- * the hop (anything with O_DIRECT or flushed on its own; 64 KiB and more on the page cache);
- * sync and async as they say.
+ * at queue depth 1) and for a write on the page cache; the pool when others of its queue are there
+ * and it waits for the device (O_DIRECT, or flushed on its own); a cached read with others there is
+ * tried inline and only a page-cache miss goes to the pool. sync and async as they say.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { CACHED_OFFLOAD_MIN, IoPolicy } from "../../src/devices/blk/io-policy.js";
+import { IoPolicy, Placement } from "../../src/devices/blk/io-policy.js";
 
-test("adaptive: inline when alone, the pool when others are there and it may block or is worth the hop", () => {
+test("adaptive: inline when alone, the pool for what waits for the device, cache-first reads with others there", () => {
   let others = 0;
   const cached = new IoPolicy("adaptive", false, () => others);
   const direct = new IoPolicy("adaptive", true, () => others);
-  assert.equal(cached.offload(1 << 20, false), false, "alone: inline");
-  assert.equal(cached.offload(4096, true), false, "alone: inline");
-  assert.equal(direct.offload(4096, false), false, "alone: inline, even with O_DIRECT");
+  assert.equal(cached.place(false), Placement.Inline, "alone: inline");
+  assert.equal(cached.place(true), Placement.Inline, "alone: inline");
+  assert.equal(cached.place(true, true), Placement.Inline, "alone: inline, even flushed");
+  assert.equal(direct.place(false), Placement.Inline, "alone: inline, even with O_DIRECT");
   others = 2;
-  assert.equal(cached.offload(1 << 20, false), true, "a large cached read with others there");
+  assert.equal(cached.place(false), Placement.CacheFirst, "a cached read with others there: the miss goes to the pool");
+  assert.equal(cached.place(true), Placement.Inline, "a cached write (writeback): inline");
   assert.equal(
-    cached.offload(CACHED_OFFLOAD_MIN - 512, false),
-    false,
-    "a small cached read: the copy is cheaper than the hop",
-  );
-  assert.equal(cached.offload(4096, true), false, "a small cached write (writeback): the copy is cheaper than the hop");
-  assert.equal(cached.offload(1 << 20, true), true, "a large cached write with others there");
-  assert.equal(
-    cached.offload(4096, true, true),
-    true,
+    cached.place(true, true),
+    Placement.Pool,
     "a write flushed on its own (writethrough) waits for the device",
   );
-  assert.equal(direct.offload(4096, false), true, "O_DIRECT: every request waits for the device");
-  assert.equal(new IoPolicy("adaptive", false, undefined).offload(1 << 20, true), false, "nothing known: inline");
+  assert.equal(direct.place(false), Placement.Pool, "O_DIRECT: every request waits for the device");
+  assert.equal(direct.place(true), Placement.Pool, "O_DIRECT writes too");
+  assert.equal(new IoPolicy("adaptive", false, undefined).place(false), Placement.Inline, "nothing known: inline");
 });
 
 test("sync and async ignore the queue", () => {
   const many = () => 100;
-  assert.equal(new IoPolicy("sync", true, many).offload(1 << 20, true), false);
-  assert.equal(new IoPolicy("async", false, () => 0).offload(512, false), true);
+  assert.equal(new IoPolicy("sync", true, many).place(true, true), Placement.Inline);
+  assert.equal(new IoPolicy("async", false, () => 0).place(false), Placement.Pool);
 });

@@ -42,7 +42,7 @@ import {
 import { SIZE_MAX } from "./device.js";
 import { GuestSegments } from "./guest-segments.js";
 import { AlignedBuffer, BlockImage, DIRECT_ALIGNMENT, isDirectAligned } from "./image.js";
-import { type IoMode, IoPolicy } from "./io-policy.js";
+import { type IoMode, IoPolicy, Placement } from "./io-policy.js";
 
 /**
  * The O_DIRECT bounce buffer's size: large requests go through it in chunks of this many bytes
@@ -314,11 +314,21 @@ export class BlkQueueHandler implements QueueHandler {
     if (walk === Walk.Segments) {
       const segs = this.#segs as GuestSegments;
       const fd = this.#image.fd.fd;
-      if (this.#policy.offload(len, false))
-        return this.#ioPool()
-          .transfer(segs.table, fd, false, pos, segs.segments, segs.count)
-          .then((n) => this.#readDone(chain, len, n));
-      return this.#readDone(chain, len, guestIoRaw(segs.table, fd, false, pos, segs.segments, segs.count));
+      const where = this.#policy.place(false);
+      const n =
+        where === Placement.Inline
+          ? guestIoRaw(segs.table, fd, false, pos, segs.segments, segs.count)
+          : this.#ioPool().transfer(
+              segs.table,
+              fd,
+              false,
+              pos,
+              segs.segments,
+              segs.count,
+              where === Placement.CacheFirst,
+            );
+      if (typeof n === "number") return this.#readDone(chain, len, n);
+      return n.then((r) => this.#readDone(chain, len, r));
     }
     // General path: one preadv for every consecutive buffer that is a plain view of guest
     // memory; a buffer straddling a region or window boundary is read aside and copied in.
@@ -370,6 +380,11 @@ export class BlkQueueHandler implements QueueHandler {
     return ok(len);
   }
 
+  #writeDone(n: number): Outcome {
+    if (n < 0) throw guestIoError(n, true);
+    return ok();
+  }
+
   #write(chain: DescriptorChain, sector: bigint, len: number): Outcome | Promise<Outcome> {
     const pos = this.#range(sector, len);
     if (pos === null) {
@@ -395,13 +410,21 @@ export class BlkQueueHandler implements QueueHandler {
       const segs = this.#segs as GuestSegments;
       const fd = this.#image.fd.fd;
       const writethrough = Atomics.load(this.#cache, 0) !== 1;
-      if (this.#policy.offload(len, true, writethrough))
-        return this.#ioPool()
-          .transfer(segs.table, fd, true, pos, segs.segments, segs.count)
-          .then((n) => (n < 0 ? Promise.reject(guestIoError(n, true)) : ok()));
-      const n = guestIoRaw(segs.table, fd, true, pos, segs.segments, segs.count);
-      if (n < 0) throw guestIoError(n, true);
-      return ok();
+      const where = this.#policy.place(true, writethrough);
+      const n =
+        where === Placement.Inline
+          ? guestIoRaw(segs.table, fd, true, pos, segs.segments, segs.count)
+          : this.#ioPool().transfer(
+              segs.table,
+              fd,
+              true,
+              pos,
+              segs.segments,
+              segs.count,
+              where === Placement.CacheFirst,
+            );
+      if (typeof n === "number") return this.#writeDone(n);
+      return n.then((r) => this.#writeDone(r));
     }
     // General path: one pwritev for every consecutive buffer that is a plain view of guest memory.
     const mem = this.#memory;

@@ -1,27 +1,36 @@
 /**
- * Where a blk queue worker does a request's read or write: inline in the worker thread, or on
- * libuv's thread pool (several of the queue's requests in flight at once).
+ * Where a blk queue worker does a request's read or write: inline in the worker thread, on the
+ * queue's own pool of native threads (several of the queue's requests in flight at once), or
+ * inline for what the page cache holds and on the pool only for what would block.
  *
- * Inline is the cheapest way to do one request (no hop to another thread and back, ~20 µs on
- * these machines), and a request that hits the page cache costs little more than the copy; but
- * while the worker does it, the requests behind it wait. The pool overlaps them, at the price of
- * the hop. "adaptive" takes the pool only when overlap is there to win: another request of the
- * queue is in flight or already waiting in the ring (a guest's large sequential I/O arrives as
- * several requests at once), and the request may block or is worth the hop: with O_DIRECT every
- * request waits for the device, and so does a write the driver wants durable (writethrough: it is
- * flushed on its own); on the page cache a request only costs its copy, so only large ones (64
- * KiB and more) go. A request alone (queue depth 1) never pays for the hop. Measured (docs/blk.md):
- * with O_DIRECT, doing even the last request of a batch inline serialises the queue behind one
- * device round trip (QD32 at 0.7x of the pool's rate), so anything in flight sends it to the pool;
- * 4 KiB QD32 writes on the page cache in writeback mode ran 1.1-1.4x faster inline than through
- * the pool (an earlier measurement that sent them to the pool had every write flushed).
+ * Inline is the cheapest way to do one request: a hop to a thread and back costs a futex wake, an
+ * eventfd write and an event-loop wake-up, each a system call, and on these machines (a PVM guest)
+ * every system call and wake-up is expensive. A request that hits the page cache costs little more
+ * than its copy, and that copy costs the same CPU in any thread: on two cores shared with the
+ * driver, CPU per request is throughput. So "adaptive":
+ * - a request alone (nothing else of its queue in flight or waiting in the ring) is done inline:
+ *   at queue depth 1 nothing could overlap it;
+ * - with others there, a request that waits for the device goes to the pool: with O_DIRECT every
+ *   one does, and so does a write the driver wants durable (writethrough: flushed on its own);
+ *   done inline it would hold the queue behind one device round trip (measured: QD32 at 0.7x);
+ * - with others there, a read on the page cache is tried inline with RWF_NOWAIT: what is cached
+ *   is copied at once, only a miss goes on in the pool (a cold image does not stall the queue);
+ * - a write on the page cache (writeback) is done inline: ext4 has no non-blocking buffered write
+ *   (RWF_NOWAIT is EOPNOTSUPP there), and inline measured faster than the pool (docs/blk.md).
  */
 
 /** sync: always inline; async: always the pool; adaptive: see above. */
 export type IoMode = "sync" | "async" | "adaptive";
 
-/** Smallest read or write that goes to the pool when the image is on the page cache. */
-export const CACHED_OFFLOAD_MIN = 64 * 1024;
+/** Where one read or write runs. */
+export enum Placement {
+  /** In the worker thread, blocking. */
+  Inline = 0,
+  /** In the worker thread as far as the page cache holds it (RWF_NOWAIT), the rest on the pool. */
+  CacheFirst = 1,
+  /** On the queue's pool. */
+  Pool = 2,
+}
 
 export class IoPolicy {
   readonly mode: IoMode;
@@ -36,13 +45,15 @@ export class IoPolicy {
   }
 
   /**
-   * True: hand this read (or `write`) of `bytes` to the pool; false: do it inline. `flushed`: the
-   * write is flushed on its own before it completes (writethrough), so it waits for the device.
+   * Where this read (or `write`) runs. `flushed`: the write is flushed on its own before it
+   * completes (writethrough), so it waits for the device.
    */
-  offload(bytes: number, write: boolean, flushed = false): boolean {
-    if (this.mode === "sync") return false;
-    if (this.mode === "async") return true;
-    if (!this.#direct && !(write && flushed) && bytes < CACHED_OFFLOAD_MIN) return false;
-    return this.#backlog() > 0;
+  place(write: boolean, flushed = false): Placement {
+    if (this.mode === "sync") return Placement.Inline;
+    if (this.mode === "async") return Placement.Pool;
+    const waits = this.#direct || (write && flushed);
+    if (!waits && write) return Placement.Inline;
+    if (this.#backlog() === 0) return Placement.Inline;
+    return waits ? Placement.Pool : Placement.CacheFirst;
   }
 }
