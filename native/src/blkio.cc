@@ -23,6 +23,7 @@
 // A read past the end of the file fills the rest with zeros (the image's length may not be a
 // whole number of sectors); a write that moves nothing is EIO; EINTR is retried; a short
 // transfer goes on from where it stopped.
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
@@ -243,18 +244,25 @@ struct Pool {
   int efd = -1;
   bool stopping = false;
   bool closed = false;
+  size_t running = 0;  // jobs a thread is transferring now
+  size_t alive = 0;    // threads not yet returned
+  bool orphaned = false;  // collected with work left: the last thread to return frees the pool
 };
+
+void FreeParts(Pool* p);
 
 void Serve(Pool* p) {
   std::unique_lock<std::mutex> lock(p->mu);
   for (;;) {
     p->cv.wait(lock, [p] { return p->stopping || !p->queue.empty(); });
-    if (p->queue.empty()) return;  // stopping, and every queued job is done
+    if (p->queue.empty()) break;  // stopping, and every queued job is done
     Job* j = p->queue.front();
     p->queue.pop_front();
+    p->running++;
     lock.unlock();
     j->result = Transfer(j->fd, j->write, &j->cursor);
     lock.lock();
+    p->running--;
     bool wake = p->done.empty();
     p->done.push_back(j);
     if (wake) {
@@ -267,6 +275,9 @@ void Serve(Pool* p) {
       lock.lock();
     }
   }
+  bool last = --p->alive == 0 && p->orphaned;
+  lock.unlock();
+  if (last) FreeParts(p);
 }
 
 void* ServeThread(void* arg) {
@@ -288,8 +299,9 @@ void ClosePool(Pool* p) {
   p->efd = -1;
 }
 
-void FreePool(Pool* p) {
-  ClosePool(p);
+// Everything but the threads, which have all returned.
+void FreeParts(Pool* p) {
+  if (p->efd >= 0) close(p->efd);
   for (Job* j : p->done) {
     TableUnref(j->table);
     delete j;
@@ -298,8 +310,31 @@ void FreePool(Pool* p) {
   delete p;
 }
 
-// Collected without close(): the threads are joined here (they only finish what was queued).
-void PoolFinalize(node_api_basic_env, void* data, void*) { FreePool(static_cast<Pool*>(data)); }
+void FreePool(Pool* p) {
+  ClosePool(p);
+  FreeParts(p);
+}
+
+// Collected without close() (a worker torn down with requests in flight): an idle pool is
+// joined and freed here; one with work left is not waited for (a transfer may wait for ever on
+// a postcopy page that never comes): its threads finish the queue and the last one frees it.
+// The eventfd's watch holds the JS handle, so this only runs once that watch is gone.
+void PoolFinalize(node_api_basic_env, void* data, void*) {
+  Pool* p = static_cast<Pool*>(data);
+  {
+    std::lock_guard<std::mutex> lock(p->mu);
+    if (!p->closed && (!p->queue.empty() || p->running > 0)) {
+      p->closed = true;
+      p->stopping = true;
+      p->orphaned = true;
+      for (pthread_t t : p->threads) pthread_detach(t);
+      p->threads.clear();
+      p->cv.notify_all();
+      return;
+    }
+  }
+  FreePool(p);
+}
 
 // guestIoPool(threads) -> [pool handle, eventfd]
 napi_value NewPool(napi_env env, napi_callback_info info) {
@@ -309,6 +344,15 @@ napi_value NewPool(napi_env env, napi_callback_info info) {
   if (n < 1 || (size_t)n > kMaxThreads) return ThrowType(env, "pool threads: 1..64");
   int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (efd < 0) return ThrowSys(env, "eventfd", errno);
+  // Pool threads may run this library's code after the environment that loaded it is gone (a
+  // worker torn down with transfers in flight): one more reference, never dropped, keeps Node
+  // from unloading it under them.
+  static std::once_flag pinned;
+  std::call_once(pinned, [] {
+    Dl_info self;
+    if (dladdr(reinterpret_cast<void*>(&ServeThread), &self) && self.dli_fname)
+      (void)dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+  });
   Pool* p = new Pool();
   p->efd = efd;
   for (int64_t k = 0; k < n; k++) {
@@ -320,6 +364,10 @@ napi_value NewPool(napi_env env, napi_callback_info info) {
     }
     pthread_setname_np(t, "vmshift-blkio");  // what ps and perf show
     p->threads.push_back(t);
+    {
+      std::lock_guard<std::mutex> lock(p->mu);
+      p->alive++;
+    }
   }
   napi_value ext, out;
   if (napi_create_external(env, p, PoolFinalize, nullptr, &ext) != napi_ok) {

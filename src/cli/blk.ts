@@ -29,11 +29,12 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --queues N             virtqueues, 1..64, each served by its own thread (default 1)
   --direct               open the image with O_DIRECT
   --io auto|sync|async|adaptive
-                         async: reads and writes on libuv's thread pool (UV_THREADPOOL_SIZE
-                         threads), several requests of a queue in flight; sync: one at a time
-                         in the queue's thread; adaptive: inline, except a request that has
-                         others waiting behind it and is worth the hop (any with --direct,
-                         64 KiB and more on the page cache); auto (default): adaptive
+                         async: reads and writes on the queue's own I/O threads
+                         (VMSHIFT_BLK_IO_THREADS, default 2), several requests of a queue in
+                         flight; sync: one at a time in the queue's thread; adaptive: inline,
+                         except a request with others of its queue there that waits for the
+                         device (--direct, writethrough) or misses the page cache (reads are
+                         tried inline first); auto (default): adaptive
   --serial ID            GET_ID answer, printable ASCII (default: the image file name)
   --queue-size N         the queue size the front-end uses (QEMU queue-size=N, default 128):
                          seg_max is N - 2

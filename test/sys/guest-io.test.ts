@@ -3,13 +3,16 @@
  * a triple outside its window is refused before anything is read or written; a table pins the
  * mappings of its windows; reads and writes scatter and gather in order, short reads past the end
  * of the file read zeros; the pool completes many transfers in flight with the right bytes, and
- * closing it with transfers in flight finishes every one, joins its threads and closes its fd.
+ * closing it with transfers in flight finishes every one, joins its threads and closes its fd; a
+ * worker that ends with transfers queued and its pool never closed neither hangs nor crashes, and
+ * the pool's threads finish and go.
  */
 import assert from "node:assert/strict";
 import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
+import { Worker } from "node:worker_threads";
 import { SysError } from "../../src/sys/errors.js";
 import { EFAULT, GuestIoPool, GuestIoTable, guestIo, guestIoRaw } from "../../src/sys/guest-io.js";
 import { liveMappings, Mapping } from "../../src/sys/mapping.js";
@@ -195,4 +198,30 @@ test("close() with transfers in flight: every one finishes and settles, threads 
   closeSync(img.fd);
   m.close();
   assert.equal(countFds(), fds, "the pools' eventfds are closed");
+});
+
+test("a worker that ends with transfers queued and the pool not closed: no hang, threads and eventfd gone", async () => {
+  const fds = countFds();
+  const before = threads();
+  const img = file("orphan.img", new Uint8Array(0));
+  closeSync(img.fd);
+  const workerFds: number[] = [];
+  for (let round = 0; round < 2; round++) {
+    const w = new Worker(new URL("../helpers/guest-io-orphan.js", import.meta.url), {
+      // 100 copies of 64 MiB: still going when the worker's environment is torn down.
+      workerData: { path: img.path, transfers: 100, bytes: 64 << 20 },
+    });
+    const [msg] = (await Promise.race([
+      new Promise((resolve) => w.once("message", (m) => resolve([m]))),
+      new Promise((_, reject) => w.once("error", reject)),
+    ])) as [{ inFlight: number; fd: number }];
+    assert.ok(msg.inFlight > 0);
+    assert.equal(await new Promise((resolve) => w.once("exit", resolve)), 0);
+    workerFds.push(msg.fd);
+  }
+  // The orphaned pools' threads finish their queues and free everything: wait for that.
+  for (let i = 0; i < 1500 && threads() > before; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.equal(threads(), before, "every pool thread returned");
+  for (const fd of workerFds) closeSync(fd);
+  assert.equal(countFds(), fds, "no eventfd or image fd left");
 });

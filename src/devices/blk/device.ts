@@ -56,11 +56,11 @@ export interface BlkOptions {
   /** Test knob: each request waits this long in its worker before completing (0 = none). */
   debugDelayMs?: number;
   /**
-   * "async": reads and writes go to libuv's thread pool, so a queue has several requests in
-   * flight at once (the pool has UV_THREADPOOL_SIZE threads, 4 unless set). "sync": each
-   * request is done in its queue's worker thread, one after the other. "adaptive": inline
-   * unless more requests wait behind it and it is worth the hop (io-policy.ts). "auto"
-   * (default): adaptive (see docs/blk.md for the figures).
+   * "async": reads and writes go to the queue's own pool of native I/O threads, so a queue has
+   * several requests in flight at once (VMSHIFT_BLK_IO_THREADS threads per queue, 2 unless
+   * set). "sync": each request is done in its queue's worker thread, one after the other.
+   * "adaptive": inline unless others of the queue are there and it waits for the device or
+   * misses the page cache (io-policy.ts). "auto" (default): adaptive (see docs/blk.md).
    */
   io?: "auto" | "sync" | "async" | "adaptive";
 }
