@@ -16,6 +16,7 @@
         "src/bulk.cc",
         "src/hash.cc",
         "src/postcopy.cc",
+        "src/stream.cc",
         "src/module.cc"
       ]
     },

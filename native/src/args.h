@@ -70,5 +70,6 @@ void RegisterWatch(napi_env env, napi_value exports);
 void RegisterBulk(napi_env env, napi_value exports);
 void RegisterHash(napi_env env, napi_value exports);
 void RegisterPostcopy(napi_env env, napi_value exports);
+void RegisterStream(napi_env env, napi_value exports);
 
 }  // namespace vmshift

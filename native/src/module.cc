@@ -10,5 +10,6 @@ NAPI_MODULE_INIT(/* env, exports */) {
   vmshift::RegisterBulk(env, exports);
   vmshift::RegisterHash(env, exports);
   vmshift::RegisterPostcopy(env, exports);
+  vmshift::RegisterStream(env, exports);
   return exports;
 }
