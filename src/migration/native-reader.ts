@@ -142,12 +142,17 @@ export class NativeRecordReader implements StreamReader {
     }
   }
 
-  /** Stops the thread; node:net may read the socket again (resume() restarts it). */
+  /**
+   * Stops the thread and gives the socket back to node:net, flowing, as RecordReader.detach()
+   * leaves it: what still arrives is dropped and the end of the stream is seen (so the socket
+   * closes when the peer hangs up).
+   */
   detach(): void {
     if (this.#detached) return;
     this.#detached = true;
     this.#thread.close();
     const h = handleOf(this.#stream);
     if (h) h.reading = false;
+    if (!this.#stream.destroyed) this.#stream.resume();
   }
 }
