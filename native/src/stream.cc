@@ -40,7 +40,7 @@ constexpr uint8_t kPagesType = 0x10;
 constexpr size_t kMaxPayload = 64u << 20;
 constexpr size_t kPage = 4096;
 
-// Per-slot meta (Float64Array, kMeta doubles per slot).
+// Per-slot meta (Float64Array, kMeta doubles per slot), then one double: bytes read from the socket.
 enum Meta { kLen, kType, kFlags, kStatus, kBig, kOffset, kHashes, kMeta };
 // kStatus: 0 whole and checked; 1 bad header (only the 8 header bytes are there); 2 CRC mismatch.
 // kHashes: number of full pages hashed into the slot's hash area, or -1 (not hashed).
@@ -127,6 +127,7 @@ struct Receiver {
   size_t prefixPos = 0;
   std::vector<std::vector<uint8_t>> big;  // per slot: a record longer than a slot
   uint64_t offset = 0;                    // stream offset of the next record
+  uint64_t bytesRead = 0;                 // read from the socket (not counting the prefix)
   uint64_t produced = 0, consumed = 0;    // consumed: guarded by mu
   std::mutex mu;
   std::condition_variable cv;
@@ -179,6 +180,9 @@ struct Receiver {
       ssize_t r = read(sock, p + *got, n - *got);
       if (r > 0) {
         *got += (size_t)r;
+        bytesRead += (uint64_t)r;
+        // A progress counter for JS (an aligned double: one plain store on x86-64).
+        meta[slots * kMeta] = (double)bytesRead;
         continue;
       }
       if (r == 0) return 0;
@@ -302,7 +306,7 @@ napi_value Create(napi_env env, napi_callback_info info) {
   if (fl < 4 * 8) return ThrowType(env, "config: [slotSize, slots, streamOffset, hash]");
   const double* c = reinterpret_cast<const double*>(cfg);
   size_t slotSize = (size_t)c[0], slots = (size_t)c[1];
-  if (slotSize < 4096 || slotSize % 8 != 0 || slots < 1 || rl < slotSize * slots || ml < slots * kMeta * 8 ||
+  if (slotSize < 4096 || slotSize % 8 != 0 || slots < 1 || rl < slotSize * slots || ml < (slots * kMeta + 1) * 8 ||
       cl < kCtl * 4 || ((uintptr_t)ctl & 3) || ((uintptr_t)meta & 7) || ((uintptr_t)hashes & 3))
     return ThrowType(env, "bad ring, meta or control sizes");
   size_t hashCap = slotSize / kPage;

@@ -17,7 +17,7 @@
  * marked; the error is then raised here by the same format.ts checks the JS reader uses, so it
  * is the same error at the same offset, and the thread reads nothing past it.
  */
-import type { Socket } from "node:net";
+import { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { TLSSocket } from "node:tls";
 import { errnoName } from "../sys/errors.js";
@@ -74,7 +74,16 @@ export class NativeRecordReader implements StreamReader {
     h.readStop?.();
     h.reading = true;
     for (let c = stream.read(); c !== null; c = stream.read()) held.push(c as Buffer);
-    return new NativeRecordReader(stream as Socket, h.fd as number, offset, Buffer.concat(held), o.hashPages);
+    const reader = new NativeRecordReader(stream as Socket, h.fd as number, offset, Buffer.concat(held), o.hashPages);
+    // socket.bytesRead (what progress reports and `vmshift migrate` count as received) goes on
+    // counting: node:net's own count plus what the thread read.
+    const own = Object.getOwnPropertyDescriptor(Socket.prototype, "bytesRead")?.get;
+    if (own)
+      Object.defineProperty(stream, "bytesRead", {
+        configurable: true,
+        get: () => (own.call(stream) as number) + reader.#thread.bytesRead,
+      });
+    return reader;
   }
 
   private constructor(stream: Socket, fd: number, offset: number, prefix: Buffer, hashPages: boolean) {

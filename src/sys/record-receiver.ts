@@ -93,7 +93,8 @@ export class RecordReceiverThread {
     this.#o = o;
     this.#ring = new SharedArrayBuffer(o.slotSize * o.slots);
     this.#bytes = new Uint8Array(this.#ring);
-    this.#meta = new Float64Array(new SharedArrayBuffer(o.slots * META * 8));
+    // One more double at the end: bytes the thread read from the socket so far.
+    this.#meta = new Float64Array(new SharedArrayBuffer((o.slots * META + 1) * 8));
     this.#ctl = new Int32Array(new SharedArrayBuffer(16));
     this.#hashes = new Uint32Array(new SharedArrayBuffer(o.slots * (o.slotSize / PAGE) * 8));
     this.#bell = new EventFd();
@@ -117,6 +118,11 @@ export class RecordReceiverThread {
       this.#bell.close();
       throw e;
     }
+  }
+
+  /** Bytes the thread has read from the socket (the prefix not counted); final after close(). */
+  get bytesRead(): number {
+    return this.#meta[this.#o.slots * META] as number;
   }
 
   /** Records handed over and not yet taken. */
