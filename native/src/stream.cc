@@ -20,7 +20,9 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <atomic>
 #include <condition_variable>
@@ -65,6 +67,7 @@ uint32_t CrcBytes(uint32_t r, const uint8_t* p, size_t n) {
   return r;
 }
 
+#if defined(__x86_64__)
 // CRC-32 (ISO-HDLC, reflected) by carry-less multiplication, folding 64 bytes per step (Intel's
 // "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ"). Each 128-bit lane is moved
 // forward by 512 bits (x^(512+64) and x^512 mod P, for its two halves) and combined with the
@@ -103,6 +106,11 @@ bool HasPclmul() {
   static const bool has = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
   return has;
 }
+#else
+// Elsewhere the byte table only (the addon ships for x86-64).
+bool HasPclmul() { return false; }
+uint32_t CrcFold(uint32_t r, const uint8_t* p, size_t n) { return CrcBytes(r, p, n); }
+#endif
 
 std::once_flag crc_once;
 
