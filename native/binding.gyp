@@ -17,6 +17,7 @@
         "src/hash.cc",
         "src/postcopy.cc",
         "src/blkio.cc",
+        "src/stream.cc",
         "src/module.cc"
       ]
     },

@@ -77,5 +77,6 @@ void RegisterBulk(napi_env env, napi_value exports);
 void RegisterHash(napi_env env, napi_value exports);
 void RegisterPostcopy(napi_env env, napi_value exports);
 void RegisterBlkio(napi_env env, napi_value exports);
+void RegisterStream(napi_env env, napi_value exports);
 
 }  // namespace vmshift

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "args.h"
+#include "hash.h"
 
 namespace vmshift {
 namespace {
@@ -65,6 +66,8 @@ napi_value HashPages(napi_env env, napi_callback_info info) {
 }
 
 }  // namespace
+
+uint64_t Xxh64Stripes(const char* p, size_t len) { return Xxh64(p, len); }
 
 void RegisterHash(napi_env env, napi_value exports) { SetFunction(env, exports, "hashPages", HashPages); }
 

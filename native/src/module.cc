@@ -11,5 +11,6 @@ NAPI_MODULE_INIT(/* env, exports */) {
   vmshift::RegisterHash(env, exports);
   vmshift::RegisterPostcopy(env, exports);
   vmshift::RegisterBlkio(env, exports);
+  vmshift::RegisterStream(env, exports);
   return exports;
 }

@@ -23,6 +23,23 @@ export interface Record {
   /** Stream offset of the record's first byte. */
   offset: number;
   payload: PayloadReader;
+  /**
+   * PAGES, from a reader that hashes on its own thread (NativeRecordReader): the XXH64 of each
+   * full page in data order, two u32 words each (digest.ts's layout). Absent: hash the data.
+   */
+  pageHashes?: Uint32Array | null;
+}
+
+/** What reads records of one connection: RecordReader (JS) or NativeRecordReader (a thread). */
+export interface StreamReader {
+  /** Bytes consumed by the caller so far (= offset of the next unread byte). */
+  readonly offset: number;
+  /** The next whole, checksummed record; its payload is valid until the next call. */
+  next(): Promise<Record>;
+  /** Stops reading; a pending next() never settles. */
+  detach(): void;
+  /** How much unread data to take from the connection ahead of the caller. */
+  setReadAhead(bytes: number): void;
 }
 
 /** Pauses the socket while more than this is buffered and unread (see setReadAhead). */
@@ -62,7 +79,7 @@ export interface ReaderOptions {
   reuseBuffer?: boolean;
 }
 
-export class RecordReader {
+export class RecordReader implements StreamReader {
   readonly #stream: Duplex;
   readonly #reuse: boolean;
   #scratch: Buffer | null = null;
@@ -116,6 +133,18 @@ export class RecordReader {
     const w = this.#wake;
     this.#wake = null;
     w?.();
+  }
+
+  /**
+   * Stops reading and returns the bytes received and not consumed yet (another reader goes on
+   * from `offset` with them). Call between records, with no next() pending.
+   */
+  handOff(): Buffer {
+    this.detach();
+    const rest = Buffer.concat(this.#chunks, this.#buffered);
+    this.#chunks = [];
+    this.#buffered = 0;
+    return rest;
   }
 
   /** Resolves with exactly `n` bytes, or rejects (TRUNCATED at the offset where data ended). */
@@ -368,7 +397,7 @@ export class RecordWriter {
 /** The three things a connection of a migration is, replaced together. */
 export interface ChannelParts {
   stream: Duplex;
-  reader: RecordReader;
+  reader: StreamReader;
   writer: RecordWriter;
 }
 
@@ -403,8 +432,16 @@ export class MigrationChannel {
     return this.#parts.stream;
   }
 
-  get reader(): RecordReader {
+  get reader(): StreamReader {
     return this.#parts.reader;
+  }
+
+  /**
+   * Another reader of the same connection takes over from the current one (which must have
+   * handed its unread bytes over to it: RecordReader.handOff). The stream and writer stay.
+   */
+  takeOverReading(reader: StreamReader): void {
+    this.#parts = { ...this.#parts, reader };
   }
 
   get writer(): RecordWriter {

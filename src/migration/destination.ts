@@ -51,6 +51,7 @@ import {
   RecordType,
   recordName,
 } from "./format.js";
+import { NativeRecordReader } from "./native-reader.js";
 import { PAGE, PageSet } from "./page-set.js";
 import { writeRegionPages } from "./pages.js";
 import { destinationPhases } from "./phases.js";
@@ -187,9 +188,10 @@ export class MigrationDestination {
     // Every record is applied (or its payload copied) before the next one is read.
     // The main connection: stream, reader and writer, replaced together by postcopy recovery;
     // it also owns the preempt connection, whose records the fault side reads.
+    const firstReader = new RecordReader(stream, { reuseBuffer: true });
     const channel = new MigrationChannel({
       stream,
-      reader: new RecordReader(stream, { reuseBuffer: true }),
+      reader: firstReader,
       writer: new RecordWriter(stream),
     });
     this.#writer = channel.writer;
@@ -236,7 +238,7 @@ export class MigrationDestination {
     };
     try {
       this.#phase("setup");
-      await Promise.race([channel.reader.readStreamHeader(), aborted]);
+      await Promise.race([firstReader.readStreamHeader(), aborted]);
       const caps = await this.#setup(next);
       if (caps & Capability.RECOVERY) {
         const r = await next();
@@ -269,7 +271,13 @@ export class MigrationDestination {
       }
       // Precopy keeps a hash of each page as it is written, so the digest of the memory the
       // guest resumes with is ready at SWITCHOVER. Postcopy hashes its memory after END.
-      if ((this.#o.verify ?? true) && !(caps & Capability.POSTCOPY)) this.#mem.startHashing();
+      const hashing = (this.#o.verify ?? true) && !(caps & Capability.POSTCOPY);
+      if (hashing) this.#mem.startHashing();
+      // A precopy stream over a plain socket is read, checked and hashed on a native thread
+      // from here on (native-reader.ts). Postcopy keeps the JS reader: its read-ahead is cut
+      // at POSTCOPY_RUN and recovery replaces connections.
+      if (!(caps & Capability.POSTCOPY) && channel.reader === firstReader && NativeRecordReader.canRead(stream))
+        channel.takeOverReading(NativeRecordReader.takeOver(stream, firstReader, { hashPages: hashing }));
       let r = await next();
       this.#phase("precopy");
       // Discard maps first: the plug state must be known before any page.
@@ -352,6 +360,7 @@ export class MigrationDestination {
               preempt.reader.detach();
               channel.detachPreempt()?.end();
             }
+            channel.reader.detach();
             return await this.#finish(digests, channel.writer, channel.stream);
           default:
             throw r.payload.error(`unexpected ${recordName(r.type)} record`);
@@ -363,7 +372,7 @@ export class MigrationDestination {
       let err = applying ? recordFailure(e, applying) : asMigrationError(e);
       // The connection as it is now (recovery may have replaced the one run() was given).
       stream = channel.stream;
-      if (err.code === "TRUNCATED" && !(stream.readable && !stream.destroyed))
+      if (err.code === "TRUNCATED" && (err.details.connectionLost || !(stream.readable && !stream.destroyed)))
         err = new MigrationError("TRUNCATED", err.message.replace(/ \(at stream offset \d+\)$/, ""), err.offset, {
           ...err.details,
           connectionLost: true,
@@ -572,11 +581,12 @@ export class MigrationDestination {
     const rec = decodePages(r.payload, PAGE);
     const st = this.#mem.checkPages(rec.region, rec.pages, r.offset);
     if (this.#postcopy) this.#faults.placePages(st, rec);
-    else this.#writePages(st, rec);
+    else this.#writePages(st, rec, r.pageHashes);
     return rec.pages.length;
   }
 
-  #writePages(st: ReceivedRegion, rec: PagesRecord): void {
+  /** `hashes`: the full pages' hashes when the reader computed them (Record.pageHashes). */
+  #writePages(st: ReceivedRegion, rec: PagesRecord, hashes?: Uint32Array | null): void {
     // Full pages' data lies in record order: gather their indices and copy them in bulk.
     const full = new Uint32Array(rec.pages.length);
     let n = 0;
@@ -592,7 +602,8 @@ export class MigrationDestination {
       this.#mem.received(st, p);
     }
     writeRegionPages(st.region, full, n, rec.data);
-    st.hashes?.setFromData(full, n, rec.data);
+    if (hashes && hashes.length === 2 * n) st.hashes?.setFromHashes(full, n, hashes);
+    else st.hashes?.setFromData(full, n, rec.data);
     this.#pages += n;
   }
 

@@ -56,6 +56,15 @@ export class PageHashes {
     }
   }
 
+  /** Takes the hashes of pages `pages[0..count)`, computed elsewhere (two u32 words per page, in order). */
+  setFromHashes(pages: ArrayLike<number>, count: number, h: Uint32Array): void {
+    for (let k = 0; k < count; k++) {
+      const p = pages[k] as number;
+      this.table[2 * p] = h[2 * k] as number;
+      this.table[2 * p + 1] = h[2 * k + 1] as number;
+    }
+  }
+
   digest(discard?: DiscardMap): Uint8Array {
     return digestOfTable(this.table, this.pages, discard);
   }

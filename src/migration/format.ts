@@ -8,8 +8,17 @@
  * anywhere in a record is caught before the record is applied. Layouts live only here; the
  * source, destination and snapshot code call these functions and never touch raw offsets.
  */
-import { crc32 } from "node:zlib";
+import { crc32 as zlibCrc32 } from "node:zlib";
+import { crc32 as nativeCrc32 } from "../sys/record-receiver.js";
 import { MigrationError } from "./errors.js";
+
+/** Below this, node:zlib's CRC is as fast as the native call (and loads no native code). */
+const NATIVE_CRC_MIN = 2048;
+
+/** The stream's CRC-32 (ISO-HDLC, zlib's), continuing `seed`. */
+export function crc32(data: Uint8Array, seed = 0): number {
+  return data.length >= NATIVE_CRC_MIN ? nativeCrc32(data, seed) : zlibCrc32(data, seed);
+}
 
 export const STREAM_MAGIC = Buffer.from("VMSHIFT\0", "latin1");
 /** 2: precopy SWITCHOVER/RESUMED before the digests; digests over per-page XXH64 hashes. */

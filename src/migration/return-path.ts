@@ -7,7 +7,7 @@ import type { DiscardMap } from "../memory/discard-map.js";
 import type { GuestMemoryRegion } from "../memory/region.js";
 import { isZero } from "../sys/bulk.js";
 import { RequestServer } from "../sys/postcopy-thread.js";
-import { type Record, RecordReader, type RecordWriter } from "./channel.js";
+import { type Record, RecordReader, type RecordWriter, type StreamReader } from "./channel.js";
 import { asMigrationError, MigrationError } from "./errors.js";
 import type { RequestStats } from "./events.js";
 import { FaultServer } from "./fault-server.js";
@@ -62,7 +62,7 @@ export class ReturnPath {
   #closed = false;
 
   constructor(
-    readonly reader: RecordReader,
+    readonly reader: StreamReader,
     readonly regions: readonly ReturnPathRegion[],
     readonly stats: RequestStats,
     readonly onRefused: (e: MigrationError) => void,

@@ -120,6 +120,21 @@ export interface Native {
   ): number;
   guestIoHarvest(pool: object, out: Float64Array): number;
   guestIoPoolClose(pool: object): void;
+  recvThreadCreate(
+    sock: number,
+    notify: number,
+    ring: SharedArrayBuffer,
+    meta: Float64Array,
+    ctl: Int32Array,
+    hashes: Uint32Array,
+    prefix: Uint8Array,
+    config: Float64Array,
+  ): number;
+  recvThreadRelease(id: number): void;
+  recvThreadTakeBig(id: number, slot: number, dst: Uint8Array): number;
+  recvThreadStatus(id: number): [what: string, at: number, had: number, needed: number, errno: number];
+  recvThreadStop(id: number): void;
+  crc32(data: View, seed: number): number;
 }
 
 /** Every function the addon must export (checked once at load). */
@@ -183,6 +198,12 @@ const FUNCTIONS = [
   "guestIoSubmit",
   "guestIoHarvest",
   "guestIoPoolClose",
+  "recvThreadCreate",
+  "recvThreadRelease",
+  "recvThreadTakeBig",
+  "recvThreadStatus",
+  "recvThreadStop",
+  "crc32",
 ] as const satisfies readonly (keyof Native)[];
 
 // Compile-time check that FUNCTIONS lists every member of Native.

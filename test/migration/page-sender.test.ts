@@ -88,6 +88,37 @@ test("page-sender: zero pages go as flags, full pages byte for byte, record buff
   }
 });
 
+test("page-sender: a long round reuses a bounded set of record buffers while every write completes at once", async () => {
+  // 64 MiB of full pages: 64 records, a writer whose high-water mark is above the whole round
+  // (it never waits). Writes the kernel takes at once complete synchronously and node:net runs
+  // their callbacks on the next tick: buffers must still come back (they did not: one fresh
+  // buffer per record).
+  const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 64 * MiB, { name: "page-sender-pool" })]);
+  const region = mem.regions[0] as GuestMemoryRegion;
+  for (let p = 0; p < region.size / PAGE; p++) mem.write(p * PAGE, new Uint8Array([p & 0xff, (p >> 8) | 1]));
+  const regions: SendRegion[] = [{ region, pages: region.size / PAGE, discard: undefined }];
+  const tracker = new DirtyTracker(mem, [new RegionBitmapSource(mem)]);
+  const [a, b] = await socketPair();
+  try {
+    await tracker.start();
+    const sender = new PageSender(regions);
+    const writer = new RecordWriter(a, { highWater: 256 * MiB });
+    const all = regions[0]?.pages as number;
+    const got = receive(b, (r) => r.pages.size === all);
+    const sent = await sender.sendDirty(tracker.bitmap, writer, noFailure);
+    assert.equal(sent.pages, all);
+    const r = await got;
+    assert.equal(r.pages.size, all);
+    await writer.drain();
+    assert.ok(sender.pool.allocated <= 8, `${sender.pool.allocated} buffers for 64 records`);
+  } finally {
+    a.destroy();
+    b.destroy();
+    await tracker.stop();
+    mem.close();
+  }
+});
+
 test("page-sender: dirty rounds send only what was written since the last sync", async () => {
   const mem = memory();
   const region = mem.regions[0] as GuestMemoryRegion;
