@@ -66,8 +66,9 @@ let notifyPending: DeviceVirtqueue | null = null;
 /** Completions published since the last notify(). */
 let unnotified = 0;
 /**
- * Most completions one notification waits for while the worker keeps serving inline requests
- * (VMSHIFT_NOTIFY_BATCH): the driver hears of a long batch's first results before the batch ends.
+ * Without EVENT_IDX: most completions one notification waits for while the worker keeps serving
+ * inline requests (VMSHIFT_NOTIFY_BATCH): the driver hears of a long batch's first results
+ * before the batch ends. With EVENT_IDX every completion is checked (see processQueue).
  */
 const NOTIFY_BATCH = Math.max(1, Number(process.env.VMSHIFT_NOTIFY_BATCH ?? 16));
 const one = new BigUint64Array([1n]);
@@ -325,10 +326,13 @@ function processQueue(): void {
         }
         if (!chain) break;
         run(q, h, chain, begin(q, chain.head));
-        // One notification per batch: every completion goes into the used ring as it is ready,
-        // and the driver is woken once the ring is drained (or NOTIFY_BATCH completions in, so a
-        // long batch does not keep its first results from the driver).
-        if (unnotified >= NOTIFY_BATCH) notify(q);
+        // Under EVENT_IDX the driver is asked after every completion (one load of its event
+        // index): it only says yes when the batch crosses the index it set when it re-armed, so
+        // a sleeping driver is woken by the first completion of a batch and collects while the
+        // rest runs, and an awake one costs no call at all. Without it a driver that leaves
+        // interrupts on would get a call per request: one per NOTIFY_BATCH completions instead,
+        // and one when the ring is drained.
+        if (unnotified >= (q.eventIdx ? 1 : NOTIFY_BATCH)) notify(q);
       }
       // The ring is empty: tell the driver about the batch before polling or sleeping.
       notify(q);
