@@ -29,6 +29,7 @@ import type { DeviceVirtqueue } from "../../virtio/virtqueue.js";
 import type { QueueHandler, QueueHandlerFactory } from "./device.js";
 import { InflightQueue } from "./inflight.js";
 import { PackedInflightQueue, type PackedInflightRequest } from "./inflight-packed.js";
+import { PollWindow } from "./poll-window.js";
 import { WarningLimiter } from "./warning-limiter.js";
 import type { FromWorker, RingConfig, ToWorker, WorkerInit } from "./worker-protocol.js";
 
@@ -231,24 +232,22 @@ function drained(ms = 10_000): Promise<boolean> {
 /**
  * Adaptive polling, as QEMU's event loop does (poll-max-ns): before going back to sleep on the
  * kick eventfd, watch the avail index for a short while. A driver with requests in flight
- * usually adds the next one within microseconds, and catching it here saves a sleep/wake
- * round trip through the kernel and the event loop (~25 µs on these machines). The window
- * adapts: it grows while polling pays off and shrinks when it does not, so an idle queue
- * costs nothing. VMSHIFT_POLL_US sets the maximum (0 disables polling).
+ * usually adds the next ones soon after it collected the last, and catching them here saves a
+ * sleep/wake round trip through the kernel and the event loop (~25 µs on these machines), on
+ * both sides: a worker that is still polling is not kicked. The window adapts to how long the
+ * worker then sleeps (see PollWindow). VMSHIFT_POLL_US sets the maximum (0 disables polling).
  */
-const POLL_MAX_US = Number(process.env.VMSHIFT_POLL_US ?? 32);
-let pollUs = POLL_MAX_US > 0 ? Math.min(8, POLL_MAX_US) : 0;
+const pollWindow = new PollWindow(Number(process.env.VMSHIFT_POLL_US ?? 32));
+/** When the worker re-armed the ring and went to sleep (performance.now()); -1 while awake. */
+let sleptAt = -1;
 
 function pollForMore(q: DeviceVirtqueue): boolean {
-  if (pollUs <= 0) return false;
-  const until = performance.now() + pollUs / 1000;
+  const us = pollWindow.us;
+  if (us <= 0) return false;
+  const until = performance.now() + us / 1000;
   do {
-    if (q.availableCount() > 0) {
-      pollUs = Math.min(POLL_MAX_US, pollUs * 2);
-      return true;
-    }
+    if (q.availableCount() > 0) return true;
   } while (performance.now() < until);
-  pollUs = Math.max(POLL_MAX_US > 0 ? 1 : 0, pollUs >> 1);
   return false;
 }
 
@@ -338,7 +337,10 @@ function processQueue(): void {
       notify(q);
       // Poll with notifications still off (the driver does not kick meanwhile), then re-arm.
       if (pollForMore(q)) continue;
-      if (!q.enableNotification()) break;
+      if (!q.enableNotification()) {
+        sleptAt = performance.now();
+        break;
+      }
     }
   } catch (e) {
     broken = true;
@@ -366,6 +368,10 @@ function watchKick(fd: number): void {
   if (fd < 0) return;
   kick = new Watch(fd, READABLE, () => {
     readRaw(fd, drainBuf); // EAGAIN is fine: another wakeup already drained it
+    if (sleptAt >= 0) {
+      pollWindow.afterSleep((performance.now() - sleptAt) * 1000);
+      sleptAt = -1;
+    }
     processQueue();
   });
 }
