@@ -102,6 +102,29 @@ for (const ring of ["split", "packed"] as const) {
     });
   });
 
+  test(`${ring}: EVENT_IDX, a batch of 32 to a driver that re-armed once is one call, not one per completion`, async () => {
+    await withQueue(echoDevice(), ring, true, async (f) => {
+      const calls = new Calls(f);
+      try {
+        assert.equal(f.driver.enableInterrupts(), false);
+        const heads = new Set<number>();
+        for (let s = 0; s < 32; s++) heads.add(add(f, s, 0));
+        f.driver.publish();
+        f.kick.signal();
+        await calls.after(0n, 10_000, "the batch of 32");
+        // GET_VRING_BASE: the worker has finished with the ring (and sent what it would send).
+        await f.conn.request("GET_VRING_BASE", { index: 0, num: 0 });
+        f.call.drain();
+        const used = new Set<number>();
+        for (let u = f.driver.getUsed(); u; u = f.driver.getUsed()) used.add(u.head);
+        assert.deepEqual(used, heads);
+        assert.equal(calls.count, 1n, "asked after every completion, the driver said yes once");
+      } finally {
+        calls.close();
+      }
+    });
+  });
+
   test(`${ring}: EVENT_IDX, a sleeping driver hears of a batch's first completion while the rest is still being served`, async () => {
     const hold = holdDevice();
     await withQueue(hold.device, ring, true, async (f) => {
