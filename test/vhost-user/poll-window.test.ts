@@ -1,6 +1,6 @@
 /**
- * The queue worker's poll window (QEMU's adjust_polling_time rule): it follows how long the worker
- * sleeps between a re-arm and the next kick.
+ * The queue worker's poll window (QEMU's adjust_polling_time rule): it follows the time from the
+ * end of a batch (the start of the poll) to the next kick.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -34,6 +34,21 @@ test("a kick within the window changes nothing; one past the maximum (an idle dr
   assert.deepEqual(seen, [16, 8, 4, 2, 1, 1, 1], "an idle queue polls for next to nothing");
   w.afterSleep(3);
   assert.equal(w.us, 2, "and grows again when the driver comes back");
+});
+
+test("a full-length poll that failed halves the window: it stays long only while polling catches the driver", () => {
+  const w = new PollWindow(64);
+  for (let i = 0; i < 3; i++) w.afterSleep(50);
+  assert.equal(w.us, 64);
+  // The driver cannot run (busy CPUs): the worker polled its 64 µs for nothing, then slept.
+  const seen: number[] = [];
+  for (let i = 0; i < 4; i++) {
+    w.afterSleep(w.us + 10);
+    seen.push(w.us);
+  }
+  assert.deepEqual(seen, [32, 64, 32, 64], "never stuck at the maximum while polls fail");
+  for (let i = 0; i < 3; i++) w.afterSleep(200);
+  assert.equal(w.us, 8);
 });
 
 test("VMSHIFT_POLL_US=0 (or nonsense) disables polling for good", () => {

@@ -1,11 +1,13 @@
 /**
  * How long a queue worker polls the avail ring before it sleeps on the kick eventfd, adapted the
  * way QEMU's event loop adapts poll-max-ns (util/aio-posix.c, adjust_polling_time): after each
- * sleep, the time the worker spent blocked says whether a longer window would have caught the
- * kick. Blocked within the window: nothing to change. Blocked longer than the window but within
- * the maximum: a window twice as long would have come closer, so it doubles. Blocked past the
- * maximum (the driver went idle): the window halves. An idle queue so polls for next to nothing,
- * and a busy one as long as its driver takes to come back, up to the maximum.
+ * sleep, the time from the end of the batch (when polling began) to the kick says whether a
+ * longer window would have caught it. Within the window: nothing to change (the kick raced the
+ * re-arm). Past the window but within the maximum: a window twice as long comes closer, so it
+ * doubles. Past the maximum: the window halves. The poll time counts (as in QEMU), so a window
+ * at the maximum whose poll failed always halves: the window stays long only while polling
+ * catches the driver. When the driver goes idle, or cannot run because the host's CPUs are busy
+ * (then polling only takes a CPU from it), the window shrinks to next to nothing.
  */
 export class PollWindow {
   /** Longest window, µs (0: no polling). */
@@ -22,10 +24,10 @@ export class PollWindow {
     return this.#us;
   }
 
-  /** The worker was woken `blockedUs` after it went to sleep. */
-  afterSleep(blockedUs: number): void {
-    if (this.maxUs === 0 || !(blockedUs > this.#us)) return;
-    if (blockedUs > this.maxUs) this.#us = Math.max(1, this.#us / 2);
+  /** A kick woke the worker `gapUs` after it began polling (the poll and the sleep after it). */
+  afterSleep(gapUs: number): void {
+    if (this.maxUs === 0 || !(gapUs > this.#us)) return;
+    if (gapUs > this.maxUs) this.#us = Math.max(1, this.#us / 2);
     else this.#us = Math.min(this.maxUs, this.#us * 2);
   }
 }

@@ -241,13 +241,16 @@ function drained(ms = 10_000): Promise<boolean> {
  * worker slept and was kicked for every batch (docs/benchmarks.md, vhost).
  */
 const pollWindow = new PollWindow(Number(process.env.VMSHIFT_POLL_US ?? 64));
-/** When the worker re-armed the ring and went to sleep (performance.now()); -1 while awake. */
+/** When the worker began the poll before its last sleep (performance.now()); -1 while awake. */
 let sleptAt = -1;
+/** When the last pollForMore() began. */
+let polledAt = 0;
 
 function pollForMore(q: DeviceVirtqueue): boolean {
+  polledAt = performance.now();
   const us = pollWindow.us;
   if (us <= 0) return false;
-  const until = performance.now() + us / 1000;
+  const until = polledAt + us / 1000;
   do {
     if (q.availableCount() > 0) return true;
   } while (performance.now() < until);
@@ -341,7 +344,7 @@ function processQueue(): void {
       // Poll with notifications still off (the driver does not kick meanwhile), then re-arm.
       if (pollForMore(q)) continue;
       if (!q.enableNotification()) {
-        sleptAt = performance.now();
+        sleptAt = polledAt;
         break;
       }
     }
