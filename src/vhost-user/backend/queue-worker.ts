@@ -235,12 +235,12 @@ function drained(ms = 10_000): Promise<boolean> {
  * usually adds the next ones soon after it collected the last, and catching them here saves a
  * sleep/wake round trip through the kernel and the event loop (~25 µs on these machines), on
  * both sides: a worker that is still polling is not kicked. The window adapts to how long the
- * worker then sleeps (see PollWindow). VMSHIFT_POLL_US sets the maximum (0 disables polling):
- * 64 µs by default, twice QEMU's, because a driver that sleeps and collects a batch of 32 before
- * it adds the next comes back more than 32 µs after the worker drained the last one here: at 32 µs the
- * worker slept and was kicked for every batch (docs/benchmarks.md, vhost).
+ * worker then sleeps (see PollWindow). VMSHIFT_POLL_US sets the maximum, 32 µs by default as in
+ * QEMU (0 disables polling). Longer windows catch a driver that collects a whole batch before it
+ * adds the next (64-128 µs: QD32 about 1.0x qemu-storage-daemon on a host with CPU to spare) but
+ * cost CPU that a busy host's other work, the driver included, needs: docs/benchmarks.md, vhost.
  */
-const pollWindow = new PollWindow(Number(process.env.VMSHIFT_POLL_US ?? 64));
+const pollWindow = new PollWindow(Number(process.env.VMSHIFT_POLL_US ?? 32));
 /** When the worker began the poll before its last sleep (performance.now()); -1 while awake. */
 let sleptAt = -1;
 /** When the last pollForMore() began. */
