@@ -9,7 +9,8 @@
  * block layer (null-co does no I/O); our null device completes any chain with length 0.
  * Figures: requests/s at queue depth 1 and 32, QD1 latency (median, p99), GET_FEATURES round
  * trip (median, p99), and the back-end's CPU time per request at QD32 (all its threads, from
- * /proc: a figure the host's load hardly moves, unlike the others). Medians over RUNS runs, the back-ends alternating so drift hits both.
+ * /proc: it moves less with the host's load than the others). Medians over RUNS runs, the
+ * back-ends alternating so drift hits both.
  * Skips (with a line on stderr) when qemu-storage-daemon is missing.
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
@@ -178,8 +179,8 @@ async function load(s: Session, depth: number, pollMs = 0): Promise<Load> {
 
 /**
  * CPU time a process has used so far, all its threads, in ns (/proc/PID/task/TID/schedstat; a
- * thread that exits meanwhile is left out). Unlike requests/s it hardly moves with the host's
- * load: what a back-end spends per request, wake-ups and helper threads included.
+ * thread that exits meanwhile is left out): what a back-end spends per request, wake-ups,
+ * polling and helper threads included. It moves less with the host's load than requests/s.
  */
 function cpuNs(pid: number): number {
   let total = 0;
