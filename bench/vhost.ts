@@ -8,11 +8,13 @@
  * Each request is a virtio-blk IN of 512 bytes (header, data, status): qsd runs it through its
  * block layer (null-co does no I/O); our null device completes any chain with length 0.
  * Figures: requests/s at queue depth 1 and 32, QD1 latency (median, p99), GET_FEATURES round
- * trip (median, p99). Medians over RUNS runs, the back-ends alternating so drift hits both.
+ * trip (median, p99), and the back-end's CPU time per request at QD32 (all its threads, from
+ * /proc: it moves less with the host's load than the others). Medians over RUNS runs, the
+ * back-ends alternating so drift hits both.
  * Skips (with a line on stderr) when qemu-storage-daemon is missing.
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -55,13 +57,15 @@ if (process.argv[2] === "--serve-null" && process.argv[1] === fileURLToPath(impo
 // ---------------------------------------------------------------- the driver side
 
 interface Session {
+  /** The back-end's process (its CPU time is read from /proc). */
+  pid: number;
   fe: VhostUserFrontend;
   memory: GuestMemory;
   queue: SplitQueueDriver;
   close(): void;
 }
 
-async function openSession(socket: string): Promise<Session> {
+async function openSession(socket: string, pid: number): Promise<Session> {
   const memory = new GuestMemory([GuestMemoryRegion.memfd(0, 4 * MiB)]);
   const fe = VhostUserFrontend.connect(socket, { timeoutMs: 5000 });
   const close = () => {
@@ -77,7 +81,7 @@ async function openSession(socket: string): Promise<Session> {
       memory.writeU32(HEADERS + 16 * slot + 4, 0);
       memory.writeU64(HEADERS + 16 * slot + 8, BigInt(slot)); // sector
     }
-    return { fe, memory, queue, close };
+    return { pid, fe, memory, queue, close };
   } catch (e) {
     close();
     throw e;
@@ -85,6 +89,8 @@ async function openSession(socket: string): Promise<Session> {
 }
 
 interface Load {
+  /** Requests completed. */
+  done: number;
   rps: number;
   latencies: number[];
   /** How often the driver slept on the call eventfd, and kicked, per 1000 requests. */
@@ -168,7 +174,30 @@ async function load(s: Session, depth: number, pollMs = 0): Promise<Load> {
   }
   const elapsed = performance.now() - t0;
   const perK = (n: number) => (1000 * n) / Math.max(1, done);
-  return { rps: done / (elapsed / 1000), latencies, sleepsPerK: perK(sleeps), kicksPerK: perK(kicks) };
+  return { done, rps: done / (elapsed / 1000), latencies, sleepsPerK: perK(sleeps), kicksPerK: perK(kicks) };
+}
+
+/**
+ * CPU time a process has used so far, all its threads, in ns (/proc/PID/task/TID/schedstat; a
+ * thread that exits meanwhile is left out): what a back-end spends per request, wake-ups,
+ * polling and helper threads included. It moves less with the host's load than requests/s.
+ */
+function cpuNs(pid: number): number {
+  let total = 0;
+  let tids: string[] = [];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return Number.NaN;
+  }
+  for (const tid of tids) {
+    try {
+      total += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ")[0]);
+    } catch {
+      // the thread is gone
+    }
+  }
+  return total;
 }
 
 async function controlRoundTrips(s: Session): Promise<number[]> {
@@ -243,17 +272,21 @@ interface Samples {
   p99: number[];
   ctl50: number[];
   ctl99: number[];
+  cpu32: number[];
 }
 
 async function measure(s: Session, into: Samples): Promise<void> {
   const one = await load(s, 1);
+  const cpu0 = cpuNs(s.pid);
   const many = await load(s, 32);
+  const cpu = (cpuNs(s.pid) - cpu0) / many.done;
   // Let both sides settle after the load (its wake-ups and collections): measured straight
   // after it, either back-end's round trip doubles.
   await new Promise((r) => setTimeout(r, 200));
   const ctl = await controlRoundTrips(s);
   into.qd1.push(one.rps);
   into.qd32.push(many.rps);
+  into.cpu32.push(cpu / 1000);
   if (process.env.VMSHIFT_BENCH_DEBUG)
     process.stderr.write(
       `qd32: ${many.rps.toFixed(0)} req/s, sleeps/k ${many.sleepsPerK.toFixed(1)}, kicks/k ${many.kicksPerK.toFixed(1)}\n`,
@@ -280,11 +313,13 @@ export async function run(): Promise<Figure[]> {
   try {
     const oursSock = join(dir, "ours.sock");
     const qsdSock = join(dir, "qsd.sock");
-    children.push(await startOurs(oursSock));
-    children.push(await startQsd(qsdBin, qsdSock));
-    const ours = await openSession(oursSock);
+    const oursChild = await startOurs(oursSock);
+    children.push(oursChild);
+    const qsdChild = await startQsd(qsdBin, qsdSock);
+    children.push(qsdChild);
+    const ours = await openSession(oursSock, oursChild.pid as number);
     sessions.push(ours);
-    const qsd = await openSession(qsdSock);
+    const qsd = await openSession(qsdSock, qsdChild.pid as number);
     sessions.push(qsd);
     const empty = (): Samples => ({
       qd1: [],
@@ -296,6 +331,7 @@ export async function run(): Promise<Figure[]> {
       p99: [],
       ctl50: [],
       ctl99: [],
+      cpu32: [],
     });
     const a = empty();
     const b = empty();
@@ -323,6 +359,7 @@ export async function run(): Promise<Figure[]> {
       f("request latency QD1, median, polling driver", "us", "lower", "pollP50"),
       f("GET_FEATURES round trip, median", "us", "lower", "ctl50"),
       f("GET_FEATURES round trip, p99", "us", "lower", "ctl99"),
+      f("back-end CPU time per request, queue depth 32", "us", "lower", "cpu32"),
     ];
   } finally {
     for (const s of sessions) s.close();

@@ -211,10 +211,15 @@ export class ChainBuilder {
 
   /** The chain collected since begin(). */
   finish(owner: ChainOwner, indirect: boolean, slots = 1): DescriptorChain {
+    // Copied into a plain array (see DescriptorChain: no off-heap buffer per request).
+    const scratch = this.#scratch;
+    const n = this.#n * FIELDS;
+    const d: number[] = [];
+    for (let i = 0; i < n; i++) d.push(scratch[i] as number);
     return new DescriptorChain(
       owner,
       this.#head,
-      this.#scratch.slice(0, this.#n * FIELDS),
+      d,
       this.#readable,
       this.#readableLen,
       this.#writableLen,

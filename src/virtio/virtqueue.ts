@@ -11,6 +11,12 @@ export interface DeviceVirtqueue extends ChainOwner {
   readonly packed: boolean;
   readonly size: number;
   readonly maxChainLength: number;
+  /**
+   * VIRTIO_RING_F_EVENT_IDX was negotiated: the driver names the used position it wants to hear
+   * about (split used_event, packed off_wrap), so asking needsNotification() after every
+   * completion signals at most once per re-arm of the driver.
+   */
+  readonly eventIdx: boolean;
   readonly broken: VirtqueueError | null;
   /** Next avail position (split: avail ring index mod 2^16; packed: ring slot). */
   readonly nextAvail: number;

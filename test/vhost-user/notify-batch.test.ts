@@ -1,9 +1,9 @@
 /**
- * Used-buffer notifications from a queue worker: one per batch of completions, never one too
- * few. Every completion ready in a wake-up goes into the used ring, then one call (eventfd
- * write) covers them, as the driver's suppression (VIRTQ_AVAIL_F_NO_INTERRUPT, used_event, the
- * packed driver event area) allows; a driver that re-arms and sleeps must always be woken (a
- * missed notification hangs a guest's I/O for good).
+ * Used-buffer notifications from a queue worker: never one too few, and no more than the
+ * driver's suppression asks for. Without EVENT_IDX one call (eventfd write) covers a batch of
+ * completions; with it the driver is asked after every completion, so a sleeping driver hears of
+ * a batch's first completion at once and an awake one gets none. A driver that re-arms and
+ * sleeps must always be woken (a missed notification hangs a guest's I/O for good).
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
@@ -14,6 +14,7 @@ import { SplitQueueDriver } from "../../src/virtio/driver.js";
 import { features, VIRTIO_RING_F_EVENT_IDX } from "../../src/virtio/features.js";
 import { PackedQueueDriver } from "../../src/virtio/packed-driver.js";
 import { asyncDevice } from "../helpers/async-device.js";
+import { HOLD, holdDevice } from "../helpers/hold-device.js";
 import { tempSocketPath } from "../helpers/temp-socket.js";
 import { connectWith, type RawFrontend, setUpRaw } from "./raw-frontend.js";
 
@@ -96,6 +97,61 @@ for (const ring of ["split", "packed"] as const) {
         f.call.drain();
         assert.equal(calls.count, 1n, "one call for the batch (the worker used to send 8)");
       } finally {
+        calls.close();
+      }
+    });
+  });
+
+  test(`${ring}: EVENT_IDX, a batch of 32 to a driver that re-armed once is one call, not one per completion`, async () => {
+    await withQueue(echoDevice(), ring, true, async (f) => {
+      const calls = new Calls(f);
+      try {
+        assert.equal(f.driver.enableInterrupts(), false);
+        const heads = new Set<number>();
+        for (let s = 0; s < 32; s++) heads.add(add(f, s, 0));
+        f.driver.publish();
+        f.kick.signal();
+        await calls.after(0n, 10_000, "the batch of 32");
+        // GET_VRING_BASE: the worker has finished with the ring (and sent what it would send).
+        await f.conn.request("GET_VRING_BASE", { index: 0, num: 0 });
+        f.call.drain();
+        const used = new Set<number>();
+        for (let u = f.driver.getUsed(); u; u = f.driver.getUsed()) used.add(u.head);
+        assert.deepEqual(used, heads);
+        assert.equal(calls.count, 1n, "asked after every completion, the driver said yes once");
+      } finally {
+        calls.close();
+      }
+    });
+  });
+
+  test(`${ring}: EVENT_IDX, a sleeping driver hears of a batch's first completion while the rest is still being served`, async () => {
+    const hold = holdDevice();
+    await withQueue(hold.device, ring, true, async (f) => {
+      const calls = new Calls(f);
+      try {
+        // The driver re-arms (used_event / off_wrap at its next used position) and sleeps.
+        assert.equal(f.driver.enableInterrupts(), false);
+        const first = add(f, 0, 0);
+        const second = add(f, 1, HOLD);
+        f.driver.publish();
+        f.kick.signal();
+        // The worker is still inside the second request when the call for the first comes (it
+        // used to wait for 16 completions or the end of the batch: here, for ever).
+        await calls.after(0n, 10_000, "the first completion of the batch");
+        // The second cannot complete before the test releases it.
+        assert.equal(f.driver.getUsed()?.head, first);
+        assert.equal(f.driver.getUsed(), null, "the second request is still being served");
+        hold.release();
+        // Re-armed again, the driver is woken for the second one too.
+        const since = calls.count;
+        if (!f.driver.enableInterrupts()) await calls.after(since, 10_000, "the second completion");
+        assert.equal(f.driver.getUsed()?.head, second);
+        await f.conn.request("GET_VRING_BASE", { index: 0, num: 0 });
+        f.call.drain();
+        assert.ok(calls.count <= 2n, `one call per re-arm (${calls.count})`);
+      } finally {
+        hold.release();
         calls.close();
       }
     });

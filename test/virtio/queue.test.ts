@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { GuestMemory } from "../../src/memory/guest-memory.js";
 import { GuestMemoryRegion } from "../../src/memory/region.js";
+import type { DescriptorChain } from "../../src/virtio/chain.js";
 import { SplitQueueDriver } from "../../src/virtio/driver.js";
 import { VirtqueueError } from "../../src/virtio/errors.js";
 import { features, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC } from "../../src/virtio/features.js";
@@ -103,6 +104,45 @@ describe("setup validation", () => {
 });
 
 describe("driver and device round trips", () => {
+  test("test_popping_a_chain_allocates_no_array_buffer", () => {
+    // A chain's descriptors used to be a Float64Array slice: 72 bytes for a three-buffer
+    // request, each with a backing store outside V8's heap (malloc, a free on another thread and
+    // a sweep per request). Thousands of chains held at once must not grow ArrayBuffer memory.
+    const { driver, queue } = makePair(mem, 64, features(VIRTIO_F_VERSION_1));
+    const held: DescriptorChain[] = [];
+    const N = 4096;
+    const before = process.memoryUsage().arrayBuffers;
+    for (let i = 0; i < N; i++) {
+      driver.add(
+        [{ addr: DATA + 16 * (i % 64), len: 16 }],
+        [
+          { addr: DATA + 0x1000 + 512 * (i % 64), len: 512 },
+          { addr: DATA + 0x9000 + (i % 64), len: 1 },
+        ],
+      );
+      driver.publish();
+      const c = queue.popChain();
+      assert.ok(c);
+      held.push(c);
+      queue.addUsed(c.head, 0);
+      assert.ok(driver.getUsed());
+    }
+    const grown = process.memoryUsage().arrayBuffers - before;
+    assert.ok(grown < (N * 72) / 8, `ArrayBuffer memory grew by ${grown} bytes for ${N} chains`);
+    // Each chain kept its own copy of the descriptors.
+    for (let i = 0; i < N; i += 511) {
+      const c = held[i] as DescriptorChain;
+      assert.deepEqual(
+        [...c].map((d) => [d.addr, d.len, d.writable]),
+        [
+          [DATA + 16 * (i % 64), 16, false],
+          [DATA + 0x1000 + 512 * (i % 64), 512, true],
+          [DATA + 0x9000 + (i % 64), 1, true],
+        ],
+      );
+    }
+  });
+
   test("test_chain_of_readable_and_writable_buffers", () => {
     const { driver, queue } = makePair(mem, 16, features(VIRTIO_F_VERSION_1));
     mem.write(DATA, new TextEncoder().encode("hello, "));

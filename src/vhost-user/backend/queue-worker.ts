@@ -29,6 +29,7 @@ import type { DeviceVirtqueue } from "../../virtio/virtqueue.js";
 import type { QueueHandler, QueueHandlerFactory } from "./device.js";
 import { InflightQueue } from "./inflight.js";
 import { PackedInflightQueue, type PackedInflightRequest } from "./inflight-packed.js";
+import { PollWindow } from "./poll-window.js";
 import { WarningLimiter } from "./warning-limiter.js";
 import type { FromWorker, RingConfig, ToWorker, WorkerInit } from "./worker-protocol.js";
 
@@ -66,8 +67,9 @@ let notifyPending: DeviceVirtqueue | null = null;
 /** Completions published since the last notify(). */
 let unnotified = 0;
 /**
- * Most completions one notification waits for while the worker keeps serving inline requests
- * (VMSHIFT_NOTIFY_BATCH): the driver hears of a long batch's first results before the batch ends.
+ * Without EVENT_IDX: most completions one notification waits for while the worker keeps serving
+ * inline requests (VMSHIFT_NOTIFY_BATCH): the driver hears of a long batch's first results
+ * before the batch ends. With EVENT_IDX every completion is checked (see processQueue).
  */
 const NOTIFY_BATCH = Math.max(1, Number(process.env.VMSHIFT_NOTIFY_BATCH ?? 16));
 const one = new BigUint64Array([1n]);
@@ -230,24 +232,28 @@ function drained(ms = 10_000): Promise<boolean> {
 /**
  * Adaptive polling, as QEMU's event loop does (poll-max-ns): before going back to sleep on the
  * kick eventfd, watch the avail index for a short while. A driver with requests in flight
- * usually adds the next one within microseconds, and catching it here saves a sleep/wake
- * round trip through the kernel and the event loop (~25 µs on these machines). The window
- * adapts: it grows while polling pays off and shrinks when it does not, so an idle queue
- * costs nothing. VMSHIFT_POLL_US sets the maximum (0 disables polling).
+ * usually adds the next ones soon after it collected the last, and catching them here saves a
+ * sleep/wake round trip through the kernel and the event loop (~25 µs on these machines), on
+ * both sides: a worker that is still polling is not kicked. The window adapts to how long the
+ * worker then sleeps (see PollWindow). VMSHIFT_POLL_US sets the maximum, 32 µs by default as in
+ * QEMU (0 disables polling). Longer windows catch a driver that collects a whole batch before it
+ * adds the next (64-128 µs: QD32 about 1.0x qemu-storage-daemon on a host with CPU to spare) but
+ * cost CPU that a busy host's other work, the driver included, needs: docs/benchmarks.md, vhost.
  */
-const POLL_MAX_US = Number(process.env.VMSHIFT_POLL_US ?? 32);
-let pollUs = POLL_MAX_US > 0 ? Math.min(8, POLL_MAX_US) : 0;
+const pollWindow = new PollWindow(Number(process.env.VMSHIFT_POLL_US ?? 32));
+/** When the worker began the poll before its last sleep (performance.now()); -1 while awake. */
+let sleptAt = -1;
+/** When the last pollForMore() began. */
+let polledAt = 0;
 
 function pollForMore(q: DeviceVirtqueue): boolean {
-  if (pollUs <= 0) return false;
-  const until = performance.now() + pollUs / 1000;
+  polledAt = performance.now();
+  const us = pollWindow.us;
+  if (us <= 0) return false;
+  const until = polledAt + us / 1000;
   do {
-    if (q.availableCount() > 0) {
-      pollUs = Math.min(POLL_MAX_US, pollUs * 2);
-      return true;
-    }
+    if (q.availableCount() > 0) return true;
   } while (performance.now() < until);
-  pollUs = Math.max(POLL_MAX_US > 0 ? 1 : 0, pollUs >> 1);
   return false;
 }
 
@@ -325,16 +331,22 @@ function processQueue(): void {
         }
         if (!chain) break;
         run(q, h, chain, begin(q, chain.head));
-        // One notification per batch: every completion goes into the used ring as it is ready,
-        // and the driver is woken once the ring is drained (or NOTIFY_BATCH completions in, so a
-        // long batch does not keep its first results from the driver).
-        if (unnotified >= NOTIFY_BATCH) notify(q);
+        // Under EVENT_IDX the driver is asked after every completion (one load of its event
+        // index): it only says yes when the batch crosses the index it set when it re-armed, so
+        // a sleeping driver is woken by the first completion of a batch and collects while the
+        // rest runs, and an awake one costs no call at all. Without it a driver that leaves
+        // interrupts on would get a call per request: one per NOTIFY_BATCH completions instead,
+        // and one when the ring is drained.
+        if (unnotified >= (q.eventIdx ? 1 : NOTIFY_BATCH)) notify(q);
       }
       // The ring is empty: tell the driver about the batch before polling or sleeping.
       notify(q);
       // Poll with notifications still off (the driver does not kick meanwhile), then re-arm.
       if (pollForMore(q)) continue;
-      if (!q.enableNotification()) break;
+      if (!q.enableNotification()) {
+        sleptAt = polledAt;
+        break;
+      }
     }
   } catch (e) {
     broken = true;
@@ -362,6 +374,10 @@ function watchKick(fd: number): void {
   if (fd < 0) return;
   kick = new Watch(fd, READABLE, () => {
     readRaw(fd, drainBuf); // EAGAIN is fine: another wakeup already drained it
+    if (sleptAt >= 0) {
+      pollWindow.afterSleep((performance.now() - sleptAt) * 1000);
+      sleptAt = -1;
+    }
     processQueue();
   });
 }
