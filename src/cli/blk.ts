@@ -30,7 +30,7 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --direct               open the image with O_DIRECT
   --io auto|sync|async|adaptive
                          async: reads and writes on the queue's own I/O threads
-                         (VMSHIFT_BLK_IO_THREADS, default 2), several requests of a queue in
+                         (VMSHIFT_BLK_IO_THREADS; 8 with --direct, else 2), several requests of a queue in
                          flight; sync: one at a time in the queue's thread; adaptive: inline,
                          except a request with others of its queue there that waits for the
                          device (--direct, writethrough) or misses the page cache (reads are

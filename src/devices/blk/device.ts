@@ -57,8 +57,8 @@ export interface BlkOptions {
   debugDelayMs?: number;
   /**
    * "async": reads and writes go to the queue's own pool of native I/O threads, so a queue has
-   * several requests in flight at once (VMSHIFT_BLK_IO_THREADS threads per queue, 2 unless
-   * set). "sync": each request is done in its queue's worker thread, one after the other.
+   * several requests in flight at once (VMSHIFT_BLK_IO_THREADS threads per queue; 8 with
+   * `direct`, else 2). "sync": each request is done in its queue's worker thread, one after the other.
    * "adaptive": inline unless others of the queue are there and it waits for the device or
    * misses the page cache (io-policy.ts). "auto" (default): adaptive (see docs/blk.md).
    */

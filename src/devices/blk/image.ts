@@ -4,7 +4,6 @@
  * handled; with O_DIRECT, callers pass aligned buffers (see DIRECT_ALIGNMENT and
  * AlignedBuffer) — the device switches a request to a bounce buffer when the guest's are not.
  */
-import { readv, writev } from "node:fs";
 import { EINTR, SysError } from "../../sys/errors.js";
 import type { Fd } from "../../sys/fd.js";
 import { fallocate, fdatasyncRaw, fstat, openFd, preadRaw, preadvRaw, pwriteRaw, pwritevRaw } from "../../sys/io.js";
@@ -93,30 +92,6 @@ export class BlockImage implements Disposable {
   /** Writes `views` in order to the image at `pos` (pwritev). */
   writevAt(views: Uint8Array[], pos: number): void {
     this.#vectored(views, pos, false);
-  }
-
-  /** readvAt on libuv's thread pool: the calling thread goes on meanwhile. */
-  readvAtAsync(views: Uint8Array[], pos: number): Promise<void> {
-    return this.#vectoredAsync(views, pos, true);
-  }
-
-  /** writevAt on libuv's thread pool. */
-  writevAtAsync(views: Uint8Array[], pos: number): Promise<void> {
-    return this.#vectoredAsync(views, pos, false);
-  }
-
-  async #vectoredAsync(views: Uint8Array[], pos: number, read: boolean): Promise<void> {
-    const fd = this.fd.fd;
-    for (const c = new VectoredTransfer(views, pos, read); !c.done; ) {
-      const batch = c.batch();
-      const n = await new Promise<number>((resolve) => {
-        const done = (err: NodeJS.ErrnoException | null, bytes: number) =>
-          resolve(err ? -Math.abs(err.errno ?? EIO) : bytes);
-        if (read) readv(fd, batch, c.at, done);
-        else writev(fd, batch, c.at, done);
-      });
-      c.step(n, batch);
-    }
   }
 
   #vectored(views: Uint8Array[], pos: number, read: boolean): void {
