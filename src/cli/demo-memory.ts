@@ -18,6 +18,7 @@ import { WriteProtectDirtySource, writeProtectTrackingUnavailable } from "../mem
 import { EVENT_VERSION, r1 } from "../migration/report.js";
 import { copyPages } from "../sys/bulk.js";
 import type { DemoWorkload } from "./demo-workload.js";
+import { counted } from "./printable.js";
 
 export interface MemoryDemoOptions {
   sizeMiB: number;
@@ -160,7 +161,7 @@ export async function runMemoryDemo(o: MemoryDemoOptions): Promise<MemoryDemoRes
     if (o.json) emit({ event: "memory-result", ...result, totalMs: r1(result.totalMs) });
     else {
       o.out(`dirty sources: ${result.sources.join(", ")}${why ? ` (write-protect tracking unavailable: ${why})` : ""}`);
-      o.out(`${rounds} rounds, ${(bytes / MiB).toFixed(1)} MiB copied, ${result.totalMs.toFixed(0)} ms`);
+      o.out(`${counted(rounds, "round")}, ${(bytes / MiB).toFixed(1)} MiB copied, ${result.totalMs.toFixed(0)} ms`);
       for (const [i, d] of digests.entries()) o.out(`region ${i}: source ${d.source} destination ${d.destination}`);
       o.out(verified ? "memory digests equal: verified" : "MEMORY DIGESTS DIFFER");
     }

@@ -27,6 +27,7 @@ import { connectEndpoint, parseEndpoint } from "../migration/transport.js";
 import { Workload } from "../migration/workload.js";
 import { VmSource } from "../vm/migrate.js";
 import { demoMemory } from "./demo-destination.js";
+import { counted } from "./printable.js";
 
 const MiB = 1024 * 1024;
 
@@ -421,7 +422,7 @@ export async function runVmDemo(o: VmDemoOptions): Promise<VmDemoResult> {
       say("");
       say(
         `${res.mode} migration of a ${kvm ? "running micro-VM" : "worker-thread workload (no KVM)"} ` +
-          `to process ${child.child.pid}: ${res.rounds} rounds, ${fmtMiB(res.bytes)} sent, ` +
+          `to process ${child.child.pid}: ${counted(res.rounds, "round")}, ${fmtMiB(res.bytes)} sent, ` +
           `${res.throughputMBps.toFixed(0)} MB/s, downtime ${res.downtimeMs.toFixed(1)} ms` +
           `${res.stopAndCopyMs !== null ? ` (stop-and-copy ${res.stopAndCopyMs.toFixed(1)} ms, until the destination runs; memory verified after it resumed)` : ""}` +
           `, total ${res.totalMs.toFixed(0)} ms`,

@@ -29,7 +29,7 @@ import { Dashboard } from "./dashboard.js";
 import { parseTcpSpec } from "./http.js";
 import { Metrics } from "./metrics.js";
 import { exactlyOne, UsageError } from "./options.js";
-import { printable } from "./printable.js";
+import { counted, printable } from "./printable.js";
 import { type CommandContext, defineCommand, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE } from "./runtime.js";
 
 export const MIGRATE_USAGE = `usage:
@@ -190,7 +190,7 @@ function reporter(
       }
       case "complete": {
         ctx.progress.done();
-        const rounds = `${e.result.rounds} round${e.result.rounds === 1 ? "" : "s"}`;
+        const rounds = counted(e.result.rounds, "round");
         const bytes = `${((i?.ram.transferredBytes ?? 0) / MiB).toFixed(1)} MiB ${role === "source" ? "sent" : "received"}`;
         const dt = i?.downtimeMs !== null && i?.downtimeMs !== undefined ? `, downtime ${i.downtimeMs} ms` : "";
         ctx.log.info(

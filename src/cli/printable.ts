@@ -38,3 +38,8 @@ export function safeJson(o: unknown): string {
     (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
   );
 }
+
+/** "1 round", "3 rounds": a count with its noun, singular for exactly one. */
+export function counted(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+}
