@@ -16,10 +16,20 @@
 // defines it for every file, so all files see the same Node-API types).
 #include <node_api.h>
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <unistd.h>
 
 namespace vmshift {
+
+// Adds 1 to an eventfd (wakes whoever polls it), retrying EINTR. A full counter (EAGAIN) or a
+// closed fd is ignored: the reader is already due to wake, or gone.
+inline void SignalEventfd(int fd) {
+  uint64_t one = 1;
+  while (write(fd, &one, sizeof one) < 0 && errno == EINTR) {
+  }
+}
 
 // Up to 8 arguments, `this` and the function's data pointer of one call.
 struct Args {

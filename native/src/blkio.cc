@@ -268,10 +268,7 @@ void Serve(Pool* p) {
     if (wake) {
       // Only the first completion of a batch signals: the harvest takes the whole list.
       lock.unlock();
-      uint64_t one = 1;
-      ssize_t w;
-      do w = write(p->efd, &one, sizeof one);
-      while (w < 0 && errno == EINTR);
+      SignalEventfd(p->efd);
       lock.lock();
     }
   }

@@ -207,15 +207,11 @@ struct ChannelThread {
   void Join() {
     if (!th.joinable()) return;
     stop = true;
-    uint64_t one = 1;
-    ssize_t w = write(wake, &one, 8);
-    (void)w;
+    SignalEventfd(wake);
     th.join();
   }
   void Notify() {
-    uint64_t one = 1;
-    ssize_t w = write(notify, &one, 8);
-    (void)w;
+    SignalEventfd(notify);
   }
   void Fail(const char* c, std::string m) {
     if (state.load() == 2) return;
@@ -746,9 +742,7 @@ napi_value FaultAddDomain(napi_env env, napi_callback_info info) {
     t->domains.push_back(std::move(d));
     t->gen++;
   }
-  uint64_t one = 1;
-  ssize_t w = write(t->wake, &one, 8);
-  (void)w;
+  SignalEventfd(t->wake);
   return nullptr;
 }
 
@@ -926,9 +920,7 @@ napi_value ServerQueue(napi_env env, napi_callback_info info) {
     std::lock_guard<std::mutex> m(t->mu);
     t->queue.push_back((uint64_t)ri << 32 | (uint64_t)p);
   }
-  uint64_t one = 1;
-  ssize_t w = write(t->wake, &one, 8);
-  (void)w;
+  SignalEventfd(t->wake);
   return nullptr;
 }
 
@@ -942,9 +934,7 @@ napi_value ServerFinish(napi_env env, napi_callback_info info) {
     std::lock_guard<std::mutex> m(t->mu);
     t->finish = true;
   }
-  uint64_t one = 1;
-  ssize_t w = write(t->wake, &one, 8);
-  (void)w;
+  SignalEventfd(t->wake);
   return nullptr;
 }
 

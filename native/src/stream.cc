@@ -158,15 +158,11 @@ struct Receiver {
       stop = true;
     }
     cv.notify_all();
-    uint64_t one = 1;
-    ssize_t w = write(wake, &one, 8);
-    (void)w;
+    SignalEventfd(wake);
     th.join();
   }
   void Notify() {
-    uint64_t one = 1;
-    ssize_t w = write(notify, &one, 8);
-    (void)w;
+    SignalEventfd(notify);
   }
   void End(int state) {
     __atomic_store_n(&ctl[kState], state, __ATOMIC_SEQ_CST);
