@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "args.h"
+#include "hash.h"
 
 namespace vmshift {
 namespace {
@@ -48,34 +49,6 @@ constexpr uint64_t kPage = 4096;
 constexpr uint8_t kPages = 0x10, kPreemptEnd = 0x43, kPageRequest = 0x81;
 constexpr size_t kMaxRecord = 64u << 20;
 constexpr uint32_t kMaxRequestPages = 512;
-
-uint32_t crc_table[256];
-std::once_flag crc_once;
-void CrcInit() {
-  for (uint32_t i = 0; i < 256; i++) {
-    uint32_t c = i;
-    for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
-    crc_table[i] = c;
-  }
-}
-}  // namespace
-}  // namespace vmshift
-
-// zlib's crc32 as the Node executable exports it for addons (its zlib computes it with SIMD,
-// ~10x the byte-wise table below, which matters at two CRCs of a 4 KiB page per fault). Weak: a
-// host without it leaves this null and the table is used.
-extern "C" unsigned long crc32(unsigned long crc, const unsigned char* buf, unsigned int len) __attribute__((weak));
-
-namespace vmshift {
-namespace {
-
-// zlib's CRC-32 (ISO-HDLC), as the stream format uses; `crc` continues a previous one.
-uint32_t Crc32(const uint8_t* p, size_t n, uint32_t crc = 0) {
-  if (crc32 != nullptr && n <= 0xffffffffu) return (uint32_t)crc32(crc, p, (unsigned int)n);
-  crc = ~crc;
-  while (n--) crc = crc_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
-  return ~crc;
-}
 
 uint32_t Le32(const uint8_t* p) { return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24; }
 void Put32(uint8_t* p, uint32_t v) {
@@ -658,7 +631,6 @@ napi_value Status(napi_env env, Args& a, ChannelThread* t, const std::atomic<uin
 // faultThreadCreate(sockFd, notifyFd, regions: Float64Array [gpa, size]*n, streamOffset) -> id.
 // Takes a dup of sockFd (the caller closes its own).
 napi_value FaultCreate(napi_env env, napi_callback_info info) {
-  std::call_once(crc_once, CrcInit);
   Args a(env, info);
   int sock, notify;
   char* rv;
@@ -846,7 +818,6 @@ napi_value FaultStop(napi_env env, napi_callback_info info) {
 
 // requestServerCreate(sockFd, notifyFd, streamOffset) -> id (a dup of sockFd is taken).
 napi_value ServerCreate(napi_env env, napi_callback_info info) {
-  std::call_once(crc_once, CrcInit);
   Args a(env, info);
   int sock, notify;
   int64_t offset;

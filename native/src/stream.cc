@@ -114,14 +114,18 @@ uint32_t CrcFold(uint32_t r, const uint8_t* p, size_t n) { return CrcBytes(r, p,
 
 std::once_flag crc_once;
 
-// The stream's CRC-32 (zlib's crc32: ISO-HDLC); `crc` continues a previous one.
-uint32_t Crc32(const uint8_t* p, size_t n, uint32_t crc = 0) {
+}  // namespace
+
+// The stream's CRC-32 (zlib's crc32: ISO-HDLC); `crc` continues a previous one (hash.h).
+uint32_t Crc32(const uint8_t* p, size_t n, uint32_t crc) {
   std::call_once(crc_once, CrcTableInit);
   uint32_t r = ~crc;
   if (n >= 64 && HasPclmul()) r = CrcFold(r, p, n);
   else r = CrcBytes(r, p, n);
   return ~r;
 }
+
+namespace {
 
 struct Receiver {
   int sock = -1, notify = -1, wake = -1;
