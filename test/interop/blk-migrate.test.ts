@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { type BlkBackend, blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
-import { loopReached } from "./console.js";
+import { linesAcrossMigration, loopReached } from "./console.js";
 import {
   GUEST_CRASH,
   MiB,
@@ -86,7 +86,7 @@ describe("vmshift blk: precopy migration under QEMU", { timeout: 150_000 }, () =
     assert.equal(await dst.guest.sum("/dev/vda", 1, 4), before, "data written before migration reads back on dst");
     const afterSha = await dst.guest.write("/dev/vda", 20, 2);
 
-    const all = [...src.console.lines, ...dst.console.lines];
+    const all = linesAcrossMigration(src.console, dst.console);
     assert.deepEqual(
       all.filter((l) => l.includes("io=MISMATCH")),
       [],

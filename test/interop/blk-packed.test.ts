@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
-import { loopReached } from "./console.js";
+import { linesAcrossMigration, loopReached } from "./console.js";
 import { GUEST_CRASH, MiB, migrate, parseRigRecords, probeInterop, sha256OfFileRange, type Vm } from "./rig.js";
 
 const probe = await probeInterop();
@@ -214,7 +214,7 @@ describe("vmshift blk with packed virtqueues under QEMU", { timeout: 240_000 }, 
       await dst.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
       assert.equal(await dst.guest.sum("/dev/vda", 1, 4), before, "data written before migration reads back on dst");
       const afterSha = await dst.guest.write("/dev/vda", 20, 2);
-      const all = [...src.console.lines, ...dst.console.lines];
+      const all = linesAcrossMigration(src.console, dst.console);
       checkGuest(dst, all);
       assert.ok((await checkLoopSlots(img, all)) > 0);
       assert.equal(await sha256OfFileRange(img, 20 * MiB, 2 * MiB), afterSha);

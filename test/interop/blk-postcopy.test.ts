@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { readFile } from "node:fs/promises";
 import { describe, test } from "node:test";
 import { blkFixture, skipBanner, startBlk } from "./blk-helpers.js";
-import { loopReached } from "./console.js";
+import { linesAcrossMigration, loopReached } from "./console.js";
 import { GUEST_CRASH, MiB, migrate, parseRigRecords, probeInterop, sha256OfFileRange } from "./rig.js";
 
 const probe = await probeInterop();
@@ -78,7 +78,7 @@ describe("vmshift blk: postcopy migration under QEMU", { timeout: 150_000 }, () 
     const lastSrcN = maxLoopN(src.console.lines);
     await dst.console.waitFor(loopReached("RIG-LOOP", lastSrcN + 2), { timeoutMs: 30_000 });
     await dst.guest.runOk("touch /tmp/pc-stop; rig_loop_stop; rig_dirty_stop");
-    const all = [...src.console.lines, ...dst.console.lines];
+    const all = linesAcrossMigration(src.console, dst.console);
     await dst.console.waitFor(/RIG-LOOP-STOPPED/, { timeoutMs: 20_000 });
     assert.equal(await dst.guest.sum("/dev/vda", 1, 4), before, "data written before migration reads back on dst");
     const afterSha = await dst.guest.write("/dev/vda", 20, 2);

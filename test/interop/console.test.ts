@@ -9,7 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PassThrough } from "node:stream";
 import { test } from "node:test";
-import { SerialConsole } from "./console.js";
+import { linesAcrossMigration, SerialConsole } from "./console.js";
 
 test("a kernel message in the middle of a program's line: both come out whole", async () => {
   const dir = mkdtempSync(join(tmpdir(), "vmshift-console-"));
@@ -29,6 +29,29 @@ test("a kernel message in the middle of a program's line: both come out whole", 
     ]);
   } finally {
     out.end();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a line the guest began on the source and ended on the destination comes out whole", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "vmshift-console-"));
+  const srcOut = new PassThrough();
+  const dstOut = new PassThrough();
+  const src = new SerialConsole(srcOut, new PassThrough(), join(dir, "src.log"), () => "closed");
+  const dst = new SerialConsole(dstOut, new PassThrough(), join(dir, "dst.log"), () => "closed");
+  try {
+    srcOut.write("RIG-FLOOP n=7 file=/mnt/loop/floop-3 sha256=a3 io=ok uptime=6.61\r\nRIG-");
+    await src.waitFor(/n=7/);
+    dstOut.write("FLOOP n=8 file=/mnt/loop/floop-0 sha256=45 io=ok uptime=6.89\r\nRIG-FLOOP n=9 x\r\n");
+    await dst.waitFor(/n=9/);
+    assert.deepEqual(linesAcrossMigration(src, dst), [
+      "RIG-FLOOP n=7 file=/mnt/loop/floop-3 sha256=a3 io=ok uptime=6.61",
+      "RIG-FLOOP n=8 file=/mnt/loop/floop-0 sha256=45 io=ok uptime=6.89",
+      "RIG-FLOOP n=9 x",
+    ]);
+  } finally {
+    src.close();
+    dst.close();
     rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -116,6 +116,11 @@ export class SerialConsole {
     return this.lines.slice(from).filter((l) => pattern.test(l));
   }
 
+  /** What the guest printed after the last line break (a line not yet ended). */
+  get unfinished(): string {
+    return this.partial;
+  }
+
   tail(n = 30): string {
     const t = this.lines.slice(-n);
     if (this.partial) t.push(this.partial);
@@ -292,4 +297,16 @@ export function loopReached(kind: "RIG-LOOP" | "RIG-FLOOP", n: number): (line: s
     const m = re.exec(line);
     return m !== null && Number(m[1]) >= n;
   };
+}
+
+/**
+ * The lines of a guest that printed on `src` and then went on on `dst` (a migration): a line the
+ * guest had begun on the source when it stopped ends on the destination, so the source's
+ * unfinished text is joined to the destination's first line instead of both being cut.
+ */
+export function linesAcrossMigration(src: SerialConsole, dst: SerialConsole): string[] {
+  const tail = src.unfinished;
+  if (!tail) return [...src.lines, ...dst.lines];
+  const [first = "", ...rest] = dst.lines;
+  return [...src.lines, tail + first, ...rest];
 }

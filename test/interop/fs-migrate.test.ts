@@ -13,7 +13,7 @@ import assert from "node:assert/strict";
 import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
 import { describe, test } from "node:test";
 import { skipBanner } from "./blk-helpers.js";
-import { loopReached } from "./console.js";
+import { linesAcrossMigration, loopReached } from "./console.js";
 import { type FsBackend, fsDeviceArgs, fsFixture, startFs } from "./fs-helpers.js";
 import {
   GUEST_CRASH,
@@ -85,7 +85,7 @@ async function scenario(
   await dst.guest.runOk("rig_floop_stop; rig_dirty_stop");
   await dst.console.waitFor(/RIG-FLOOP-STOPPED/, { timeoutMs: 20_000 });
 
-  const all = [...src.console.lines, ...dst.console.lines];
+  const all = linesAcrossMigration(src.console, dst.console);
   const held = await readFile(`${share}/held.txt`, "utf8");
   assert.equal(
     held,
