@@ -19,8 +19,15 @@
  * back-ends' per-request cost, not the disk. Needs qemu-storage-daemon (skips without it); the
  * guest view also needs QEMU and the rig's guest (skips loudly without them).
  * Only one view: BLK_BENCH_VIEW=backend|guest, or `npm run bench -- blk --view=guest`.
+ * BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones (both views).
+ * BLK_BENCH_RUNS=N: rounds per row (default 3; the row is the median). Per-round figures and the
+ * per-round ratio (ours / QSD of the same round) go to stderr, so the spread can be read off.
  * BLK_BENCH_DIRECT=1: both back-ends bypass the host page cache (`--direct`; QSD cache.direct=on).
  * BLK_BENCH_IO=sync|async|adaptive: our back-ends' --io (default: the program's own).
+ * BLK_BENCH_GUEST_MIB=N: MiB per in-guest sequential run (default 1024: ~0.5-1 s per run; with 128
+ *   a run lasted ~0.1 s and one scheduling hiccup moved it by tens of per cent).
+ * BLK_BENCH_VARIANT_ENV="K=V ...": the in-guest view boots a fourth guest on our back-end with that
+ *   environment and reports it against our plain one (an A/B of a knob within one run).
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -50,7 +57,7 @@ const DIRECT = process.env.BLK_BENCH_DIRECT === "1";
 const OUR_IO = process.env.BLK_BENCH_IO as "sync" | "async" | "adaptive" | undefined;
 /** Our extra command-line flags for the chosen cache / I/O mode. */
 const OUR_FLAGS = [...(DIRECT ? ["--direct"] : []), ...(OUR_IO ? ["--io", OUR_IO] : [])];
-/** BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones (backend view). */
+/** BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones. */
 const ONLY = process.env.BLK_BENCH_ONLY;
 /** Pages per request of the sequential rows (a guest's seg_max). */
 const SEQ_SEGS = 126;
@@ -288,6 +295,11 @@ async function measure(
   }
 }
 
+/** Ours / QSD's of the same round, for reading the spread off stderr. */
+function roundRatios(ours: readonly number[], qsd: readonly number[]): string {
+  return ours.map((x, i) => (x / (qsd[i] as number)).toFixed(2)).join("/");
+}
+
 /** Writes `bytes` of 0xa5 to `path`: allocated, in the page cache, reads hit real data. */
 function fillImage(path: string, bytes: number): void {
   const chunk = Buffer.alloc(MiB, 0xa5);
@@ -321,7 +333,7 @@ async function backendView(qsd: string): Promise<Figure[]> {
             figures.push(figure("blk", `${metric} packed`, "IOPS", "higher", median(p), "vmshift split", median(a)));
             process.stderr.write(
               `bench blk: ${metric}: vmshift ${a.map(Math.round).join("/")} qsd ${b.map(Math.round).join("/")} ` +
-                `vmshift packed ${p.map(Math.round).join("/")}\n`,
+                `vmshift packed ${p.map(Math.round).join("/")} (per-round ratio ${roundRatios(a, b)})\n`,
             );
           }
         }
@@ -341,7 +353,9 @@ async function backendView(qsd: string): Promise<Figure[]> {
           figures.push(figure("blk", metric, "MB/s", "higher", median(a), "qemu-storage-daemon", median(b)));
           figures.push(figure("blk", `${metric} packed`, "MB/s", "higher", median(p), "vmshift split", median(a)));
           const f = (xs: number[]) => xs.map((x) => x.toFixed(0)).join("/");
-          process.stderr.write(`bench blk: ${metric}: vmshift ${f(a)} qsd ${f(b)} vmshift packed ${f(p)} MB/s\n`);
+          process.stderr.write(
+            `bench blk: ${metric}: vmshift ${f(a)} qsd ${f(b)} vmshift packed ${f(p)} MB/s (per-round ratio ${roundRatios(a, b)})\n`,
+          );
         }
       } finally {
         await stop(ours);
@@ -356,11 +370,12 @@ async function backendView(qsd: string): Promise<Figure[]> {
 
 // ---------------------------------------------------------------- view 2: in a QEMU guest
 
-const GUEST_IMAGE = 256 * MiB;
 /** Seconds of 4 KiB random reads per run. */
 const GUEST_RAND_SECS = Number(process.env.BLK_BENCH_GUEST_SECS ?? 3);
 /** MiB read / written sequentially per run, in 1 MiB requests. */
-const GUEST_SEQ_MIB = Number(process.env.BLK_BENCH_GUEST_MIB ?? 128);
+const GUEST_SEQ_MIB = Number(process.env.BLK_BENCH_GUEST_MIB ?? 1024);
+/** Each guest's image: at least 256 MiB, and large enough for one sequential run. */
+const GUEST_IMAGE = Math.max(256, GUEST_SEQ_MIB) * MiB;
 const GUEST_SEQ_BS = MiB;
 /** Every QEMU / back-end process of the view dies after this, whatever happens. */
 const GUEST_LIFETIME_MS = 300_000;
@@ -388,16 +403,23 @@ const GUEST_OPS: GuestOp[] = [
     unit: "MB/s",
     cmd: `vmshift-io seqwrite /dev/vda ${GUEST_SEQ_MIB} ${GUEST_SEQ_BS}`,
     field: "mbps",
-    timeoutMs: 90_000,
+    timeoutMs: 60_000 + GUEST_SEQ_MIB * 100,
   },
   {
     metric: "in-guest seqread 1M",
     unit: "MB/s",
     cmd: `vmshift-io seqread /dev/vda ${GUEST_SEQ_MIB} ${GUEST_SEQ_BS}`,
     field: "mbps",
-    timeoutMs: 90_000,
+    timeoutMs: 60_000 + GUEST_SEQ_MIB * 100,
   },
 ];
+
+/** BLK_BENCH_ONLY for the in-guest operations. */
+function wanted(op: GuestOp): boolean {
+  if (ONLY === "seq") return op.metric.includes("seq");
+  if (ONLY === "rand") return op.metric.includes("rand");
+  return true;
+}
 
 /** Runs one vmshift-io command in `vm` and returns its figure; throws with the output on any failure. */
 async function guestFigure(vm: Vm, op: GuestOp): Promise<number> {
@@ -451,6 +473,27 @@ async function guestView(): Promise<Figure[]> {
       ...(OUR_IO ? { io: OUR_IO } : {}),
     });
     backends.push(oursPacked);
+    // BLK_BENCH_VARIANT_ENV="K=V ...": a fourth guest on our back-end with that environment,
+    // reported against our plain one in the same rounds (an A/B of a knob in one run).
+    const variantEnv = Object.fromEntries(
+      (process.env.BLK_BENCH_VARIANT_ENV ?? "")
+        .split(" ")
+        .filter(Boolean)
+        .map((kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)]),
+    );
+    const variantImage = rig.path("vmshift-variant.img");
+    if (Object.keys(variantEnv).length) fillImage(variantImage, GUEST_IMAGE);
+    const variant = Object.keys(variantEnv).length
+      ? await startBlk(rig, {
+          name: "vmshift-variant",
+          image: variantImage,
+          env: { VMSHIFT_BLK_TRACE: "0", ...variantEnv },
+          lifetimeMs: GUEST_LIFETIME_MS,
+          direct: DIRECT,
+          ...(OUR_IO ? { io: OUR_IO } : {}),
+        })
+      : null;
+    if (variant) backends.push(variant);
     const ref = await rig.startQsd({
       name: "qsd",
       image: qsdImage,
@@ -465,6 +508,15 @@ async function guestView(): Promise<Figure[]> {
         vhostUserBlk: [{ socket: oursPacked.socket, packed: true }],
         lifetimeMs: GUEST_LIFETIME_MS,
       }),
+      ...(variant
+        ? [
+            rig.startVm({
+              name: "vm-vmshift-variant",
+              vhostUserBlk: [{ socket: variant.socket }],
+              lifetimeMs: GUEST_LIFETIME_MS,
+            }),
+          ]
+        : []),
     ]);
     await Promise.all(vms.map((vm) => vm.guest.ready()));
     const tool = await vms[0]!.guest.run("command -v vmshift-io");
@@ -476,9 +528,11 @@ async function guestView(): Promise<Figure[]> {
     process.stderr.write(`bench blk: in-guest: two guests up in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
     // Warm-up (not counted): the first requests of a back-end pay for JIT / first touch.
     for (const vm of vms) {
-      await vm.guest.runOk(`vmshift-io randread /dev/vda 1 && vmshift-io seqwrite /dev/vda 16 ${GUEST_SEQ_BS}`, {
-        timeoutMs: 60_000,
-      });
+      await vm.guest.runOk(
+        `vmshift-io randread /dev/vda 1 && vmshift-io seqwrite /dev/vda 16 ${GUEST_SEQ_BS} && ` +
+          `vmshift-io seqread /dev/vda 16 ${GUEST_SEQ_BS}`,
+        { timeoutMs: 60_000 },
+      );
     }
     // The same write path on every guest: QSD's config space says write-through (wce 0), so its
     // guest never sends FLUSH, while ours say writeback and vmshift-io's final fdatasync becomes a
@@ -490,23 +544,27 @@ async function guestView(): Promise<Figure[]> {
       throw new Error(`the packed guest did not negotiate packed rings: ${packedFeatures}`);
     const results = GUEST_OPS.map(() => vms.map((): number[] => []));
     for (let r = 0; r < RUNS; r++) {
-      const order = [
-        [0, 1, 2],
-        [1, 2, 0],
-        [2, 0, 1],
-      ][r % 3] as number[];
+      // Each round starts with the next guest: every back-end has its turn at every position.
+      const order = vms.map((_, i) => (i + r) % vms.length);
       for (const [o, op] of GUEST_OPS.entries()) {
+        if (!wanted(op)) continue;
         for (const v of order) results[o]![v]!.push(await guestFigure(vms[v]!, op));
       }
     }
     const figures: Figure[] = [];
     for (const [o, op] of GUEST_OPS.entries()) {
-      const [a, b, p] = results[o] as [number[], number[], number[]];
+      if (!wanted(op)) continue;
+      const [a, b, p, v] = results[o] as [number[], number[], number[], number[] | undefined];
       figures.push(figure("blk", op.metric, op.unit, "higher", median(a), "qemu-storage-daemon", median(b)));
       figures.push(figure("blk", `${op.metric} packed`, op.unit, "higher", median(p), "vmshift split", median(a)));
+      if (v?.length) {
+        figures.push(figure("blk", `${op.metric} variant`, op.unit, "higher", median(v), "vmshift", median(a)));
+        process.stderr.write(`bench blk: ${op.metric}: variant ${v.map((x) => x.toFixed(1)).join("/")} ${op.unit}\n`);
+      }
       const fmt = (xs: number[]) => xs.map((x) => (op.unit === "IOPS" ? Math.round(x) : x.toFixed(1))).join("/");
       process.stderr.write(
-        `bench blk: ${op.metric}: vmshift ${fmt(a)} qsd ${fmt(b)} vmshift packed ${fmt(p)} ${op.unit}\n`,
+        `bench blk: ${op.metric}: vmshift ${fmt(a)} qsd ${fmt(b)} vmshift packed ${fmt(p)} ${op.unit}` +
+          ` (per-round ratio ${roundRatios(a, b)})\n`,
       );
     }
     for (const vm of vms) {
