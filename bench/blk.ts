@@ -20,7 +20,8 @@
  * guest view also needs QEMU and the rig's guest (skips loudly without them).
  * Only one view: BLK_BENCH_VIEW=backend|guest, or `npm run bench -- blk --view=guest`.
  * BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones (both views).
- * BLK_BENCH_RUNS=N: rounds per row (default 3; the row is the median). Per-round figures and the
+ * BLK_BENCH_RUNS=N: rounds per row (default 5; the row is the median).
+ * BLK_BENCH_QUEUES=1|2|1,2: only the one-queue or two-queue rows of the backend view. Per-round figures and the
  * per-round ratio (ours / QSD of the same round) go to stderr, so the spread can be read off.
  * BLK_BENCH_DIRECT=1: both back-ends bypass the host page cache (`--direct`; QSD cache.direct=on).
  * BLK_BENCH_IO=sync|async|adaptive: our back-ends' --io (default: the program's own).
@@ -50,7 +51,7 @@ import { type Figure, figure, median } from "./report.js";
 const MiB = 1 << 20;
 const IMAGE = 256 * MiB;
 const QUEUE_SIZE = 128;
-const RUNS = Number(process.env.BLK_BENCH_RUNS ?? 3);
+const RUNS = Number(process.env.BLK_BENCH_RUNS ?? 5);
 const RUN_MS = Number(process.env.BLK_BENCH_MS ?? 1000);
 const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
 const DIRECT = process.env.BLK_BENCH_DIRECT === "1";
@@ -59,6 +60,8 @@ const OUR_IO = process.env.BLK_BENCH_IO as "sync" | "async" | "adaptive" | undef
 const OUR_FLAGS = [...(DIRECT ? ["--direct"] : []), ...(OUR_IO ? ["--io", OUR_IO] : [])];
 /** BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones. */
 const ONLY = process.env.BLK_BENCH_ONLY;
+/** BLK_BENCH_QUEUES=1|2|1,2: the queue counts of the backend view (default both). */
+const QUEUES = (process.env.BLK_BENCH_QUEUES ?? "1,2").split(",").map(Number);
 /** Pages per request of the sequential rows (a guest's seg_max). */
 const SEQ_SEGS = 126;
 const T_IN = 0;
@@ -314,7 +317,7 @@ async function backendView(qsd: string): Promise<Figure[]> {
   fillImage(image, IMAGE);
   const figures: Figure[] = [];
   try {
-    for (const queues of [1, 2]) {
+    for (const queues of QUEUES) {
       const ours = await startOurs(dir, image, queues);
       const ref = await startQsd(qsd, dir, image, queues);
       try {
@@ -542,6 +545,15 @@ async function guestView(): Promise<Figure[]> {
     const packedFeatures = (await vms[2]!.guest.runOk("cat /sys/block/vda/device/features")).output.join("");
     if (!/^[01]{34}1/m.test(packedFeatures))
       throw new Error(`the packed guest did not negotiate packed rings: ${packedFeatures}`);
+    // What each guest's block layer makes of the device (the requests it sends depend on them).
+    const limits = "max_segments max_segment_size max_sectors_kb max_hw_sectors_kb nr_requests";
+    for (const vm of vms) {
+      const q = await vm.guest.runOk(`cd /sys/block/vda/queue && for f in ${limits}; do echo $f=$(cat $f); done`);
+      process.stderr.write(`bench blk: ${vm.name}: ${q.output.join(" ")}\n`);
+    }
+    const stat = async () =>
+      Promise.all(vms.map(async (vm) => (await vm.guest.runOk("cat /sys/block/vda/stat")).output.join(" ").trim()));
+    const statBefore = await stat();
     const results = GUEST_OPS.map(() => vms.map((): number[] => []));
     for (let r = 0; r < RUNS; r++) {
       // Each round starts with the next guest: every back-end has its turn at every position.
@@ -550,6 +562,18 @@ async function guestView(): Promise<Figure[]> {
         if (!wanted(op)) continue;
         for (const v of order) results[o]![v]!.push(await guestFigure(vms[v]!, op));
       }
+    }
+    // The guests' own counters over the measured rounds: requests and sectors, read and written
+    // (/sys/block/vda/stat fields 1, 3, 5, 7): the mean request size each back-end was sent.
+    const statAfter = await stat();
+    for (const [i, vm] of vms.entries()) {
+      const a = (statBefore[i] as string).split(/\s+/).map(Number);
+      const b = (statAfter[i] as string).split(/\s+/).map(Number);
+      const d = (k: number) => (b[k] as number) - (a[k] as number);
+      const kib = (ios: number, sectors: number) => (ios > 0 ? ((sectors * 512) / ios / 1024).toFixed(0) : "-");
+      process.stderr.write(
+        `bench blk: ${vm.name}: ${d(0)} reads of ${kib(d(0), d(2))} KiB, ${d(4)} writes of ${kib(d(4), d(6))} KiB on average\n`,
+      );
     }
     const figures: Figure[] = [];
     for (const [o, op] of GUEST_OPS.entries()) {
