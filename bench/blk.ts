@@ -21,7 +21,9 @@
  * Only one view: BLK_BENCH_VIEW=backend|guest, or `npm run bench -- blk --view=guest`.
  * BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones (both views).
  * BLK_BENCH_RUNS=N: rounds per row (default 5; the row is the median).
- * BLK_BENCH_QUEUES=1|2|1,2: only the one-queue or two-queue rows of the backend view. Per-round figures and the
+ * BLK_BENCH_QUEUES=1|2|1,2: only the one-queue or two-queue rows of the backend view.
+ * BLK_BENCH_CPU=1: each back-end's CPU time per request (all its threads, /proc) of every random
+ *   run of the backend view, on stderr. Per-round figures and the
  * per-round ratio (ours / QSD of the same round) go to stderr, so the spread can be read off.
  * BLK_BENCH_DIRECT=1: both back-ends bypass the host page cache (`--direct`; QSD cache.direct=on).
  * BLK_BENCH_IO=sync|async|adaptive: our back-ends' --io (default: the program's own).
@@ -31,7 +33,7 @@
  *   environment and reports it against our plain one (an A/B of a knob within one run).
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -243,7 +245,23 @@ class BlkQueue {
   }
 }
 
-/** IOPS of one timed run against `socket`. */
+/** CPU time (user + system, all threads) of process `pid` so far, µs; NaN when unknown. */
+function cpuUs(pid: number | undefined): number {
+  if (pid === undefined) return Number.NaN;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    // Fields 14 and 15 of proc(5) (utime, stime), in clock ticks of 10 ms.
+    return (Number(f[11]) + Number(f[12])) * 10_000;
+  } catch {
+    return Number.NaN;
+  }
+}
+
+/** BLK_BENCH_CPU=1: the back-end's CPU µs per request of each timed run, on stderr. */
+const SHOW_CPU = process.env.BLK_BENCH_CPU === "1";
+
+/** IOPS of one timed run against `socket` (`pid`: the back-end's, for BLK_BENCH_CPU). */
 async function measure(
   socket: string,
   queues: number,
@@ -251,6 +269,7 @@ async function measure(
   write: boolean,
   packed = false,
   segs = 1,
+  pid?: number,
 ): Promise<number> {
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 16 * MiB)]);
   const fe = VhostUserFrontend.connect(socket, {
@@ -286,12 +305,20 @@ async function measure(
     // Warm-up, then the timed run.
     await Promise.all(qs.map((q) => q.run(Date.now() + 100, write, sectors)));
     for (const q of qs) q.completed = 0;
+    const cpu0 = cpuUs(pid);
     const t0 = performance.now();
     await Promise.all(qs.map((q) => q.run(Date.now() + RUN_MS, write, sectors)));
     const secs = (performance.now() - t0) / 1000;
     const errors = qs.reduce((a, q) => a + q.errors, 0);
     if (errors) throw new Error(`${errors} requests failed`);
-    return qs.reduce((a, q) => a + q.completed, 0) / secs;
+    const done = qs.reduce((a, q) => a + q.completed, 0);
+    if (SHOW_CPU && pid !== undefined) {
+      const per = (cpuUs(pid) - cpu0) / done;
+      process.stderr.write(
+        `bench blk: cpu pid ${pid} ${queues}q qd${depth} ${write ? "w" : "r"}: ${per.toFixed(1)} µs/request\n`,
+      );
+    }
+    return done / secs;
   } finally {
     fe.close();
     mem.close();
@@ -327,8 +354,8 @@ async function backendView(qsd: string): Promise<Figure[]> {
             const b: number[] = [];
             const p: number[] = [];
             for (let r = 0; r < RUNS; r++) {
-              a.push(await measure(ours.socket, queues, depth, write));
-              b.push(await measure(ref.socket, queues, depth, write));
+              a.push(await measure(ours.socket, queues, depth, write, false, 1, ours.proc.pid));
+              b.push(await measure(ref.socket, queues, depth, write, false, 1, ref.proc.pid));
               p.push(await measure(ours.socket, queues, depth, write, true));
             }
             const metric = `4k rand${write ? "write" : "read"} qd${depth} ${queues}q`;
