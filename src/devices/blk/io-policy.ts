@@ -48,7 +48,7 @@ export class IoPolicy {
   readonly #direct: boolean;
   readonly #backlog: () => number;
 
-  /** `backlog`: other requests of this queue, in flight or waiting in the ring. */
+  /** Large cached reads may go to an idle pool (spread, opt-in). */
   readonly #spread: boolean;
 
   /**
