@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <netinet/in.h>
@@ -727,7 +728,10 @@ napi_value FaultStart(napi_env env, napi_callback_info info) {
     if (!r.present) return ThrowType(env, "a region without its bitmaps");
   if (t->domains.empty()) return ThrowType(env, "no userfaultfd");
   if (t->th.joinable()) return ThrowType(env, "already started");
-  t->th = std::thread([t] { t->Run(); });
+  t->th = std::thread([t] {
+    pthread_setname_np(pthread_self(), "vmshift-fault");  // what top -H, ps and perf show
+    t->Run();
+  });
   return nullptr;
 }
 
@@ -873,7 +877,10 @@ napi_value ServerStart(napi_env env, napi_callback_info info) {
   RequestServer* t = Get(env, servers, a[0]);
   if (!t) return nullptr;
   if (t->th.joinable()) return ThrowType(env, "already started");
-  t->th = std::thread([t] { t->Run(); });
+  t->th = std::thread([t] {
+    pthread_setname_np(pthread_self(), "vmshift-pserve");
+    t->Run();
+  });
   return nullptr;
 }
 

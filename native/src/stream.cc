@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -345,7 +346,10 @@ napi_value Create(napi_env env, napi_callback_info info) {
   r->big.resize(slots);
   __atomic_store_n(&r->ctl[kProduced], 0, __ATOMIC_SEQ_CST);
   __atomic_store_n(&r->ctl[kState], 0, __ATOMIC_SEQ_CST);
-  r->th = std::thread([r] { r->Run(); });
+  r->th = std::thread([r] {
+    pthread_setname_np(pthread_self(), "vmshift-recv");
+    r->Run();
+  });
   std::lock_guard<std::mutex> g(table_mu);
   for (size_t i = 0; i < table.size(); i++)
     if (!table[i]) return table[i] = r, Num(env, (double)i);

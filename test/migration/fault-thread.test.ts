@@ -5,6 +5,7 @@
  * userfaultfd, guest threads that fault while the background stream runs.
  */
 import assert from "node:assert/strict";
+import { readdirSync, readFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import { after, test } from "node:test";
 import { DiscardMap } from "../../src/memory/discard-map.js";
@@ -17,6 +18,17 @@ import { countFds, expectBoth, fillPattern, hooks, makeMemory, rawDigest, settle
 import { CLIENT_CN, makeTestCreds } from "./tls-creds.js";
 
 const creds = makeTestCreds();
+
+/** The names of this process's threads (/proc/self/task/N/comm). */
+function taskNames(): string[] {
+  return readdirSync("/proc/self/task").map((t) => {
+    try {
+      return readFileSync(`/proc/self/task/${t}/comm`, "utf8").trim();
+    } catch {
+      return ""; // the thread ended meanwhile
+    }
+  });
+}
 after(() => creds.close());
 
 async function postcopy(threadOn: boolean) {
@@ -41,8 +53,26 @@ async function postcopy(threadOn: boolean) {
         },
       },
     });
-    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
+    // Every turn of the event loop until the run ends, this process's thread names: the fault
+    // thread and the request server live for the whole postcopy phase.
+    const threadNames = new Set<string>();
+    let running = true;
+    const sample = () => {
+      for (const n of taskNames()) threadNames.add(n);
+      if (running) setImmediate(sample);
+    };
+    sample();
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]).finally(() => {
+      running = false;
+    });
     await (guest as unknown as Workload).close();
+    // Named so that an operator's top -H / ps -L and perf tell them apart from node's own threads.
+    for (const n of ["vmshift-fault", "vmshift-pserve"])
+      assert.equal(
+        threadNames.has(n),
+        threadOn,
+        `thread ${n} ${threadOn ? "missing" : "running"}: ${[...threadNames]}`,
+      );
     assert.deepEqual(rawDigest(dst), rawDigest(src));
     assert.ok(rs.digests.every((d) => d.match));
     const pc = rd.postcopy;
