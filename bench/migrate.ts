@@ -20,8 +20,12 @@
  * speed, for each way a requested page can travel (behind the background stream; on the preempt
  * channel served by the main threads, by the native fault threads, or over TLS), on loopback and
  * on the shaped link, against bench/c/uffd-resolver.c doing the same round trip over TCP
- * loopback in C (no background stream) for the same number of pages; and the longest single
- * access the destination's guest thread saw (its worst stall).
+ * loopback in C (no background stream) for as many pages as our fault threads served; and the
+ * longest single access the destination's guest thread saw (its worst stall). Like with like:
+ * the C resolver is one process (its page server a thread), ours two (source and destination);
+ * so the fault-thread row is also given against the C resolver with its page server in a
+ * process of its own, and our fault path is also measured with both sides in one process
+ * (netns-child.js both) against the one-process C.
  *
  * TLS rows: the same precopy runs over mutual TLS 1.3 (vmshift: --tls-creds, x509 credentials
  * made with openssl in QEMU's layout; QEMU: tls-creds-x509 objects with verify-peer and an
@@ -593,13 +597,14 @@ async function faultFigures(loop: NetnsLink, shaped: NetnsLink | null, creds: Te
         const r = await faultRun(link, path, loopback, creds);
         const key = `${name}|${path}`;
         runs.set(key, [...(runs.get(key) ?? []), r]);
-        if (!pages) pages = Math.max(1, r.remoteFaults);
+        // The references serve as many faults as our fault threads did in their first run.
+        if (!pages && path === "preempt, fault thread") pages = Math.max(1, r.remoteFaults);
         log(`${key}: median ${r.medianUs.toFixed(1)} us, p99 ${r.p99Us.toFixed(1)} us, guest max ${r.guestMaxUs} us`);
       }
     const one = await faultRunOneProcess(loop);
     oneProcess.push(one);
     log(`loopback|one process: median ${one.medianUs.toFixed(1)} us, p99 ${one.p99Us.toFixed(1)} us`);
-    // The references between the rounds of ours, for as many faults as our first run served.
+    // The references between the rounds of ours.
     threads.push(await resolverRuns(loop, pages, "tcp"));
     processes.push(await resolverRuns(loop, pages, "tcp-process"));
     log(
