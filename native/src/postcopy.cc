@@ -42,22 +42,16 @@
 
 #include "args.h"
 #include "hash.h"
+#include "record.h"
 
 namespace vmshift {
 namespace {
 
-constexpr uint64_t kPage = 4096;
-constexpr uint8_t kPages = 0x10, kPreemptEnd = 0x43, kPageRequest = 0x81;
-constexpr size_t kMaxRecord = 64u << 20;
+constexpr uint64_t kPage = kStreamPage;
+constexpr uint8_t kPages = kRecordPages, kPreemptEnd = 0x43, kPageRequest = 0x81;
+constexpr size_t kMaxRecord = kMaxRecordPayload;
 constexpr uint32_t kMaxRequestPages = 512;
 
-uint32_t Le32(const uint8_t* p) { return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24; }
-void Put32(uint8_t* p, uint32_t v) {
-  p[0] = v;
-  p[1] = v >> 8;
-  p[2] = v >> 16;
-  p[3] = v >> 24;
-}
 double NowUs() {
   timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
@@ -337,27 +331,20 @@ struct FaultThread : ChannelThread {
       snprintf(b, sizeof b, "preempt channel: %s (at stream offset %llu)", m, (unsigned long long)at);
       Fail(c, b);
     };
-    if (len < 8) return bad("BAD_RECORD", "PAGES record too short");
-    uint32_t ri = Le32(pl), count = Le32(pl + 4);
-    if ((uint64_t)count * 5 + 8 > len) return bad("BAD_RECORD", "page count does not fit the payload");
+    PagesLayout l;
+    if (const char* why = ParsePages(pl, len, &l)) return bad("BAD_RECORD", why);
+    uint32_t ri = l.region, count = l.count;
     if (ri >= regions.size()) return bad("BAD_PAGE", "PAGES for an unknown region");
     Region& rg = regions[ri];
-    const uint8_t* idx = pl + 8;
-    const uint8_t* flags = idx + (size_t)count * 4;
-    size_t data = (8 + (size_t)count * 5 + 3) & ~(size_t)3;
-    size_t full = 0;
     for (uint32_t k = 0; k < count; k++) {
-      uint32_t p = Le32(idx + k * 4);
+      uint32_t p = l.Page(k);
       if (p >= rg.pages) return bad("BAD_PAGE", "page outside its region");
       if (rg.discard && rg.discard[(uint64_t)p * kPage / rg.block] == 0) return bad("BAD_PAGE", "page in a discarded block");
-      if (flags[k] > 1) return bad("BAD_RECORD", "page with unknown flags");
-      if (flags[k] == 0) full++;
     }
-    if (data > len || len - data != full * kPage) return bad("BAD_RECORD", "data length does not match the flags");
-    const uint8_t* d = pl + data;
+    const uint8_t* d = l.data;
     for (uint32_t k = 0; k < count; k++) {
-      uint32_t p = Le32(idx + k * 4);
-      const uint8_t* src = flags[k] == 0 ? d : nullptr;
+      uint32_t p = l.Page(k);
+      const uint8_t* src = l.flags[k] == 0 ? d : nullptr;
       if (src) d += kPage;
       stats[kPreemptPages]++;
       if (!BitHas(rg.present, p)) {

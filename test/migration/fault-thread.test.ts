@@ -300,47 +300,64 @@ async function injectingRelay(keep: number, record: Uint8Array): Promise<[Socket
   return [pa, pb, close];
 }
 
-test("a well-formed page record for a page outside guest memory on the preempt channel: BAD_PAGE at its offset, nothing placed, typed on both sides", {
-  timeout: 120_000,
-}, async () => {
-  const fds = countFds();
-  const src = makeMemory();
-  const dst = makeMemory();
-  fillPattern(src);
-  const before = rawDigest(src);
-  const [a, b] = await socketPair();
-  // PAGES: region 0, one page, number 0x7fffffff (far past the region's end), a zero page.
-  const payload = new Uint8Array(16);
+/** A PAGES payload: region 0, the given page numbers and flags, then `dataPages` pages of data. */
+function pagesPayload(pages: number[], flags: number[], dataPages: number, count = pages.length): Uint8Array {
+  const head = (8 + pages.length * 5 + 3) & ~3;
+  const payload = new Uint8Array(head + dataPages * 4096);
   const dv = new DataView(payload.buffer);
   dv.setUint32(0, 0, true);
-  dv.setUint32(4, 1, true);
-  dv.setUint32(8, 0x7fffffff, true);
-  payload[12] = 1;
-  const [pa, pb, closeRelay] = await injectingRelay(36, encodeRecord(RecordType.Pages, payload));
-  let guest: Workload | null = null;
-  const h = hooks();
-  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
-  const destination = new MigrationDestination({
-    memory: dst,
-    acceptPreempt: async () => pb,
-    hooks: {
-      resume: async () => {
-        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
-      },
-    },
+  dv.setUint32(4, count, true);
+  pages.forEach((p, k) => dv.setUint32(8 + k * 4, p, true));
+  flags.forEach((f, k) => {
+    payload[8 + pages.length * 4 + k] = f;
   });
-  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
-  await (guest as Workload | null)?.close();
-  closeRelay();
-  assert.equal(de.code, "BAD_PAGE", de.message);
-  assert.match(de.message, /outside its region.*at stream offset 36\b/);
-  assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
-  assert.deepEqual(rawDigest(src), before);
-  src.close();
-  dst.close();
-  await settle();
-  assert.ok(countFds() <= fds, "fds leaked");
-});
+  return payload;
+}
+
+// Each a record with a good CRC whose content the fault thread must refuse before placing anything.
+const badPages: [string, Uint8Array, string, RegExp][] = [
+  ["a page outside guest memory", pagesPayload([0x7fffffff], [1], 0), "BAD_PAGE", /outside its region/],
+  ["a page flag that means nothing", pagesPayload([3], [2], 0), "BAD_RECORD", /unknown flags/],
+  ["a full page without its data", pagesPayload([3, 4], [0, 1], 0), "BAD_RECORD", /data length does not match/],
+  ["more pages than the payload holds", pagesPayload([3], [1], 0, 100), "BAD_RECORD", /count does not fit/],
+];
+
+for (const [what, payload, code, message] of badPages)
+  test(`a page record with ${what} on the preempt channel: ${code} at its offset, nothing placed, typed on both sides`, {
+    timeout: 120_000,
+  }, async () => {
+    const fds = countFds();
+    const src = makeMemory();
+    const dst = makeMemory();
+    fillPattern(src);
+    const before = rawDigest(src);
+    const [a, b] = await socketPair();
+    const [pa, pb, closeRelay] = await injectingRelay(36, encodeRecord(RecordType.Pages, payload));
+    let guest: Workload | null = null;
+    const h = hooks();
+    const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+    const destination = new MigrationDestination({
+      memory: dst,
+      acceptPreempt: async () => pb,
+      hooks: {
+        resume: async () => {
+          guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
+        },
+      },
+    });
+    const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
+    await (guest as Workload | null)?.close();
+    closeRelay();
+    assert.equal(de.code, code, de.message);
+    assert.match(de.message, message);
+    assert.match(de.message, /at stream offset 36\b/);
+    assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
+    assert.deepEqual(rawDigest(src), before);
+    src.close();
+    dst.close();
+    await settle();
+    assert.ok(countFds() <= fds, "fds leaked");
+  });
 
 test("a page request for a region that does not exist, on the preempt channel: the source's request server fails the migration typed (BAD_RECORD), the source keeps its memory", {
   timeout: 120_000,
