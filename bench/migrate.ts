@@ -447,6 +447,48 @@ interface FaultRun {
   guestMaxUs: number;
 }
 
+/** The source's arguments of every fault-latency run: 256 MiB, 70 % non-zero, postcopy at once. */
+const FAULT_SOURCE_ARGS = [
+  "--size",
+  "256",
+  "--fill",
+  "0.7",
+  "--rate",
+  String(RATE),
+  "--mode",
+  "postcopy",
+  "--postcopy-after",
+  "0",
+];
+const FAULT_GUEST_ARGS = ["--guest-threads", "1"];
+const FAULT_DESTINATION_ARGS = ["--size", "256", ...FAULT_GUEST_ARGS];
+
+/** The destination's postcopy figures (its `complete` event) and its guest's longest access. */
+function faultFiguresOf(
+  done: Record<string, unknown> | undefined,
+  events: Record<string, unknown>[],
+): FaultRun & { preemptPages?: number; faultThread?: boolean } {
+  const pc = done?.postcopy as
+    | {
+        remoteFaults: number;
+        latencyMedianUs: number;
+        latencyP99Us: number;
+        preemptPages?: number;
+        faultThread?: boolean;
+      }
+    | undefined;
+  if (!pc) throw new Error("the destination reported no postcopy figures");
+  const guest = events.find((e) => e.event === "guest");
+  return {
+    medianUs: pc.latencyMedianUs,
+    p99Us: pc.latencyP99Us,
+    remoteFaults: pc.remoteFaults,
+    guestMaxUs: typeof guest?.maxOpUs === "number" ? guest.maxOpUs : Number.NaN,
+    ...(pc.preemptPages !== undefined ? { preemptPages: pc.preemptPages } : {}),
+    ...(pc.faultThread !== undefined ? { faultThread: pc.faultThread } : {}),
+  };
+}
+
 /**
  * One postcopy migration of 256 MiB with the background stream at full speed (no bandwidth
  * limit) while one guest thread on the destination touches random pages. "preempt, main thread"
@@ -458,41 +500,16 @@ async function faultRun(link: NetnsLink, path: FaultPath, loopback: boolean, cre
   if (path === "preempt, main thread") process.env.VMSHIFT_POSTCOPY_THREAD = "0";
   try {
     const r = await migrateBetween(link, {
-      sourceArgs: [
-        "--size",
-        "256",
-        "--fill",
-        "0.7",
-        "--rate",
-        String(RATE),
-        "--mode",
-        "postcopy",
-        "--postcopy-after",
-        "0",
-        ...(path === "main stream" ? [] : ["--preempt"]),
-        ...security,
-      ],
-      destinationArgs: ["--size", "256", "--guest-threads", "1", ...security],
+      sourceArgs: [...FAULT_SOURCE_ARGS, ...(path === "main stream" ? [] : ["--preempt"]), ...security],
+      destinationArgs: [...FAULT_DESTINATION_ARGS, ...security],
       ...(loopback ? { loopback: "a" as Side } : {}),
       timeoutMs: 120_000,
     });
-    const pc = r.destination.postcopy as {
-      remoteFaults: number;
-      latencyMedianUs: number;
-      latencyP99Us: number;
-      preemptPages?: number;
-      faultThread?: boolean;
-    };
-    if (path !== "main stream" && !pc.preemptPages) throw new Error(`${path}: no page came on the preempt channel`);
-    if ((pc.faultThread ?? false) !== (path === "preempt, fault thread"))
-      throw new Error(`${path}: faults served by the ${pc.faultThread ? "fault thread" : "main thread"}`);
-    const guest = r.destinationEvents.find((e) => e.event === "guest");
-    return {
-      medianUs: pc.latencyMedianUs,
-      p99Us: pc.latencyP99Us,
-      remoteFaults: pc.remoteFaults,
-      guestMaxUs: typeof guest?.maxOpUs === "number" ? guest.maxOpUs : Number.NaN,
-    };
+    const f = faultFiguresOf(r.destination, r.destinationEvents);
+    if (path !== "main stream" && !f.preemptPages) throw new Error(`${path}: no page came on the preempt channel`);
+    if ((f.faultThread ?? false) !== (path === "preempt, fault thread"))
+      throw new Error(`${path}: faults served by the ${f.faultThread ? "fault thread" : "main thread"}`);
+    return f;
   } finally {
     if (saved === undefined) delete process.env.VMSHIFT_POSTCOPY_THREAD;
     else process.env.VMSHIFT_POSTCOPY_THREAD = saved;
@@ -506,41 +523,17 @@ async function faultRun(link: NetnsLink, path: FaultPath, loopback: boolean, cre
  */
 async function faultRunOneProcess(link: NetnsLink): Promise<FaultRun> {
   const script = new URL("../test/migration/netns-child.js", import.meta.url).pathname;
-  const c = new JsonLines(
-    link.spawn("a", process.execPath, [
-      script,
-      "both",
-      "--size",
-      "256",
-      "--fill",
-      "0.7",
-      "--rate",
-      String(RATE),
-      "--mode",
-      "postcopy",
-      "--postcopy-after",
-      "0",
-      "--preempt",
-      "--guest-threads",
-      "1",
-      "--insecure",
-    ]),
-  );
+  const args = [script, "both", ...FAULT_SOURCE_ARGS, ...FAULT_GUEST_ARGS, "--preempt", "--insecure"];
+  const c = new JsonLines(link.spawn("a", process.execPath, args));
   try {
     const code = await c.exit(120_000);
     if (code !== 0) throw new Error(`one-process migration failed: exit ${code} (${c.tail()})`);
-    const done = c.events.find((e) => e.event === "complete" && e.role === "destination");
-    const pc = done?.postcopy as
-      | { remoteFaults: number; latencyMedianUs: number; latencyP99Us: number; faultThread?: boolean }
-      | undefined;
-    if (!pc?.faultThread) throw new Error(`one-process migration: faults not served by the fault thread (${c.tail()})`);
-    const guest = c.events.find((e) => e.event === "guest");
-    return {
-      medianUs: pc.latencyMedianUs,
-      p99Us: pc.latencyP99Us,
-      remoteFaults: pc.remoteFaults,
-      guestMaxUs: typeof guest?.maxOpUs === "number" ? guest.maxOpUs : Number.NaN,
-    };
+    const f = faultFiguresOf(
+      c.events.find((e) => e.event === "complete" && e.role === "destination"),
+      c.events,
+    );
+    if (!f.faultThread) throw new Error(`one-process migration: faults not served by the fault thread (${c.tail()})`);
+    return f;
   } finally {
     c.child.kill("SIGKILL");
   }
