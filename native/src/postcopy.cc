@@ -26,6 +26,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/sysinfo.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/socket.h>
@@ -443,6 +445,9 @@ struct FaultThread : ChannelThread {
 
 struct SRegion {
   uint8_t* mem = nullptr;
+  // A page that is not resident reads as zeros (memfd or anonymous memory, no swap): such a page
+  // is sent as a zero page without touching it, which would fault a fresh zeroed page in.
+  bool absentIsZero = false;
   size_t pages = 0;
   uint8_t* sent = nullptr;
   uint8_t* discard = nullptr;
@@ -450,7 +455,18 @@ struct SRegion {
   std::vector<uint8_t> requested;
 };
 
-enum SStat { kRequests, kQueued, kDuplicates, kResent, kRefused, kSStatCount };
+enum SStat { kRequests, kQueued, kDuplicates, kResent, kRefused, kAbsentZero, kSStatCount };
+
+// Whether the page at `p` (page-aligned) is in memory nowhere: not in the page cache of its
+// memfd, never written, so it reads as zeros. Only where no swap exists: a swapped-out page is
+// not resident either. Rechecked on every call, as swap can be turned on at any time. A failed
+// call says "present" (the page is read then).
+bool Absent(const uint8_t* p) {
+  unsigned char v = 1;
+  if (mincore(const_cast<uint8_t*>(p), kPage, &v) != 0 || (v & 1)) return false;
+  struct sysinfo si;
+  return sysinfo(&si) == 0 && si.totalswap == 0;
+}
 
 struct RequestServer : ChannelThread {
   std::vector<SRegion> regions;
@@ -480,9 +496,14 @@ struct RequestServer : ChannelThread {
     BitSet(rg.sent, p);
     uint8_t* o = out.data();
     const uint8_t* src = rg.mem + (uint64_t)p * kPage;
-    bool zero = true;
-    const uint64_t* q = reinterpret_cast<const uint64_t*>(src);
-    for (size_t i = 0; i < kPage / 8 && zero; i++) zero = __atomic_load_n(&q[i], __ATOMIC_RELAXED) == 0;
+    bool zero = rg.absentIsZero && Absent(src);
+    if (zero) {
+      stats[kAbsentZero]++;
+    } else {
+      zero = true;
+      const uint64_t* q = reinterpret_cast<const uint64_t*>(src);
+      for (size_t i = 0; i < kPage / 8 && zero; i++) zero = __atomic_load_n(&q[i], __ATOMIC_RELAXED) == 0;
+    }
     uint32_t len = 16 + (zero ? 0 : (uint32_t)kPage);
     o[0] = kPages;
     o[1] = o[2] = o[3] = 0;
@@ -844,9 +865,13 @@ napi_value ServerRegion(napi_env env, napi_callback_info info) {
   if (!ArgView(a, 1, &mem, &ml) || !ArgView(a, 2, &sent, &sl)) return nullptr;
   if (!IsNull(env, a[3]) && !ArgView(a, 3, &discard, &dl)) return nullptr;
   if (!ArgInt(a, 4, &block)) return nullptr;
+  bool absentIsZero = false;
+  if (a.argc > 5 && napi_get_value_bool(env, a[5], &absentIsZero) != napi_ok) return ThrowType(env, "absentIsZero: a boolean");
   if (t->th.joinable()) return ThrowType(env, "region after start");
+  if (absentIsZero && ((uintptr_t)mem % kPage != 0)) return ThrowType(env, "absentIsZero needs page-aligned memory");
   SRegion r;
   r.mem = (uint8_t*)mem;
+  r.absentIsZero = absentIsZero;
   r.pages = ml / kPage;
   if (sl * 8 < r.pages) return ThrowType(env, "sent bitmap shorter than the region");
   if (discard && (block <= 0 || dl * (uint64_t)block < ml)) return ThrowType(env, "discard map shorter than the region");
