@@ -20,8 +20,12 @@
  * speed, for each way a requested page can travel (behind the background stream; on the preempt
  * channel served by the main threads, by the native fault threads, or over TLS), on loopback and
  * on the shaped link, against bench/c/uffd-resolver.c doing the same round trip over TCP
- * loopback in C (no background stream) for the same number of pages; and the longest single
- * access the destination's guest thread saw (its worst stall).
+ * loopback in C (no background stream) for as many pages as our fault threads served; and the
+ * longest single access the destination's guest thread saw (its worst stall). Like with like:
+ * the C resolver is one process (its page server a thread), ours two (source and destination);
+ * so the fault-thread row is also given against the C resolver with its page server in a
+ * process of its own, and our fault path is also measured with both sides in one process
+ * (netns-child.js both) against the one-process C.
  *
  * TLS rows: the same precopy runs over mutual TLS 1.3 (vmshift: --tls-creds, x509 credentials
  * made with openssl in QEMU's layout; QEMU: tls-creds-x509 objects with verify-peer and an
@@ -443,6 +447,48 @@ interface FaultRun {
   guestMaxUs: number;
 }
 
+/** The source's arguments of every fault-latency run: 256 MiB, 70 % non-zero, postcopy at once. */
+const FAULT_SOURCE_ARGS = [
+  "--size",
+  "256",
+  "--fill",
+  "0.7",
+  "--rate",
+  String(RATE),
+  "--mode",
+  "postcopy",
+  "--postcopy-after",
+  "0",
+];
+const FAULT_GUEST_ARGS = ["--guest-threads", "1"];
+const FAULT_DESTINATION_ARGS = ["--size", "256", ...FAULT_GUEST_ARGS];
+
+/** The destination's postcopy figures (its `complete` event) and its guest's longest access. */
+function faultFiguresOf(
+  done: Record<string, unknown> | undefined,
+  events: Record<string, unknown>[],
+): FaultRun & { preemptPages?: number; faultThread?: boolean } {
+  const pc = done?.postcopy as
+    | {
+        remoteFaults: number;
+        latencyMedianUs: number;
+        latencyP99Us: number;
+        preemptPages?: number;
+        faultThread?: boolean;
+      }
+    | undefined;
+  if (!pc) throw new Error("the destination reported no postcopy figures");
+  const guest = events.find((e) => e.event === "guest");
+  return {
+    medianUs: pc.latencyMedianUs,
+    p99Us: pc.latencyP99Us,
+    remoteFaults: pc.remoteFaults,
+    guestMaxUs: typeof guest?.maxOpUs === "number" ? guest.maxOpUs : Number.NaN,
+    ...(pc.preemptPages !== undefined ? { preemptPages: pc.preemptPages } : {}),
+    ...(pc.faultThread !== undefined ? { faultThread: pc.faultThread } : {}),
+  };
+}
+
 /**
  * One postcopy migration of 256 MiB with the background stream at full speed (no bandwidth
  * limit) while one guest thread on the destination touches random pages. "preempt, main thread"
@@ -454,49 +500,56 @@ async function faultRun(link: NetnsLink, path: FaultPath, loopback: boolean, cre
   if (path === "preempt, main thread") process.env.VMSHIFT_POSTCOPY_THREAD = "0";
   try {
     const r = await migrateBetween(link, {
-      sourceArgs: [
-        "--size",
-        "256",
-        "--fill",
-        "0.7",
-        "--rate",
-        String(RATE),
-        "--mode",
-        "postcopy",
-        "--postcopy-after",
-        "0",
-        ...(path === "main stream" ? [] : ["--preempt"]),
-        ...security,
-      ],
-      destinationArgs: ["--size", "256", "--guest-threads", "1", ...security],
+      sourceArgs: [...FAULT_SOURCE_ARGS, ...(path === "main stream" ? [] : ["--preempt"]), ...security],
+      destinationArgs: [...FAULT_DESTINATION_ARGS, ...security],
       ...(loopback ? { loopback: "a" as Side } : {}),
       timeoutMs: 120_000,
     });
-    const pc = r.destination.postcopy as {
-      remoteFaults: number;
-      latencyMedianUs: number;
-      latencyP99Us: number;
-      preemptPages?: number;
-      faultThread?: boolean;
-    };
-    if (path !== "main stream" && !pc.preemptPages) throw new Error(`${path}: no page came on the preempt channel`);
-    if ((pc.faultThread ?? false) !== (path === "preempt, fault thread"))
-      throw new Error(`${path}: faults served by the ${pc.faultThread ? "fault thread" : "main thread"}`);
-    const guest = r.destinationEvents.find((e) => e.event === "guest");
-    return {
-      medianUs: pc.latencyMedianUs,
-      p99Us: pc.latencyP99Us,
-      remoteFaults: pc.remoteFaults,
-      guestMaxUs: typeof guest?.maxOpUs === "number" ? guest.maxOpUs : Number.NaN,
-    };
+    const f = faultFiguresOf(r.destination, r.destinationEvents);
+    if (path !== "main stream" && !f.preemptPages) throw new Error(`${path}: no page came on the preempt channel`);
+    if ((f.faultThread ?? false) !== (path === "preempt, fault thread"))
+      throw new Error(`${path}: faults served by the ${f.faultThread ? "fault thread" : "main thread"}`);
+    return f;
   } finally {
     if (saved === undefined) delete process.env.VMSHIFT_POSTCOPY_THREAD;
     else process.env.VMSHIFT_POSTCOPY_THREAD = saved;
   }
 }
 
-/** The C reference: bench/c/uffd-resolver.c, fetch over TCP loopback + UFFDIO_COPY, `pages` faults. */
-async function resolverRuns(link: NetnsLink, pages: number): Promise<{ med: number; p99: number }> {
+/**
+ * One postcopy migration like faultRun's "preempt, fault thread" on loopback, with the source
+ * and the destination in ONE process (netns-child.js both): no address-space switch between the
+ * two sides on a round trip, as in the one-process C reference.
+ */
+async function faultRunOneProcess(link: NetnsLink): Promise<FaultRun> {
+  const script = new URL("../test/migration/netns-child.js", import.meta.url).pathname;
+  const args = [script, "both", ...FAULT_SOURCE_ARGS, ...FAULT_GUEST_ARGS, "--preempt", "--insecure"];
+  const c = new JsonLines(link.spawn("a", process.execPath, args));
+  try {
+    const code = await c.exit(120_000);
+    if (code !== 0) throw new Error(`one-process migration failed: exit ${code} (${c.tail()})`);
+    const f = faultFiguresOf(
+      c.events.find((e) => e.event === "complete" && e.role === "destination"),
+      c.events,
+    );
+    if (!f.faultThread) throw new Error(`one-process migration: faults not served by the fault thread (${c.tail()})`);
+    return f;
+  } finally {
+    c.child.kill("SIGKILL");
+  }
+}
+
+interface ResolverFigures {
+  med: number;
+  p99: number;
+}
+
+/**
+ * The C reference: bench/c/uffd-resolver.c, fetch over TCP loopback + UFFDIO_COPY, `pages`
+ * faults; "tcp" with the page server a thread of the resolver's process, "tcp-process" with it in
+ * a process of its own (a migration's structure: the source is another process).
+ */
+async function resolverRuns(link: NetnsLink, pages: number, mode: "tcp" | "tcp-process"): Promise<ResolverFigures> {
   const dir = join(repoRoot(), ".tmp", "bench-migrate");
   mkdirSync(dir, { recursive: true });
   const bin = join(dir, "uffd-resolver");
@@ -506,7 +559,7 @@ async function resolverRuns(link: NetnsLink, pages: number): Promise<{ med: numb
   const cm: number[] = [];
   const cp: number[] = [];
   for (let i = 0; i < RUNS; i++) {
-    const c = new JsonLines(link.spawn("a", bin, [String(pages), "tcp"]));
+    const c = new JsonLines(link.spawn("a", bin, [String(pages), mode]));
     await c.exit(60_000);
     const line = c.events.find((e) => typeof e.resolverMedianUs === "number");
     if (!line) throw new Error(`uffd-resolver printed nothing: ${c.tail()}`);
@@ -527,8 +580,9 @@ async function faultFigures(loop: NetnsLink, shaped: NetnsLink | null, creds: Te
   const links: [string, NetnsLink, boolean][] = [["loopback", loop, true]];
   if (shaped) links.push(["veth 1 Gbit/s (tbf)", shaped, false]);
   const runs = new Map<string, FaultRun[]>();
-  const cms: number[] = [];
-  const cps: number[] = [];
+  const oneProcess: FaultRun[] = [];
+  const threads: ResolverFigures[] = [];
+  const processes: ResolverFigures[] = [];
   let pages = 0;
   for (let i = 0; i < RUNS; i++) {
     for (const [name, link, loopback] of links)
@@ -536,57 +590,84 @@ async function faultFigures(loop: NetnsLink, shaped: NetnsLink | null, creds: Te
         const r = await faultRun(link, path, loopback, creds);
         const key = `${name}|${path}`;
         runs.set(key, [...(runs.get(key) ?? []), r]);
-        if (!pages) pages = Math.max(1, r.remoteFaults);
+        // The references serve as many faults as our fault threads did in their first run.
+        if (!pages && path === "preempt, fault thread") pages = Math.max(1, r.remoteFaults);
         log(`${key}: median ${r.medianUs.toFixed(1)} us, p99 ${r.p99Us.toFixed(1)} us, guest max ${r.guestMaxUs} us`);
       }
-    // The reference between the rounds of ours, for as many faults as our first run served.
-    const c = await resolverRuns(loop, pages);
-    cms.push(c.med);
-    cps.push(c.p99);
+    const one = await faultRunOneProcess(loop);
+    oneProcess.push(one);
+    log(`loopback|one process: median ${one.medianUs.toFixed(1)} us, p99 ${one.p99Us.toFixed(1)} us`);
+    // The references between the rounds of ours.
+    threads.push(await resolverRuns(loop, pages, "tcp"));
+    processes.push(await resolverRuns(loop, pages, "tcp-process"));
+    log(
+      `C resolver: one process ${threads.at(-1)?.med} us, page server in its own process ${processes.at(-1)?.med} us`,
+    );
   }
   const ref = `C uffd resolver, TCP loopback page fetch + UFFDIO_COPY, ${pages} pages`;
-  const cm = median(cms);
-  const cp = median(cps);
+  const cm = median(threads.map((c) => c.med));
+  const cp = median(threads.map((c) => c.p99));
+  const ref2 = `${ref}, page server in its own process`;
+  const c2m = median(processes.map((c) => c.med));
+  const c2p = median(processes.map((c) => c.p99));
   const out: Figure[] = [];
+  const latency = (what: string, rs: FaultRun[], refName: string, refMed: number, refP99: number) => {
+    const m = (f: (r: FaultRun) => number) => median(rs.map(f));
+    out.push(
+      figure(
+        "migrate",
+        `${what}, median`,
+        "us",
+        "lower",
+        m((r) => r.medianUs),
+        refName,
+        refMed,
+      ),
+    );
+    out.push(
+      figure(
+        "migrate",
+        `${what}, p99`,
+        "us",
+        "lower",
+        m((r) => r.p99Us),
+        refName,
+        refP99,
+      ),
+    );
+  };
   for (const [name] of links)
     for (const path of paths) {
       const rs = runs.get(`${name}|${path}`) ?? [];
-      const m = (f: (r: FaultRun) => number) => median(rs.map(f));
-      const what = `postcopy remote fault latency (${name}, ${path}, background at full speed)`;
-      out.push(
-        figure(
-          "migrate",
-          `${what}, median`,
-          "us",
-          "lower",
-          m((r) => r.medianUs),
-          ref,
-          cm,
-        ),
-      );
-      out.push(
-        figure(
-          "migrate",
-          `${what}, p99`,
-          "us",
-          "lower",
-          m((r) => r.p99Us),
-          ref,
-          cp,
-        ),
-      );
+      latency(`postcopy remote fault latency (${name}, ${path}, background at full speed)`, rs, ref, cm, cp);
       out.push(
         figure(
           "migrate",
           `postcopy guest stall, longest single access (${name}, ${path})`,
           "us",
           "lower",
-          m((r) => r.guestMaxUs),
+          median(rs.map((r) => r.guestMaxUs)),
           `${ref}, p99`,
           cp,
         ),
       );
     }
+  // Like with like: the two sides as separate processes against the C reference with its page
+  // server in a process of its own, and both sides in one process against the one-process C.
+  latency(
+    "postcopy remote fault latency (loopback, preempt, fault thread, background at full speed; source and destination processes)",
+    runs.get("loopback|preempt, fault thread") ?? [],
+    ref2,
+    c2m,
+    c2p,
+  );
+  latency(
+    "postcopy remote fault latency (loopback, preempt, fault thread, background at full speed; source and destination in one process)",
+    oneProcess,
+    ref,
+    cm,
+    cp,
+  );
   return out;
 }
 

@@ -2,13 +2,17 @@
  * Reference for bench/migrate.ts: postcopy fault round trips in C. Compiled at bench time
  * (gcc -O2 -pthread) into .tmp/; never committed as a binary.
  *
- *   uffd-resolver PAGES MODE        MODE = tcp | local
+ *   uffd-resolver PAGES MODE        MODE = tcp | tcp-process | local
  *
  * A faulting thread reads one byte of each of PAGES pages of a memfd mapping registered with
  * userfaultfd (MISSING), in a random order. A resolver thread serves each fault with
  * UFFDIO_COPY. In "tcp" mode it first fetches the page from a page-server thread over a TCP
  * loopback connection (a 12-byte request, a 4096-byte reply, TCP_NODELAY), i.e. the same round
- * trip vmshift's destination makes to its source; in "local" mode it copies from memory.
+ * trip vmshift's destination makes to its source; "tcp-process" is the same with the page server in
+ * a child process of its own (fork), as a migration's source is a process apart from its
+ * destination: every round trip then switches between two address spaces, which on a
+ * paravirtualized guest with shadow page tables costs more than the rest of the round trip; in
+ * "local" mode it copies from memory.
  * Prints one JSON line: resolver-side latency (fault message read -> UFFDIO_COPY returned, the
  * span vmshift's destination reports) and faulting-thread latency (the access), median and p99, µs.
  */
@@ -29,6 +33,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,8 +44,10 @@ static char *guest;    /* registered, faulting */
 static char *origin;   /* the "source" memory */
 static int uffd;
 static int tcp_mode;
+static int server_process; /* tcp-process: the page server is a forked child */
 static int req_fd = -1; /* resolver's end of the TCP connection */
 static int srv_fd = -1; /* page server's end */
+static pid_t srv_pid = -1;
 static double *resolve_us;
 static double *access_us;
 static volatile int done;
@@ -131,11 +138,12 @@ static double pct(double *v, size_t n, double p) {
 
 int main(int argc, char **argv) {
   if (argc != 3) {
-    fprintf(stderr, "usage: uffd-resolver PAGES tcp|local\n");
+    fprintf(stderr, "usage: uffd-resolver PAGES tcp|tcp-process|local\n");
     return 2;
   }
   npages = strtoul(argv[1], NULL, 10);
-  tcp_mode = strcmp(argv[2], "tcp") == 0;
+  server_process = strcmp(argv[2], "tcp-process") == 0;
+  tcp_mode = strcmp(argv[2], "tcp") == 0 || server_process;
   if (npages == 0) return 2;
   size_t len = npages * PAGE;
   int mfd = memfd_create("uffd-ref", MFD_CLOEXEC);
@@ -170,7 +178,19 @@ int main(int argc, char **argv) {
     int one = 1;
     setsockopt(req_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     setsockopt(srv_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    pthread_create(&srv, NULL, page_server, NULL);
+    if (server_process) {
+      pid_t pid = fork();
+      if (pid < 0) die("fork");
+      if (pid == 0) {
+        close(req_fd);
+        page_server(NULL);
+        _exit(0);
+      }
+      close(srv_fd);
+      srv_pid = pid;
+    } else {
+      pthread_create(&srv, NULL, page_server, NULL);
+    }
   }
   pthread_create(&res, NULL, resolver, NULL);
 
@@ -193,7 +213,12 @@ int main(int argc, char **argv) {
   pthread_join(res, NULL);
   if (tcp_mode) {
     shutdown(req_fd, SHUT_WR);
-    pthread_join(srv, NULL);
+    if (server_process) {
+      int st;
+      waitpid(srv_pid, &st, 0);
+    } else {
+      pthread_join(srv, NULL);
+    }
   }
   printf("{\"pages\":%zu,\"mode\":\"%s\",\"resolverMedianUs\":%.2f,\"resolverP99Us\":%.2f,"
          "\"accessMedianUs\":%.2f,\"accessP99Us\":%.2f,\"sink\":%u}\n",

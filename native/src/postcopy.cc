@@ -20,11 +20,14 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/sysinfo.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/socket.h>
@@ -41,22 +44,16 @@
 
 #include "args.h"
 #include "hash.h"
+#include "record.h"
 
 namespace vmshift {
 namespace {
 
-constexpr uint64_t kPage = 4096;
-constexpr uint8_t kPages = 0x10, kPreemptEnd = 0x43, kPageRequest = 0x81;
-constexpr size_t kMaxRecord = 64u << 20;
+constexpr uint64_t kPage = kStreamPage;
+constexpr uint8_t kPages = kRecordPages, kPreemptEnd = 0x43, kPageRequest = 0x81;
+constexpr size_t kMaxRecord = kMaxRecordPayload;
 constexpr uint32_t kMaxRequestPages = 512;
 
-uint32_t Le32(const uint8_t* p) { return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24; }
-void Put32(uint8_t* p, uint32_t v) {
-  p[0] = v;
-  p[1] = v >> 8;
-  p[2] = v >> 16;
-  p[3] = v >> 24;
-}
 double NowUs() {
   timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
@@ -336,27 +333,20 @@ struct FaultThread : ChannelThread {
       snprintf(b, sizeof b, "preempt channel: %s (at stream offset %llu)", m, (unsigned long long)at);
       Fail(c, b);
     };
-    if (len < 8) return bad("BAD_RECORD", "PAGES record too short");
-    uint32_t ri = Le32(pl), count = Le32(pl + 4);
-    if ((uint64_t)count * 5 + 8 > len) return bad("BAD_RECORD", "page count does not fit the payload");
+    PagesLayout l;
+    if (const char* why = ParsePages(pl, len, &l)) return bad("BAD_RECORD", why);
+    uint32_t ri = l.region, count = l.count;
     if (ri >= regions.size()) return bad("BAD_PAGE", "PAGES for an unknown region");
     Region& rg = regions[ri];
-    const uint8_t* idx = pl + 8;
-    const uint8_t* flags = idx + (size_t)count * 4;
-    size_t data = (8 + (size_t)count * 5 + 3) & ~(size_t)3;
-    size_t full = 0;
     for (uint32_t k = 0; k < count; k++) {
-      uint32_t p = Le32(idx + k * 4);
+      uint32_t p = l.Page(k);
       if (p >= rg.pages) return bad("BAD_PAGE", "page outside its region");
       if (rg.discard && rg.discard[(uint64_t)p * kPage / rg.block] == 0) return bad("BAD_PAGE", "page in a discarded block");
-      if (flags[k] > 1) return bad("BAD_RECORD", "page with unknown flags");
-      if (flags[k] == 0) full++;
     }
-    if (data > len || len - data != full * kPage) return bad("BAD_RECORD", "data length does not match the flags");
-    const uint8_t* d = pl + data;
+    const uint8_t* d = l.data;
     for (uint32_t k = 0; k < count; k++) {
-      uint32_t p = Le32(idx + k * 4);
-      const uint8_t* src = flags[k] == 0 ? d : nullptr;
+      uint32_t p = l.Page(k);
+      const uint8_t* src = l.flags[k] == 0 ? d : nullptr;
       if (src) d += kPage;
       stats[kPreemptPages]++;
       if (!BitHas(rg.present, p)) {
@@ -455,6 +445,9 @@ struct FaultThread : ChannelThread {
 
 struct SRegion {
   uint8_t* mem = nullptr;
+  // A page that is not resident reads as zeros (memfd or anonymous memory, no swap): such a page
+  // is sent as a zero page without touching it, which would fault a fresh zeroed page in.
+  bool absentIsZero = false;
   size_t pages = 0;
   uint8_t* sent = nullptr;
   uint8_t* discard = nullptr;
@@ -462,7 +455,18 @@ struct SRegion {
   std::vector<uint8_t> requested;
 };
 
-enum SStat { kRequests, kQueued, kDuplicates, kResent, kRefused, kSStatCount };
+enum SStat { kRequests, kQueued, kDuplicates, kResent, kRefused, kAbsentZero, kSStatCount };
+
+// Whether the page at `p` (page-aligned) is in memory nowhere: not in the page cache of its
+// memfd, never written, so it reads as zeros. Only where no swap exists: a swapped-out page is
+// not resident either. Rechecked on every call, as swap can be turned on at any time. A failed
+// call says "present" (the page is read then).
+bool Absent(const uint8_t* p) {
+  unsigned char v = 1;
+  if (mincore(const_cast<uint8_t*>(p), kPage, &v) != 0 || (v & 1)) return false;
+  struct sysinfo si;
+  return sysinfo(&si) == 0 && si.totalswap == 0;
+}
 
 struct RequestServer : ChannelThread {
   std::vector<SRegion> regions;
@@ -492,9 +496,14 @@ struct RequestServer : ChannelThread {
     BitSet(rg.sent, p);
     uint8_t* o = out.data();
     const uint8_t* src = rg.mem + (uint64_t)p * kPage;
-    bool zero = true;
-    const uint64_t* q = reinterpret_cast<const uint64_t*>(src);
-    for (size_t i = 0; i < kPage / 8 && zero; i++) zero = __atomic_load_n(&q[i], __ATOMIC_RELAXED) == 0;
+    bool zero = rg.absentIsZero && Absent(src);
+    if (zero) {
+      stats[kAbsentZero]++;
+    } else {
+      zero = true;
+      const uint64_t* q = reinterpret_cast<const uint64_t*>(src);
+      for (size_t i = 0; i < kPage / 8 && zero; i++) zero = __atomic_load_n(&q[i], __ATOMIC_RELAXED) == 0;
+    }
     uint32_t len = 16 + (zero ? 0 : (uint32_t)kPage);
     o[0] = kPages;
     o[1] = o[2] = o[3] = 0;
@@ -727,7 +736,10 @@ napi_value FaultStart(napi_env env, napi_callback_info info) {
     if (!r.present) return ThrowType(env, "a region without its bitmaps");
   if (t->domains.empty()) return ThrowType(env, "no userfaultfd");
   if (t->th.joinable()) return ThrowType(env, "already started");
-  t->th = std::thread([t] { t->Run(); });
+  t->th = std::thread([t] {
+    pthread_setname_np(pthread_self(), "vmshift-fault");  // what top -H, ps and perf show
+    t->Run();
+  });
   return nullptr;
 }
 
@@ -853,9 +865,13 @@ napi_value ServerRegion(napi_env env, napi_callback_info info) {
   if (!ArgView(a, 1, &mem, &ml) || !ArgView(a, 2, &sent, &sl)) return nullptr;
   if (!IsNull(env, a[3]) && !ArgView(a, 3, &discard, &dl)) return nullptr;
   if (!ArgInt(a, 4, &block)) return nullptr;
+  bool absentIsZero = false;
+  if (a.argc > 5 && napi_get_value_bool(env, a[5], &absentIsZero) != napi_ok) return ThrowType(env, "absentIsZero: a boolean");
   if (t->th.joinable()) return ThrowType(env, "region after start");
+  if (absentIsZero && ((uintptr_t)mem % kPage != 0)) return ThrowType(env, "absentIsZero needs page-aligned memory");
   SRegion r;
   r.mem = (uint8_t*)mem;
+  r.absentIsZero = absentIsZero;
   r.pages = ml / kPage;
   if (sl * 8 < r.pages) return ThrowType(env, "sent bitmap shorter than the region");
   if (discard && (block <= 0 || dl * (uint64_t)block < ml)) return ThrowType(env, "discard map shorter than the region");
@@ -873,7 +889,10 @@ napi_value ServerStart(napi_env env, napi_callback_info info) {
   RequestServer* t = Get(env, servers, a[0]);
   if (!t) return nullptr;
   if (t->th.joinable()) return ThrowType(env, "already started");
-  t->th = std::thread([t] { t->Run(); });
+  t->th = std::thread([t] {
+    pthread_setname_np(pthread_self(), "vmshift-pserve");
+    t->Run();
+  });
   return nullptr;
 }
 

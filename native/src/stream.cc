@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -33,14 +34,15 @@
 
 #include "args.h"
 #include "hash.h"
+#include "record.h"
 
 
 namespace vmshift {
 namespace {
 
-constexpr uint8_t kPagesType = 0x10;
-constexpr size_t kMaxPayload = 64u << 20;
-constexpr size_t kPage = 4096;
+constexpr uint8_t kPagesType = kRecordPages;
+constexpr size_t kMaxPayload = kMaxRecordPayload;
+constexpr size_t kPage = kStreamPage;
 
 // Per-slot meta (Float64Array, kMeta doubles per slot), then one double: bytes read from the socket.
 enum Meta { kLen, kType, kFlags, kStatus, kBig, kOffset, kHashes, kMeta };
@@ -49,8 +51,6 @@ enum Meta { kLen, kType, kFlags, kStatus, kBig, kOffset, kHashes, kMeta };
 // ctl (Int32Array): [0] produced, [1] state: 0 running, 1 ended (EOF), 2 I/O error, 3 stopped
 // after a bad record.
 enum Ctl { kProduced, kState, kCtl };
-
-uint32_t Le32(const uint8_t* p) { return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24; }
 
 uint32_t crc_table[256];
 void CrcTableInit() {
@@ -203,25 +203,16 @@ struct Receiver {
     return 1;
   }
 
-  // PAGES: u32 region | u32 count | u32 page[count] | u8 flags[count] | pad to 4 | data. Hashes
-  // the full pages when the layout is exactly right; otherwise leaves it to TS to reject.
+  // The full pages of a PAGES payload hashed into `out`, when its layout is right; otherwise
+  // -1, and TS rejects the record with its own message.
   int HashPages(const uint8_t* payload, size_t len, uint32_t* out) {
-    if (len < 8) return -1;
-    size_t count = Le32(payload + 4);
-    if (count > hashCap || 8 + count * 5 > len) return -1;
-    const uint8_t* flags = payload + 8 + count * 4;
-    size_t full = 0;
-    for (size_t i = 0; i < count; i++) {
-      if (flags[i] == 0) full++;
-      else if (flags[i] != 1) return -1;
-    }
-    size_t data = 8 + count * 4 + ((count + 3) & ~(size_t)3);
-    if (data + full * kPage != len) return -1;
-    for (size_t i = 0; i < full; i++) {
-      uint64_t h = Xxh64Stripes(reinterpret_cast<const char*>(payload + data + i * kPage), kPage);
+    PagesLayout l;
+    if (ParsePages(payload, len, &l) || l.count > hashCap) return -1;
+    for (size_t i = 0; i < l.full; i++) {
+      uint64_t h = Xxh64Stripes(reinterpret_cast<const char*>(l.data + i * kPage), kPage);
       memcpy(out + 2 * i, &h, 8);
     }
-    return (int)full;
+    return (int)l.full;
   }
 
   void Run() {
@@ -345,7 +336,10 @@ napi_value Create(napi_env env, napi_callback_info info) {
   r->big.resize(slots);
   __atomic_store_n(&r->ctl[kProduced], 0, __ATOMIC_SEQ_CST);
   __atomic_store_n(&r->ctl[kState], 0, __ATOMIC_SEQ_CST);
-  r->th = std::thread([r] { r->Run(); });
+  r->th = std::thread([r] {
+    pthread_setname_np(pthread_self(), "vmshift-recv");
+    r->Run();
+  });
   std::lock_guard<std::mutex> g(table_mu);
   for (size_t i = 0; i < table.size(); i++)
     if (!table[i]) return table[i] = r, Num(env, (double)i);

@@ -135,6 +135,12 @@ export interface RequestStats {
   resentAhead: number;
   /** Pages asked for again after they were sent or queued: not queued again. */
   duplicates: number;
+  /**
+   * Of the pages queued, those sent as zero pages without reading them: in memory nowhere (a
+   * memfd or anonymous page never written, and no swap), where reading would have faulted a
+   * fresh zeroed page in on the source (the preempt channel's native server only).
+   */
+  absentZeros: number;
   /** Requests refused whole (over the page cap, or before postcopy). */
   refused: number;
   /** The most bytes the serving socket held in user space after a requested page was queued. */

@@ -8,6 +8,7 @@ import type { GuestMemoryRegion } from "../memory/region.js";
 import { isZero } from "../sys/bulk.js";
 import { RequestServer } from "../sys/postcopy-thread.js";
 import { type Record, RecordReader, type RecordWriter, type StreamReader } from "./channel.js";
+import { residencyImpliesZero } from "./digest.js";
 import { asMigrationError, MigrationError } from "./errors.js";
 import type { RequestStats } from "./events.js";
 import { FaultServer } from "./fault-server.js";
@@ -193,6 +194,7 @@ export class ReturnPath {
           sent: (this.#sent[i] as PageSet).bytes,
           discard: d ? new Uint8Array(d.buffer, 0, Math.ceil(d.size / d.blockSize)) : null,
           blockSize: d?.blockSize ?? 0,
+          absentIsZero: residencyImpliesZero(r.region),
         };
       }),
       offset,
@@ -238,6 +240,7 @@ export class ReturnPath {
     st.duplicates += n.duplicates;
     st.resentAhead += n.resentAhead;
     st.refused += n.refused;
+    st.absentZeros += n.absentZeros;
   }
 
   close(): void {

@@ -154,6 +154,7 @@ export class MigrationSource {
     duplicates: 0,
     refused: 0,
     maxQueuedBytes: 0,
+    absentZeros: 0,
   };
 
   constructor(options: SourceOptions) {

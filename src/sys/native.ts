@@ -98,7 +98,14 @@ export interface Native {
     id: number,
   ): [pending: Float64Array, domainStats: Float64Array, stats: Float64Array, latencies: Float64Array];
   requestServerCreate(sock: number, notify: number, streamOffset: number): number;
-  requestServerRegion(id: number, memory: View, sent: Uint8Array, discard: Uint8Array | null, blockSize: number): void;
+  requestServerRegion(
+    id: number,
+    memory: View,
+    sent: Uint8Array,
+    discard: Uint8Array | null,
+    blockSize: number,
+    absentIsZero: boolean,
+  ): void;
   requestServerStart(id: number): void;
   requestServerQueue(id: number, region: number, page: number): void;
   requestServerFinish(id: number): void;

@@ -34,6 +34,12 @@ export interface FaultThreadRegion {
   /** DiscardMap state bytes (1 = plugged), or null. */
   discard: Uint8Array | null;
   blockSize: number;
+  /**
+   * A page not resident reads as zeros (memfd or anonymous memory with no swap; the server
+   * rechecks for swap itself): sent as a zero page without reading it. `memory` must start on a
+   * page boundary.
+   */
+  absentIsZero?: boolean;
 }
 
 export interface FaultThreadStats {
@@ -179,6 +185,12 @@ export interface RequestServerRegion {
   sent: Uint8Array;
   discard: Uint8Array | null;
   blockSize: number;
+  /**
+   * A page not resident reads as zeros (memfd or anonymous memory with no swap; the server
+   * rechecks for swap itself): sent as a zero page without reading it. `memory` must start on a
+   * page boundary.
+   */
+  absentIsZero?: boolean;
 }
 
 export interface RequestServerStats {
@@ -187,12 +199,13 @@ export interface RequestServerStats {
   duplicates: number;
   resentAhead: number;
   refused: number;
+  absentZeros: number;
 }
 
 export class RequestServer {
   #id: number | null;
   readonly #bell: Doorbell;
-  readonly #stats = new Float64Array(5);
+  readonly #stats = new Float64Array(6);
   readonly #keep: RequestServerRegion[];
 
   constructor(sock: number, regions: RequestServerRegion[], streamOffset: number, onEvent: () => void) {
@@ -206,7 +219,8 @@ export class RequestServer {
       throw e;
     }
     try {
-      for (const r of regions) native.requestServerRegion(this.#id, r.memory, r.sent, r.discard, r.blockSize);
+      for (const r of regions)
+        native.requestServerRegion(this.#id, r.memory, r.sent, r.discard, r.blockSize, r.absentIsZero ?? false);
       native.requestServerStart(this.#id);
     } catch (e) {
       this.stop();
@@ -242,6 +256,7 @@ export class RequestServer {
       duplicates: s[2] as number,
       resentAhead: s[3] as number,
       refused: s[4] as number,
+      absentZeros: s[5] as number,
     };
   }
 

@@ -5,6 +5,7 @@
  * userfaultfd, guest threads that fault while the background stream runs.
  */
 import assert from "node:assert/strict";
+import { readdirSync, readFileSync } from "node:fs";
 import type { Socket } from "node:net";
 import { after, test } from "node:test";
 import { DiscardMap } from "../../src/memory/discard-map.js";
@@ -17,6 +18,17 @@ import { countFds, expectBoth, fillPattern, hooks, makeMemory, rawDigest, settle
 import { CLIENT_CN, makeTestCreds } from "./tls-creds.js";
 
 const creds = makeTestCreds();
+
+/** The names of this process's threads (/proc/self/task/N/comm). */
+function taskNames(): string[] {
+  return readdirSync("/proc/self/task").map((t) => {
+    try {
+      return readFileSync(`/proc/self/task/${t}/comm`, "utf8").trim();
+    } catch {
+      return ""; // the thread ended meanwhile
+    }
+  });
+}
 after(() => creds.close());
 
 async function postcopy(threadOn: boolean) {
@@ -41,8 +53,26 @@ async function postcopy(threadOn: boolean) {
         },
       },
     });
-    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]);
+    // Every turn of the event loop until the run ends, this process's thread names: the fault
+    // thread and the request server live for the whole postcopy phase.
+    const threadNames = new Set<string>();
+    let running = true;
+    const sample = () => {
+      for (const n of taskNames()) threadNames.add(n);
+      if (running) setImmediate(sample);
+    };
+    sample();
+    const [rs, rd] = await Promise.all([source.run(a, { preempt: pa }), destination.run(b)]).finally(() => {
+      running = false;
+    });
     await (guest as unknown as Workload).close();
+    // Named so that an operator's top -H / ps -L and perf tell them apart from node's own threads.
+    for (const n of ["vmshift-fault", "vmshift-pserve"])
+      assert.equal(
+        threadNames.has(n),
+        threadOn,
+        `thread ${n} ${threadOn ? "missing" : "running"}: ${[...threadNames]}`,
+      );
     assert.deepEqual(rawDigest(dst), rawDigest(src));
     assert.ok(rs.digests.every((d) => d.match));
     const pc = rd.postcopy;
@@ -101,19 +131,23 @@ async function corruptingRelay(at: number): Promise<[Socket, Socket, () => void]
   return [pa, pb, close];
 }
 
-test("a corrupt page record on the preempt channel: the fault thread fails the migration typed (CORRUPT at its offset); the source keeps its memory", async () => {
+/**
+ * A postcopy migration whose preempt channel goes through `relay` (which spoils what the source
+ * sends there), a guest touching pages on the destination: both sides must fail typed, the
+ * source keep its memory, and no fd stay open. The two errors, for the caller to check.
+ */
+async function refusedOnPreempt(
+  relay: () => Promise<[Socket, Socket, () => void]>,
+): Promise<{ se: { code: string; message: string }; de: { code: string; message: string } }> {
   const fds = countFds();
   const src = makeMemory();
   const dst = makeMemory();
   fillPattern(src);
   const before = rawDigest(src);
   const [a, b] = await socketPair();
-  // Stream header (16) + PREEMPT (20) = 36: the first PAGES record starts there; byte 36 + 30
-  // is inside its page list or data.
-  const [pa, pb, closeRelay] = await corruptingRelay(36 + 30);
+  const [pa, pb, closeRelay] = await relay();
   let guest: Workload | null = null;
-  const h = hooks();
-  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
+  const source = new MigrationSource({ memory: src, hooks: hooks(), mode: "postcopy", postcopyAfterRounds: 0 });
   const destination = new MigrationDestination({
     memory: dst,
     acceptPreempt: async () => pb,
@@ -126,14 +160,21 @@ test("a corrupt page record on the preempt channel: the fault thread fails the m
   const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
   await (guest as Workload | null)?.close();
   closeRelay();
-  assert.equal(de.code, "CORRUPT", de.message);
-  assert.match(de.message, /at stream offset 36\b/);
   assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
   assert.deepEqual(rawDigest(src), before);
   src.close();
   dst.close();
   await settle();
   assert.ok(countFds() <= fds, "fds leaked");
+  return { se, de };
+}
+
+test("a corrupt page record on the preempt channel: the fault thread fails the migration typed (CORRUPT at its offset); the source keeps its memory", async () => {
+  // Stream header (16) + PREEMPT (20) = 36: the first PAGES record starts there; byte 36 + 30
+  // is inside its page list or data.
+  const { de } = await refusedOnPreempt(() => corruptingRelay(36 + 30));
+  assert.equal(de.code, "CORRUPT", de.message);
+  assert.match(de.message, /at stream offset 36\b/);
 });
 
 test("postcopy with a preempt channel over mutual TLS: served on the main threads (the TLS session stays in its socket), authenticated on every channel, memory equal", {
@@ -270,47 +311,35 @@ async function injectingRelay(keep: number, record: Uint8Array): Promise<[Socket
   return [pa, pb, close];
 }
 
-test("a well-formed page record for a page outside guest memory on the preempt channel: BAD_PAGE at its offset, nothing placed, typed on both sides", {
-  timeout: 120_000,
-}, async () => {
-  const fds = countFds();
-  const src = makeMemory();
-  const dst = makeMemory();
-  fillPattern(src);
-  const before = rawDigest(src);
-  const [a, b] = await socketPair();
-  // PAGES: region 0, one page, number 0x7fffffff (far past the region's end), a zero page.
-  const payload = new Uint8Array(16);
+/** A PAGES payload: region 0, the given page numbers and flags, then `dataPages` pages of data. */
+function pagesPayload(pages: number[], flags: number[], dataPages: number, count = pages.length): Uint8Array {
+  const head = (8 + pages.length * 5 + 3) & ~3;
+  const payload = new Uint8Array(head + dataPages * 4096);
   const dv = new DataView(payload.buffer);
   dv.setUint32(0, 0, true);
-  dv.setUint32(4, 1, true);
-  dv.setUint32(8, 0x7fffffff, true);
-  payload[12] = 1;
-  const [pa, pb, closeRelay] = await injectingRelay(36, encodeRecord(RecordType.Pages, payload));
-  let guest: Workload | null = null;
-  const h = hooks();
-  const source = new MigrationSource({ memory: src, hooks: h, mode: "postcopy", postcopyAfterRounds: 0 });
-  const destination = new MigrationDestination({
-    memory: dst,
-    acceptPreempt: async () => pb,
-    hooks: {
-      resume: async () => {
-        guest = await Workload.start({ memory: dst, mode: "touch", pattern: "random", threads: 1 });
-      },
-    },
+  dv.setUint32(4, count, true);
+  for (const [k, p] of pages.entries()) dv.setUint32(8 + k * 4, p, true);
+  payload.set(flags, 8 + pages.length * 4);
+  return payload;
+}
+
+// Each a record with a good CRC whose content the fault thread must refuse before placing anything.
+const badPages: [string, Uint8Array, string, RegExp][] = [
+  ["a page outside guest memory", pagesPayload([0x7fffffff], [1], 0), "BAD_PAGE", /outside its region/],
+  ["a page flag that means nothing", pagesPayload([3], [2], 0), "BAD_RECORD", /unknown flags/],
+  ["a full page without its data", pagesPayload([3, 4], [0, 1], 0), "BAD_RECORD", /data length does not match/],
+  ["more pages than the payload holds", pagesPayload([3], [1], 0, 100), "BAD_RECORD", /count does not fit/],
+];
+
+for (const [what, payload, code, message] of badPages)
+  test(`a page record with ${what} on the preempt channel: ${code} at its offset, nothing placed, typed on both sides`, {
+    timeout: 120_000,
+  }, async () => {
+    const { de } = await refusedOnPreempt(() => injectingRelay(36, encodeRecord(RecordType.Pages, payload)));
+    assert.equal(de.code, code, de.message);
+    assert.match(de.message, message);
+    assert.match(de.message, /at stream offset 36\b/);
   });
-  const [se, de] = await expectBoth(source.run(a, { preempt: pa }), destination.run(b));
-  await (guest as Workload | null)?.close();
-  closeRelay();
-  assert.equal(de.code, "BAD_PAGE", de.message);
-  assert.match(de.message, /outside its region.*at stream offset 36\b/);
-  assert.ok(["PEER_FAILED", "CONNECTION_LOST"].includes(se.code), se.code);
-  assert.deepEqual(rawDigest(src), before);
-  src.close();
-  dst.close();
-  await settle();
-  assert.ok(countFds() <= fds, "fds leaked");
-});
 
 test("a page request for a region that does not exist, on the preempt channel: the source's request server fails the migration typed (BAD_RECORD), the source keeps its memory", {
   timeout: 120_000,

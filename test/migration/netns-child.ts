@@ -10,8 +10,10 @@
  *   source --to HOST:PORT --size MiB [--fill FRACTION] [--rate PAGES/s] [--pattern P]
  *          [--hot FRACTION] [--mode precopy|postcopy] [--downtime MS] [--postcopy-after N]
  *          [--preempt]   (postcopy: requested pages on a second connection)
- *   both: [--tls-creds DIR [--tls-authz CN]] (mutual TLS, QEMU's layout) or [--insecure] (plain
- *         TCP beyond loopback)
+ *   both [source and destination options]   (both sides in this one process over TCP loopback:
+ *          what a fault costs without an address-space switch between the two sides)
+ *   all roles: [--tls-creds DIR [--tls-authz CN]] (mutual TLS, QEMU's layout) or [--insecure]
+ *         (plain TCP beyond loopback)
  * The source fills the first FRACTION of its memory with non-zero pages before the workload
  * starts, so the stream carries real data (a fresh memfd is all zero pages).
  */
@@ -51,106 +53,140 @@ function hostPort(s: string): { host: string; port: number } {
   return { host: s.slice(0, i), port: Number(s.slice(i + 1)) };
 }
 
-async function main(): Promise<number> {
-  const role = process.argv[2];
-  const { values } = parseArgs({
-    args: process.argv.slice(3),
-    options: {
-      listen: { type: "string" },
-      to: { type: "string" },
-      size: { type: "string", default: "64" },
-      fill: { type: "string", default: "0" },
-      rate: { type: "string", default: "5000" },
-      pattern: { type: "string", default: "random" },
-      hot: { type: "string", default: "0.1" },
-      mode: { type: "string", default: "precopy" },
-      downtime: { type: "string", default: "300" },
-      "postcopy-after": { type: "string", default: "1" },
-      "guest-threads": { type: "string", default: "1" },
-      preempt: { type: "boolean", default: false },
-      "tls-creds": { type: "string" },
-      "tls-authz": { type: "string" },
-      insecure: { type: "boolean", default: false },
-    },
-  });
+const OPTIONS = {
+  listen: { type: "string" },
+  to: { type: "string" },
+  size: { type: "string", default: "64" },
+  fill: { type: "string", default: "0" },
+  rate: { type: "string", default: "5000" },
+  pattern: { type: "string", default: "random" },
+  hot: { type: "string", default: "0.1" },
+  mode: { type: "string", default: "precopy" },
+  downtime: { type: "string", default: "300" },
+  "postcopy-after": { type: "string", default: "1" },
+  "guest-threads": { type: "string", default: "1" },
+  preempt: { type: "boolean", default: false },
+  "tls-creds": { type: "string" },
+  "tls-authz": { type: "string" },
+  insecure: { type: "boolean", default: false },
+} as const;
+type Values = ReturnType<typeof parseArgs<{ options: typeof OPTIONS }>>["values"];
+
+function newMemory(values: Values): GuestMemory {
+  return new GuestMemory([GuestMemoryRegion.memfd(0, Number(values.size) * MiB, { name: "netns-child" })]);
+}
+
+async function listen(values: Values, at: string): Promise<MigrationListener> {
   const dir = values["tls-creds"];
   const authz = values["tls-authz"];
-  const memory = new GuestMemory([GuestMemoryRegion.memfd(0, Number(values.size) * MiB, { name: "netns-child" })]);
-  let workload: Workload | null = null;
-  const pattern = values.pattern as "sequential" | "random" | "hotset";
+  return MigrationListener.listen(
+    { kind: "tcp", ...hostPort(at) },
+    dir
+      ? { tls: { ...loadX509Credentials(dir, "server"), ...(authz ? { authz } : {}) } }
+      : { insecure: values.insecure },
+  );
+}
+
+async function destination(values: Values, l: MigrationListener): Promise<void> {
+  const memory = newMemory(values);
+  let guest: Workload | null = null;
   try {
-    if (role === "destination") {
-      const l = await MigrationListener.listen(
-        { kind: "tcp", ...hostPort(values.listen as string) },
-        dir
-          ? { tls: { ...loadX509Credentials(dir, "server"), ...(authz ? { authz } : {}) } }
-          : { insecure: values.insecure },
-      );
-      out({ event: "listening", port: l.endpoint.kind === "tcp" ? l.endpoint.port : 0 });
-      const s = await l.accept();
-      // The destination's guest exists before the migration and is only woken at resume, as
-      // a VMM's vCPUs are: thread start-up is not downtime.
-      const guest = await Workload.start({
-        memory,
-        mode: "touch",
-        pattern: "random",
-        threads: Number(values["guest-threads"]),
-        paused: true,
-      });
-      workload = guest;
-      const dest = new MigrationDestination({
-        memory,
-        // A postcopy source may open a second connection (the preempt channel).
-        acceptPreempt: () => l.accept("preempt"),
-        hooks: {
-          resume: () => guest.resume(),
-        },
-      });
-      forward(dest.events);
-      try {
-        await dest.run(s);
-      } finally {
-        await l.close();
-      }
-      // What the guest saw: its longest single access is its worst postcopy stall.
-      out({ event: "guest", maxOpUs: guest.maxOpUs, stallMs: guest.stallMs });
-      return 0;
-    }
-    if (role !== "source") throw new RangeError(`role ${role}: source|destination`);
-    fill(memory, Number(values.fill));
-    workload = await Workload.start({
+    const s = await l.accept();
+    // The destination's guest exists before the migration and is only woken at resume, as
+    // a VMM's vCPUs are: thread start-up is not downtime.
+    const g = await Workload.start({
       memory,
-      pattern,
+      mode: "touch",
+      pattern: "random",
+      threads: Number(values["guest-threads"]),
+      paused: true,
+    });
+    guest = g;
+    const dest = new MigrationDestination({
+      memory,
+      // A postcopy source may open a second connection (the preempt channel).
+      acceptPreempt: () => l.accept("preempt"),
+      hooks: {
+        resume: () => g.resume(),
+      },
+    });
+    forward(dest.events);
+    try {
+      await dest.run(s);
+    } finally {
+      await l.close();
+    }
+    // What the guest saw: its longest single access is its worst postcopy stall.
+    out({ event: "guest", maxOpUs: g.maxOpUs, stallMs: g.stallMs });
+  } finally {
+    await (guest as Workload | null)?.close();
+    memory.close();
+  }
+}
+
+async function source(values: Values, to: string): Promise<void> {
+  const memory = newMemory(values);
+  let workload: Workload | null = null;
+  try {
+    fill(memory, Number(values.fill));
+    const w = await Workload.start({
+      memory,
+      pattern: values.pattern as "sequential" | "random" | "hotset",
       hotFraction: Number(values.hot),
       pagesPerSecond: Number(values.rate),
       threads: 1,
     });
+    workload = w;
+    const dir = values["tls-creds"];
     const conn = dir ? { tls: loadX509Credentials(dir, "client") } : { insecure: values.insecure };
-    const s = await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) }, conn);
+    const s = await connectEndpoint({ kind: "tcp", ...hostPort(to) }, conn);
     const preempt =
       values.preempt && values.mode === "postcopy"
-        ? await connectEndpoint({ kind: "tcp", ...hostPort(values.to as string) }, conn)
+        ? await connectEndpoint({ kind: "tcp", ...hostPort(to) }, conn)
         : undefined;
-    const source = new MigrationSource({
+    const src = new MigrationSource({
       memory,
       mode: values.mode === "postcopy" ? "postcopy" : "precopy",
-      hooks: workload.sourceHooks(),
+      hooks: w.sourceHooks(),
       downtimeLimitMs: Number(values.downtime),
       postcopyAfterRounds: Number(values["postcopy-after"]),
       maxRounds: 30,
       whenNotConverged: "switchover",
     });
-    forward(source.events);
-    await source.run(s, { preempt });
-    out({ event: "workload", pagesWritten: workload.pagesWritten });
+    forward(src.events);
+    await src.run(s, { preempt });
+    out({ event: "workload", pagesWritten: w.pagesWritten });
+  } finally {
+    await (workload as Workload | null)?.close();
+    memory.close();
+  }
+}
+
+async function main(): Promise<number> {
+  const role = process.argv[2];
+  const { values } = parseArgs({ args: process.argv.slice(3), options: OPTIONS });
+  try {
+    if (role === "destination") {
+      const l = await listen(values, values.listen as string);
+      out({ event: "listening", port: l.endpoint.kind === "tcp" ? l.endpoint.port : 0 });
+      await destination(values, l);
+    } else if (role === "source") {
+      await source(values, values.to as string);
+    } else if (role === "both") {
+      // Both sides in this one process (one event loop, one address space), over TCP loopback.
+      const l = await listen(values, "127.0.0.1:0");
+      const port = l.endpoint.kind === "tcp" ? l.endpoint.port : 0;
+      await Promise.all([destination(values, l), source(values, `127.0.0.1:${port}`)]);
+    } else {
+      throw new RangeError(`role ${role}: source|destination|both`);
+    }
     return 0;
   } catch (e) {
     const err = e as { code?: string; message?: string };
     out({ event: "error", code: err.code, message: err.message });
+    // Both sides in one process: the other may still wait on its socket.
+    if (role === "both") process.exit(1);
     return 1;
-  } finally {
-    await (workload as Workload | null)?.close();
-    memory.close();
   }
 }
 
