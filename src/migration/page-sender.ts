@@ -234,12 +234,14 @@ export class PageSender {
     const batch: number[] = [];
     for (let i = 0; i < todo.length; i++) {
       const pages = todo[i] as Uint32Array;
+      // As in the precopy rounds: a page never written is sent as a zero page unread (one
+      // mincore call per batch), not faulted into the source to be scanned. Postcopy straight
+      // after the setup leaves every never-written page to this pass.
+      const byResidency = residencyImpliesZero((this.#regions[i] as SendRegion).region);
       const flush = async () => {
         if (batch.length === 0) return;
         for (const p of batch) sent.markSent(i, p);
-        // The background pass reads every page: no residency shortcut (it costs a mincore
-        // call per small batch, and the pages left for postcopy are mostly resident).
-        await this.#send(writer, i, batch, false);
+        await this.#send(writer, i, batch, byResidency);
         batch.length = 0;
         // A write under the high-water mark resolves at once: without this the loop would not
         // return to the event loop (and read page requests) until the socket backs up.
@@ -257,7 +259,7 @@ export class PageSender {
   }
 
   /**
-   * The zero test for a batch of pages (ascending). Where residencyImpliesZero holds, a page
+   * The zero test for a batch of pages. Where residencyImpliesZero holds, a page
    * that is not resident is zero without reading it: reading would fault a fresh zero page in
    * (the never-written part of a new memfd costs more to scan than all the data sent).
    */
@@ -265,8 +267,15 @@ export class PageSender {
     const view = (p: number) => isZero(this.pageView(i, p));
     const mapping = (this.#regions[i] as SendRegion).region.mapping;
     if (!byResidency || !mapping || batch.length === 0) return view;
-    const first = batch[0] as number;
-    const span = (batch[batch.length - 1] as number) - first + 1;
+    // Usually ascending, but a background list need not be: the span of the batch, either way.
+    let first = batch[0] as number;
+    let last = first;
+    for (let k = 1; k < batch.length; k++) {
+      const p = batch[k] as number;
+      if (p < first) first = p;
+      else if (p > last) last = p;
+    }
+    const span = last - first + 1;
     if (span > 65536) return view;
     const resident = mapping.residency(first * PAGE, span * PAGE);
     return (p) => ((resident[p - first] as number) & 1) === 0 || view(p);
