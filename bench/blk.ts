@@ -19,11 +19,21 @@
  * back-ends' per-request cost, not the disk. Needs qemu-storage-daemon (skips without it); the
  * guest view also needs QEMU and the rig's guest (skips loudly without them).
  * Only one view: BLK_BENCH_VIEW=backend|guest, or `npm run bench -- blk --view=guest`.
+ * BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones (both views).
+ * BLK_BENCH_RUNS=N: rounds per row (default 5; the row is the median).
+ * BLK_BENCH_QUEUES=1|2|1,2: only the one-queue or two-queue rows of the backend view.
+ * BLK_BENCH_CPU=1: each back-end's CPU time per request (all its threads, /proc) of every random
+ *   run of the backend view, on stderr. Per-round figures and the
+ * per-round ratio (ours / QSD of the same round) go to stderr, so the spread can be read off.
  * BLK_BENCH_DIRECT=1: both back-ends bypass the host page cache (`--direct`; QSD cache.direct=on).
  * BLK_BENCH_IO=sync|async|adaptive: our back-ends' --io (default: the program's own).
+ * BLK_BENCH_GUEST_MIB=N: MiB per in-guest sequential run (default 1024: ~0.5-1 s per run; with 128
+ *   a run lasted ~0.1 s and one scheduling hiccup moved it by tens of per cent).
+ * BLK_BENCH_VARIANT_ENV="K=V ...": the in-guest view boots a fourth guest on our back-end with that
+ *   environment and reports it against our plain one (an A/B of a knob within one run).
  */
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -43,15 +53,17 @@ import { type Figure, figure, median } from "./report.js";
 const MiB = 1 << 20;
 const IMAGE = 256 * MiB;
 const QUEUE_SIZE = 128;
-const RUNS = Number(process.env.BLK_BENCH_RUNS ?? 3);
+const RUNS = Number(process.env.BLK_BENCH_RUNS ?? 5);
 const RUN_MS = Number(process.env.BLK_BENCH_MS ?? 1000);
 const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
 const DIRECT = process.env.BLK_BENCH_DIRECT === "1";
 const OUR_IO = process.env.BLK_BENCH_IO as "sync" | "async" | "adaptive" | undefined;
 /** Our extra command-line flags for the chosen cache / I/O mode. */
 const OUR_FLAGS = [...(DIRECT ? ["--direct"] : []), ...(OUR_IO ? ["--io", OUR_IO] : [])];
-/** BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones (backend view). */
+/** BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones. */
 const ONLY = process.env.BLK_BENCH_ONLY;
+/** BLK_BENCH_QUEUES=1|2|1,2: the queue counts of the backend view (default both). */
+const QUEUES = (process.env.BLK_BENCH_QUEUES ?? "1,2").split(",").map(Number);
 /** Pages per request of the sequential rows (a guest's seg_max). */
 const SEQ_SEGS = 126;
 const T_IN = 0;
@@ -233,7 +245,23 @@ class BlkQueue {
   }
 }
 
-/** IOPS of one timed run against `socket`. */
+/** CPU time (user + system, all threads) of process `pid` so far, µs; NaN when unknown. */
+function cpuUs(pid: number | undefined): number {
+  if (pid === undefined) return Number.NaN;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    // Fields 14 and 15 of proc(5) (utime, stime), in clock ticks of 10 ms.
+    return (Number(f[11]) + Number(f[12])) * 10_000;
+  } catch {
+    return Number.NaN;
+  }
+}
+
+/** BLK_BENCH_CPU=1: the back-end's CPU µs per request of each timed run, on stderr. */
+const SHOW_CPU = process.env.BLK_BENCH_CPU === "1";
+
+/** IOPS of one timed run against `socket` (`pid`: the back-end's, for BLK_BENCH_CPU). */
 async function measure(
   socket: string,
   queues: number,
@@ -241,6 +269,7 @@ async function measure(
   write: boolean,
   packed = false,
   segs = 1,
+  pid?: number,
 ): Promise<number> {
   const mem = new GuestMemory([GuestMemoryRegion.memfd(0, 16 * MiB)]);
   const fe = VhostUserFrontend.connect(socket, {
@@ -276,16 +305,29 @@ async function measure(
     // Warm-up, then the timed run.
     await Promise.all(qs.map((q) => q.run(Date.now() + 100, write, sectors)));
     for (const q of qs) q.completed = 0;
+    const cpu0 = cpuUs(pid);
     const t0 = performance.now();
     await Promise.all(qs.map((q) => q.run(Date.now() + RUN_MS, write, sectors)));
     const secs = (performance.now() - t0) / 1000;
     const errors = qs.reduce((a, q) => a + q.errors, 0);
     if (errors) throw new Error(`${errors} requests failed`);
-    return qs.reduce((a, q) => a + q.completed, 0) / secs;
+    const done = qs.reduce((a, q) => a + q.completed, 0);
+    if (SHOW_CPU && pid !== undefined) {
+      const per = (cpuUs(pid) - cpu0) / done;
+      process.stderr.write(
+        `bench blk: cpu pid ${pid} ${queues}q qd${depth} ${write ? "w" : "r"}: ${per.toFixed(1)} µs/request\n`,
+      );
+    }
+    return done / secs;
   } finally {
     fe.close();
     mem.close();
   }
+}
+
+/** Ours / QSD's of the same round, for reading the spread off stderr. */
+function roundRatios(ours: readonly number[], qsd: readonly number[]): string {
+  return ours.map((x, i) => (x / (qsd[i] as number)).toFixed(2)).join("/");
 }
 
 /** Writes `bytes` of 0xa5 to `path`: allocated, in the page cache, reads hit real data. */
@@ -302,7 +344,7 @@ async function backendView(qsd: string): Promise<Figure[]> {
   fillImage(image, IMAGE);
   const figures: Figure[] = [];
   try {
-    for (const queues of [1, 2]) {
+    for (const queues of QUEUES) {
       const ours = await startOurs(dir, image, queues);
       const ref = await startQsd(qsd, dir, image, queues);
       try {
@@ -312,8 +354,8 @@ async function backendView(qsd: string): Promise<Figure[]> {
             const b: number[] = [];
             const p: number[] = [];
             for (let r = 0; r < RUNS; r++) {
-              a.push(await measure(ours.socket, queues, depth, write));
-              b.push(await measure(ref.socket, queues, depth, write));
+              a.push(await measure(ours.socket, queues, depth, write, false, 1, ours.proc.pid));
+              b.push(await measure(ref.socket, queues, depth, write, false, 1, ref.proc.pid));
               p.push(await measure(ours.socket, queues, depth, write, true));
             }
             const metric = `4k rand${write ? "write" : "read"} qd${depth} ${queues}q`;
@@ -321,7 +363,7 @@ async function backendView(qsd: string): Promise<Figure[]> {
             figures.push(figure("blk", `${metric} packed`, "IOPS", "higher", median(p), "vmshift split", median(a)));
             process.stderr.write(
               `bench blk: ${metric}: vmshift ${a.map(Math.round).join("/")} qsd ${b.map(Math.round).join("/")} ` +
-                `vmshift packed ${p.map(Math.round).join("/")}\n`,
+                `vmshift packed ${p.map(Math.round).join("/")} (per-round ratio ${roundRatios(a, b)})\n`,
             );
           }
         }
@@ -341,7 +383,9 @@ async function backendView(qsd: string): Promise<Figure[]> {
           figures.push(figure("blk", metric, "MB/s", "higher", median(a), "qemu-storage-daemon", median(b)));
           figures.push(figure("blk", `${metric} packed`, "MB/s", "higher", median(p), "vmshift split", median(a)));
           const f = (xs: number[]) => xs.map((x) => x.toFixed(0)).join("/");
-          process.stderr.write(`bench blk: ${metric}: vmshift ${f(a)} qsd ${f(b)} vmshift packed ${f(p)} MB/s\n`);
+          process.stderr.write(
+            `bench blk: ${metric}: vmshift ${f(a)} qsd ${f(b)} vmshift packed ${f(p)} MB/s (per-round ratio ${roundRatios(a, b)})\n`,
+          );
         }
       } finally {
         await stop(ours);
@@ -356,11 +400,12 @@ async function backendView(qsd: string): Promise<Figure[]> {
 
 // ---------------------------------------------------------------- view 2: in a QEMU guest
 
-const GUEST_IMAGE = 256 * MiB;
 /** Seconds of 4 KiB random reads per run. */
 const GUEST_RAND_SECS = Number(process.env.BLK_BENCH_GUEST_SECS ?? 3);
 /** MiB read / written sequentially per run, in 1 MiB requests. */
-const GUEST_SEQ_MIB = Number(process.env.BLK_BENCH_GUEST_MIB ?? 128);
+const GUEST_SEQ_MIB = Number(process.env.BLK_BENCH_GUEST_MIB ?? 1024);
+/** Each guest's image: at least 256 MiB, and large enough for one sequential run. */
+const GUEST_IMAGE = Math.max(256, GUEST_SEQ_MIB) * MiB;
 const GUEST_SEQ_BS = MiB;
 /** Every QEMU / back-end process of the view dies after this, whatever happens. */
 const GUEST_LIFETIME_MS = 300_000;
@@ -388,16 +433,23 @@ const GUEST_OPS: GuestOp[] = [
     unit: "MB/s",
     cmd: `vmshift-io seqwrite /dev/vda ${GUEST_SEQ_MIB} ${GUEST_SEQ_BS}`,
     field: "mbps",
-    timeoutMs: 90_000,
+    timeoutMs: 60_000 + GUEST_SEQ_MIB * 100,
   },
   {
     metric: "in-guest seqread 1M",
     unit: "MB/s",
     cmd: `vmshift-io seqread /dev/vda ${GUEST_SEQ_MIB} ${GUEST_SEQ_BS}`,
     field: "mbps",
-    timeoutMs: 90_000,
+    timeoutMs: 60_000 + GUEST_SEQ_MIB * 100,
   },
 ];
+
+/** BLK_BENCH_ONLY for the in-guest operations. */
+function wanted(op: GuestOp): boolean {
+  if (ONLY === "seq") return op.metric.includes("seq");
+  if (ONLY === "rand") return op.metric.includes("rand");
+  return true;
+}
 
 /** Runs one vmshift-io command in `vm` and returns its figure; throws with the output on any failure. */
 async function guestFigure(vm: Vm, op: GuestOp): Promise<number> {
@@ -451,6 +503,27 @@ async function guestView(): Promise<Figure[]> {
       ...(OUR_IO ? { io: OUR_IO } : {}),
     });
     backends.push(oursPacked);
+    // BLK_BENCH_VARIANT_ENV="K=V ...": a fourth guest on our back-end with that environment,
+    // reported against our plain one in the same rounds (an A/B of a knob in one run).
+    const variantEnv = Object.fromEntries(
+      (process.env.BLK_BENCH_VARIANT_ENV ?? "")
+        .split(" ")
+        .filter(Boolean)
+        .map((kv) => [kv.slice(0, kv.indexOf("=")), kv.slice(kv.indexOf("=") + 1)]),
+    );
+    const variantImage = rig.path("vmshift-variant.img");
+    if (Object.keys(variantEnv).length) fillImage(variantImage, GUEST_IMAGE);
+    const variant = Object.keys(variantEnv).length
+      ? await startBlk(rig, {
+          name: "vmshift-variant",
+          image: variantImage,
+          env: { VMSHIFT_BLK_TRACE: "0", ...variantEnv },
+          lifetimeMs: GUEST_LIFETIME_MS,
+          direct: DIRECT,
+          ...(OUR_IO ? { io: OUR_IO } : {}),
+        })
+      : null;
+    if (variant) backends.push(variant);
     const ref = await rig.startQsd({
       name: "qsd",
       image: qsdImage,
@@ -465,6 +538,15 @@ async function guestView(): Promise<Figure[]> {
         vhostUserBlk: [{ socket: oursPacked.socket, packed: true }],
         lifetimeMs: GUEST_LIFETIME_MS,
       }),
+      ...(variant
+        ? [
+            rig.startVm({
+              name: "vm-vmshift-variant",
+              vhostUserBlk: [{ socket: variant.socket }],
+              lifetimeMs: GUEST_LIFETIME_MS,
+            }),
+          ]
+        : []),
     ]);
     await Promise.all(vms.map((vm) => vm.guest.ready()));
     const tool = await vms[0]!.guest.run("command -v vmshift-io");
@@ -476,9 +558,11 @@ async function guestView(): Promise<Figure[]> {
     process.stderr.write(`bench blk: in-guest: two guests up in ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
     // Warm-up (not counted): the first requests of a back-end pay for JIT / first touch.
     for (const vm of vms) {
-      await vm.guest.runOk(`vmshift-io randread /dev/vda 1 && vmshift-io seqwrite /dev/vda 16 ${GUEST_SEQ_BS}`, {
-        timeoutMs: 60_000,
-      });
+      await vm.guest.runOk(
+        `vmshift-io randread /dev/vda 1 && vmshift-io seqwrite /dev/vda 16 ${GUEST_SEQ_BS} && ` +
+          `vmshift-io seqread /dev/vda 16 ${GUEST_SEQ_BS}`,
+        { timeoutMs: 60_000 },
+      );
     }
     // The same write path on every guest: QSD's config space says write-through (wce 0), so its
     // guest never sends FLUSH, while ours say writeback and vmshift-io's final fdatasync becomes a
@@ -488,25 +572,50 @@ async function guestView(): Promise<Figure[]> {
     const packedFeatures = (await vms[2]!.guest.runOk("cat /sys/block/vda/device/features")).output.join("");
     if (!/^[01]{34}1/m.test(packedFeatures))
       throw new Error(`the packed guest did not negotiate packed rings: ${packedFeatures}`);
+    // What each guest's block layer makes of the device (the requests it sends depend on them).
+    const limits = "max_segments max_segment_size max_sectors_kb max_hw_sectors_kb nr_requests";
+    for (const vm of vms) {
+      const q = await vm.guest.runOk(`cd /sys/block/vda/queue && for f in ${limits}; do echo $f=$(cat $f); done`);
+      process.stderr.write(`bench blk: ${vm.name}: ${q.output.join(" ")}\n`);
+    }
+    const stat = async () =>
+      Promise.all(vms.map(async (vm) => (await vm.guest.runOk("cat /sys/block/vda/stat")).output.join(" ").trim()));
+    const statBefore = await stat();
     const results = GUEST_OPS.map(() => vms.map((): number[] => []));
     for (let r = 0; r < RUNS; r++) {
-      const order = [
-        [0, 1, 2],
-        [1, 2, 0],
-        [2, 0, 1],
-      ][r % 3] as number[];
+      // Each round starts with the next guest: every back-end has its turn at every position.
+      const order = vms.map((_, i) => (i + r) % vms.length);
       for (const [o, op] of GUEST_OPS.entries()) {
+        if (!wanted(op)) continue;
         for (const v of order) results[o]![v]!.push(await guestFigure(vms[v]!, op));
       }
     }
+    // The guests' own counters over the measured rounds: requests and sectors, read and written
+    // (/sys/block/vda/stat fields 1, 3, 5, 7): the mean request size each back-end was sent.
+    const statAfter = await stat();
+    for (const [i, vm] of vms.entries()) {
+      const a = (statBefore[i] as string).split(/\s+/).map(Number);
+      const b = (statAfter[i] as string).split(/\s+/).map(Number);
+      const d = (k: number) => (b[k] as number) - (a[k] as number);
+      const kib = (ios: number, sectors: number) => (ios > 0 ? ((sectors * 512) / ios / 1024).toFixed(0) : "-");
+      process.stderr.write(
+        `bench blk: ${vm.name}: ${d(0)} reads of ${kib(d(0), d(2))} KiB, ${d(4)} writes of ${kib(d(4), d(6))} KiB on average\n`,
+      );
+    }
     const figures: Figure[] = [];
     for (const [o, op] of GUEST_OPS.entries()) {
-      const [a, b, p] = results[o] as [number[], number[], number[]];
+      if (!wanted(op)) continue;
+      const [a, b, p, v] = results[o] as [number[], number[], number[], number[] | undefined];
       figures.push(figure("blk", op.metric, op.unit, "higher", median(a), "qemu-storage-daemon", median(b)));
       figures.push(figure("blk", `${op.metric} packed`, op.unit, "higher", median(p), "vmshift split", median(a)));
+      if (v?.length) {
+        figures.push(figure("blk", `${op.metric} variant`, op.unit, "higher", median(v), "vmshift", median(a)));
+        process.stderr.write(`bench blk: ${op.metric}: variant ${v.map((x) => x.toFixed(1)).join("/")} ${op.unit}\n`);
+      }
       const fmt = (xs: number[]) => xs.map((x) => (op.unit === "IOPS" ? Math.round(x) : x.toFixed(1))).join("/");
       process.stderr.write(
-        `bench blk: ${op.metric}: vmshift ${fmt(a)} qsd ${fmt(b)} vmshift packed ${fmt(p)} ${op.unit}\n`,
+        `bench blk: ${op.metric}: vmshift ${fmt(a)} qsd ${fmt(b)} vmshift packed ${fmt(p)} ${op.unit}` +
+          ` (per-round ratio ${roundRatios(a, b)})\n`,
       );
     }
     for (const vm of vms) {

@@ -6,7 +6,10 @@
  *   one whose buffers lie in both regions goes native;
  * - many scattered reads and writes in flight at once, on every I/O model: each completes once,
  *   the bytes are right, and the dirty log of the reads holds every page they wrote and nothing
- *   but those, the status bytes and the used ring.
+ *   but those, the status bytes and the used ring;
+ * - spread (adaptive, opt-in): of a batch of large cached reads, one goes to the queue's pool while the
+ *   others are copied inline; all complete with the right bytes and an exact dirty log, and a
+ *   ring stopped (GET_VRING_BASE) right after the kick loses none of them.
  */
 import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -56,10 +59,10 @@ function pattern(n: number, seed: number): Uint8Array {
   return b;
 }
 
-async function serve(name: string, io: "sync" | "async" | "adaptive") {
+async function serve(name: string, io: "sync" | "async" | "adaptive", spread = false) {
   const image = join(dir, `${name}.img`);
   writeFileSync(image, new Uint8Array(8 * MiB));
-  const device = blkDevice({ path: image, io, queueSize: QUEUE });
+  const device = blkDevice({ path: image, io, queueSize: QUEUE, spread });
   const sock = join(dir, `${name}.sock`);
   const daemon = VhostUserDaemon.listen(device, sock);
   const serving = daemon.serve();
@@ -69,6 +72,7 @@ async function serve(name: string, io: "sync" | "async" | "adaptive") {
   const blk = new VirtioBlkDriver(fe, 0, new SplitQueueDriver(mem, { ...RING, features: VERSION_1 }), mem, SCRATCH);
   return {
     image,
+    device,
     fe,
     mem,
     blk,
@@ -192,3 +196,118 @@ for (const io of ["sync", "async", "adaptive"] as const) {
     });
   });
 }
+
+/** `n` reads of `segs` scattered pages each, written first; the layout of request k at `base`. */
+function spreadLayout(n: number, segs: number) {
+  return (k: number, base: number): Segment[] =>
+    Array.from({ length: segs }, (_, j) => ({
+      addr: (j % 2 === 0 ? base : SPLIT + base) + (Math.floor(j / 2) * n + k) * PAGE,
+      len: PAGE,
+    }));
+}
+
+/** Writes request k's pattern through the device (so the image's pages are in the page cache). */
+async function writeAll(s: Awaited<ReturnType<typeof serve>>, n: number, segs: number): Promise<Uint8Array[]> {
+  const layout = spreadLayout(n, segs);
+  const want = Array.from({ length: n }, (_, k) => pattern(segs * PAGE, k + 40));
+  for (let k = 0; k < n; k++) {
+    scatter(s.mem, layout(k, 0x100000), want[k] as Uint8Array);
+    s.blk.submit({ type: VIRTIO_BLK_T_OUT, sector: k * segs * 8, data: layout(k, 0x100000) });
+  }
+  s.blk.kick();
+  const writes = await s.blk.drain();
+  assert.ok(writes.length === n && writes.every((c) => c.status === VIRTIO_BLK_S_OK));
+  return want;
+}
+
+describe("blk spread (opt-in): large cached reads of one batch overlap on the queue's pool", () => {
+  const N = 8;
+  const SEGS = 64; // 256 KiB a request: above SPREAD_MIN_BYTES
+
+  // [I/O model, spread, reads of the batch whose copy runs on the pool]: adaptive with spread
+  // sends the batch's first read to the idle pool and copies the rest inline from the page cache
+  // (the pool stays busy until the worker's event loop turns again); without spread (the default)
+  // all inline; sync never uses the pool, async always.
+  const cases = [
+    ["adaptive", true, 1],
+    ["adaptive", false, 0],
+    ["sync", true, 0],
+    ["async", true, N],
+  ] as const;
+  for (const [io, spread, expected] of cases) {
+    const name = `${io}${spread ? "" : " (spread off)"}`;
+    test(`${name}: a batch of ${N} reads of 256 KiB: the right bytes, each once, the dirty log exact`, async () => {
+      const s = await serve(`spread-${io}-${spread}`, io, spread);
+      try {
+        const { blk, mem, fe, device } = s;
+        const layout = spreadLayout(N, SEGS);
+        const want = await writeAll(s, N, SEGS);
+        const pooledBefore = device.stats()[0]?.pooled ?? 0;
+        const log = await fe.startLogging();
+        log.start();
+        const readPages = new Pages();
+        for (let k = 0; k < N; k++) {
+          const segs = layout(k, 0x280000);
+          scatter(mem, segs, new Uint8Array(SEGS * PAGE));
+          for (const x of segs) readPages.markRange(x.addr, x.len);
+          blk.submit({ type: VIRTIO_BLK_T_IN, sector: k * SEGS * 8, data: segs });
+        }
+        blk.kick();
+        const reads = await blk.drain();
+        assert.equal(reads.length, N);
+        assert.equal(new Set(reads.map((c) => c.head)).size, N, "each once");
+        assert.ok(reads.every((c) => c.status === VIRTIO_BLK_S_OK && c.len === SEGS * PAGE + 1));
+        for (let k = 0; k < N; k++) assert.deepEqual(gather(mem, layout(k, 0x280000)), want[k], `request ${k} read`);
+        const got = new Pages();
+        log.sync(got);
+        await fe.stopLogging();
+        for (const p of readPages.set)
+          assert.ok(got.set.has(p), `page 0x${(p * PAGE).toString(16)} written, not logged`);
+        const usedPages = new Set<number>();
+        for (let a = RING.usedRing; a < RING.usedRing + 6 + 8 * QUEUE; a += PAGE) usedPages.add(Math.floor(a / PAGE));
+        usedPages.add(Math.floor((RING.usedRing + 6 + 8 * QUEUE - 1) / PAGE));
+        const allowed = new Set([...readPages.set, Math.floor(SCRATCH.statuses / PAGE), ...usedPages]);
+        for (const p of got.set) assert.ok(allowed.has(p), `page 0x${(p * PAGE).toString(16)} logged, not written`);
+        const pooled = (device.stats()[0]?.pooled ?? 0) - pooledBefore;
+        assert.equal(pooled, expected, `${name}: reads whose copy ran on the pool`);
+      } finally {
+        await s.close();
+      }
+    });
+  }
+
+  test("adaptive: the ring stopped (GET_VRING_BASE) right after the kick: no spread read is lost", async () => {
+    const s = await serve("spread-stop", "adaptive", true);
+    try {
+      const { blk, mem, fe, device } = s;
+      const layout = spreadLayout(N, SEGS);
+      const want = await writeAll(s, N, SEGS);
+      for (let round = 0; round < 5; round++) {
+        const pooledBefore = device.stats()[0]?.pooled ?? 0;
+        for (let k = 0; k < N; k++) {
+          const segs = layout(k, 0x280000);
+          scatter(mem, segs, new Uint8Array(SEGS * PAGE));
+          blk.submit({ type: VIRTIO_BLK_T_IN, sector: k * SEGS * 8, data: segs });
+        }
+        blk.kick();
+        // GET_VRING_BASE is answered once nothing the worker took is in flight (the pooled read
+        // included): whatever it took is in the used ring by then, the rest is taken after the
+        // restart from the base it reports.
+        const base = await fe.stopVring(0);
+        const taken = base - (round + 1) * N;
+        assert.ok(taken >= 0 && taken <= N, `base ${base}`);
+        assert.equal(device.stats()[0]?.inFlight, 0, "nothing in flight once the ring is stopped");
+        await fe.startVring(0, RING, base);
+        fe.kick(0);
+        const reads = await blk.drain();
+        assert.equal(reads.length, N, `round ${round}: every read completed`);
+        assert.equal(new Set(reads.map((c) => c.head)).size, N, "each once");
+        assert.ok(reads.every((c) => c.status === VIRTIO_BLK_S_OK));
+        for (let k = 0; k < N; k++) assert.deepEqual(gather(mem, layout(k, 0x280000)), want[k], `request ${k} read`);
+        assert.ok((device.stats()[0]?.pooled ?? 0) - pooledBefore >= 1, "a read went to the pool");
+      }
+    } finally {
+      await s.close();
+    }
+  });
+});

@@ -65,6 +65,7 @@ test("per-queue counters: requests by type, bytes, errors, in flight; warnings a
       writeBytes: 0,
       errors: 0,
       inFlight: 0,
+      pooled: 0,
     });
     for (let i = 0; i < 3; i++) assert.equal((await blk.read(i * 8, DATA, 4096)).status, VIRTIO_BLK_S_OK);
     assert.equal((await blk.write(64, DATA, 8192)).status, VIRTIO_BLK_S_OK);
@@ -82,6 +83,7 @@ test("per-queue counters: requests by type, bytes, errors, in flight; warnings a
       writeBytes: 8192,
       errors: 2,
       inFlight: 0,
+      pooled: 0,
     });
     // The warning travels from the queue's thread to the daemon's "log" event (a message, so
     // it may come after the completion): wait for it.

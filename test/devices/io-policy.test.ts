@@ -2,11 +2,12 @@
  * The blk I/O policy: where a request's read or write runs. Inline for a request alone (no hop
  * at queue depth 1) and for a write on the page cache; the pool when others of its queue are there
  * and it waits for the device (O_DIRECT, or flushed on its own); a cached read with others there is
- * tried inline and only a page-cache miss goes to the pool. sync and async as they say.
+ * tried inline and only a page-cache miss goes to the pool, except a large one while the pool is
+ * idle (spread: it overlaps the next, done inline). sync and async as they say.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { IoPolicy, Placement } from "../../src/devices/blk/io-policy.js";
+import { IoPolicy, Placement, SPREAD_MIN_BYTES } from "../../src/devices/blk/io-policy.js";
 
 test("adaptive: inline when alone, the pool for what waits for the device, cache-first reads with others there", () => {
   let others = 0;
@@ -33,4 +34,20 @@ test("sync and async ignore the queue", () => {
   const many = () => 100;
   assert.equal(new IoPolicy("sync", true, many).place(true, true), Placement.Inline);
   assert.equal(new IoPolicy("async", false, () => 0).place(false), Placement.Pool);
+});
+
+test("spread (opt-in): a large cached read goes to an idle pool when others wait; small ones, busy pools and writes never", () => {
+  let others = 0;
+  const cached = new IoPolicy("adaptive", false, () => others, true);
+  const big = SPREAD_MIN_BYTES;
+  assert.equal(cached.place(false, false, big, true), Placement.Inline, "alone: inline, however large");
+  others = 2;
+  assert.equal(cached.place(false, false, big, true), Placement.Pool, "large, others waiting, pool idle: the pool");
+  assert.equal(cached.place(false, false, big, false), Placement.CacheFirst, "the pool busy: inline from the cache");
+  assert.equal(cached.place(false, false, big - 512, true), Placement.CacheFirst, "small: the hop costs more");
+  assert.equal(cached.place(true, false, 4 * big, true), Placement.Inline, "writes: the inode lock serializes them");
+  const off = new IoPolicy("adaptive", false, () => others);
+  assert.equal(off.place(false, false, 4 * big, true), Placement.CacheFirst, "spread off (the default)");
+  const direct = new IoPolicy("adaptive", true, () => others, true);
+  assert.equal(direct.place(false, false, 4 * big, true), Placement.Pool, "O_DIRECT: the pool as before");
 });

@@ -63,6 +63,12 @@ export interface BlkOptions {
    * misses the page cache (io-policy.ts). "auto" (default): adaptive (see docs/blk.md).
    */
   io?: "auto" | "sync" | "async" | "adaptive";
+  /**
+   * adaptive: with others of its queue waiting, a large cached read goes to the idle pool so its
+   * copy overlaps the next (io-policy.ts, "spread"). Off by default: it measured slower in a
+   * guest on two shared cores (docs/blk.md). Default: VMSHIFT_BLK_SPREAD=1 turns it on.
+   */
+  spread?: boolean;
 }
 
 /** The I/O mode the queue workers use. */
@@ -204,6 +210,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
     debugDelayMs: o.debugDelayMs ?? 0,
     stats,
     io: ioMode(o),
+    spread: o.spread ?? process.env.VMSHIFT_BLK_SPREAD === "1",
   };
   return {
     get capacitySectors() {

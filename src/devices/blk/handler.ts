@@ -77,8 +77,10 @@ export interface BlkWorkerData {
   debugDelayMs: number;
   /** Per-queue request counters (stats.ts), or null. */
   stats: SharedArrayBuffer | null;
-  /** Where reads and writes run: inline, on libuv's thread pool, or adaptive (io-policy.ts). */
+  /** Where reads and writes run: inline, on the queue's pool, or adaptive (io-policy.ts). */
   io: IoMode;
+  /** adaptive: large cached reads may go to an idle pool (io-policy.ts, spread). */
+  spread: boolean;
 }
 
 /** Not a request type: marks "no header read" for the counters. */
@@ -149,7 +151,7 @@ export class BlkQueueHandler implements QueueHandler {
     this.#stats = this.#d.stats ? new BlkQueueStats(this.#d.stats, ctx.queue) : null;
     this.#memory = ctx.memory;
     this.#image = BlockImage.open(this.#d.path, { readonly: this.#d.readonly, direct: this.#d.direct });
-    this.#policy = new IoPolicy(this.#d.io, this.#d.direct, ctx.backlog);
+    this.#policy = new IoPolicy(this.#d.io, this.#d.direct, ctx.backlog, this.#d.spread);
   }
 
   setMemory(memory: GuestMemory): void {
@@ -321,7 +323,7 @@ export class BlkQueueHandler implements QueueHandler {
     if (walk === Walk.Segments) {
       const segs = this.#segs as GuestSegments;
       const fd = this.#image.fd.fd;
-      const where = this.#policy.place(false);
+      const where = this.#policy.place(false, false, len, (this.#pool?.inFlight ?? 0) === 0);
       const n =
         where === Placement.Inline
           ? guestIoRaw(segs.table, fd, false, pos, segs.segments, segs.count)
@@ -335,6 +337,7 @@ export class BlkQueueHandler implements QueueHandler {
               where === Placement.CacheFirst,
             );
       if (typeof n === "number") return this.#readDone(chain, len, n);
+      this.#stats?.pooled();
       return n.then((r) => this.#readDone(chain, len, r));
     }
     // General path: one preadv for every consecutive buffer that is a plain view of guest
@@ -431,6 +434,7 @@ export class BlkQueueHandler implements QueueHandler {
               where === Placement.CacheFirst,
             );
       if (typeof n === "number") return this.#writeDone(n);
+      this.#stats?.pooled();
       return n.then((r) => this.#writeDone(r));
     }
     // General path: one pwritev for every consecutive buffer that is a plain view of guest memory.

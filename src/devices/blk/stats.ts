@@ -14,8 +14,9 @@ enum Slot {
   WriteBytes = 5,
   Errors = 6,
   InFlight = 7,
+  Pooled = 8,
 }
-const SLOTS = 8;
+const SLOTS = 9;
 
 export interface BlkQueueCounters {
   queue: number;
@@ -31,6 +32,8 @@ export interface BlkQueueCounters {
   errors: number;
   /** Requests taken from the ring and not yet completed. */
   inFlight: number;
+  /** Reads and writes whose transfer (or its rest, after the page cache) ran on the queue's pool. */
+  pooled: number;
 }
 
 /** The whole device's counters: `queues` × SLOTS 64-bit slots. */
@@ -53,6 +56,7 @@ export function readBlkStats(sab: SharedArrayBuffer): BlkQueueCounters[] {
       writeBytes: v(Slot.WriteBytes),
       errors: v(Slot.Errors),
       inFlight: v(Slot.InFlight),
+      pooled: v(Slot.Pooled),
     });
   }
   return out;
@@ -71,6 +75,11 @@ export class BlkQueueStats {
 
   begin(): void {
     Atomics.add(this.#a, this.#base + Slot.InFlight, 1n);
+  }
+
+  /** A request's transfer went to the queue's pool (io-policy.ts). */
+  pooled(): void {
+    Atomics.add(this.#a, this.#base + Slot.Pooled, 1n);
   }
 
   /** A request completed: its type (-1: no header), status and data bytes moved. */
