@@ -234,14 +234,14 @@ export class PageSender {
     const batch: number[] = [];
     for (let i = 0; i < todo.length; i++) {
       const pages = todo[i] as Uint32Array;
-      // As in the precopy rounds: a page never written is sent as a zero page unread (one
-      // mincore call per batch), not faulted into the source to be scanned. Postcopy straight
-      // after the setup leaves every never-written page to this pass.
-      const byResidency = residencyImpliesZero((this.#regions[i] as SendRegion).region);
       const flush = async () => {
         if (batch.length === 0) return;
         for (const p of batch) sent.markSent(i, p);
-        await this.#send(writer, i, batch, byResidency);
+        // The background pass reads every page, no residency shortcut. Sending never-written
+        // pages unread (one mincore per batch) made the bench's postcopy 10 % shorter but the
+        // guest's longest stall 3-5x longer (4-12 ms -> 24-43 ms, four runs each): the pass
+        // then outruns the destination's placing, and a fault waits behind that work.
+        await this.#send(writer, i, batch, false);
         batch.length = 0;
         // A write under the high-water mark resolves at once: without this the loop would not
         // return to the event loop (and read page requests) until the socket backs up.
