@@ -5,7 +5,6 @@
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { randomBytes } from "node:crypto";
 import { once } from "node:events";
 import { readFileSync } from "node:fs";
 import { createServer, connect as netConnect, type Socket } from "node:net";
@@ -71,6 +70,21 @@ async function until(cond: () => boolean, ms: number, what: string): Promise<voi
   }
 }
 
+/**
+ * Bytes that are no TLS ClientHello, always the same: an HTTP request padded with letters.
+ * Random bytes were not always refused at once: a first byte of 0x16 (or an SSLv2-style header)
+ * can announce a record longer than what follows, and the handshake then waits for its
+ * deadline; one CI run in a few hundred saw that.
+ */
+function notTls(n: number): Buffer {
+  const b = Buffer.alloc(n, "A");
+  b.write("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+  return b;
+}
+
+/** Bytes inside an authenticated TLS session that are no migration stream header. */
+const NOT_A_STREAM = Buffer.alloc(64, 0xa5);
+
 /** A TLS client from raw node:tls (an attacker does not use our transport). */
 function rawTlsClient(port: number, o: tls.ConnectionOptions): tls.TLSSocket {
   const s = tls.connect({ port, host: "127.0.0.1", servername: "localhost", ...o });
@@ -81,66 +95,78 @@ function rawTlsClient(port: number, o: tls.ConnectionOptions): tls.TLSSocket {
 test("the destination ignores an idle connection, garbage, no certificate, another CA's and a wrong-identity source, then completes the real TLS migration", async () => {
   const fds = countFds();
   const l = await MigrationListener.listen(loopback, { tls: server(creds.good, CLIENT_CN), handshakeTimeoutMs: 3000 });
-  const port = portOf(l);
-  const refused: MigrationError[] = [];
-  l.onReject = (e) => refused.push(e);
-  const main = l.accept();
-  // 1. An idle TCP connection, ahead of everyone (it used to become the main stream and block it).
-  const idle = netConnect(port, "127.0.0.1");
-  idle.on("error", () => undefined);
-  await once(idle, "connect");
-  // 2. Garbage bytes where a TLS ClientHello should be.
-  const garbage = netConnect(port, "127.0.0.1", () => garbage.write(randomBytes(4096)));
-  garbage.on("error", () => undefined);
-  // 3. TLS without a client certificate.
-  const noCert = rawTlsClient(port, { ca: readFileSync(`${creds.good}/ca-cert.pem`) });
-  // 4. A client certificate from another CA (the attacker does not check our server either).
-  const foreign = loadX509Credentials(creds.foreign, "client");
-  const foreignCa = rawTlsClient(port, { cert: foreign.cert, key: foreign.key, rejectUnauthorized: false });
-  foreignCa.on("secureConnect", () => foreignCa.write(encodeStreamHeader()));
-  // 5. Our CA, wrong identity: a complete MigrationSource with other memory.
-  const evil = makeMemory();
-  fillPattern(evil, 99);
-  const intruder = connectEndpoint(l.endpoint, { tls: client(creds.intruder) }).then((s) =>
-    new MigrationSource({ memory: evil }).run(s),
-  );
-  // 6. An authenticated client that sends garbage inside TLS.
-  const garbler = await connectEndpoint(l.endpoint, { tls: client(creds.good) });
-  garbler.on("error", () => undefined);
-  garbler.write(randomBytes(64));
-  const attackers = await Promise.allSettled([intruder]);
-  const ie = (attackers[0] as PromiseRejectedResult).reason;
-  assert.ok(ie instanceof MigrationError, `the intruder failed typed: ${ie}`);
-  await Promise.all([closed(garbage), closed(noCert), closed(foreignCa), closed(garbler)]);
-  assert.ok(!idle.closed, "the idle connection is still pending (it just does not block anyone)");
-  // The real source, last in line.
-  const src = makeMemory();
-  const dst = makeMemory();
-  fillPattern(src, 1);
-  const h = hooks();
-  const sourceRun = connectEndpoint(l.endpoint, { tls: client(creds.good) }).then((s) =>
-    new MigrationSource({ memory: src, hooks: h }).run(s),
-  );
-  const stream = await main;
-  assert.deepEqual(peerIdentity(stream)?.name, CLIENT_CN);
-  const [rs, rd] = await Promise.all([sourceRun, new MigrationDestination({ memory: dst }).run(stream)]);
-  assert.ok(rs.digests.every((d) => d.match) && rd.digests.every((d) => d.match));
-  assert.deepEqual(rawDigest(dst), rawDigest(src), "the destination holds the real source's memory");
-  assert.notDeepEqual(rawDigest(dst), rawDigest(evil));
-  const st = l.stats;
-  assert.equal(st.accepted, 1, "only the real source became a channel");
-  assert.ok(st.unauthenticated >= 4, `garbage hello, no cert, other CA, wrong CN: ${JSON.stringify(st)}`);
-  assert.ok(st.garbage >= 1, "garbage inside TLS");
-  assert.ok(
-    refused.some((e) => e.code === "AUTH_FAILED" && /intruder/.test(e.message)),
-    refused.map((e) => e.message).join("\n"),
-  );
-  // The idle connection goes at its deadline (a timer of the listener: waited for, not slept).
-  await closed(idle);
-  assert.equal(l.stats.timedOut, 1);
-  await l.close();
-  for (const m of [src, dst, evil]) m.close();
-  await until(() => countFds() === fds, 5000, "fds back to the start");
+  // Closed whatever happens: a listener or socket left open keeps the test process alive.
+  const opened: { destroy(): unknown }[] = [];
+  try {
+    const port = portOf(l);
+    const refused: MigrationError[] = [];
+    l.onReject = (e) => refused.push(e);
+    const main = l.accept();
+    // 1. An idle TCP connection, ahead of everyone (it used to become the main stream and block it).
+    const idle = netConnect(port, "127.0.0.1");
+    idle.on("error", () => undefined);
+    opened.push(idle);
+    await once(idle, "connect");
+    // 2. Garbage bytes where a TLS ClientHello should be.
+    const garbage = netConnect(port, "127.0.0.1", () => garbage.write(notTls(4096)));
+    garbage.on("error", () => undefined);
+    opened.push(garbage);
+    // 3. TLS without a client certificate.
+    const noCert = rawTlsClient(port, { ca: readFileSync(`${creds.good}/ca-cert.pem`) });
+    opened.push(noCert);
+    // 4. A client certificate from another CA (the attacker does not check our server either).
+    const foreign = loadX509Credentials(creds.foreign, "client");
+    const foreignCa = rawTlsClient(port, { cert: foreign.cert, key: foreign.key, rejectUnauthorized: false });
+    foreignCa.on("secureConnect", () => foreignCa.write(encodeStreamHeader()));
+    opened.push(foreignCa);
+    // 5. Our CA, wrong identity: a complete MigrationSource with other memory.
+    const evil = makeMemory();
+    fillPattern(evil, 99);
+    const intruder = connectEndpoint(l.endpoint, { tls: client(creds.intruder) }).then((s) =>
+      new MigrationSource({ memory: evil }).run(s),
+    );
+    // 6. An authenticated client that sends garbage inside TLS.
+    const garbler = await connectEndpoint(l.endpoint, { tls: client(creds.good) });
+    garbler.on("error", () => undefined);
+    opened.push(garbler);
+    garbler.write(NOT_A_STREAM);
+    const attackers = await Promise.allSettled([intruder]);
+    const ie = (attackers[0] as PromiseRejectedResult).reason;
+    assert.ok(ie instanceof MigrationError, `the intruder failed typed: ${ie}`);
+    await Promise.all([closed(garbage), closed(noCert), closed(foreignCa), closed(garbler)]);
+    assert.ok(!idle.closed, "the idle connection is still pending (it just does not block anyone)");
+    // The real source, last in line.
+    const src = makeMemory();
+    const dst = makeMemory();
+    fillPattern(src, 1);
+    const h = hooks();
+    const sourceRun = connectEndpoint(l.endpoint, { tls: client(creds.good) }).then((s) =>
+      new MigrationSource({ memory: src, hooks: h }).run(s),
+    );
+    const stream = await main;
+    assert.deepEqual(peerIdentity(stream)?.name, CLIENT_CN);
+    const [rs, rd] = await Promise.all([sourceRun, new MigrationDestination({ memory: dst }).run(stream)]);
+    assert.ok(rs.digests.every((d) => d.match) && rd.digests.every((d) => d.match));
+    assert.deepEqual(rawDigest(dst), rawDigest(src), "the destination holds the real source's memory");
+    assert.notDeepEqual(rawDigest(dst), rawDigest(evil));
+    const st = l.stats;
+    assert.equal(st.accepted, 1, "only the real source became a channel");
+    assert.ok(st.unauthenticated >= 4, `garbage hello, no cert, other CA, wrong CN: ${JSON.stringify(st)}`);
+    assert.ok(st.garbage >= 1, "garbage inside TLS");
+    assert.ok(
+      refused.some((e) => e.code === "AUTH_FAILED" && /intruder/.test(e.message)),
+      refused.map((e) => e.message).join("\n"),
+    );
+    // The idle connection goes at its deadline (a timer of the listener: waited for, not slept).
+    await closed(idle);
+    assert.equal(l.stats.timedOut, 1);
+    await l.close();
+    for (const m of [src, dst, evil]) m.close();
+    await until(() => countFds() === fds, 5000, "fds back to the start");
+  } finally {
+    for (const s of opened) s.destroy();
+    await l.close();
+  }
 });
 
 test("500 idle connections: the listener holds at most maxPending of them, the real migration goes through, nothing leaks", async () => {
@@ -279,7 +305,7 @@ test("postcopy over TLS: an intruder of our CA with the right nonce offers itsel
     if (p.phase !== "postcopy-paused") return;
     // Strays during the pause: idle, and garbage.
     const idle = netConnect(portOf(l), "127.0.0.1");
-    const junk = netConnect(portOf(l), "127.0.0.1", () => junk.write(randomBytes(512)));
+    const junk = netConnect(portOf(l), "127.0.0.1", () => junk.write(notTls(512)));
     for (const s of [idle, junk]) {
       s.on("error", () => undefined);
       strays.push(s);
