@@ -183,18 +183,22 @@ for (const io of ["sync", "async", "adaptive"] as const) {
         const got = new Pages();
         log.sync(got);
         await fe.stopLogging();
-        for (const p of readPages.set)
-          assert.ok(got.set.has(p), `page 0x${(p * PAGE).toString(16)} written, not logged`);
-        const usedPages = new Set<number>();
-        for (let a = RING.usedRing; a < RING.usedRing + 6 + 8 * QUEUE; a += PAGE) usedPages.add(Math.floor(a / PAGE));
-        usedPages.add(Math.floor((RING.usedRing + 6 + 8 * QUEUE - 1) / PAGE));
-        const allowed = new Set([...readPages.set, Math.floor(SCRATCH.statuses / PAGE), ...usedPages]);
-        for (const p of got.set) assert.ok(allowed.has(p), `page 0x${(p * PAGE).toString(16)} logged, not written`);
+        assertLogExact(got, readPages);
       } finally {
         await s.close();
       }
     });
   });
+}
+
+/** The dirty log holds every page the reads wrote, and besides them only the status bytes and the used ring. */
+function assertLogExact(got: Pages, readPages: Pages): void {
+  for (const p of readPages.set) assert.ok(got.set.has(p), `page 0x${(p * PAGE).toString(16)} written, not logged`);
+  const usedPages = new Set<number>();
+  for (let a = RING.usedRing; a < RING.usedRing + 6 + 8 * QUEUE; a += PAGE) usedPages.add(Math.floor(a / PAGE));
+  usedPages.add(Math.floor((RING.usedRing + 6 + 8 * QUEUE - 1) / PAGE));
+  const allowed = new Set([...readPages.set, Math.floor(SCRATCH.statuses / PAGE), ...usedPages]);
+  for (const p of got.set) assert.ok(allowed.has(p), `page 0x${(p * PAGE).toString(16)} logged, not written`);
 }
 
 /** `n` reads of `segs` scattered pages each, written first; the layout of request k at `base`. */
@@ -261,13 +265,7 @@ describe("blk spread (opt-in): large cached reads of one batch overlap on the qu
         const got = new Pages();
         log.sync(got);
         await fe.stopLogging();
-        for (const p of readPages.set)
-          assert.ok(got.set.has(p), `page 0x${(p * PAGE).toString(16)} written, not logged`);
-        const usedPages = new Set<number>();
-        for (let a = RING.usedRing; a < RING.usedRing + 6 + 8 * QUEUE; a += PAGE) usedPages.add(Math.floor(a / PAGE));
-        usedPages.add(Math.floor((RING.usedRing + 6 + 8 * QUEUE - 1) / PAGE));
-        const allowed = new Set([...readPages.set, Math.floor(SCRATCH.statuses / PAGE), ...usedPages]);
-        for (const p of got.set) assert.ok(allowed.has(p), `page 0x${(p * PAGE).toString(16)} logged, not written`);
+        assertLogExact(got, readPages);
         const pooled = (device.stats()[0]?.pooled ?? 0) - pooledBefore;
         assert.equal(pooled, expected, `${name}: reads whose copy ran on the pool`);
       } finally {
