@@ -26,7 +26,10 @@ export const BLK_USAGE = `usage: vmshift blk (--socket-path PATH | --fd N) --ima
   --fd N                 use this inherited socket (listening or connected)
   --image FILE           raw image: a file or a block device (also --blk-file)
   --readonly             read-only disk (VIRTIO_BLK_F_RO; also --read-only)
-  --queues N             virtqueues, 1..64, each served by its own thread (default 1)
+  --queues N             virtqueues, 1..64 (default 1)
+  --queue-workers N      threads serving the queues, queue i on thread i mod N (default: half
+                         the host's CPUs, at least 1, at most one per queue); the queues of a
+                         thread are polled together, as in one QEMU iothread
   --direct               open the image with O_DIRECT
   --io auto|sync|async|adaptive
                          async: reads and writes on the queue's own I/O threads
@@ -84,6 +87,7 @@ const blkDef = defineCommand({
     readonly: { type: "boolean" },
     "read-only": { type: "boolean" },
     queues: { type: "integer", default: 1, min: 1, max: 64 },
+    "queue-workers": { type: "integer", min: 1, max: 64 },
     direct: { type: "boolean" },
     io: { type: "enum", values: ["auto", "sync", "async", "adaptive"], default: "auto" },
     serial: { type: "string" },
@@ -123,6 +127,7 @@ const blkDef = defineCommand({
         path: image,
         readonly: v.readonly || v.readOnly,
         queues: v.queues,
+        ...(v.queueWorkers !== undefined ? { queueWorkers: v.queueWorkers } : {}),
         direct: v.direct,
         io: v.io,
         ...(v.serial ? { serial: v.serial } : {}),
@@ -137,7 +142,8 @@ const blkDef = defineCommand({
       return EXIT_FAILED;
     }
     log.info(
-      `serving ${image} (${device.capacitySectors} sectors, ${v.queues} queue(s)` +
+      `serving ${image} (${device.capacitySectors} sectors, ${v.queues} queue(s) on ` +
+        `${Math.min(v.queues, device.info.queueWorkers ?? v.queues)} thread(s)` +
         `${device.options.readonly ? ", read-only" : ""}${device.options.direct ? ", O_DIRECT" : ""}) on ` +
         `${v.socketPath ?? `fd ${v.fd}`}`,
     );

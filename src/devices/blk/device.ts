@@ -4,6 +4,7 @@
  */
 import { basename } from "node:path";
 import type { VhostUserDevice } from "../../vhost-user/backend/device.js";
+import { autoQueueWorkers } from "../../vhost-user/backend/queue-thread.js";
 import { featureMask, ProtocolFeature } from "../../vhost-user/protocol/constants.js";
 import {
   features,
@@ -35,8 +36,13 @@ export interface BlkOptions {
   /** Raw image file. */
   path: string;
   readonly?: boolean;
-  /** Queues (each served by its own worker thread); default 1. */
+  /** Queues; default 1. */
   queues?: number;
+  /**
+   * Worker threads serving the queues (queue i on thread i mod N). Default: half the host's
+   * CPUs, at least 1, at most one per queue (autoQueueWorkers).
+   */
+  queueWorkers?: number;
   /** Open the image with O_DIRECT (bypass the host page cache). */
   direct?: boolean;
   /** Largest queue size accepted (default 1024). */
@@ -132,6 +138,9 @@ export function blkId(serial: string | undefined, path: string): Uint8Array {
 export function blkDevice(o: BlkOptions): BlkDevice {
   const queues = o.queues ?? 1;
   if (!Number.isInteger(queues) || queues < 1 || queues > 64) throw new RangeError(`queues ${queues}: 1..64`);
+  const queueWorkers = o.queueWorkers ?? autoQueueWorkers(queues);
+  if (!Number.isInteger(queueWorkers) || queueWorkers < 1)
+    throw new RangeError(`queue workers ${queueWorkers}: at least 1`);
   const readonly = !!o.readonly;
   // Open once here to fail early (missing file, O_DIRECT unsupported) and learn the size.
   const probe = BlockImage.open(o.path, { readonly, direct: !!o.direct });
@@ -250,6 +259,7 @@ export function blkDevice(o: BlkOptions): BlkDevice {
       // Reconnect: the framework tracks heads in the inflight region and resubmits them after a
       // restart; re-running a read or write of the same data is harmless, so blk can opt in.
       protocolFeatures: featureMask(ProtocolFeature.INFLIGHT_SHMFD) | (o.protocolFeatures ?? 0n),
+      queueWorkers,
     },
     queueWorker: new URL("./handler.js", import.meta.url),
     workerData: () => data,

@@ -1,9 +1,10 @@
 /**
  * What a device implements to be served by the vhost-user backend framework.
  *
- * The control plane (this interface) runs on the main thread. Each virtqueue is processed in
- * its own worker thread, which loads `queueWorker` and calls its `createQueueHandler` export:
- * the handler sees guest memory (shared, not copied) and one descriptor chain at a time.
+ * The control plane (this interface) runs on the main thread. The virtqueues are processed in
+ * worker threads (one per queue unless DeviceInfo.queueWorkers groups them), which load
+ * `queueWorker` and call its `createQueueHandler` export once per queue: the handler sees guest
+ * memory (shared, not copied) and one descriptor chain at a time.
  */
 import type { GuestMemory } from "../../memory/guest-memory.js";
 import type { DescriptorChain } from "../../virtio/chain.js";
@@ -34,6 +35,13 @@ export interface DeviceInfo {
    * cannot take part in postcopy, as many real ones cannot).
    */
   withoutProtocolFeatures?: bigint;
+  /**
+   * Worker threads serving the queues (default numQueues: a thread per queue). Queue i is served
+   * by thread i mod queueWorkers; the queues of one thread are polled together before it sleeps,
+   * as the virtqueues of one QEMU iothread are. Fewer threads than queues saves a wake-up per
+   * request and queue where the host has few cores; more serve queues in parallel.
+   */
+  queueWorkers?: number;
 }
 
 export interface VhostUserDevice {

@@ -256,7 +256,8 @@ export class BackendSession {
     closePostcopy(s);
     abandonStateTransfer(s);
     await stopAllRings(s, 1000);
-    await Promise.all(s.vrings.map((v) => v.thread?.close()));
+    await s.workers?.close();
+    s.workers = null;
     for (const v of s.vrings) {
       v.thread = null;
       v.kick?.close();

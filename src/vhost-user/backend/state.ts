@@ -17,7 +17,7 @@ import type { RequestMessage, RequestName } from "../protocol/message.js";
 import type { VringAddr } from "../protocol/payloads.js";
 import type { VhostUserDevice } from "./device.js";
 import { BackendMemoryTable, type MappedRegion } from "./memory-table.js";
-import type { QueueThread } from "./queue-thread.js";
+import type { QueueThread, QueueWorkers } from "./queue-thread.js";
 
 export type Msg = RequestMessage<FrontendRequests>;
 export type MsgName = RequestName<FrontendRequests>;
@@ -88,6 +88,8 @@ export class SessionState {
   /** Regions mapped while listening, waiting for the front-end's ack before uffd registration. */
   awaitingPostcopyAck: MappedRegion[] | null = null;
   inflight: InflightRegion | null = null;
+  /** The queue worker threads, started with the first ring. */
+  workers: QueueWorkers | null = null;
   /** The running device-state transfer (SET_DEVICE_STATE_FD), CHECK_DEVICE_STATE's answer. */
   stateTransfer: Promise<void> | null = null;
   /** Ends the running transfer early (teardown). */

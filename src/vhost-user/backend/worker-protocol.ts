@@ -5,8 +5,8 @@ import type { SharedInflightQueue } from "./inflight.js";
 
 export interface WorkerInit {
   module: string;
-  queue: number;
-  data: unknown;
+  /** The queues this worker serves (its group), each with the device's workerData(queue). */
+  queues: { queue: number; data: unknown }[];
   log: DirtyLogWriterHandle;
 }
 
@@ -27,15 +27,27 @@ export interface RingConfig {
   inflight: SharedInflightQueue | null;
 }
 
-export type ToWorker =
-  | { type: "memory"; id: number; memory: SharedGuestMemory }
-  | { type: "start"; id: number; ring: RingConfig; kickFd: number; callFd: number; errFd: number; enabled: boolean }
-  | { type: "enable"; id: number; enabled: boolean }
-  | { type: "fds"; id: number; callFd: number; errFd: number }
-  | { type: "stop"; id: number }
-  | { type: "close"; id: number };
+/** A command for one queue of the worker's group (`queue`), acknowledged by a "done" with its id. */
+export type ToQueue =
+  | { type: "memory"; id: number; queue: number; memory: SharedGuestMemory }
+  | {
+      type: "start";
+      id: number;
+      queue: number;
+      ring: RingConfig;
+      kickFd: number;
+      callFd: number;
+      errFd: number;
+      enabled: boolean;
+    }
+  | { type: "enable"; id: number; queue: number; enabled: boolean }
+  | { type: "fds"; id: number; queue: number; callFd: number; errFd: number }
+  | { type: "stop"; id: number; queue: number };
+
+/** "close": the whole worker (every queue drains, every handler closes). */
+export type ToWorker = ToQueue | { type: "close" };
 
 export type FromWorker =
   | { type: "ready" }
   | { type: "done"; id: number; nextAvail?: number; nextUsed?: number; error?: string }
-  | { type: "event"; level: "warn" | "error"; message: string };
+  | { type: "event"; queue: number; level: "warn" | "error"; message: string };

@@ -14,14 +14,15 @@ import type { Fd } from "../../../sys/fd.js";
 import { availRingSize, descTableSize, isPowerOfTwo, usedRingSize } from "../../../virtio/ring.js";
 import { hasFeature, VHOST_VRING_F_LOG, VirtioFeature } from "../../protocol/constants.js";
 import { VhostUserError } from "../../protocol/errors.js";
-import { QueueThread } from "../queue-thread.js";
+import { type QueueThread, QueueWorkers } from "../queue-thread.js";
 import type { HandlerTable, SessionState, Vring } from "../state.js";
 import { inflightFor } from "./inflight.js";
 
 function thread(s: SessionState, index: number, v: Vring): QueueThread {
-  v.thread ??= new QueueThread(index, s.device.queueWorker, s.device.workerData?.(index), s.log, {
+  s.workers ??= new QueueWorkers(s.device, s.log, {
     onEvent: (_q, level, message) => s.events.log(level, message),
   });
+  v.thread ??= s.workers.thread(index);
   return v.thread;
 }
 
