@@ -1,6 +1,7 @@
 /**
- * A test device that says who served each request: the reply is the queue index and the
- * worker thread's threadId (two u32, little-endian). `queueWorkers` groups its queues.
+ * A test device that says who served each request: the reply is the queue index, the worker
+ * thread's threadId and QueueContext.backlog() when the request was served (three u32,
+ * little-endian). `queueWorkers` groups its queues.
  */
 import { threadId } from "node:worker_threads";
 import { echoDevice } from "../../src/devices/examples/echo.js";
@@ -16,9 +17,14 @@ export function threadDevice(queues: number, queueWorkers?: number): VhostUserDe
 }
 
 export function createQueueHandler(ctx: QueueContext): QueueHandler {
-  const reply = new Uint8Array(8);
+  const reply = new Uint8Array(12);
   const dv = new DataView(reply.buffer);
   dv.setUint32(0, ctx.queue, true);
   dv.setUint32(4, threadId, true);
-  return { process: (chain) => chain.writeWritable(reply) };
+  return {
+    process(chain) {
+      dv.setUint32(8, ctx.backlog?.() ?? 0xffffffff, true);
+      return chain.writeWritable(reply);
+    },
+  };
 }

@@ -71,24 +71,29 @@ async function rig(device: VhostUserDevice): Promise<Rig> {
   };
 }
 
+/** [queue, threadId, backlog] of the reply at `addr`. */
+function reply(r: Rig, addr: number): [number, number, number] {
+  const b = r.mem.read(addr, 12);
+  const dv = new DataView(b.buffer, b.byteOffset, 12);
+  return [dv.getUint32(0, true), dv.getUint32(4, true), dv.getUint32(8, true)];
+}
+
 /** `n` requests on queue `q`, all in flight at once; resolves with each reply's [queue, threadId]. */
-async function burst(r: Rig, q: number, n: number): Promise<[number, number][]> {
+async function burst(r: Rig, q: number, n: number): Promise<[number, number, number][]> {
   const d = r.drivers[q] as SplitQueueDriver;
   const dst = 8 * MiB + q * 0x10000;
   const heads = new Map<number, number>();
   for (let i = 0; i < n; i++) {
-    r.mem.fill(dst + i * 8, 8, 0xee);
-    heads.set(d.add([], [{ addr: dst + i * 8, len: 8 }]), i);
+    r.mem.fill(dst + i * 12, 12, 0xee);
+    heads.set(d.add([], [{ addr: dst + i * 12, len: 12 }]), i);
   }
   if (d.publish()) r.fe.kick(q);
-  const out: [number, number][] = [];
+  const out: [number, number, number][] = [];
   await until(`queue ${q}'s ${n} replies`, () => {
     for (let u = d.getUsed(); u; u = d.getUsed()) {
-      assert.equal(u.len, 8);
+      assert.equal(u.len, 12);
       const i = heads.get(u.head) as number;
-      const b = r.mem.read(dst + i * 8, 8);
-      const dv = new DataView(b.buffer, b.byteOffset, 8);
-      out.push([dv.getUint32(0, true), dv.getUint32(4, true)]);
+      out.push(reply(r, dst + i * 12));
     }
     return out.length === n;
   });
@@ -169,4 +174,36 @@ test("a session's worker threads all end with it, and no fd stays open", async (
   await r.close();
   await until("the worker threads to end", () => tasks() <= t0);
   await until("the fds to be closed", () => fds() <= f0);
+});
+
+test("a handler's backlog counts the other queues of its thread that have requests waiting", async () => {
+  const r = await rig(threadDevice(2, 1));
+  try {
+    const [d0, d1] = r.drivers as [SplitQueueDriver, SplitQueueDriver];
+    // Queue 1 gets a request without a kick: it waits until the thread is awake for queue 0.
+    d1.add([], [{ addr: 10 * MiB, len: 12 }]);
+    d1.publish();
+    d0.add([], [{ addr: 11 * MiB, len: 12 }]);
+    d0.publish();
+    r.fe.kick(0);
+    await until("both served", () => d0.hasUsed() && d1.hasUsed());
+    assert.deepEqual(reply(r, 11 * MiB).slice(2), [1], "queue 0's request saw queue 1's waiting");
+    assert.deepEqual(reply(r, 10 * MiB).slice(2), [0], "queue 1's request, served by the poll, saw nothing else");
+    // On a thread of its own a queue's backlog is its own.
+    const own = await rig(threadDevice(2));
+    try {
+      const [e0, e1] = own.drivers as [SplitQueueDriver, SplitQueueDriver];
+      e1.add([], [{ addr: 10 * MiB, len: 12 }]);
+      e1.publish();
+      e0.add([], [{ addr: 11 * MiB, len: 12 }]);
+      e0.publish();
+      own.fe.kick(0);
+      await until("queue 0 served", () => e0.hasUsed());
+      assert.deepEqual(reply(own, 11 * MiB).slice(2), [0]);
+    } finally {
+      await own.close();
+    }
+  } finally {
+    await r.close();
+  }
 });

@@ -8,8 +8,8 @@
  * every system call and wake-up is expensive. A request that hits the page cache costs little more
  * than its copy, and that copy costs the same CPU in any thread: on two cores shared with the
  * driver, CPU per request is throughput. So "adaptive":
- * - a request alone (nothing else of its queue in flight or waiting in the ring) is done inline:
- *   at queue depth 1 nothing could overlap it;
+ * - a request alone (nothing else of its queue in flight or waiting in the ring, and no other
+ *   queue of its worker thread waiting) is done inline: nothing could overlap it;
  * - with others there, a request that waits for the device goes to the pool: with O_DIRECT every
  *   one does, and so does a write the driver wants durable (writethrough: flushed on its own);
  *   done inline it would hold the queue behind one device round trip (measured: QD32 at 0.7x);
@@ -52,7 +52,8 @@ export class IoPolicy {
   readonly #spread: boolean;
 
   /**
-   * `backlog`: other requests of this queue, in flight or waiting in the ring. `spread`: large
+   * `backlog`: other requests of this queue, in flight or waiting in the ring, and the other
+   * queues of its thread that have requests waiting (QueueContext.backlog). `spread`: large
    * cached reads may go to an idle pool (see above).
    */
   constructor(mode: IoMode, direct: boolean, backlog: (() => number) | undefined, spread = false) {

@@ -82,7 +82,9 @@ export interface QueueContext {
   /**
    * Other requests of this queue besides the one being processed: those the handler still has
    * in flight (promises not settled) plus those waiting in the ring (a packed ring counts 0 or 1
-   * there, whether another is available). A handler may overlap work when this is not 0.
+   * there, whether another is available), plus one for each other queue of this worker thread
+   * with requests waiting (they wait while this handler holds the thread). A handler may
+   * overlap work when this is not 0.
    */
   backlog?: () => number;
 }

@@ -53,6 +53,16 @@ export class QueueGroup {
     return this.#members.length;
   }
 
+  /**
+   * Other members with requests waiting in their rings (a handler deciding whether to hold the
+   * thread: blocking there also holds up those).
+   */
+  othersWaiting(m: GroupMember): number {
+    let n = 0;
+    for (const o of this.#members) if (o !== m && o.runnable && o.hasWork()) n++;
+    return n;
+  }
+
   /** A member's kick eventfd fired: the window learns how long the group slept, then serves. */
   kicked(m: GroupMember): void {
     if (this.#sleptAt >= 0) {

@@ -394,14 +394,18 @@ export class QueueRunner implements GroupMember {
     }
   }
 
-  /** Other requests of this queue: in flight in the handler, or waiting in the ring (QueueContext.backlog). */
+  /**
+   * Other requests of this queue (in flight in the handler, or waiting in the ring), plus the
+   * other queues of this thread that have requests waiting (QueueContext.backlog).
+   */
   readonly #backlog = (): number => {
     const q = this.#queue;
-    if (!q || q.broken || this.#quiescing) return this.#inFlight;
+    const others = this.#host.group.size > 1 ? this.#host.group.othersWaiting(this) : 0;
+    if (!q || q.broken || this.#quiescing) return this.#inFlight + others;
     try {
-      return this.#inFlight + q.availableCount();
+      return this.#inFlight + q.availableCount() + others;
     } catch {
-      return this.#inFlight;
+      return this.#inFlight + others;
     }
   };
 
