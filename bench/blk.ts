@@ -27,6 +27,7 @@
  * per-round ratio (ours / QSD of the same round) go to stderr, so the spread can be read off.
  * BLK_BENCH_DIRECT=1: both back-ends bypass the host page cache (`--direct`; QSD cache.direct=on).
  * BLK_BENCH_IO=sync|async|adaptive: our back-ends' --io (default: the program's own).
+ * BLK_BENCH_FLAGS="...": more flags for our back-ends (e.g. "--queue-workers 2").
  * BLK_BENCH_GUEST_MIB=N: MiB per in-guest sequential run (default 1024: ~0.5-1 s per run; with 128
  *   a run lasted ~0.1 s and one scheduling hiccup moved it by tens of per cent).
  * BLK_BENCH_VARIANT_ENV="K=V ...": the in-guest view boots a fourth guest on our back-end with that
@@ -58,8 +59,12 @@ const RUN_MS = Number(process.env.BLK_BENCH_MS ?? 1000);
 const VERSION_1 = featureMask(VirtioFeature.VIRTIO_F_VERSION_1);
 const DIRECT = process.env.BLK_BENCH_DIRECT === "1";
 const OUR_IO = process.env.BLK_BENCH_IO as "sync" | "async" | "adaptive" | undefined;
-/** Our extra command-line flags for the chosen cache / I/O mode. */
-const OUR_FLAGS = [...(DIRECT ? ["--direct"] : []), ...(OUR_IO ? ["--io", OUR_IO] : [])];
+/** Our extra command-line flags for the chosen cache / I/O mode, and BLK_BENCH_FLAGS. */
+const OUR_FLAGS = [
+  ...(DIRECT ? ["--direct"] : []),
+  ...(OUR_IO ? ["--io", OUR_IO] : []),
+  ...(process.env.BLK_BENCH_FLAGS ?? "").split(" ").filter(Boolean),
+];
 /** BLK_BENCH_ONLY=rand|seq: only the 4 KiB random rows or only the sequential ones. */
 const ONLY = process.env.BLK_BENCH_ONLY;
 /** BLK_BENCH_QUEUES=1|2|1,2: the queue counts of the backend view (default both). */

@@ -113,6 +113,8 @@ export interface QueueCounters {
   writeBytes: number;
   errors: number;
   inFlight: number;
+  /** Requests whose transfer ran on the queue's I/O threads rather than inline (absent: not counted). */
+  pooled?: number;
 }
 
 export interface BlkState {
@@ -152,6 +154,12 @@ export function addBlkMetrics(m: Metrics, state: BlkState): void {
   });
   counter("errors_total", "Requests completed with an error status, by queue", ["queue"], (c, q) =>
     c.inc({ queue: String(q.queue) }, q.errors),
+  );
+  counter(
+    "pooled_total",
+    "Requests whose read or write ran on the queue's I/O threads instead of inline, by queue",
+    ["queue"],
+    (c, q) => c.inc({ queue: String(q.queue) }, q.pooled ?? 0),
   );
   new Gauge({
     name: "vmshift_blk_in_flight",

@@ -98,6 +98,7 @@ test("per-queue counters: requests by type, bytes, errors, in flight; warnings a
     assert.match(text, /^vmshift_blk_bytes_total\{queue="0",direction="read"\} 12288$/m);
     assert.match(text, /^vmshift_blk_errors_total\{queue="0"\} 2$/m);
     assert.match(text, /^vmshift_blk_in_flight\{queue="0"\} 0$/m);
+    assert.match(text, /^vmshift_blk_pooled_total\{queue="0"\} 0$/m, "QD1: every transfer inline");
     assert.match(text, /^vmshift_vhost_user_reconnects_total 0$/m);
     assert.match(text, /^vmshift_vhost_user_dirty_log_active 0$/m);
     assert.equal((await fetch(`${http.url}/other`)).status, 404);
