@@ -74,6 +74,7 @@ const BAD: [string[], RegExp][] = [
   [["migrate", "--listen", "tcp:h:99999"], /--listen: bad port/],
   [["blk", "--socket-path", "/tmp/x.sock"], /--image FILE is required/],
   [["blk", "--socket-path", "/tmp/x.sock", "--image", "/x", "--queues", "0"], /--queues must be/],
+  [["blk", "--socket-path", "/tmp/x.sock", "--image", "/x", "--queue-workers", "0"], /--queue-workers must be/],
   [
     ["blk", "--socket-path", "/tmp/x.sock", "--image", "/x", "--io", "fast"],
     /--io must be auto, sync, async or adaptive/,

@@ -11,6 +11,7 @@ import { after, test } from "node:test";
 import { blkDevice, blkId } from "../../src/devices/blk/device.js";
 import type { BlkWorkerData } from "../../src/devices/blk/handler.js";
 import type { VhostUserDevice } from "../../src/vhost-user/backend/device.js";
+import { autoQueueWorkers } from "../../src/vhost-user/backend/queue-thread.js";
 import { featureMask, VirtioFeature } from "../../src/vhost-user/protocol/constants.js";
 
 const dir = mkdtempSync(join(tmpdir(), "vmshift-blk-config-"));
@@ -57,6 +58,16 @@ test("seg_max is the queue size minus 2 (QEMU's rule), not 126 whatever the queu
   assert.equal(u32(config(blkDevice({ path: image, queueSize: 256 }), 0, 60), 12), 254);
   assert.equal(u32(config(blkDevice({ path: image, maxQueueSize: 32 }), 0, 60), 12), 30);
   assert.throws(() => blkDevice({ path: image, queueSize: 2 }), RangeError);
+});
+
+test("queue workers: half the host's CPUs by default, at most one per queue; 0 refused", () => {
+  assert.equal(autoQueueWorkers(2, 2), 1, "two CPUs: both queues on one thread");
+  assert.equal(autoQueueWorkers(4, 4), 2);
+  assert.equal(autoQueueWorkers(2, 64), 2, "never more threads than queues");
+  assert.equal(autoQueueWorkers(8, 1), 1);
+  assert.equal(blkDevice({ path: image, queues: 4 }).info.queueWorkers, autoQueueWorkers(4));
+  assert.equal(blkDevice({ path: image, queues: 4, queueWorkers: 3 }).info.queueWorkers, 3);
+  assert.throws(() => blkDevice({ path: image, queueWorkers: 0 }), RangeError);
 });
 
 test("min_io_size counts logical blocks (one), not 512-byte sectors", () => {

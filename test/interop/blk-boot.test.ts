@@ -136,14 +136,22 @@ describe("vmshift blk boots under QEMU", { timeout: 120_000 }, () => {
     await vm.close();
   });
 
-  test("two queues, O_DIRECT with async I/O (requests of both queues on one thread pool): a 2-vCPU guest, data intact", {
+  test("two queues on one worker thread, O_DIRECT with async I/O: a 2-vCPU guest, data intact", {
     skip,
   }, async () => {
     const rig = fx.rig();
     const img = await rig.createRawImage("mq.img", 32 * MiB);
     // --io async: several requests of each queue in flight at once, both queues on one pool.
-    const be = await startBlk(rig, { name: "blk-mq", image: img, queues: 2, direct: true, io: "async" });
+    const be = await startBlk(rig, {
+      name: "blk-mq",
+      image: img,
+      queues: 2,
+      queueWorkers: 1,
+      direct: true,
+      io: "async",
+    });
     backends.push(be);
+    await be.waitLog(/2 queue\(s\) on 1 thread\(s\)/);
     const vm = await rig.startVm({ name: "vm-mq", smp: 2, vhostUserBlk: [{ socket: be.socket, numQueues: 2 }] });
     await vm.guest.ready();
     const q = await vm.guest.runOk("ls /sys/block/vda/mq/");

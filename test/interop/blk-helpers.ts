@@ -15,6 +15,8 @@ export interface BlkBackendOptions {
   image: string;
   socket?: string;
   queues?: number;
+  /** --queue-workers (default: the program's own, half the host's CPUs). */
+  queueWorkers?: number;
   readonly?: boolean;
   direct?: boolean;
   /** --io (default: the program's own, auto). */
@@ -37,6 +39,18 @@ export class BlkBackend {
   /** The backend's stderr so far. */
   async log(): Promise<string> {
     return readFile(this.logPath, "utf8").catch(() => "");
+  }
+
+  /** Resolves with its stderr once `re` matches it (the socket can exist before a line is written). */
+  async waitLog(re: RegExp, timeoutMs = 10_000): Promise<string> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const text = await this.log();
+      if (re.test(text)) return text;
+      if (Date.now() > deadline)
+        throw new Error(`${this.name}: no log line matching ${re} in ${timeoutMs} ms:\n${text}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
   }
 
   /** The /metrics URL it logged (started with `metrics: true`), waiting for the line. */
@@ -124,6 +138,7 @@ export async function startBlk(rig: Rig, o: BlkBackendOptions): Promise<BlkBacke
   const socket = o.socket ?? rig.path(`${o.name}.sock`);
   const args = [blkMainPath(), "--socket-path", socket, "--image", o.image];
   if (o.queues) args.push("--queues", String(o.queues));
+  if (o.queueWorkers) args.push("--queue-workers", String(o.queueWorkers));
   if (o.readonly) args.push("--readonly");
   if (o.direct) args.push("--direct");
   if (o.io) args.push("--io", o.io);

@@ -83,11 +83,12 @@ describe("vmshift blk with packed virtqueues under QEMU", { timeout: 240_000 }, 
     process.stderr.write(`blk packed 1q: features ${f.slice(0, 40)}…; SET_VRING_BASE ${bases.join(" ; ")}\n`);
   });
 
-  test("two queues, packed, a 2-vCPU guest: data intact on both sides", { skip }, async () => {
+  test("two queues, packed, a thread per queue, a 2-vCPU guest: data intact on both sides", { skip }, async () => {
     const rig = fx.rig();
     const img = await rig.createRawImage("p2.img", 64 * MiB);
-    const be = await startBlk(rig, { name: "blk-p2", image: img, queues: 2 });
+    const be = await startBlk(rig, { name: "blk-p2", image: img, queues: 2, queueWorkers: 2 });
     backends.push(be);
+    await be.waitLog(/2 queue\(s\) on 2 thread\(s\)/);
     const vm = await rig.startVm({
       name: "vm-p2",
       smp: 2,
