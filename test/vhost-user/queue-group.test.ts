@@ -173,6 +173,45 @@ test("the window follows the kicks: a kick about 20 µs after the poll began dou
   assert.equal(a.served, 2);
 });
 
+test("fair: a queue whose driver keeps its ring full does not starve the others of its thread", () => {
+  const g = new QueueGroup(32, clock());
+  const order: string[] = [];
+  /** Serves at most 4 per batch (its ring's worth); its driver refills it for 10 batches. */
+  const busy = new (class extends FakeMember {
+    batches = 0;
+    override drain(): void {
+      order.push(this.name);
+      const n = Math.min(this.waiting, 4);
+      this.served += n;
+      this.waiting -= n;
+      if (++this.batches < 10) this.waiting += 4;
+    }
+  })("busy");
+  const quiet = new (class extends FakeMember {
+    override drain(): void {
+      order.push(this.name);
+      super.drain();
+    }
+  })("quiet");
+  const third = new (class extends FakeMember {
+    override drain(): void {
+      order.push(this.name);
+      super.drain();
+    }
+  })("third");
+  g.add(busy);
+  g.add(quiet);
+  g.add(third);
+  busy.waiting = 8;
+  quiet.waiting = 1;
+  third.waiting = 1;
+  g.serve(busy);
+  assert.deepEqual(order.slice(0, 4), ["busy", "quiet", "third", "busy"], "the others are served in turn");
+  assert.equal(busy.served, 8 + 9 * 4);
+  assert.equal(quiet.served + third.served, 2);
+  assert.equal(g.counts.sleeps, 1);
+});
+
 test("queueGroups: queue i on worker i mod n; out-of-range counts fall back to a worker per queue", () => {
   assert.deepEqual(queueGroups(4, 2), [
     [0, 2],

@@ -7,6 +7,9 @@
  * wake-up per queue per request. A group of one queue is the plain device loop (disable
  * notifications, pop until empty, notify, poll, re-arm).
  *
+ * The group is fair: after each member's batch (at most a ring's worth) the poll and the re-arm
+ * look at the members in turn, starting after the one just served.
+ *
  * The members are QueueRunners; this part knows only what it needs of them, so it is tested
  * on its own (test/vhost-user/queue-group.test.ts).
  */
@@ -22,8 +25,10 @@ export interface GroupMember {
   /** Notifications back on. True when requests arrived meanwhile (they get no kick: serve them). */
   rearm(): boolean;
   /**
-   * Pops and serves requests until the ring is empty (then notifies the driver of the batch) or
-   * until the queue can take no more (in-flight limit, broken).
+   * Pops and serves requests until the ring is empty (then notifies the driver of the batch),
+   * until the queue can take no more (in-flight limit, broken), or until it has served a ring's
+   * worth (then it notifies and returns with requests still waiting: the group serves the others
+   * before it comes back, so a driver that keeps its ring full cannot starve the other queues).
    */
   drain(): void;
 }
@@ -37,6 +42,8 @@ export class QueueGroup {
   /** serve() is running: a nested call only queues its member. */
   #serving = false;
   readonly #again = new Set<GroupMember>();
+  /** Index of the member served last: the next scan starts after it. */
+  #last = -1;
   /** Batches served, polls that found work, sleeps (tests and diagnostics). */
   readonly counts = { drains: 0, pollHits: 0, sleeps: 0 };
 
@@ -99,7 +106,11 @@ export class QueueGroup {
         // Re-arm every member (each one's notifications are off after its batch or the poll);
         // one whose driver added requests meanwhile is served again.
         let pending: GroupMember | null = null;
-        for (const m of this.#members) if (m.runnable && m.rearm()) pending ??= m;
+        const n = this.#members.length;
+        for (let i = 1; i <= n; i++) {
+          const m = this.#members[(this.#last + i) % n] as GroupMember;
+          if (m.runnable && m.rearm()) pending ??= m;
+        }
         if (pending) {
           this.#drain(pending);
           continue;
@@ -114,6 +125,7 @@ export class QueueGroup {
 
   #drain(m: GroupMember): void {
     this.counts.drains++;
+    this.#last = this.#members.indexOf(m);
     m.drain();
   }
 
@@ -133,8 +145,11 @@ export class QueueGroup {
     if (us <= 0) return null;
     for (const m of this.#members) if (m.runnable) m.quiet();
     const until = start + us / 1000;
+    // In turn, starting after the member served last (no allocation: this loop spins).
+    const n = this.#members.length;
     do {
-      for (const m of this.#members) {
+      for (let i = 1; i <= n; i++) {
+        const m = this.#members[(this.#last + i) % n] as GroupMember;
         if (m.runnable && m.hasWork()) {
           this.#sleptAt = -1;
           return m;

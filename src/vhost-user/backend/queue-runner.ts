@@ -144,7 +144,12 @@ export class QueueRunner implements GroupMember {
     try {
       this.#resubmitInflight(q, h);
       q.disableNotification();
-      for (;;) {
+      // A ring's worth per turn: the other queues of this thread are served before the next.
+      for (let budget = q.size; ; budget--) {
+        if (budget === 0) {
+          this.#notify(q);
+          return;
+        }
         if (this.#inFlight >= MAX_IN_FLIGHT) {
           // Notifications stay off: the next completion takes up the rest.
           this.#starved = true;
