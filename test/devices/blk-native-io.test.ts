@@ -143,7 +143,7 @@ for (const io of ["sync", "async", "adaptive"] as const) {
     test("48 scattered requests in flight: the right bytes, each completed once, the dirty log exact", async () => {
       const s = await serve(`flight-${io}`, io);
       try {
-        const { blk, mem, fe, image } = s;
+        const { blk, mem, image } = s;
         const N = 48;
         const SEGS = 16;
         // Request k's page j: interleaved with the other requests' (like a guest's pages), half in
@@ -167,28 +167,46 @@ for (const io of ["sync", "async", "adaptive"] as const) {
         for (let k = 0; k < N; k++)
           assert.deepEqual(disk.subarray(k * SEGS * PAGE, (k + 1) * SEGS * PAGE), want[k], `request ${k} on disk`);
 
-        const log = await fe.startLogging();
-        log.start();
-        const readPages = new Pages();
-        for (let k = 0; k < N; k++) {
-          const segs = layout(k, 0x280000);
-          for (const x of segs) readPages.markRange(x.addr, x.len);
-          blk.submit({ type: VIRTIO_BLK_T_IN, sector: k * SEGS * 8, data: segs });
-        }
-        blk.kick();
-        const reads = await blk.drain();
-        assert.equal(reads.length, N);
-        assert.ok(reads.every((c) => c.status === VIRTIO_BLK_S_OK && c.len === SEGS * PAGE + 1));
-        for (let k = 0; k < N; k++) assert.deepEqual(gather(mem, layout(k, 0x280000)), want[k], `request ${k} read`);
-        const got = new Pages();
-        log.sync(got);
-        await fe.stopLogging();
-        assertLogExact(got, readPages);
+        await readAllLogged(s, N, SEGS, layout, want);
       } finally {
         await s.close();
       }
     });
   });
+}
+
+/**
+ * With dirty logging on: `n` reads of `segs` pages each into layout(k, 0x280000) (cleared first),
+ * in flight together. Each completes once with its data and status byte, reads back `want[k]`,
+ * and the dirty log is exact.
+ */
+async function readAllLogged(
+  s: Awaited<ReturnType<typeof serve>>,
+  n: number,
+  segs: number,
+  layout: (k: number, base: number) => Segment[],
+  want: readonly Uint8Array[],
+): Promise<void> {
+  const { blk, mem, fe } = s;
+  const log = await fe.startLogging();
+  log.start();
+  const readPages = new Pages();
+  for (let k = 0; k < n; k++) {
+    const data = layout(k, 0x280000);
+    scatter(mem, data, new Uint8Array(segs * PAGE));
+    for (const x of data) readPages.markRange(x.addr, x.len);
+    blk.submit({ type: VIRTIO_BLK_T_IN, sector: k * segs * 8, data });
+  }
+  blk.kick();
+  const reads = await blk.drain();
+  assert.equal(reads.length, n);
+  assert.equal(new Set(reads.map((c) => c.head)).size, n, "each once");
+  assert.ok(reads.every((c) => c.status === VIRTIO_BLK_S_OK && c.len === segs * PAGE + 1));
+  for (let k = 0; k < n; k++) assert.deepEqual(gather(mem, layout(k, 0x280000)), want[k], `request ${k} read`);
+  const got = new Pages();
+  log.sync(got);
+  await fe.stopLogging();
+  assertLogExact(got, readPages);
 }
 
 /** The dirty log holds every page the reads wrote, and besides them only the status bytes and the used ring. */
@@ -243,29 +261,11 @@ describe("blk spread (opt-in): large cached reads of one batch overlap on the qu
     test(`${name}: a batch of ${N} reads of 256 KiB: the right bytes, each once, the dirty log exact`, async () => {
       const s = await serve(`spread-${io}-${spread}`, io, spread);
       try {
-        const { blk, mem, fe, device } = s;
+        const { device } = s;
         const layout = spreadLayout(N, SEGS);
         const want = await writeAll(s, N, SEGS);
         const pooledBefore = device.stats()[0]?.pooled ?? 0;
-        const log = await fe.startLogging();
-        log.start();
-        const readPages = new Pages();
-        for (let k = 0; k < N; k++) {
-          const segs = layout(k, 0x280000);
-          scatter(mem, segs, new Uint8Array(SEGS * PAGE));
-          for (const x of segs) readPages.markRange(x.addr, x.len);
-          blk.submit({ type: VIRTIO_BLK_T_IN, sector: k * SEGS * 8, data: segs });
-        }
-        blk.kick();
-        const reads = await blk.drain();
-        assert.equal(reads.length, N);
-        assert.equal(new Set(reads.map((c) => c.head)).size, N, "each once");
-        assert.ok(reads.every((c) => c.status === VIRTIO_BLK_S_OK && c.len === SEGS * PAGE + 1));
-        for (let k = 0; k < N; k++) assert.deepEqual(gather(mem, layout(k, 0x280000)), want[k], `request ${k} read`);
-        const got = new Pages();
-        log.sync(got);
-        await fe.stopLogging();
-        assertLogExact(got, readPages);
+        await readAllLogged(s, N, SEGS, layout, want);
         const pooled = (device.stats()[0]?.pooled ?? 0) - pooledBefore;
         assert.equal(pooled, expected, `${name}: reads whose copy ran on the pool`);
       } finally {

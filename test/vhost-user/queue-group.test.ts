@@ -20,9 +20,12 @@ class FakeMember implements GroupMember {
   /** Requests that arrive between the poll and the re-arm (the race rearm() reports). */
   arriveBeforeRearm = 0;
   #polls = 0;
+  /** Every member's drains, in order, when the test shares one log among them. */
+  readonly #order: string[] | undefined;
 
-  constructor(name: string) {
+  constructor(name: string, order?: string[]) {
     this.name = name;
+    this.#order = order;
   }
 
   hasWork(): boolean {
@@ -45,11 +48,20 @@ class FakeMember implements GroupMember {
   }
 
   drain(): void {
+    this.#order?.push(this.name);
     this.calls.push("drain");
     this.notifications = false;
     this.served += this.waiting;
     this.waiting = 0;
   }
+}
+
+/** A group of `names.length` fake members, added in that order (pollMaxUs 32 unless given). */
+function group(names: string[], pollMaxUs = 32): { g: QueueGroup; m: FakeMember[] } {
+  const g = new QueueGroup(pollMaxUs, clock());
+  const m = names.map((n) => new FakeMember(n));
+  for (const x of m) g.add(x);
+  return { g, m };
 }
 
 /** A clock that moves 1 µs every time it is read. */
@@ -62,9 +74,10 @@ function clock(): () => number {
 }
 
 test("one queue: the batch, a poll, the re-arm, then sleep with notifications on", () => {
-  const g = new QueueGroup(32, clock());
-  const a = new FakeMember("a");
-  g.add(a);
+  const {
+    g,
+    m: [a],
+  } = group(["a"]) as { g: QueueGroup; m: [FakeMember] };
   a.waiting = 3;
   g.serve(a);
   assert.equal(a.served, 3);
@@ -74,11 +87,10 @@ test("one queue: the batch, a poll, the re-arm, then sleep with notifications on
 });
 
 test("the poll finds another queue of the group: it is served without a kick", () => {
-  const g = new QueueGroup(32, clock());
-  const a = new FakeMember("a");
-  const b = new FakeMember("b");
-  g.add(a);
-  g.add(b);
+  const {
+    g,
+    m: [a, b],
+  } = group(["a", "b"]) as { g: QueueGroup; m: [FakeMember, FakeMember] };
   a.waiting = 1;
   b.arriveOnPoll.set(3, 2); // b's driver adds two requests while the worker polls
   g.serve(a);
@@ -91,11 +103,10 @@ test("the poll finds another queue of the group: it is served without a kick", (
 });
 
 test("a request that races the re-arm is served before the worker sleeps", () => {
-  const g = new QueueGroup(32, clock());
-  const a = new FakeMember("a");
-  const b = new FakeMember("b");
-  g.add(a);
-  g.add(b);
+  const {
+    g,
+    m: [a, b],
+  } = group(["a", "b"]) as { g: QueueGroup; m: [FakeMember, FakeMember] };
   a.waiting = 1;
   b.arriveBeforeRearm = 1;
   g.serve(a);
@@ -105,11 +116,10 @@ test("a request that races the re-arm is served before the worker sleeps", () =>
 });
 
 test("a member that cannot take requests (stopped, at its in-flight limit) is neither polled nor re-armed", () => {
-  const g = new QueueGroup(32, clock());
-  const a = new FakeMember("a");
-  const b = new FakeMember("b");
-  g.add(a);
-  g.add(b);
+  const {
+    g,
+    m: [a, b],
+  } = group(["a", "b"]) as { g: QueueGroup; m: [FakeMember, FakeMember] };
   b.runnable = false;
   b.notifications = false; // an in-flight-limited ring keeps them off until a completion resumes it
   b.waiting = 5;
@@ -142,11 +152,10 @@ test("serve() called while serving (a completion resuming a queue) runs after th
 });
 
 test("no polling (window 0): straight from the batch to the re-arm", () => {
-  const g = new QueueGroup(0, clock());
-  const a = new FakeMember("a");
-  const b = new FakeMember("b");
-  g.add(a);
-  g.add(b);
+  const {
+    g,
+    m: [a, b],
+  } = group(["a", "b"], 0) as { g: QueueGroup; m: [FakeMember, FakeMember] };
   a.waiting = 2;
   b.arriveOnPoll.set(1, 1);
   g.serve(a);
@@ -187,21 +196,9 @@ test("fair: a queue whose driver keeps its ring full does not starve the others 
       if (++this.batches < 10) this.waiting += 4;
     }
   })("busy");
-  const quiet = new (class extends FakeMember {
-    override drain(): void {
-      order.push(this.name);
-      super.drain();
-    }
-  })("quiet");
-  const third = new (class extends FakeMember {
-    override drain(): void {
-      order.push(this.name);
-      super.drain();
-    }
-  })("third");
-  g.add(busy);
-  g.add(quiet);
-  g.add(third);
+  const quiet = new FakeMember("quiet", order);
+  const third = new FakeMember("third", order);
+  for (const m of [busy, quiet, third]) g.add(m);
   busy.waiting = 8;
   quiet.waiting = 1;
   third.waiting = 1;

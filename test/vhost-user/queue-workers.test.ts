@@ -176,34 +176,37 @@ test("a session's worker threads all end with it, and no fd stays open", async (
   await until("the fds to be closed", () => fds() <= f0);
 });
 
+/**
+ * A request on queue 1 published without a kick (it waits until the thread is awake anyway),
+ * then one on queue 0, kicked: the replies land at 10 MiB (queue 1) and 11 MiB (queue 0).
+ */
+function unkickedThenKicked(r: Rig): [SplitQueueDriver, SplitQueueDriver] {
+  const [d0, d1] = r.drivers as [SplitQueueDriver, SplitQueueDriver];
+  d1.add([], [{ addr: 10 * MiB, len: 12 }]);
+  d1.publish();
+  d0.add([], [{ addr: 11 * MiB, len: 12 }]);
+  d0.publish();
+  r.fe.kick(0);
+  return [d0, d1];
+}
+
 test("a handler's backlog counts the other queues of its thread that have requests waiting", async () => {
-  const r = await rig(threadDevice(2, 1));
+  const shared = await rig(threadDevice(2, 1));
   try {
-    const [d0, d1] = r.drivers as [SplitQueueDriver, SplitQueueDriver];
-    // Queue 1 gets a request without a kick: it waits until the thread is awake for queue 0.
-    d1.add([], [{ addr: 10 * MiB, len: 12 }]);
-    d1.publish();
-    d0.add([], [{ addr: 11 * MiB, len: 12 }]);
-    d0.publish();
-    r.fe.kick(0);
+    const [d0, d1] = unkickedThenKicked(shared);
     await until("both served", () => d0.hasUsed() && d1.hasUsed());
-    assert.deepEqual(reply(r, 11 * MiB).slice(2), [1], "queue 0's request saw queue 1's waiting");
-    assert.deepEqual(reply(r, 10 * MiB).slice(2), [0], "queue 1's request, served by the poll, saw nothing else");
-    // On a thread of its own a queue's backlog is its own.
-    const own = await rig(threadDevice(2));
-    try {
-      const [e0, e1] = own.drivers as [SplitQueueDriver, SplitQueueDriver];
-      e1.add([], [{ addr: 10 * MiB, len: 12 }]);
-      e1.publish();
-      e0.add([], [{ addr: 11 * MiB, len: 12 }]);
-      e0.publish();
-      own.fe.kick(0);
-      await until("queue 0 served", () => e0.hasUsed());
-      assert.deepEqual(reply(own, 11 * MiB).slice(2), [0]);
-    } finally {
-      await own.close();
-    }
+    assert.deepEqual(reply(shared, 11 * MiB).slice(2), [1], "queue 0's request saw queue 1's waiting");
+    assert.deepEqual(reply(shared, 10 * MiB).slice(2), [0], "queue 1's request, served by the poll, saw nothing else");
   } finally {
-    await r.close();
+    await shared.close();
+  }
+  // On a thread of its own a queue's backlog is its own.
+  const own = await rig(threadDevice(2));
+  try {
+    const [d0] = unkickedThenKicked(own);
+    await until("queue 0 served", () => d0.hasUsed());
+    assert.deepEqual(reply(own, 11 * MiB).slice(2), [0]);
+  } finally {
+    await own.close();
   }
 });
