@@ -12,6 +12,7 @@
 import { blkDevice } from "../devices/blk/device.js";
 import { parseSocketMode, resolveGroup, type SocketPathOptions } from "../sys/unix-path.js";
 import { VhostUserDaemon } from "../vhost-user/backend/daemon.js";
+import { queueGroups } from "../vhost-user/backend/queue-thread.js";
 import type { BackendSession } from "../vhost-user/backend/session.js";
 import { BLK_CAPABILITIES, writeBlkDescriptor } from "./blk-descriptor.js";
 import { parseTcpSpec } from "./http.js";
@@ -143,7 +144,7 @@ const blkDef = defineCommand({
     }
     log.info(
       `serving ${image} (${device.capacitySectors} sectors, ${v.queues} queue(s) on ` +
-        `${Math.min(v.queues, device.info.queueWorkers ?? v.queues)} thread(s)` +
+        `${queueGroups(v.queues, device.info.queueWorkers ?? v.queues).length} thread(s)` +
         `${device.options.readonly ? ", read-only" : ""}${device.options.direct ? ", O_DIRECT" : ""}) on ` +
         `${v.socketPath ?? `fd ${v.fd}`}`,
     );

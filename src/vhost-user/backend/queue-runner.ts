@@ -76,6 +76,8 @@ export class QueueRunner implements GroupMember {
   #drainWaiters: (() => void)[] = [];
   /** A batched notification (notifyLater) is still to be sent. */
   #notifyPending = false;
+  /** The driver was told not to notify (by drain() or quiet(), undone by rearm()). */
+  #notifyOff = false;
   /** Completions published since the last notify(). */
   #unnotified = 0;
   /** Warnings the guest triggers per chain (malformed chains, failed requests): rate-limited. */
@@ -121,14 +123,19 @@ export class QueueRunner implements GroupMember {
   }
 
   quiet(): void {
+    // Each poll quiets the whole group: the queue just drained already is (without EVENT_IDX
+    // that would be a used-ring write, and a dirty-log mark while logging, per poll).
+    if (this.#notifyOff) return;
     try {
       this.#queue?.disableNotification();
+      this.#notifyOff = true;
     } catch (e) {
       this.#fail(e as Error);
     }
   }
 
   rearm(): boolean {
+    this.#notifyOff = false;
     try {
       return this.#queue?.enableNotification() ?? false;
     } catch {
@@ -144,6 +151,7 @@ export class QueueRunner implements GroupMember {
     try {
       this.#resubmitInflight(q, h);
       q.disableNotification();
+      this.#notifyOff = true;
       // A ring's worth per turn: the other queues of this thread are served before the next.
       for (let budget = q.size; ; budget--) {
         if (budget === 0) {
@@ -444,6 +452,7 @@ export class QueueRunner implements GroupMember {
     const memory = this.#memory;
     if (!memory) throw new Error("no memory table");
     this.#features = ring.features;
+    this.#notifyOff = false;
     this.#broken = false;
     this.#starved = false;
     this.#resubmit = [];
